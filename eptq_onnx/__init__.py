@@ -1,0 +1,25 @@
+"""eptq-onnx: Hessian-guided post-training quantization (EPTQ) of FP32 ONNX models into QDQ ONNX.
+
+Python API::
+
+    from eptq_onnx import quantize, QuantConfig
+    result = quantize("model.onnx", "calib_dir/", QuantConfig(weight_bits=4), output="model_w4a8.onnx")
+    print(result.report.validation["output_sqnr_db"])
+"""
+from .config import CalibOptions, ImageOptions, QuantConfig
+from .errors import CalibrationError, EptqError, ModelError, UsageError, ValidationError
+from .pipeline import QuantizeResult, quantize
+
+__version__ = "0.1.0"
+__all__ = [
+    "quantize",
+    "QuantizeResult",
+    "QuantConfig",
+    "CalibOptions",
+    "ImageOptions",
+    "EptqError",
+    "UsageError",
+    "ModelError",
+    "CalibrationError",
+    "ValidationError",
+]

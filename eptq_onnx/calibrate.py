@@ -1,0 +1,94 @@
+"""Activation step sizes from calibration statistics, streamed batch by batch.
+
+Pass 1 records each group's finite min and max; pass 2 (for ``mse`` and ``percentile``) fills a
+fixed-range histogram per group. Only the histograms are kept: never the activations.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .calib_data import CalibrationSet
+from .config import QuantConfig
+from .qpoints import QuantPlan
+from .quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
+from .runtime import make_session, run, with_outputs
+
+
+@dataclass
+class GroupStats:
+    """What calibration saw of one group's tensors."""
+
+    lo: float = math.inf
+    hi: float = -math.inf
+    nonfinite: int = 0
+    count: int = 0
+
+    def add(self, x: np.ndarray) -> None:
+        finite = np.isfinite(x)
+        self.count += x.size
+        if not finite.all():
+            self.nonfinite += int(x.size - finite.sum())
+            x = x[finite]
+        if x.size:
+            self.lo = min(self.lo, float(x.min()))
+            self.hi = max(self.hi, float(x.max()))
+
+    @property
+    def seen(self) -> bool:
+        return self.lo <= self.hi
+
+
+def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool):
+    batches = tqdm(calib.batches(), desc=desc, total=calib.num_batches(), disable=not progress, unit="batch", leave=False)
+    for feeds in batches:
+        yield run(session, feeds, names)
+
+
+def calibrate_activations(
+    model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, config: QuantConfig, progress: bool = True
+) -> tuple[Dict[int, ActParams], Dict[int, GroupStats]]:
+    """Quantization parameters of every activation group, by ``config.calib_method``."""
+    roots = {root: g for g in plan.groups for root in g.roots}
+    names = list(roots)
+    stats = {g.id: GroupStats() for g in plan.groups}
+    if not names:
+        return {}, stats
+    session = make_session(with_outputs(model, names))
+    for outputs in _passes(session, calib, names, "calibration: ranges", progress):
+        for name, value in outputs.items():
+            stats[roots[name].id].add(np.asarray(value))
+    symmetric = config.act_symmetric
+    params: Dict[int, ActParams] = {}
+    if config.calib_method == "minmax":
+        for g in plan.groups:
+            s = stats[g.id]
+            params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
+        return params, stats
+    hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
+    for outputs in _passes(session, calib, names, "calibration: histograms", progress):
+        for name, value in outputs.items():
+            hists[roots[name].id].add(value)
+    for g in plan.groups:
+        params[g.id] = _params_from_histogram(hists[g.id], config)
+    return params, stats
+
+
+def _histogram(stats: GroupStats) -> Histogram:
+    if not stats.seen:
+        return Histogram(0.0, 0.0)
+    return Histogram(stats.lo, stats.hi)
+
+
+def _params_from_histogram(hist: Histogram, config: QuantConfig) -> ActParams:
+    if hist.total() == 0:
+        return params_for_range(0.0, 0.0, config.act_bits, config.act_symmetric)
+    if config.calib_method == "percentile":
+        return params_percentile(hist, config.act_bits, config.act_symmetric, config.percentile)
+    return params_mse(hist, config.act_bits, config.act_symmetric)
+

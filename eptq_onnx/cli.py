@@ -1,0 +1,138 @@
+"""Command line: a thin click layer over ``eptq_onnx.quantize``."""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional, Tuple
+
+import click
+
+from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, QuantConfig
+from .errors import EptqError, UsageError
+from .pipeline import quantize
+from .report import print_summary
+
+EXIT_CODES = """\b
+Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
+4 bad calibration data, 5 validation of the written model failed, 130 interrupted."""
+
+
+def _floats(text: Optional[str], option: str) -> Optional[Tuple[float, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated numbers such as 0.485,0.456,0.406") from None
+
+
+def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        values = [int(p) for p in parts if p]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise UsageError(f"--image-size {text!r}: give SIZE or HEIGHT,WIDTH such as 224 or 224,320")
+    return (values[0], values[-1])
+
+
+@click.command(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("input_model", metavar="INPUT.onnx", type=click.Path(path_type=Path))
+@click.argument("output_model", metavar="OUTPUT.onnx", type=click.Path(path_type=Path))
+@click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder of unlabeled calibration samples: .npy (one sample or a batch per file), "
+              ".npz (arrays keyed by input name) or images (.jpg/.jpeg/.png/.bmp).")
+@click.option("--weight-bits", type=click.IntRange(min(SUPPORTED_WEIGHT_BITS), max(SUPPORTED_WEIGHT_BITS)),
+              default=4, show_default=True, help="Bits of every weight (per-channel symmetric).")
+@click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
+              help="Bits of every activation (per tensor).")
+@click.option("--act-symmetric", is_flag=True, help="Signed activations with zero point 0 (default: unsigned, asymmetric).")
+@click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse", show_default=True,
+              help="How step sizes are chosen: MSE minimization (paper), min/max range, or a percentile of "
+              "activations (weights then use MSE).")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile.")
+@click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
+              help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers; int8: every weight in an INT8 "
+              "container restricted to its bit range, for toolchains that read only INT8.")
+@click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
+@click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
+@click.option("--num-calib", type=int, default=None,
+              help="Number of calibration samples to use (default: all in the folder, at most 1024).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibration batch size (ignored when the model's batch dimension is fixed).")
+@click.option("--image-size", default=None, help="Resize images to SIZE or HEIGHT,WIDTH (default: the model's input size).")
+@click.option("--mean", default=None, help="Per-channel mean subtracted from images after --scale, e.g. 0.485,0.456,0.406.")
+@click.option("--std", default=None, help="Per-channel std dividing images after the mean, e.g. 0.229,0.224,0.225.")
+@click.option("--scale", "pixel_scale", type=float, default=1 / 255, show_default="1/255",
+              help="Factor applied to 0-255 pixel values before mean/std.")
+@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image tensor layout.")
+@click.option("--bgr", is_flag=True, help="Feed images in BGR channel order (mean/std are then in BGR order too).")
+@click.option("--validation-samples", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Calibration samples used to validate the written model with onnxruntime.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write the machine-readable JSON report here.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT.onnx if it exists (never the input).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
+@click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
+def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
+         calib_method: str, percentile: float, weight_storage: str, quantize_outputs: bool, float_bias: bool,
+         num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
+         pixel_scale: float, layout: str, bgr: bool, validation_samples: int, report_path: Optional[Path], force: bool,
+         quiet: bool, debug: bool) -> None:
+    """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
+
+    Weights are quantized per channel (symmetric), activations per tensor at the quantization
+    points of the EPTQ paper; step sizes are initialized by MSE minimization on the calibration
+    samples. The written model is validated with onnxruntime and a summary is printed.
+
+    \b
+    Example:
+      eptq-onnx model.onnx model_w4a8.onnx --calib calib_dir/
+      eptq-onnx model.onnx model_w8a8.onnx --calib calib_dir/ --weight-bits 8 --report report.json
+    """
+    try:
+        image = ImageOptions(
+            size=_image_size(image_size),
+            mean=_floats(mean, "--mean") or ImageOptions.mean,
+            std=_floats(std, "--std") or ImageOptions.std,
+            scale=pixel_scale,
+            layout=layout,  # type: ignore[arg-type]
+            bgr=bgr,
+        )
+        config = QuantConfig(
+            weight_bits=weight_bits,
+            act_bits=int(act_bits),
+            act_symmetric=act_symmetric,
+            calib_method=calib_method,  # type: ignore[arg-type]
+            percentile=percentile,
+            weight_storage=weight_storage,  # type: ignore[arg-type]
+            quantize_outputs=quantize_outputs,
+            quantize_bias=not float_bias,
+            calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
+            validation_samples=validation_samples,
+        )
+        result = quantize(input_model, calib_dir, config, output=output_model, force=force,
+                          report_path=report_path, progress=not quiet)
+    except EptqError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug and report it)", err=True)
+        sys.exit(1)
+    if not quiet:
+        print_summary(result.report)
+    click.echo(f"wrote {result.output_path}" + (f" and {report_path}" if report_path else ""), err=quiet)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,74 @@
+"""The one configuration object of a quantization run, and of calibration-data reading."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Tuple
+
+from .errors import UsageError
+
+CalibMethod = Literal["minmax", "percentile", "mse"]
+WeightStorage = Literal["native", "int8"]
+Layout = Literal["nchw", "nhwc"]
+
+SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+SUPPORTED_ACT_BITS = (8, 16)
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How image files of a calibration folder become input tensors.
+
+    pixel -> (pixel * scale - mean) / std, per channel, resized to ``size`` (H, W).
+    """
+
+    size: Optional[Tuple[int, int]] = None
+    mean: Tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: Tuple[float, ...] = (1.0, 1.0, 1.0)
+    scale: float = 1.0 / 255.0
+    layout: Layout = "nchw"
+    bgr: bool = False
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    """Where calibration samples come from and how many are used."""
+
+    num_samples: Optional[int] = None  # None: every sample in the folder, at most DEFAULT_MAX_SAMPLES
+    batch_size: int = 16
+    image: ImageOptions = field(default_factory=ImageOptions)
+
+
+DEFAULT_MAX_SAMPLES = 1024
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Every setting of a quantization run (the CLI options map onto these fields one to one)."""
+
+    weight_bits: int = 4
+    act_bits: int = 8
+    act_symmetric: bool = False
+    calib_method: CalibMethod = "mse"
+    percentile: float = 99.99
+    weight_storage: WeightStorage = "native"
+    quantize_outputs: bool = False
+    quantize_bias: bool = True
+    calib: CalibOptions = field(default_factory=CalibOptions)
+    validation_samples: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
+            raise UsageError(
+                f"--weight-bits {self.weight_bits} is not supported: choose one of "
+                f"{', '.join(map(str, SUPPORTED_WEIGHT_BITS))}"
+            )
+        if self.act_bits not in SUPPORTED_ACT_BITS:
+            raise UsageError(
+                f"--act-bits {self.act_bits} is not supported: choose one of "
+                f"{', '.join(map(str, SUPPORTED_ACT_BITS))}"
+            )
+        if not 50.0 < self.percentile <= 100.0:
+            raise UsageError(f"--percentile {self.percentile} must lie in (50, 100]")
+        if self.calib.num_samples is not None and self.calib.num_samples < 1:
+            raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")

@@ -1,0 +1,151 @@
+"""What eptq-onnx knows about each ONNX op, in one table read by every stage.
+
+An op's ``role`` decides how quantization treats it:
+
+- ``weighted``: a layer with a constant weight input (quantized per channel on ``weight_axis``);
+  its output is an activation quantization point, its activation inputs must be quantized.
+- ``act_matmul``: MatMul of two activations: both inputs and the output are quantization points.
+- ``join``: joins several activations (Add, Concat, Mul of two activations): output is a point.
+- ``normalize``: computes new values that are a point of their own (Softmax, LayerNorm, ...).
+- ``activation``: a non-linearity; fused with the op before it (the point moves after it).
+- ``elementwise``: float math that may be part of a composite activation (GELU, SiLU, ...);
+  never a point by itself.
+- ``data``: only moves or selects values; its output shares its input's quantization.
+- ``float``: left in float; its output is quantized only if a weighted op needs it.
+
+Ops not in the table are treated as ``float`` and listed in the report.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import onnx
+
+Role = str  # one of the ROLES below
+ROLES = ("weighted", "act_matmul", "join", "normalize", "activation", "elementwise", "data", "float")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for a in node.attribute:
+        if a.name == name:
+            return int(onnx.helper.get_attribute_value(a))
+    return default
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """Where a weighted op keeps its weight and bias, and which weight axis is its output channel."""
+
+    weight_input: int
+    axis: Callable[[onnx.NodeProto, int], int]  # (node, weight rank) -> channel axis
+    bias_input: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    role: Role
+    weight: Optional[WeightRule] = None
+    note: str = ""
+
+
+def _gemm_axis(node: onnx.NodeProto, rank: int) -> int:
+    return 0 if _attr(node, "transB", 0) else 1
+
+
+def _matmul_b_axis(node: onnx.NodeProto, rank: int) -> int:
+    return rank - 1
+
+
+CONV_RULE = WeightRule(weight_input=1, axis=lambda n, r: 0, bias_input=2)
+CONV_TRANSPOSE_RULE = WeightRule(weight_input=1, axis=lambda n, r: 1, bias_input=2)
+GEMM_RULE = WeightRule(weight_input=1, axis=_gemm_axis, bias_input=2)
+MATMUL_B_RULE = WeightRule(weight_input=1, axis=_matmul_b_axis)
+MATMUL_A_RULE = WeightRule(weight_input=0, axis=lambda n, r: r - 2)
+EMBEDDING_RULE = WeightRule(weight_input=0, axis=lambda n, r: 0)
+
+_ACTIVATIONS = (
+    "Relu LeakyRelu PRelu Clip Sigmoid HardSigmoid HardSwish Tanh Elu Selu Celu Softplus "
+    "Softsign Gelu Mish ThresholdedRelu"
+).split()
+_ELEMENTWISE = "Erf Exp Log Sqrt Reciprocal Neg Abs Pow Add Sub Mul Div Max Min Sin Cos".split()
+_DATA = (
+    "Reshape Transpose Flatten Squeeze Unsqueeze Slice Gather MaxPool GlobalMaxPool Resize "
+    "Split Pad DepthToSpace SpaceToDepth Expand Tile ReduceMax ReduceMin Identity Dropout"
+).split()
+_NORMALIZE = (
+    "Softmax LogSoftmax LayerNormalization GroupNormalization InstanceNormalization "
+    "BatchNormalization LpNormalization"
+).split()
+
+OP_TABLE: Dict[str, OpInfo] = {}
+OP_TABLE.update({op: OpInfo("activation") for op in _ACTIVATIONS})
+OP_TABLE.update({op: OpInfo("elementwise") for op in _ELEMENTWISE})
+OP_TABLE.update({op: OpInfo("data", note="shares its input's quantization") for op in _DATA})
+OP_TABLE.update({op: OpInfo("normalize") for op in _NORMALIZE})
+OP_TABLE.update(
+    {
+        "Conv": OpInfo("weighted", CONV_RULE, "per-channel weights on axis 0, int32 bias"),
+        "ConvTranspose": OpInfo("weighted", CONV_TRANSPOSE_RULE, "per-channel weights on axis 1, int32 bias"),
+        "Gemm": OpInfo("weighted", GEMM_RULE, "per-channel weights on the N axis (by transB), int32 bias"),
+        "MatMul": OpInfo("weighted", MATMUL_B_RULE, "constant operand: per-channel weights; else act x act"),
+        "Sum": OpInfo("join"),
+        "Concat": OpInfo("join", note="output is a point; sole-use inputs share its scale"),
+        "AveragePool": OpInfo("float", note="output quantized when a weighted op consumes it"),
+        "GlobalAveragePool": OpInfo("float", note="output quantized when a weighted op consumes it"),
+        "ReduceMean": OpInfo("float", note="output quantized when a weighted op consumes it"),
+    }
+)
+
+# Binary ops that become a join (an activation point) when both operands are activations.
+BINARY_JOINS = frozenset(("Add", "Mul", "Sum"))
+# Resize shares its input's quantization only in nearest mode.
+NEAREST_ONLY = frozenset(("Resize",))
+
+
+def op_info(node: onnx.NodeProto) -> OpInfo:
+    """The table entry of a node; unknown ops and other domains are ``float``."""
+    if node.domain not in ("", "ai.onnx"):
+        return OpInfo("float", note=f"custom domain {node.domain}")
+    info = OP_TABLE.get(node.op_type, OpInfo("float", note="not in the op table"))
+    if node.op_type in NEAREST_ONLY:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        if mode != "nearest":
+            return OpInfo("float", note="Resize other than nearest")
+    return info
+
+
+def resolve_role(node: onnx.NodeProto, is_activation: Callable[[str], bool]) -> tuple[Role, Optional[WeightRule]]:
+    """The role of a node in this graph, given which of its inputs are float activations.
+
+    Roles that depend on the inputs are decided here: MatMul/Gemm/Conv with a constant weight are
+    ``weighted`` (else MatMul is ``act_matmul``), Gather from a constant table is ``weighted``
+    (an embedding), Add/Mul/Sum of two activations is a ``join``.
+    """
+    info = op_info(node)
+    inputs = list(node.input)
+    acts = [bool(name) and is_activation(name) for name in inputs]
+    if node.op_type == "MatMul" and info.role == "weighted":
+        if len(inputs) == 2 and acts[0] and not acts[1]:
+            return "weighted", MATMUL_B_RULE
+        if len(inputs) == 2 and acts[1] and not acts[0]:
+            return "weighted", MATMUL_A_RULE
+        return ("act_matmul", None) if all(acts) else ("float", None)
+    if info.role == "weighted":
+        w = info.weight
+        assert w is not None
+        if acts[0] and w.weight_input < len(inputs) and not acts[w.weight_input]:
+            return "weighted", w
+        return "float", None
+    if node.op_type == "Gather":
+        if not acts[0] and len(inputs) > 1 and not acts[1]:
+            return "weighted", EMBEDDING_RULE
+        return ("data", None) if acts[0] else ("float", None)
+    if node.op_type in BINARY_JOINS and sum(acts) >= 2:
+        return "join", None
+    return info.role, None
+
+
+def is_known(node: onnx.NodeProto) -> bool:
+    """Whether the op is in the table (ops outside it stay float and are reported)."""
+    return node.domain in ("", "ai.onnx") and node.op_type in OP_TABLE

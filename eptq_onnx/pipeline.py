@@ -1,0 +1,192 @@
+"""The pipeline, one stage after another: load -> normalize -> fold -> quantization points ->
+weight init -> activation calibration -> QDQ write -> validate -> save.
+"""
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Union
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .calib_data import CalibrationSet, input_specs
+from .calibrate import calibrate_activations
+from .config import QuantConfig
+from .errors import ModelError, UsageError
+from .fold_bn import fold_batch_norms
+from .model_io import default_opset, ir_version_for, load_model, save_model
+from .normalize import normalize_model, upgrade_opset
+from .qdq_writer import required_opset, write_qdq
+from .qpoints import QuantPlan, build_plan
+from .quantizers import ActParams, sqnr_db
+from .report import Report, TensorEntry
+from .validate import validate
+from .weights import WeightQuant, init_weights
+
+
+@dataclass
+class QuantizeResult:
+    """The quantized model, its report, and where it was written (if it was)."""
+
+    model: onnx.ModelProto
+    report: Report
+    output_path: Optional[Path] = None
+
+
+class _Timer:
+    def __init__(self, report: Report) -> None:
+        self.report = report
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.report.timings_s[name] = round(time.perf_counter() - start, 3)
+
+
+def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> None:
+    """Refuse to overwrite the input or an existing file (without force), or to write nowhere."""
+    if input_path is not None and output.resolve() == input_path.resolve():
+        raise UsageError(f"output {output} is the input model: choose another output path")
+    if output.exists() and not force:
+        raise UsageError(f"output {output} exists: pass --force to overwrite it")
+    if output.is_dir():
+        raise UsageError(f"output {output} is a directory: give a file path such as {output / 'model_qdq.onnx'}")
+    parent = output.parent if str(output.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder {parent} does not exist: create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder {parent} is not writable: choose another output path")
+
+
+def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
+    """Normalize, raise the opset where the storage types need it, fold batch norms.
+
+    When the opset upgrade for native INT4/INT2 weights fails, weights fall back to INT8
+    containers (restricted to their bit range) and the report says so.
+    """
+    model = normalize_model(model)
+    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage)
+    if default_opset(model) < needed:
+        try:
+            model = upgrade_opset(model, needed)
+        except ModelError as exc:
+            fallback = replace(config, weight_storage="int8")
+            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8") > default_opset(model):
+                raise
+            report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{config.weight_bits}: {exc}")
+            config = fallback
+    report.opset = default_opset(model)
+    model, folded = fold_batch_norms(model)
+    report.folded_batch_norms = folded
+    return model, config
+
+
+def quantize(
+    model: Union[str, Path, onnx.ModelProto],
+    calib: Union[str, Path, CalibrationSet],
+    config: Optional[QuantConfig] = None,
+    *,
+    output: Union[str, Path, None] = None,
+    force: bool = False,
+    report_path: Union[str, Path, None] = None,
+    progress: bool = True,
+) -> QuantizeResult:
+    """Quantize a float ONNX model into a validated QDQ model (MSE-initialized steps).
+
+    ``model`` is a path or a ModelProto; ``calib`` a calibration folder or a CalibrationSet.
+    With ``output`` the model is written there atomically; with ``report_path`` the JSON report.
+    Raises an ``EptqError`` subclass (one-line message, exit code) on bad input.
+    """
+    config = config or QuantConfig()
+    input_path = Path(model) if isinstance(model, (str, Path)) else None
+    output_path = Path(output) if output is not None else None
+    if output_path is not None:
+        check_output_path(input_path, output_path, force)
+    report = Report(input=str(input_path or "<ModelProto>"), output=str(output_path) if output_path else None, config=asdict(config))
+    timer = _Timer(report)
+
+    with timer.stage("load"):
+        original = load_model(input_path) if input_path is not None else model
+        assert isinstance(original, onnx.ModelProto)
+        report.sizes_bytes["input"] = input_path.stat().st_size if input_path else original.ByteSize()
+    with timer.stage("normalize"):
+        float_model, config = _prepare(original, config, report)
+    with timer.stage("quantization points"):
+        plan = build_plan(float_model, config.quantize_outputs)
+        if not plan.weights and not plan.groups:
+            raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
+        report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
+        for node, op_type, why in plan.float_ops:
+            report.warn(f"{op_type} node {node} stays float ({why})")
+    with timer.stage("calibration data"):
+        calib_set = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib, input_specs(float_model), config.calib)
+        report.calibration_samples = len(calib_set)
+    with timer.stage("weight init"):
+        weights = init_weights(float_model, plan, config.weight_bits, config.calib_method)
+    with timer.stage("activation calibration"):
+        acts, stats = calibrate_activations(float_model, plan, calib_set, config, progress)
+        for g in plan.groups:
+            s = stats[g.id]
+            if s.nonfinite:
+                report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
+    with timer.stage("write"):
+        qdq, summary = write_qdq(
+            float_model,
+            plan,
+            weights,
+            acts,
+            weight_storage=config.weight_storage,
+            quantize_outputs=config.quantize_outputs,
+            quantize_bias=config.quantize_bias,
+        )
+        qdq.ir_version = ir_version_for(default_opset(qdq))
+        for bias in summary.float_biases:
+            report.warn(f"bias {bias} stays float: its layer's input is not quantized")
+        for bias in summary.clipped_biases:
+            report.warn(f"bias {bias} saturated to the int32 range")
+    with timer.stage("validate"):
+        validation = validate(float_model, qdq, plan, calib_set, config.validation_samples, progress)
+        report.validation = asdict(validation)
+        report.warnings.extend(validation.notes)
+    report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
+    if output_path is not None:
+        with timer.stage("save"):
+            save_model(qdq, output_path, force=force)
+            report.sizes_bytes["output"] = output_path.stat().st_size
+    else:
+        report.sizes_bytes["output"] = qdq.ByteSize()
+    if report_path is not None:
+        report.write_json(report_path)
+    return QuantizeResult(model=qdq, report=report, output_path=output_path)
+
+
+def _tensor_entries(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    weights: Dict[str, WeightQuant],
+    acts: Dict[int, ActParams],
+    storage: Dict[str, str],
+    act_sqnr: Dict[str, float],
+) -> list[TensorEntry]:
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    ops = {p.weight: p.op_type for p in plan.weights}
+    entries = []
+    for name, wq in weights.items():
+        w = numpy_helper.to_array(initializers[name]).astype(np.float32)
+        entries.append(
+            TensorEntry(name, ops[name], "weight", wq.bits, wq.scale.tolist(), 0, sqnr_db(w, wq.dequantized()), storage.get(name, ""))
+        )
+    for g in plan.groups:
+        p = acts[g.id]
+        for root in g.roots:
+            entries.append(
+                TensorEntry(root, producers.get(root, "input"), "activation", p.bits, p.scale, p.zero_point, act_sqnr.get(root), g.reason)
+            )
+    return entries

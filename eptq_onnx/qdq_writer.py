@@ -1,0 +1,215 @@
+"""Write a QDQ model: the float graph plus DequantizeLinear on weights and Q/DQ pairs on activations.
+
+Weights become integer initializers (INT8, INT4 at opset 21, INT2 at opset 25, or all in INT8
+containers) read by a per-axis DequantizeLinear; biases of Conv/ConvTranspose/Gemm whose input
+is quantized become int32 with scale = input scale x weight scale (onnxruntime's convention).
+Every tensor of an activation group gets QuantizeLinear -> DequantizeLinear and its readers read
+the DequantizeLinear output. Every other node, and every tensor name, is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .quantizers import ActParams
+from .qpoints import QuantPlan
+from .weights import WeightQuant
+
+INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """An integer tensor type for stored weights and the opset that introduced it."""
+
+    onnx_type: int
+    numpy_type: type
+    bits: int
+    min_opset: int
+
+
+STORAGE = {
+    2: StorageType(TensorProto.INT2, ml_dtypes.int2, 2, 25),
+    4: StorageType(TensorProto.INT4, ml_dtypes.int4, 4, 21),
+    8: StorageType(TensorProto.INT8, np.int8, 8, 13),
+}
+ACT_TYPES = {
+    (8, False): (TensorProto.UINT8, np.uint8, 13),
+    (8, True): (TensorProto.INT8, np.int8, 13),
+    (16, False): (TensorProto.UINT16, np.uint16, 21),
+    (16, True): (TensorProto.INT16, np.int16, 21),
+}
+
+
+def storage_for(bits: int, weight_storage: str) -> StorageType:
+    """The narrowest native type that holds ``bits``-bit codes (INT8 with ``weight_storage='int8'``)."""
+    if weight_storage == "int8":
+        return STORAGE[8]
+    return next(STORAGE[b] for b in sorted(STORAGE) if b >= bits)
+
+
+def required_opset(weight_bits: List[int], act_bits: int, weight_storage: str) -> int:
+    """The lowest default-domain opset that can hold these weight and activation types."""
+    opset = max([storage_for(b, weight_storage).min_opset for b in weight_bits] or [13])
+    return max(opset, ACT_TYPES[(act_bits, False)][2])
+
+
+@dataclass
+class WriteSummary:
+    """What the writer did that the report should show."""
+
+    float_biases: List[str] = field(default_factory=list)  # biases kept float (input not quantized)
+    clipped_biases: List[str] = field(default_factory=list)  # biases saturated to int32
+    storage: Dict[str, str] = field(default_factory=dict)  # weight -> storage type name
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.initializers: List[TensorProto] = []
+        self.names = {n.name for n in model.graph.node}
+
+    def node_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def constant(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def dequantize(self, tensor: str, codes: str, scale: str, zero_point: str, axis: Optional[int]) -> onnx.NodeProto:
+        out = f"{tensor}_DequantizeLinear_Output"
+        kwargs = {"axis": axis} if axis is not None else {}
+        return helper.make_node(
+            "DequantizeLinear", [codes, scale, zero_point], [out], name=self.node_name(f"{tensor}_DequantizeLinear"), **kwargs
+        )
+
+
+def write_qdq(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    weights: Dict[str, WeightQuant],
+    acts: Dict[int, ActParams],
+    *,
+    weight_storage: str = "native",
+    quantize_outputs: bool = False,
+    quantize_bias: bool = True,
+) -> Tuple[onnx.ModelProto, WriteSummary]:
+    """The QDQ model for a float model whose opset already allows the storage types used."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    b = _Builder(out)
+    summary = WriteSummary()
+    group_of = plan.group_of()
+    outputs = {o.name for o in graph.output}
+
+    weight_nodes: Dict[str, onnx.NodeProto] = {}
+    for name, wq in weights.items():
+        storage = storage_for(wq.bits, weight_storage)
+        summary.storage[name] = onnx.helper.tensor_dtype_to_string(storage.onnx_type).replace("TensorProto.", "")
+        b.constant(f"{name}_quantized", wq.codes.astype(storage.numpy_type))
+        b.constant(f"{name}_scale", wq.scale.astype(np.float32))
+        b.constant(f"{name}_zero_point", np.zeros(wq.scale.shape, dtype=storage.numpy_type))
+        weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", wq.axis)
+
+    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, group_of, summary) if quantize_bias else ({}, {})
+
+    act_pairs: Dict[str, List[onnx.NodeProto]] = {}
+    rename: Dict[str, str] = {}  # tensor -> the DequantizeLinear output its readers use
+    producer_rename: Dict[str, str] = {}  # graph outputs that get quantized: producer writes here
+    for g in plan.groups:
+        p = acts[g.id]
+        act_type, act_np, _ = ACT_TYPES[(p.bits, p.signed)]
+        root = g.roots[0]
+        scale = b.constant(f"{root}_scale", np.array(p.scale, dtype=np.float32))
+        zero = b.constant(f"{root}_zero_point", np.array(p.zero_point, dtype=act_np))
+        for t in g.tensors:
+            source = t
+            if t in outputs and quantize_outputs:
+                source = f"{t}_float"
+                producer_rename[t] = source
+            q_out = f"{t}_QuantizeLinear_Output"
+            q = helper.make_node("QuantizeLinear", [source, scale, zero], [q_out], name=b.node_name(f"{t}_QuantizeLinear"))
+            dq = b.dequantize(t, q_out, scale, zero, None)
+            if t in producer_rename:
+                dq.output[0] = t
+            else:
+                rename[t] = dq.output[0]
+            act_pairs[t] = [q, dq]
+
+    new_nodes: List[onnx.NodeProto] = []
+    for name in [i.name for i in graph.input]:
+        new_nodes.extend(act_pairs.get(name, []))
+    new_nodes.extend(weight_nodes.values())
+    for node in graph.node:
+        node_key = node.name or node.output[0]
+        for i, inp in enumerate(node.input):
+            if inp in weight_nodes:
+                node.input[i] = weight_nodes[inp].output[0]
+            elif (node_key, i) in bias_inputs:
+                new_nodes.append(bias_nodes[bias_inputs[(node_key, i)]])
+                node.input[i] = bias_nodes[bias_inputs[(node_key, i)]].output[0]
+            elif inp in rename:
+                node.input[i] = rename[inp]
+        produced = list(node.output)
+        for i, o in enumerate(produced):
+            if o in producer_rename:
+                node.output[i] = producer_rename[o]
+        new_nodes.append(node)
+        for o in produced:
+            new_nodes.extend(act_pairs.get(o, []))
+    # graph outputs that are also quantized for their readers stay float themselves
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + b.initializers)
+    for vi in graph.value_info:
+        if vi.name in producer_rename:
+            vi.name = producer_rename[vi.name]
+    return out, summary
+
+
+def _bias_nodes(b, model, plan, weights, acts, group_of, summary):
+    """int32 biases (scale = input scale x weight scale) for weighted ops with a quantized input."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
+    bias_nodes: Dict[str, onnx.NodeProto] = {}
+    bias_inputs: Dict[Tuple[str, int], str] = {}
+    for point in plan.weights:
+        if point.bias is None:
+            continue
+        node = nodes_by_name[point.node]
+        group = group_of.get(point.input) if point.input else None
+        if group is None or point.weight not in weights:
+            summary.float_biases.append(point.bias)
+            continue
+        wq = weights[point.weight]
+        bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float64)
+        scale = (np.float32(acts[group.id].scale) * wq.scale).astype(np.float32)
+        if scale.shape != bias.shape:
+            summary.float_biases.append(point.bias)
+            continue
+        codes = np.rint(bias / scale.astype(np.float64))
+        if np.abs(codes).max(initial=0) > INT32_MAX:
+            summary.clipped_biases.append(point.bias)
+        codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)
+        key = f"{point.bias}__{point.node}"
+        b.constant(f"{key}_quantized", codes)
+        b.constant(f"{key}_scale", scale)
+        b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point", 0)
+        index = list(node.input).index(point.bias)
+        bias_inputs[(point.node, index)] = key
+    return bias_nodes, bias_inputs

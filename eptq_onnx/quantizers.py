@@ -1,0 +1,217 @@
+"""Uniform quantizers in numpy, with onnxruntime's semantics, and their step-size search.
+
+QuantizeLinear: q = saturate(round_half_to_even(x / scale) + zero_point); DequantizeLinear:
+x' = (q - zero_point) * scale. Weights are symmetric per channel (zero point 0), activations
+per tensor, asymmetric (unsigned) or symmetric (signed, zero point 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
+FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
+
+
+def int_range(bits: int, signed: bool) -> Tuple[int, int]:
+    """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
+    if signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, qmin: int, qmax: int) -> np.ndarray:
+    """Integer codes of ``x`` (float32 arithmetic, round half to even, saturated)."""
+    x = np.asarray(x, dtype=np.float32)
+    q = np.rint(x / np.asarray(scale, dtype=np.float32)) + zero_point
+    return np.clip(q, qmin, qmax)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int) -> np.ndarray:
+    """Float values of integer codes."""
+    return ((np.asarray(q, dtype=np.float32) - zero_point) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+
+
+def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, qmin: int, qmax: int) -> np.ndarray:
+    """Quantize then dequantize (what a QuantizeLinear -> DequantizeLinear pair computes)."""
+    return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def channels_first(w: np.ndarray, axis: int) -> np.ndarray:
+    """View a weight as [channels, everything else]."""
+    if w.ndim == 0:
+        return w.reshape(1, 1).astype(np.float32)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32)
+
+
+def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
+    """Reshape a per-channel vector to broadcast against ``w`` along ``axis``."""
+    shape = [1] * w.ndim
+    if w.ndim:
+        shape[axis] = -1
+    return np.asarray(scale, dtype=np.float32).reshape(shape)
+
+
+def _channel_error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    s = scale[:, None]
+    return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=1)
+
+
+def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse") -> np.ndarray:
+    """Per-channel symmetric step sizes for ``w`` at ``bits`` bits.
+
+    ``minmax``: max|w_c| / qmax. ``mse``: the step minimizing sum (w - Q(w))^2 per channel, over a
+    coarse grid of clipping fractions of max|w_c| and then a fine grid around the best one.
+    Channels that are all zero get the median step of the others (so int32 bias scales stay sane).
+    """
+    qmin, qmax = int_range(bits, signed=True)
+    w2 = channels_first(w, axis)
+    maxabs = np.abs(w2).max(axis=1)
+    live = maxabs > 0
+    if method == "mse":
+        best_alpha = np.ones_like(maxabs)
+        best_err = np.full_like(maxabs, np.inf)
+        for grid in (COARSE_GRID, None):
+            alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
+                np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
+            ]
+            for alpha in alphas:
+                scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
+                err = _channel_error(w2, scale, qmin, qmax)
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                best_alpha = np.where(better, alpha, best_alpha)
+        scale = best_alpha * maxabs / qmax
+    elif method == "minmax":
+        scale = maxabs / qmax
+    else:
+        raise ValueError(f"unknown weight scale method {method!r}")
+    fill = float(np.median(scale[live])) if live.any() else 1.0
+    return np.where(live, scale, fill).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ActParams:
+    """Per-tensor activation quantization parameters."""
+
+    scale: float
+    zero_point: int
+    bits: int
+    signed: bool
+
+    @property
+    def qrange(self) -> Tuple[int, int]:
+        return int_range(self.bits, self.signed)
+
+    @property
+    def bounds(self) -> Tuple[float, float]:
+        """The smallest and largest representable values."""
+        qmin, qmax = self.qrange
+        return (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
+
+
+def params_for_range(lo: float, hi: float, bits: int, symmetric: bool) -> ActParams:
+    """Scale and zero point covering [lo, hi] (widened to include 0, which stays exact)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    qmin, qmax = int_range(bits, signed=symmetric)
+    if symmetric:
+        amax = max(-lo, hi)
+        scale = amax / qmax if amax > 0 else 1.0
+        return ActParams(float(np.float32(scale)), 0, bits, True)
+    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
+    scale = float(np.float32(scale))
+    zero_point = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+    return ActParams(scale, zero_point, bits, False)
+
+
+class Histogram:
+    """Streaming histogram of a tensor's finite values over a fixed range, exact zeros apart."""
+
+    def __init__(self, lo: float, hi: float, bins: int = 2048) -> None:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        if hi <= lo:
+            hi = lo + 1.0
+        self.edges = np.linspace(lo, hi, bins + 1)
+        self.counts = np.zeros(bins, dtype=np.float64)
+        self.zeros = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).ravel()
+        x = x[np.isfinite(x)]
+        nz = x[x != 0]
+        self.zeros += x.size - nz.size
+        counts, _ = np.histogram(np.clip(nz, self.edges[0], self.edges[-1]), bins=self.edges)
+        self.counts += counts
+
+    @property
+    def centers(self) -> np.ndarray:
+        return 0.5 * (self.edges[1:] + self.edges[:-1])
+
+    def total(self) -> float:
+        return float(self.counts.sum() + self.zeros)
+
+
+def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Expected squared error of quantizing the histogram for each candidate range.
+
+    Values outside [low, high] cost their distance to the bound squared; values inside cost the
+    rounding noise scale^2 / 12; exact zeros cost nothing (zero is always representable).
+    """
+    c, h = hist.centers, hist.counts
+    cum_h = np.concatenate([[0.0], np.cumsum(h)])
+    cum_hc = np.concatenate([[0.0], np.cumsum(h * c)])
+    cum_hc2 = np.concatenate([[0.0], np.cumsum(h * c * c)])
+    i_lo = np.searchsorted(c, lows, side="left")  # bins [0, i_lo) lie below low
+    i_hi = np.searchsorted(c, highs, side="right")  # bins [i_hi, n) lie above high
+    below = cum_hc2[i_lo] - 2 * lows * cum_hc[i_lo] + lows**2 * cum_h[i_lo]
+    n = len(c)
+    above = (cum_hc2[n] - cum_hc2[i_hi]) - 2 * highs * (cum_hc[n] - cum_hc[i_hi]) + highs**2 * (cum_h[n] - cum_h[i_hi])
+    inside = (cum_h[i_hi] - cum_h[i_lo]) * scales**2 / 12.0
+    return below + above + inside
+
+
+def params_mse(hist: Histogram, bits: int, symmetric: bool) -> ActParams:
+    """The range minimizing the expected quantization error of the histogram."""
+    lo, hi = float(hist.edges[0]), float(hist.edges[-1])
+    fractions = np.linspace(0.05, 1.0, 96)
+    if symmetric:
+        candidates = [params_for_range(-f * max(-lo, hi), f * max(-lo, hi), bits, True) for f in fractions]
+    else:
+        lows = fractions * lo if lo < 0 else np.zeros(1)
+        candidates = [params_for_range(a, f * hi, bits, False) for a in lows for f in fractions]
+    bounds = np.array([p.bounds for p in candidates])
+    scales = np.array([p.scale for p in candidates])
+    errors = _clipping_errors(hist, bounds[:, 0], bounds[:, 1], scales)
+    return candidates[int(np.argmin(errors))]
+
+
+def params_percentile(hist: Histogram, bits: int, symmetric: bool, percentile: float) -> ActParams:
+    """Range from the ``percentile`` of the values (both tails; of |x| when symmetric)."""
+    c = hist.centers
+    counts = hist.counts.copy()
+    counts[np.searchsorted(c, 0.0).clip(0, len(c) - 1)] += hist.zeros
+    cdf = np.cumsum(counts) / max(counts.sum(), 1.0)
+    tail = 1.0 - percentile / 100.0
+    if symmetric:
+        amax = max(-hist.edges[0], hist.edges[-1])
+        grid = np.linspace(0.0, amax, 4097)
+        inside = np.interp(grid, c, cdf) - np.interp(-grid, c, cdf, left=0.0)
+        a = grid[min(int(np.searchsorted(inside, 1.0 - tail)), len(grid) - 1)]
+        return params_for_range(-a, a, bits, True)
+    lo = c[min(int(np.searchsorted(cdf, tail)), len(c) - 1)]
+    hi = c[min(int(np.searchsorted(cdf, 1.0 - tail)), len(c) - 1)]
+    return params_for_range(lo, hi, bits, False)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    noise = float(((ref - np.asarray(approx, dtype=np.float64)) ** 2).sum())
+    signal = float((ref**2).sum())
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10.0 * np.log10(signal / noise)

@@ -1,0 +1,111 @@
+"""The run's report: machine-readable JSON and a terminal summary."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+SHOWN_TENSORS = 8  # worst tensors listed in the terminal (all of them are in the JSON)
+
+
+@dataclass
+class TensorEntry:
+    """One quantized tensor."""
+
+    name: str
+    op: str
+    kind: str  # "weight" | "activation"
+    bits: int
+    scale: Any  # float (activation) or list of floats (per-channel weight)
+    zero_point: Any
+    sqnr_db: Optional[float]
+    detail: str = ""  # storage type (weights) or why this is a point (activations)
+
+
+@dataclass
+class Report:
+    input: str
+    output: Optional[str]
+    config: Dict[str, Any]
+    opset: int = 0
+    folded_batch_norms: List[str] = field(default_factory=list)
+    tensors: List[TensorEntry] = field(default_factory=list)
+    float_ops: List[Dict[str, str]] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
+    validation: Dict[str, Any] = field(default_factory=dict)
+    timings_s: Dict[str, float] = field(default_factory=dict)
+    sizes_bytes: Dict[str, int] = field(default_factory=dict)
+    calibration_samples: int = 0
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    """Replace non-finite floats by strings (JSON has no inf/nan) and dataclasses by dicts."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    return value
+
+
+def _db(value: Optional[float]) -> str:
+    if value is None:
+        return "-"
+    return "inf" if value == math.inf else f"{value:.1f}"
+
+
+def print_summary(report: Report, console: Optional[Console] = None) -> None:
+    """A compact human summary: outputs, validation, worst tensors, float ops, warnings."""
+    console = console or Console(stderr=True)
+    v = report.validation
+    weights = [t for t in report.tensors if t.kind == "weight"]
+    acts = [t for t in report.tensors if t.kind == "activation"]
+    console.print(
+        f"[bold]eptq-onnx[/bold] {report.input} -> {report.output or '(not written)'}: "
+        f"{len(weights)} weights, {len(acts)} activation points, "
+        f"{len(report.folded_batch_norms)} BatchNorms folded, opset {report.opset}"
+    )
+    table = Table(title="model outputs vs float (validation samples)")
+    for col in ("output", "SQNR dB", "max abs err", "ORT opt on/off agree dB"):
+        table.add_column(col)
+    for name, sqnr in v.get("output_sqnr_db", {}).items():
+        table.add_row(
+            name, _db(sqnr), f"{v['output_max_abs_error'][name]:.4g}", _db(v["optimized_agreement_db"][name])
+        )
+    console.print(table)
+    worst = sorted((t for t in report.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db)[:SHOWN_TENSORS]
+    table = Table(title=f"least accurate tensors (all {len(report.tensors)} in the JSON report)")
+    for col in ("tensor", "op", "kind", "bits", "SQNR dB"):
+        table.add_column(col)
+    for t in worst:
+        table.add_row(t.name, t.op, t.kind, str(t.bits), _db(t.sqnr_db))
+    console.print(table)
+    if "linear_ops" in v:
+        console.print(
+            f"onnxruntime fused {v['fused_linear_ops']} of {v['linear_ops']} Conv/MatMul/Gemm into integer ops"
+            + (" (QDQ fusion disabled for INT2)" if v.get("qdq_fusion_disabled") else "")
+        )
+    sizes = report.sizes_bytes
+    if sizes.get("output"):
+        console.print(f"size: {sizes['input'] / 1e6:.2f} MB -> {sizes['output'] / 1e6:.2f} MB")
+    for op in report.float_ops:
+        console.print(f"[yellow]stays float:[/yellow] {op['node']} ({op['op_type']}): {op['why']}")
+    for message in report.warnings:
+        console.print(f"[bold yellow]warning:[/bold yellow] {message}")

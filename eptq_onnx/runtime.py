@@ -1,0 +1,60 @@
+"""onnxruntime sessions for the float and quantized models, including models over 2 GB."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, Iterable, List, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+PROTOBUF_LIMIT = 2**31 - 2**20  # leave room for the protobuf envelope
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the given intermediate tensors."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    infos = {vi.name: vi for vi in out.graph.value_info}
+    for name in tensors:
+        if name not in have:
+            out.graph.output.append(infos[name] if name in infos else onnx.ValueInfoProto(name=name))
+            have.add(name)
+    return out
+
+
+def make_session(
+    model: onnx.ModelProto,
+    *,
+    optimize: bool = True,
+    config: Optional[Dict[str, str]] = None,
+    optimized_path: Optional[str] = None,
+) -> ort.InferenceSession:
+    """A CPU session of ``model``; optimizations all on, or all off for a reference run.
+
+    Models too large for one protobuf go through a temporary file with external data.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    providers = ["CPUExecutionProvider"]
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="eptq-ort-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, opts, providers=providers)
+
+
+def run(session: ort.InferenceSession, feeds: Dict[str, np.ndarray], names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+    """Run a session and return its outputs by name."""
+    names = names or [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))

@@ -1,0 +1,160 @@
+"""Validation of a written QDQ model against the float model, with onnxruntime.
+
+Checks: onnx.checker (full); onnxruntime loads and runs the model with graph optimizations off
+and on, and the two agree; output SQNR and max abs error vs the float model; per-group
+activation SQNR; how many Conv/MatMul/Gemm onnxruntime fuses into integer ops.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from .calib_data import CalibrationSet
+from .errors import ValidationError
+from .qpoints import QuantPlan
+from .quantizers import sqnr_db
+from .runtime import PROTOBUF_LIMIT, make_session, run, with_outputs
+
+# Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
+FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
+# Optimized and unoptimized runs differ by integer requantization rounding only; below this
+# mutual SQNR (dB) they disagree.
+MIN_AGREEMENT_DB = 20.0
+INT2_FUSION_OFF = {"session.disable_quant_qdq": "1"}
+
+
+@dataclass
+class _Accumulator:
+    signal: float = 0.0
+    noise: float = 0.0
+    max_abs: float = 0.0
+
+    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        ref64 = np.asarray(ref, dtype=np.float64)
+        diff = ref64 - np.asarray(approx, dtype=np.float64)
+        self.signal += float((ref64**2).sum())
+        self.noise += float((diff**2).sum())
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
+
+    @property
+    def sqnr(self) -> float:
+        if self.noise == 0:
+            return float("inf")
+        return float("-inf") if self.signal == 0 else 10.0 * float(np.log10(self.signal / self.noise))
+
+
+@dataclass
+class Validation:
+    """What validation measured."""
+
+    samples: int = 0
+    output_sqnr_db: Dict[str, float] = field(default_factory=dict)
+    output_max_abs_error: Dict[str, float] = field(default_factory=dict)
+    optimized_agreement_db: Dict[str, float] = field(default_factory=dict)
+    tensor_sqnr_db: Dict[str, float] = field(default_factory=dict)
+    fused_linear_ops: int = 0
+    linear_ops: int = 0
+    fused_op_types: Dict[str, int] = field(default_factory=dict)
+    qdq_fusion_disabled: bool = False
+    notes: List[str] = field(default_factory=list)
+
+
+def _has_int2_weights(model: onnx.ModelProto) -> bool:
+    return any(t.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) for t in model.graph.initializer)
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker full check (shape inference included); ValidationError with its first line."""
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model, full_check=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="eptq-check-") as tmp:
+                path = os.path.join(tmp, "model.onnx")
+                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                onnx.checker.check_model(path, full_check=True)
+    except Exception as exc:  # checker raises several exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValidationError(f"the written model fails onnx.checker: {first}") from exc
+
+
+def count_fused(model: onnx.ModelProto, config: Dict[str, str]) -> Dict[str, int]:
+    """Op types of onnxruntime's optimized graph (extended level: where QDQ fusion happens)."""
+    with tempfile.TemporaryDirectory(prefix="eptq-opt-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(model, optimize=True, config=config, optimized_path=path)
+        optimized = onnx.load(path, load_external_data=False)
+    counts: Dict[str, int] = defaultdict(int)
+    for node in optimized.graph.node:
+        counts[node.op_type] += 1
+    return dict(counts)
+
+
+def validate(
+    float_model: onnx.ModelProto,
+    qdq_model: onnx.ModelProto,
+    plan: QuantPlan,
+    calib: CalibrationSet,
+    samples: int,
+    progress: bool = True,
+) -> Validation:
+    """Run the float and QDQ models on the first ``samples`` calibration samples and compare."""
+    check_model(qdq_model)
+    result = Validation()
+    config = {}
+    if _has_int2_weights(qdq_model):
+        config = dict(INT2_FUSION_OFF)
+        result.qdq_fusion_disabled = True
+        result.notes.append("INT2 weights: onnxruntime's QDQ fusion disabled (session.disable_quant_qdq=1)")
+    roots = [g.roots[0] for g in plan.groups]
+    dq_outputs = {n.output[0] for n in qdq_model.graph.node if n.op_type == "DequantizeLinear"}
+    qdq_tensor_names = {r: (r if r in dq_outputs else f"{r}_DequantizeLinear_Output") for r in roots}
+    out_names = [o.name for o in float_model.graph.output]
+    try:
+        float_sess = make_session(with_outputs(float_model, roots))
+        ref_sess = make_session(with_outputs(qdq_model, qdq_tensor_names.values()), optimize=False, config=config)
+        opt_sess = make_session(qdq_model, optimize=True, config=config)
+    except Exception as exc:
+        raise ValidationError(f"onnxruntime cannot load the quantized model: {str(exc).splitlines()[0]}") from exc
+
+    outputs = defaultdict(_Accumulator)
+    agreement = defaultdict(_Accumulator)
+    tensors = defaultdict(_Accumulator)
+    total = calib.num_batches(limit=samples)
+    for feeds in tqdm(calib.batches(limit=samples), total=total, desc="validation", disable=not progress, leave=False):
+        result.samples += len(next(iter(feeds.values())))
+        f = run(float_sess, feeds)
+        try:
+            r = run(ref_sess, feeds)
+            o = run(opt_sess, feeds)
+        except Exception as exc:
+            raise ValidationError(f"onnxruntime fails to run the quantized model: {str(exc).splitlines()[0]}") from exc
+        for name in out_names:
+            outputs[name].add(f[name], r[name])
+            agreement[name].add(r[name], o[name])
+        for root, qname in qdq_tensor_names.items():
+            tensors[root].add(f[root], r[qname])
+    for name in out_names:
+        result.output_sqnr_db[name] = outputs[name].sqnr
+        result.output_max_abs_error[name] = outputs[name].max_abs
+        result.optimized_agreement_db[name] = agreement[name].sqnr
+        if not np.isfinite(outputs[name].max_abs) or agreement[name].sqnr < MIN_AGREEMENT_DB:
+            raise ValidationError(
+                f"output {name!r}: onnxruntime with and without graph optimizations disagree "
+                f"(SQNR {agreement[name].sqnr:.1f} dB < {MIN_AGREEMENT_DB} dB)"
+            )
+    result.tensor_sqnr_db = {root: acc.sqnr for root, acc in tensors.items()}
+    counts = count_fused(qdq_model, config)
+    result.fused_op_types = {k: v for k, v in counts.items() if k in FUSED_OPS}
+    result.fused_linear_ops = sum(result.fused_op_types.values())
+    result.linear_ops = sum(1 for n in float_model.graph.node if n.op_type in LINEAR_OPS)
+    return result

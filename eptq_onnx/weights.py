@@ -1,0 +1,47 @@
+"""Per-channel weight quantization: step sizes (SPEC step 4) and integer codes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .qpoints import QuantPlan
+from .quantizers import broadcast_scale, int_range, quantize, weight_scales
+
+
+@dataclass
+class WeightQuant:
+    """A quantized weight: integer codes, per-channel steps, and where the channels lie."""
+
+    name: str
+    axis: int
+    bits: int
+    scale: np.ndarray  # float32 [channels]
+    codes: np.ndarray  # integers in the signed ``bits`` range, the weight's shape
+
+    def dequantized(self) -> np.ndarray:
+        return (self.codes.astype(np.float32) * broadcast_scale(self.scale, self.codes, self.axis)).astype(np.float32)
+
+
+def quantize_weight(name: str, w: np.ndarray, axis: int, bits: int, method: str) -> WeightQuant:
+    """Round-to-nearest codes of ``w`` with MSE (or min-max) per-channel steps."""
+    scale = weight_scales(w, axis, bits, method)
+    qmin, qmax = int_range(bits, signed=True)
+    codes = quantize(w, broadcast_scale(scale, w, axis), 0, qmin, qmax).astype(np.int8)
+    return WeightQuant(name=name, axis=axis, bits=bits, scale=scale, codes=codes)
+
+
+def init_weights(model: onnx.ModelProto, plan: QuantPlan, bits: int, method: str) -> Dict[str, WeightQuant]:
+    """Quantize every weight of the plan once (a weight shared by several ops is quantized once)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    method = "minmax" if method == "minmax" else "mse"
+    result: Dict[str, WeightQuant] = {}
+    for point in plan.weights:
+        if point.weight in result:
+            continue
+        w = numpy_helper.to_array(initializers[point.weight]).astype(np.float32)
+        result[point.weight] = quantize_weight(point.weight, w, point.axis, bits, method)
+    return result
