@@ -7,8 +7,9 @@ b into b * s + t. The BN output name survives: the folded layer writes it direct
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -79,9 +80,12 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     result.CopyFrom(model)
     ranks = _tensor_ranks(result)
     folded: list[str] = []
-    for bn in [n for n in result.graph.node if _is_inference_bn(n)]:
-        if _fold(_Graph(result.graph, ranks), bn):
-            folded.append(bn.name or bn.output[0])
+    for output in [n.output[0] for n in result.graph.node if _is_inference_bn(n)]:
+        index = _Graph(result.graph, ranks)
+        bn = index.producers[output]
+        name = bn.name or output
+        if _fold(index, bn):
+            folded.append(name)
     return result, folded
 
 
@@ -108,10 +112,10 @@ def _is_inference_bn(node: onnx.NodeProto) -> bool:
 
 def _bn_affine(index: _Graph, bn: onnx.NodeProto) -> _Affine | None:
     params = [index.constant(name) for name in bn.input[1:5]]
-    if len(params) != 4 or any(p is None for p in params):
+    if len(params) != 4 or any(p is None for p in params) or len({p.size for p in params}) != 1:
         return None
     gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-    epsilon = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    epsilon = _float_attr(bn, "epsilon", 1e-5)
     scale = gamma / np.sqrt(var + epsilon)
     return _Affine(scale, beta - mean * scale)
 
@@ -119,20 +123,18 @@ def _bn_affine(index: _Graph, bn: onnx.NodeProto) -> _Affine | None:
 def _bypass(index: _Graph, layer: onnx.NodeProto, bn: onnx.NodeProto) -> None:
     """The layer writes the BN's output; the BN, its input tensor and unused parameters go."""
     graph = index.graph
-    hidden = layer.output[0]
-    layer.output[0] = bn.output[0]
-    graph.node.remove(bn)
-    _remove_value_info(graph, hidden)
-    still_used = set(_used_names(graph.node)) | index.outputs
-    for name in bn.input[1:]:
-        tensor = index.constants.get(name)
-        if tensor is not None and name not in still_used:
-            graph.initializer.remove(tensor)
+    hidden, output, params = layer.output[0], bn.output[0], set(bn.input[1:])
+    _delete_where(graph.node, lambda node: output in node.output)
+    layer.output[0] = output
+    _delete_where(graph.value_info, lambda info: info.name == hidden)
+    unused = params - set(_used_names(graph.node)) - index.outputs
+    _delete_where(graph.initializer, lambda tensor: tensor.name in unused)
 
 
-def _remove_value_info(graph: onnx.GraphProto, name: str) -> None:
-    for info in [vi for vi in graph.value_info if vi.name == name]:
-        graph.value_info.remove(info)
+def _delete_where(items: Any, predicate: Callable[[Any], bool]) -> None:
+    """Delete from a repeated proto field by position (remove() would compare whole messages)."""
+    for position in reversed([i for i, item in enumerate(items) if predicate(item)]):
+        del items[position]
 
 
 # ---------------------------------------------------------------- one folder per layer type
@@ -150,17 +152,17 @@ def _weight_and_bias(
     return weight, bias
 
 
-def _fold_conv(index: _Graph, conv: onnx.NodeProto, bn: _Affine) -> bool:
+def _fold_conv(index: _Graph, conv: onnx.NodeProto, affine: _Affine) -> bool:
     """Conv weight [Cout, Cin/g, k...]: output channels on axis 0."""
     found = _weight_and_bias(index, conv)
-    if found is None or found[0].shape[0] != bn.scale.size:
+    if found is None or found[0].shape[0] != affine.scale.size:
         return False
     weight, bias = found
-    _write_layer(index, conv, _scale_axis(weight, bn.scale, 0), bias, bn)
+    _write_layer(index, conv, _scale_axis(weight, affine.scale, 0), bias, affine)
     return True
 
 
-def _fold_conv_transpose(index: _Graph, conv: onnx.NodeProto, bn: _Affine) -> bool:
+def _fold_conv_transpose(index: _Graph, conv: onnx.NodeProto, affine: _Affine) -> bool:
     """ConvTranspose weight [Cin, Cout/g, k...]: output channel g_idx * (Cout/g) + j."""
     found = _weight_and_bias(index, conv)
     if found is None:
@@ -168,40 +170,40 @@ def _fold_conv_transpose(index: _Graph, conv: onnx.NodeProto, bn: _Affine) -> bo
     weight, bias = found
     group = _int_attr(conv, "group", 1)
     cin, cout_per_group = weight.shape[:2]
-    if cin % group or group * cout_per_group != bn.scale.size:
+    if cin % group or group * cout_per_group != affine.scale.size:
         return False
     grouped = weight.reshape(group, cin // group, cout_per_group, *weight.shape[2:])
-    scale = bn.scale.reshape(group, 1, cout_per_group, *[1] * (weight.ndim - 2))
-    _write_layer(index, conv, (grouped * scale).reshape(weight.shape), bias, bn)
+    scale = affine.scale.reshape(group, 1, cout_per_group, *[1] * (weight.ndim - 2))
+    _write_layer(index, conv, (grouped * scale).reshape(weight.shape), bias, affine)
     return True
 
 
-def _fold_gemm(index: _Graph, gemm: onnx.NodeProto, bn: _Affine) -> bool:
+def _fold_gemm(index: _Graph, gemm: onnx.NodeProto, affine: _Affine) -> bool:
     """Gemm Y = alpha * A @ B + beta * C: output channels on B's N axis (0 if transB)."""
     found = _weight_and_bias(index, gemm)
     if found is None:
         return False
     weight, bias = found
     n_axis = 0 if _int_attr(gemm, "transB", 0) else 1
-    if weight.ndim != 2 or weight.shape[n_axis] != bn.scale.size:
+    if weight.ndim != 2 or weight.shape[n_axis] != affine.scale.size:
         return False
     beta = _float_attr(gemm, "beta", 1.0)
     if beta != 1.0:  # the new C is added as is
         bias = None if bias is None else bias * beta
         _set_attr(gemm, "beta", 1.0)
-    _write_layer(index, gemm, _scale_axis(weight, bn.scale, n_axis), bias, bn)
+    _write_layer(index, gemm, _scale_axis(weight, affine.scale, n_axis), bias, affine)
     return True
 
 
-def _fold_matmul(index: _Graph, matmul: onnx.NodeProto, bn: _Affine) -> bool:
+def _fold_matmul(index: _Graph, matmul: onnx.NodeProto, affine: _Affine) -> bool:
     """MatMul [M, K] @ [K, N] (2-D only: BN's channel axis 1 is then N) becomes a Gemm."""
     weight = index.constant(matmul.input[1])
-    if weight is None or weight.ndim != 2 or weight.shape[1] != bn.scale.size:
+    if weight is None or weight.ndim != 2 or weight.shape[1] != affine.scale.size:
         return False
     if index.ranks.get(matmul.input[0]) != 2:
         return False
     matmul.op_type = "Gemm"
-    _write_layer(index, matmul, _scale_axis(weight, bn.scale, 1), None, bn)
+    _write_layer(index, matmul, _scale_axis(weight, affine.scale, 1), None, affine)
     return True
 
 
@@ -214,12 +216,12 @@ _FOLDERS = {
 
 
 def _write_layer(
-    index: _Graph, layer: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None, bn: _Affine
+    index: _Graph, layer: onnx.NodeProto, weight: np.ndarray, bias: np.ndarray | None, affine: _Affine
 ) -> None:
     """Store the folded weight (input 1) and bias b * s + t (input 2) in the weight's dtype."""
     dtype = index.constants[layer.input[1]].data_type
     np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-    new_bias = bn.shift if bias is None else bias.astype(np.float64) * bn.scale + bn.shift
+    new_bias = affine.shift if bias is None else bias.astype(np.float64) * affine.scale + affine.shift
     index.set_constant(layer, 1, weight.astype(np_dtype))
     index.set_constant(layer, 2, new_bias.astype(np_dtype))
 
@@ -242,8 +244,7 @@ def _float_attr(node: onnx.NodeProto, name: str, default: float) -> float:
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: float) -> None:
-    for attr in [a for a in node.attribute if a.name == name]:
-        node.attribute.remove(attr)
+    _delete_where(node.attribute, lambda attr: attr.name == name)
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 

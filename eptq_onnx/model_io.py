@@ -22,7 +22,8 @@ EXTERNAL_DATA_THRESHOLD = onnx.checker.MAXIMUM_PROTOBUF - (64 << 20)
 # Tensors smaller than this stay inline even when a model is written with external data.
 EXTERNAL_TENSOR_MIN_BYTES = 1024
 
-# Highest IR version of onnxruntime releases where it did not grow with each release.
+# Fallback when onnxruntime's refusal message cannot be parsed: (major, minor, IR version) that
+# release is known to accept, newest first. Gaps err low, which is safe: older IR still loads.
 _ORT_IR_TABLE = ((1, 31, 13), (1, 18, 10), (1, 15, 9), (1, 14, 8), (1, 9, 7))
 _ORT_IR_FALLBACK = 10
 

@@ -45,7 +45,7 @@ def _check(model: onnx.ModelProto) -> None:
             _check_large(model)
         else:
             onnx.checker.check_model(model, full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - ValidationError, InferenceError, ValueError, ...
         raise ModelError(f"the model fails onnx.checker: {_one_line(err)}") from err
 
 
@@ -143,10 +143,11 @@ def _bypass_identity(graph: gs.Graph, node: gs.Node) -> None:
 
 
 def _is_renamable(graph: gs.Graph, tensor: gs.Tensor) -> bool:
-    """A node output that is no graph input or output (so its name may disappear)."""
+    """An output of a node of this graph (not an outer scope) that is no graph input or output."""
     return (
         isinstance(tensor, gs.Variable)
         and len(tensor.inputs) == 1
+        and any(node is tensor.inputs[0] for node in graph.nodes)
         and tensor not in graph.inputs
         and tensor not in graph.outputs
     )

@@ -90,10 +90,14 @@ OP_TABLE.update(
         "Gemm": OpInfo("weighted", GEMM_RULE, "per-channel weights on the N axis (by transB), int32 bias"),
         "MatMul": OpInfo("weighted", MATMUL_B_RULE, "constant operand: per-channel weights; else act x act"),
         "Sum": OpInfo("join"),
+        "Add": OpInfo("elementwise", note="a join when both operands are activations"),
+        "Mul": OpInfo("elementwise", note="a join when both operands are activations"),
+        "Gather": OpInfo("data", note="a weighted embedding, per row, when the table is constant"),
+        "Resize": OpInfo("data", note="nearest mode only; other modes stay float"),
         "Concat": OpInfo("join", note="output is a point; sole-use inputs share its scale"),
-        "AveragePool": OpInfo("float", note="output quantized when a weighted op consumes it"),
-        "GlobalAveragePool": OpInfo("float", note="output quantized when a weighted op consumes it"),
-        "ReduceMean": OpInfo("float", note="output quantized when a weighted op consumes it"),
+        "AveragePool": OpInfo("float"),
+        "GlobalAveragePool": OpInfo("float"),
+        "ReduceMean": OpInfo("float"),
     }
 )
 

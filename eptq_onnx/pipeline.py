@@ -74,7 +74,7 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage)
     if default_opset(model) < needed:
         try:
-            model = upgrade_opset(model, needed)
+            model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
             if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8") > default_opset(model):

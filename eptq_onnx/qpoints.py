@@ -255,7 +255,7 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
         if role in OUTPUT_ROLES or out in exits:
             if index.is_activation(out) and out not in absorbed:
                 add_point(out, f"{node.op_type} output")
-        if not is_known(node):
+        if not is_known(node) and any(index.is_activation(o) for o in node.output):
             why = op_info(node).note or "not in the op table"
             plan.float_ops.append((node.name or out, node.op_type, why))
     # inputs of weighted ops and activation x activation MatMuls must be quantized

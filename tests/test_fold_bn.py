@@ -70,7 +70,10 @@ def _export(module: torch.nn.Module, shape: tuple[int, ...]) -> onnx.ModelProto:
     return model
 
 
-def _bn_nodes(channels: int, x: str, y: str, prefix: str = "bn") -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+def _bn_nodes(
+    channels: int, x: str, y: str, prefix: str = "bn"
+) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    """A named BatchNormalization x -> y with random parameters, and those parameters."""
     params = {
         "scale": RNG.standard_normal(channels),
         "bias": RNG.standard_normal(channels),
@@ -78,7 +81,8 @@ def _bn_nodes(channels: int, x: str, y: str, prefix: str = "bn") -> tuple[onnx.N
         "var": RNG.random(channels) + 0.1,
     }
     tensors = [numpy_helper.from_array(v.astype(np.float32), f"{prefix}_{k}") for k, v in params.items()]
-    node = helper.make_node("BatchNormalization", [x, *(t.name for t in tensors)], [y], name=prefix, epsilon=1e-3)
+    inputs = [x, *(t.name for t in tensors)]
+    node = helper.make_node("BatchNormalization", inputs, [y], name=prefix, epsilon=1e-3)
     return node, tensors
 
 
@@ -104,7 +108,8 @@ def _weight(name: str, *shape: int) -> onnx.TensorProto:
 TORCH_CASES = {
     "conv2d": (lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)), (2, 3, 9, 9)),
     "conv2d_no_bias": (
-        lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8)), (2, 3, 9, 9)
+        lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8)),
+        (2, 3, 9, 9),
     ),
     "depthwise": (
         lambda: torch.nn.Sequential(torch.nn.Conv2d(6, 6, 3, groups=6), torch.nn.BatchNorm2d(6)), (1, 6, 7, 7)

@@ -140,7 +140,10 @@ def test_save_into_missing_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("error", "expected"),
-    [(OSError(errno.ENOSPC, "No space left on device"), UsageError), (KeyboardInterrupt(), KeyboardInterrupt)],
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), UsageError),
+        (KeyboardInterrupt(), KeyboardInterrupt),
+    ],
 )
 @pytest.mark.parametrize("external", [False, True])
 def test_failed_save_leaves_nothing_behind(

@@ -1,10 +1,14 @@
 """Normalization: checks, opset upgrade, constant folding, Identity removal, shapes."""
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_onnx import model_io
@@ -85,18 +89,21 @@ def test_identity_between_graph_input_and_output_stays() -> None:
     _assert_same_outputs(model, result, {"x": np.array([-1.0, 2.0], np.float32)})
 
 
-def test_identity_inside_if_branch_removed() -> None:
-    def branch(op: str) -> onnx.GraphProto:
-        return helper.make_graph(
-            [helper.make_node("Identity", ["x"], ["i"]), helper.make_node(op, ["i"], ["o"])],
-            op, [], [_float_info("o", [2])],
-        )
+def test_identities_around_if_branches() -> None:
+    """An outer Identity read inside a branch goes; a branch returning an outer value keeps its own."""
 
+    def branch(nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+        return helper.make_graph(nodes, "branch", [], [_float_info("o", [2])])
+
+    then_branch = branch([helper.make_node("Identity", ["a"], ["i"]), helper.make_node("Relu", ["i"], ["o"])])
+    else_branch = branch([helper.make_node("Identity", ["n"], ["o"])])
     model = _model(
         [
-            helper.make_node("ReduceSum", ["x"], ["sum"], keepdims=0),
+            helper.make_node("Identity", ["x"], ["a"]),
+            helper.make_node("Neg", ["x"], ["n"]),
+            helper.make_node("ReduceSum", ["a"], ["sum"], keepdims=0),
             helper.make_node("Greater", ["sum", "zero"], ["cond"]),
-            helper.make_node("If", ["cond"], ["y"], then_branch=branch("Relu"), else_branch=branch("Neg")),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
         ],
         [_float_info("x", [2])],
         [_float_info("y", [2])],
@@ -104,7 +111,9 @@ def test_identity_inside_if_branch_removed() -> None:
     )
     result = normalize_model(model)
     if_node = next(n for n in result.graph.node if n.op_type == "If")
-    assert all("Identity" not in [n.op_type for n in a.g.node] for a in if_node.attribute)
+    branches = {a.name: [n.op_type for n in a.g.node] for a in if_node.attribute}
+    assert branches == {"then_branch": ["Relu"], "else_branch": ["Identity"]}
+    assert "Identity" not in _ops(result)
     for x in ([1.0, -3.0], [-5.0, 1.0]):
         _assert_same_outputs(model, result, {"x": np.array(x, np.float32)})
 
@@ -142,7 +151,8 @@ def test_paddle_style_model_is_folded_and_upgraded() -> None:
     assert _ops(result) == ["Conv", "Relu", "Reshape"]
     assert model_io.default_opset(result) == 13
     assert sorted(t.name for t in result.graph.initializer) == ["conv_b", "conv_w", "new_shape"]
-    assert numpy_helper.to_array(next(t for t in result.graph.initializer if t.name == "new_shape")).tolist() == [1, -1]
+    new_shape = next(t for t in result.graph.initializer if t.name == "new_shape")
+    assert numpy_helper.to_array(new_shape).tolist() == [1, -1]
     onnx.checker.check_model(result, full_check=True)
     _assert_same_outputs(model, result, {"x": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})
 
@@ -189,7 +199,8 @@ def test_upgrade_opset_to_21() -> None:
 
 
 def test_opset_9_refused() -> None:
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [_float_info("x", [2])], [_float_info("y", [2])], opset=9)
+    relu = helper.make_node("Relu", ["x"], ["y"])
+    model = _model([relu], [_float_info("x", [2])], [_float_info("y", [2])], opset=9)
     with pytest.raises(ModelError, match="opset 9 is older than 11: re-export with opset >= 13"):
         normalize_model(model)
 
@@ -241,27 +252,27 @@ def test_int64_input_kept() -> None:
 
 
 def test_custom_domain_op_passes_through() -> None:
+    """Custom ops stay (even on constant inputs), and the rest is still folded."""
     model = _model(
         [
+            helper.make_node("Constant", [], ["c"], value=_const("c_value", np.ones(2, np.float32))),
+            helper.make_node("Mystery", ["c"], ["w"], domain="com.example", alpha=0.5),
             helper.make_node("Relu", ["x"], ["r"]),
-            helper.make_node("Mystery", ["r", "w"], ["m"], domain="com.example", alpha=0.5),
+            helper.make_node("Identity", ["r"], ["i"]),
+            helper.make_node("Mystery", ["i", "w"], ["m"], domain="com.example"),
             helper.make_node("Sigmoid", ["m"], ["y"]),
         ],
         [_float_info("x", [2])],
         [_float_info("y", [2])],
-        [_const("w", np.ones(2, np.float32))],
     )
     model.opset_import.append(helper.make_opsetid("com.example", 3))
     result = normalize_model(model)
-    assert _ops(result) == ["Relu", "Mystery", "Sigmoid"]
+    assert sorted(_ops(result)) == ["Mystery", "Mystery", "Relu", "Sigmoid"]
+    assert _names(result.graph.initializer) == ["c"]
     assert {(o.domain, o.version) for o in result.opset_import} == {("", 13), ("com.example", 3)}
 
 
 def test_torch_export_is_cleaned_and_argument_untouched() -> None:
-    torch = pytest.importorskip("torch")
-    import io
-    import warnings
-
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
     buffer = io.BytesIO()
     with warnings.catch_warnings():

@@ -1,0 +1,107 @@
+"""End to end: every test architecture quantized at W8A8 and W4A8, validated by onnxruntime."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from eptq_onnx import QuantConfig, quantize
+from models import zoo
+
+ARCHITECTURES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "residual_cnn": zoo.residual_cnn,
+    "transformer_block": zoo.transformer_block,
+    "transformer_block_decomposed": zoo.transformer_block_decomposed,
+    "mlp_mixer_block": zoo.mlp_mixer_block,
+    "mlp_static_batch": lambda: zoo.mlp(dynamic_batch=False),
+    "nhwc_tf_style": zoo.nhwc_tf_style,
+    "helper_opset11": zoo.helper_opset11,
+    "paddle_style": zoo.paddle_style,
+    "multi_input": zoo.multi_input,
+    "token_model": zoo.token_model,
+    "dynamic_spatial_cnn": zoo.dynamic_spatial_cnn,
+}
+# Output SQNR floors (dB) on random-weight models: W8A8 keeps the output within a few percent.
+MIN_SQNR = {8: 25.0, 4: 8.0}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architecture_quantizes_and_validates(name: str, bits: int, tmp_path: Path, calib_for) -> None:
+    model = ARCHITECTURES[name]()
+    src = tmp_path / "in.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "out.onnx"
+    result = quantize(src, calib_for(model, 16), QuantConfig(weight_bits=bits), output=out, progress=False)
+    v = result.report.validation
+    assert v["samples"] > 0
+    for output, sqnr in v["output_sqnr_db"].items():
+        assert sqnr >= MIN_SQNR[bits], f"{name} W{bits}A8 output {output}: {sqnr:.1f} dB"
+    written = onnx.load(out)
+    assert [i.name for i in written.graph.input] == [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    assert [o.name for o in written.graph.output] == [o.name for o in model.graph.output]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = zoo.sample_inputs(model, 2, seed=5)
+    for value, meta in zip(session.run(None, feeds), session.get_outputs()):
+        assert np.all(np.isfinite(value)), meta.name
+    kinds = {t.kind for t in result.report.tensors}
+    assert kinds == {"weight", "activation"}
+    assert all(t.bits == bits for t in result.report.tensors if t.kind == "weight")
+
+
+def test_w8a8_residual_cnn_fuses_every_conv(tmp_path: Path, calib_for) -> None:
+    model = zoo.residual_cnn()
+    result = quantize(model, calib_for(model, 16), QuantConfig(weight_bits=8), progress=False)
+    v = result.report.validation
+    convs = sum(1 for n in result.model.graph.node if n.op_type == "Conv")
+    assert v["fused_op_types"].get("QLinearConv", 0) == convs > 0
+
+
+def test_w4_weights_native_int4_and_smaller_file(tmp_path: Path, calib_for) -> None:
+    model = zoo.residual_cnn()
+    calib = calib_for(model, 16)
+    sizes = {}
+    for storage in ("native", "int8"):
+        out = tmp_path / f"{storage}.onnx"
+        quantize(model, calib, QuantConfig(weight_bits=4, weight_storage=storage), output=out, progress=False)
+        types = {t.data_type for t in onnx.load(out).graph.initializer if t.name.endswith("_quantized") and t.data_type != onnx.TensorProto.INT32}
+        assert types == {onnx.TensorProto.INT4 if storage == "native" else onnx.TensorProto.INT8}
+        sizes[storage] = out.stat().st_size
+    assert sizes["native"] < sizes["int8"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_calibration_methods_and_symmetric_activations(method: str, calib_for) -> None:
+    model = zoo.residual_cnn()
+    calib = calib_for(model, 16)
+    result = quantize(model, calib, QuantConfig(weight_bits=8, calib_method=method, act_symmetric=True), progress=False)
+    zero_points = {t.zero_point for t in result.report.tensors if t.kind == "activation"}
+    assert zero_points == {0}
+    assert min(result.report.validation["output_sqnr_db"].values()) > MIN_SQNR[8]
+
+
+def test_mse_calibration_beats_minmax_at_4_bits(calib_for) -> None:
+    model = zoo.residual_cnn()
+    calib = calib_for(model, 16)
+    sqnr = {
+        m: min(quantize(model, calib, QuantConfig(weight_bits=4, calib_method=m), progress=False).report.validation["output_sqnr_db"].values())
+        for m in ("minmax", "mse")
+    }
+    assert sqnr["mse"] > sqnr["minmax"]
+
+
+def test_report_json_lists_every_tensor(tmp_path: Path, calib_for) -> None:
+    import json
+
+    model = zoo.mlp()
+    report_path = tmp_path / "report.json"
+    quantize(model, calib_for(model, 8), QuantConfig(weight_bits=8), report_path=report_path, progress=False)
+    data = json.loads(report_path.read_text())
+    names = {t["name"] for t in data["tensors"]}
+    assert {t.name for t in model.graph.initializer if t.name.endswith("weight")} <= names
+    for t in data["tensors"]:
+        assert {"name", "op", "kind", "bits", "scale", "zero_point", "sqnr_db"} <= set(t)
