@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import onnx
 
@@ -99,24 +99,31 @@ class GraphIndex:
         return [i for i in node.input if self.is_activation(i)]
 
 
-def _elementwise_root(index: GraphIndex, tensor: str, roles: Dict[str, str], seen: Set[str]) -> str:
+BINARY_MATH = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"))
+
+
+def _elementwise_root(
+    index: GraphIndex, tensor: str, roles: Dict[str, str], memo: Dict[str, Tuple[str, FrozenSet[str]]]
+) -> Tuple[str, FrozenSet[str]]:
     """Follow a tensor back through elementwise math on a single activation to its source.
 
-    Nodes passed through are added to ``seen`` (by output name).
+    Returns the source tensor and the tensors passed through on the way (memoized: shared
+    sub-expressions are visited once).
     """
+    if tensor in memo:
+        return memo[tensor]
+    result: Tuple[str, FrozenSet[str]] = (tensor, frozenset())
     node = index.producer.get(tensor)
-    if node is None or roles.get(node.output[0]) not in ("activation", "elementwise", "join"):
-        return tensor
-    if node.op_type not in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min") and roles[node.output[0]] == "join":
-        return tensor
-    acts = index.act_inputs(node)
-    if not acts:
-        return tensor
-    roots = {_elementwise_root(index, a, roles, seen) for a in acts}
-    if len(roots) != 1:
-        return tensor
-    seen.add(tensor)
-    return roots.pop()
+    role = roles.get(node.output[0]) if node is not None else None
+    if node is not None and (role in ("activation", "elementwise") or (role == "join" and node.op_type in BINARY_MATH)):
+        acts = index.act_inputs(node)
+        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        roots = {root for root, _ in traced}
+        if len(roots) == 1:
+            inside = frozenset().union(*(passed for _, passed in traced)) | {tensor}
+            result = (roots.pop(), inside)
+    memo[tensor] = result
+    return result
 
 
 def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str], Set[str]]:
@@ -125,15 +132,16 @@ def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str
     Returns (exit tensor -> root tensor) for the outermost composites and the set of tensors
     inside them, which never become quantization points.
     """
-    exits: Dict[str, Tuple[str, Set[str]]] = {}
+    exits: Dict[str, Tuple[str, FrozenSet[str]]] = {}
+    memo: Dict[str, Tuple[str, FrozenSet[str]]] = {}
     for node in index.nodes:
         acts = index.act_inputs(node)
-        if len(acts) < 2 or node.op_type not in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"):
+        if len(acts) < 2 or node.op_type not in BINARY_MATH:
             continue
-        seen: Set[str] = set()
-        roots = {_elementwise_root(index, a, roles, seen) for a in acts}
+        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        roots = {root for root, _ in traced}
         if len(roots) == 1:
-            exits[node.output[0]] = (roots.pop(), seen)
+            exits[node.output[0]] = (roots.pop(), frozenset().union(*(passed for _, passed in traced)))
     internal: Set[str] = set()
     for _, (_, inside) in exits.items():
         internal |= inside
@@ -183,19 +191,18 @@ def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, st
 def _nodes_between(index: GraphIndex, root: str, exit_name: str) -> Optional[Set[int]]:
     """ids of the nodes on paths from root to exit_name (None if exit is not reachable)."""
     found: Set[int] = set()
+    reaches: Dict[str, bool] = {root: True}
 
     def visit(t: str) -> bool:
-        if t == root:
-            return True
-        node = index.producer.get(t)
-        if node is None:
-            return False
-        hit = False
-        for i in index.act_inputs(node):
-            hit = visit(i) or hit
-        if hit:
-            found.add(id(node))
-        return hit
+        if t not in reaches:
+            node = index.producer.get(t)
+            reaches[t] = False
+            if node is not None:
+                hits = [visit(i) for i in index.act_inputs(node)]
+                if any(hits):
+                    found.add(id(node))
+                    reaches[t] = True
+        return reaches[t]
 
     return found if visit(exit_name) else None
 

@@ -10,7 +10,7 @@ import contextlib
 import io
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -24,6 +24,7 @@ DEFAULT_DYNAMIC_DIM = 32  # size sample_inputs gives to symbolic non-batch dims
 FALLBACK_INT_HIGH = 10  # exclusive upper bound for integer inputs whose range can't be inferred
 
 __all__ = [
+    "ZOO",
     "BasicBlock",
     "DepthwiseBlock",
     "ResidualCNN",
@@ -561,3 +562,23 @@ def sample_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np
         else:
             raise TypeError(f"sample_inputs: unsupported input dtype {dtype} for {value.name!r}")
     return feeds
+
+
+# Every test architecture by name (tests and tools/bench.py iterate over this).
+ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
+    "residual_cnn": residual_cnn,
+    "residual_cnn_static": lambda: residual_cnn(dynamic_batch=False),
+    "transformer_block": transformer_block,
+    "transformer_block_decomposed": transformer_block_decomposed,
+    "mlp_mixer_block": mlp_mixer_block,
+    "mlp": mlp,
+    "mlp_static": lambda: mlp(dynamic_batch=False),
+    "nhwc_tf_style": nhwc_tf_style,
+    "helper_opset11": helper_opset11,
+    "paddle_style": paddle_style,
+    "multi_input": multi_input,
+    "token_model": token_model,
+    "dynamic_spatial_cnn": dynamic_spatial_cnn,
+    "residual_cnn_dynamo": lambda: residual_cnn(dynamo=True),
+    "transformer_block_dynamo": lambda: transformer_block(dynamo=True),
+}

@@ -2,29 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-from eptq_onnx import QuantConfig, quantize
+from eptq_onnx import CalibOptions, ImageOptions, QuantConfig, quantize
 from models import zoo
 
-ARCHITECTURES: dict[str, Callable[[], onnx.ModelProto]] = {
-    "residual_cnn": zoo.residual_cnn,
-    "transformer_block": zoo.transformer_block,
-    "transformer_block_decomposed": zoo.transformer_block_decomposed,
-    "mlp_mixer_block": zoo.mlp_mixer_block,
-    "mlp_static_batch": lambda: zoo.mlp(dynamic_batch=False),
-    "nhwc_tf_style": zoo.nhwc_tf_style,
-    "helper_opset11": zoo.helper_opset11,
-    "paddle_style": zoo.paddle_style,
-    "multi_input": zoo.multi_input,
-    "token_model": zoo.token_model,
-    "dynamic_spatial_cnn": zoo.dynamic_spatial_cnn,
-}
+ARCHITECTURES = zoo.ZOO
 # Output SQNR floors (dB) on random-weight models: W8A8 keeps the output within a few percent.
 MIN_SQNR = {8: 25.0, 4: 8.0}
 
@@ -105,3 +92,37 @@ def test_report_json_lists_every_tensor(tmp_path: Path, calib_for) -> None:
     assert {t.name for t in model.graph.initializer if t.name.endswith("weight")} <= names
     for t in data["tensors"]:
         assert {"name", "op", "kind", "bits", "scale", "zero_point", "sqnr_db"} <= set(t)
+
+
+def test_model_with_external_data_and_image_calibration(tmp_path: Path) -> None:
+    """A model whose weights live in an external file, calibrated from PNG images."""
+    from PIL import Image
+
+    model = zoo.residual_cnn()
+    src = tmp_path / "ext" / "model.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert (src.parent / "weights.bin").stat().st_size > 10_000
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    config = QuantConfig(weight_bits=8, calib=CalibOptions(image=ImageOptions(size=(32, 32), mean=(0.5,), std=(0.25,))))
+    result = quantize(src, images, config, output=tmp_path / "q.onnx", progress=False)
+    assert result.report.calibration_samples == 6
+    assert min(result.report.validation["output_sqnr_db"].values()) > MIN_SQNR[8]
+
+
+def test_nothing_to_quantize_is_a_model_error(calib_for) -> None:
+    from onnx import TensorProto, helper
+
+    from eptq_onnx import ModelError
+
+    graph = helper.make_graph([helper.make_node("Shape", ["ids"], ["s"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+                              [helper.make_tensor_value_info("s", TensorProto.INT64, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    with pytest.raises(ModelError, match="no quantizable layer"):
+        quantize(model, calib_for(model, 2), QuantConfig(), progress=False)

@@ -18,21 +18,7 @@ from models.demo import evaluate  # noqa: E402
 
 DEMO = Path(zoo.__file__).resolve().parent / "demo"
 
-BUILDERS: dict[str, Callable[[], onnx.ModelProto]] = {
-    "residual_cnn": zoo.residual_cnn,
-    "residual_cnn_static": lambda: zoo.residual_cnn(dynamic_batch=False),
-    "transformer_block": zoo.transformer_block,
-    "transformer_block_decomposed": zoo.transformer_block_decomposed,
-    "mlp_mixer_block": zoo.mlp_mixer_block,
-    "mlp": zoo.mlp,
-    "mlp_static": lambda: zoo.mlp(dynamic_batch=False),
-    "nhwc_tf_style": zoo.nhwc_tf_style,
-    "helper_opset11": zoo.helper_opset11,
-    "paddle_style": zoo.paddle_style,
-    "multi_input": zoo.multi_input,
-    "token_model": zoo.token_model,
-    "dynamic_spatial_cnn": zoo.dynamic_spatial_cnn,
-}
+BUILDERS = zoo.ZOO
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

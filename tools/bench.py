@@ -12,7 +12,9 @@ and its onnxruntime CPU latency measured at batch 1 on one thread. A failing met
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import io
 import logging
 import os
 import platform
@@ -113,16 +115,17 @@ def ort_static(calibrate_method: CalibrationMethod) -> Method:
         prepared = output.with_name(output.stem + ".pre.onnx")
         quant_pre_process(proto, prepared)
         reader = _SetReader(CalibrationSet(calib, specs, CalibOptions(num_samples=samples)))
-        quantize_static(
-            prepared,
-            output,
-            reader,
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type={8: QuantType.QInt8, 4: QuantType.QInt4}[bits],
-            calibrate_method=calibrate_method,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print() their progress
+            quantize_static(
+                prepared,
+                output,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type={8: QuantType.QInt8, 4: QuantType.QInt4}[bits],
+                calibrate_method=calibrate_method,
+            )
         prepared.unlink()
 
     return Method(f"ORT {calibrate_method.name}", run)
@@ -224,10 +227,11 @@ class Scorer:
 
     def __init__(self, float_path: Path, data: EvalSet) -> None:
         self.data = data
+        self.names = [o.name for o in _session(float_path).get_outputs()]
         self.reference = self._outputs(float_path)
 
     def _outputs(self, path: Path) -> List[np.ndarray]:
-        return _session(path).run(None, self.data.feeds)
+        return _session(path).run(self.names, self.data.feeds)
 
     def score(self, path: Path) -> Score:
         outputs = self._outputs(path)
@@ -302,8 +306,9 @@ def bench_model(
     result = ModelResult(benchmark)
     float_path, calib, data = benchmark.prepare(workdir, calib_samples)
     scorer = Scorer(float_path, data)
+    float_kb = float_path.stat().st_size / 1024
     result.rows.append(
-        Row("float", None, scorer.score(float_path), None, float_path.stat().st_size / 1024, latency_ms(float_path, data.latency_feed))
+        Row("float", None, score=scorer.score(float_path), size_kb=float_kb, latency_ms=latency_ms(float_path, data.latency_feed))
     )
     for b in bits:
         for method in methods:
@@ -321,6 +326,10 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _percent(value: Optional[float]) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
 def _table(result: ModelResult) -> List[str]:
     labelled = result.benchmark.name == "demo"
     head = ["method", "bits", "SQNR (dB)", "Δ vs ORT MinMax (dB)"]
@@ -335,34 +344,35 @@ def _table(result: ModelResult) -> List[str]:
             assert row.score is not None
             baseline = result.find("ORT MinMax", row.bits)
             delta = None if row.bits is None or baseline is None or baseline.score is None else row.score.sqnr_db - baseline.score.sqnr_db
-            cells += [_fmt(row.score.sqnr_db, ".2f"), "—" if delta is None else f"{delta:+.2f}"]
+            cells += ["ref" if row.bits is None else f"{row.score.sqnr_db:.2f}", "—" if delta is None else f"{delta:+.2f}"]
             if labelled:
-                cells += [_fmt(row.score.top1 and 100 * row.score.top1, ".1f"), _fmt(row.score.agree and 100 * row.score.agree, ".1f")]
+                cells += [_percent(row.score.top1), _percent(row.score.agree)]
             cells += [_fmt(row.time_s, ".2f"), _fmt(row.size_kb, ".1f"), _fmt(row.latency_ms, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def acceptance(results: Sequence[ModelResult]) -> List[Tuple[bool, str]]:
-    """The project's acceptance checks: (a) demo W8A8 within 0.5 point of float top-1;
-    (b) ours (mse) output SQNR >= ORT MinMax's at each width, on every model."""
+    """The project's acceptance checks, as (passed, line): (a) demo W8A8 ours (mse) within 0.5 point
+    of float top-1; (b) on every model, ours (mse) output SQNR >= ORT MinMax's at each width."""
     checks: List[Tuple[bool, str]] = []
     for result in results:
-        float_row, name = result.find("float", None), result.benchmark.name
+        name, float_row = result.benchmark.name, result.find("float", None)
         ours_w8 = result.find("ours mse", 8)
-        if name == "demo" and float_row and float_row.score and ours_w8:
-            if ours_w8.score is None:
-                checks.append((False, f"(a) demo W8A8 ours mse: failed ({ours_w8.error})"))
+        if float_row and float_row.score and float_row.score.top1 is not None and ours_w8:
+            label = f"(a) {name} W8A8 ours mse top-1 drop vs float"
+            if ours_w8.score is None or ours_w8.score.top1 is None:
+                checks.append((False, f"{label}: failed ({ours_w8.error})"))
             else:
-                drop = 100 * (float_row.score.top1 - ours_w8.score.top1)  # type: ignore[operator]
-                checks.append((drop <= 0.5, f"(a) demo W8A8 ours mse top-1 drop vs float: {drop:+.1f} points (limit 0.5)"))
+                drop = 100 * (float_row.score.top1 - ours_w8.score.top1)
+                checks.append((drop <= 0.5, f"{label}: {drop:+.1f} points (limit 0.5)"))
         for bits in DEFAULT_BITS:
             mine, theirs = result.find("ours mse", bits), result.find("ORT MinMax", bits)
             if mine is None or theirs is None:
                 continue
-            label = f"(b) {name} W{bits}A8 ours mse vs ORT MinMax SQNR"
+            label = f"(b) {name} W{bits}A8 SQNR ours mse vs ORT MinMax"
             if mine.score is None or theirs.score is None:
-                checks.append((mine.score is not None, f"{label}: {mine.error or 'ok'} / {theirs.error or 'ok'}"))
+                checks.append((mine.score is not None, f"{label}: ours {mine.error or 'ok'}, ORT {theirs.error or 'ok'}"))
             else:
                 ok = mine.score.sqnr_db >= theirs.score.sqnr_db
                 checks.append((ok, f"{label}: {mine.score.sqnr_db:.2f} vs {theirs.score.sqnr_db:.2f} dB"))
@@ -419,6 +429,12 @@ READING = """\
   *ours*: default `QuantConfig` (asymmetric 8-bit activations, per-channel symmetric weights) with
   `calib_method` mse or minmax.
 - Random-weight zoo models have no task metric; their SQNR is what the quantizer is judged on.
+- ORT Entropy equals ORT MinMax almost everywhere: `quantize_static` cannot set the entropy calibrator's
+  bins, and with its defaults (128 histogram bins, 128 quantized bins) the KL search has essentially one
+  candidate threshold, the full range.
+- multi_input, ORT rows: the `embedding` output also feeds a Relu. onnxruntime's quantizer gives the
+  Relu's input the Relu's output range (zero point 0, range [0, max]), so the ORT model clips the negative
+  half of `embedding`; its `logits` output is fine (about 36 dB at W8). Seen with onnxruntime 1.31.
 """
 
 

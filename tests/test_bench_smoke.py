@@ -1,0 +1,30 @@
+"""Smoke test of tools/bench.py: its core function on the zoo MLP, W8 ours (mse) vs onnxruntime MinMax."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from onnxruntime.quantization import CalibrationMethod
+
+from tools import bench
+
+
+def test_bench_model_mlp_w8(tmp_path: Path) -> None:
+    methods = [bench.ours("mse"), bench.ort_static(CalibrationMethod.MinMax)]
+    result = bench.bench_model(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=8, methods=methods, bits=(8,))
+    assert [(r.method, r.bits) for r in result.rows] == [("float", None), ("ours mse", 8), ("ORT MinMax", 8)]
+    for row in result.rows[1:]:
+        assert row.error is None, row.error
+        assert row.score is not None and row.score.sqnr_db > 20.0
+        assert row.time_s and row.size_kb and row.latency_ms and math.isfinite(row.latency_ms)
+    text = bench.render([result], "bench smoke", 8, 1.0)
+    assert "| ours mse | W8A8 |" in text and "(b) mlp W8A8" in text
+
+
+def test_failing_method_becomes_a_row(tmp_path: Path) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("boom\nsecond line")
+
+    result = bench.bench_model(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=4, methods=[bench.Method("broken", broken)], bits=(8,))
+    assert result.rows[1].error == "quantize: RuntimeError: boom"
+    assert "failed: quantize: RuntimeError: boom" in bench.render([result], "x", 4, 1.0)
