@@ -52,8 +52,11 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
               help="Bits of every activation (per tensor).")
 @click.option("--act-symmetric", is_flag=True, help="Signed activations with zero point 0 (default: unsigned, asymmetric).")
 @click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse", show_default=True,
-              help="How step sizes are chosen: MSE minimization (paper), min/max range, or a percentile of "
-              "activations (weights then use MSE).")
+              help="How activation step sizes are chosen: MSE minimization (paper), min/max range, or a "
+              "percentile.")
+@click.option("--weight-init", type=click.Choice(["output-mse", "mse", "minmax"]), default="output-mse", show_default=True,
+              help="How weight step sizes are chosen per channel: minimizing the MSE of each layer's output on "
+              "calibration inputs, the MSE of the weight itself, or its min/max.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile.")
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
               help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers; int8: every weight in an INT8 "
@@ -79,7 +82,7 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, percentile: float, weight_storage: str, quantize_outputs: bool, float_bias: bool,
+         calib_method: str, weight_init: str, percentile: float, weight_storage: str, quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, validation_samples: int, report_path: Optional[Path], force: bool,
          quiet: bool, debug: bool) -> None:
@@ -108,6 +111,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             act_bits=int(act_bits),
             act_symmetric=act_symmetric,
             calib_method=calib_method,  # type: ignore[arg-type]
+            weight_init=weight_init,  # type: ignore[arg-type]
             percentile=percentile,
             weight_storage=weight_storage,  # type: ignore[arg-type]
             quantize_outputs=quantize_outputs,

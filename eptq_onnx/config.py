@@ -7,6 +7,7 @@ from typing import Literal, Optional, Tuple
 from .errors import UsageError
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
+WeightInit = Literal["output-mse", "mse", "minmax"]
 WeightStorage = Literal["native", "int8"]
 Layout = Literal["nchw", "nhwc"]
 
@@ -49,6 +50,7 @@ class QuantConfig:
     act_bits: int = 8
     act_symmetric: bool = False
     calib_method: CalibMethod = "mse"
+    weight_init: WeightInit = "output-mse"
     percentile: float = 99.99
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False

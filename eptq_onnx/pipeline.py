@@ -19,6 +19,7 @@ from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
 from .fold_bn import fold_batch_norms
+from .layer_inputs import collect_layer_inputs
 from .model_io import default_opset, ir_version_for, load_model, save_model
 from .normalize import normalize_model, upgrade_opset
 from .qdq_writer import required_opset, write_qdq
@@ -128,7 +129,8 @@ def quantize(
         calib_set = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib, input_specs(float_model), config.calib)
         report.calibration_samples = len(calib_set)
     with timer.stage("weight init"):
-        weights = init_weights(float_model, plan, config.weight_bits, config.calib_method)
+        inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
+        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs)
     with timer.stage("activation calibration"):
         acts, stats = calibrate_activations(float_model, plan, calib_set, config, progress)
         for g in plan.groups:

@@ -7,7 +7,7 @@ per tensor, asymmetric (unsigned) or symmetric (signed, zero point 0).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -54,16 +54,39 @@ def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
     return np.asarray(scale, dtype=np.float32).reshape(shape)
 
 
-def _channel_error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+def _weight_error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Per-channel sum of squared weight errors."""
     s = scale[:, None]
     return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=1)
 
 
-def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse") -> np.ndarray:
+def _output_error(inputs: np.ndarray) -> Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]:
+    """Per-channel sum of squared output errors of a layer on sampled inputs.
+
+    ``inputs`` is [samples, groups, K]: the rows (Gemm/MatMul) or im2col patches (Conv) the layer
+    multiplies with its weight, split by convolution group; channel c belongs to group
+    c // (channels / groups).
+    """
+    samples, groups, k = inputs.shape
+    per_group = np.ascontiguousarray(inputs.transpose(1, 0, 2))  # [G, P, K]
+
+    def error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+        s = scale[:, None]
+        diff = (np.clip(np.rint(w2 / s), qmin, qmax) * s - w2).astype(np.float32)  # [C, K]
+        diff = diff.reshape(groups, -1, k)  # [G, C/G, K]
+        out = np.matmul(per_group, diff.transpose(0, 2, 1))  # [G, P, C/G]
+        return (out.astype(np.float64) ** 2).sum(axis=1).reshape(-1)
+
+    return error
+
+
+def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse", inputs: Optional[np.ndarray] = None) -> np.ndarray:
     """Per-channel symmetric step sizes for ``w`` at ``bits`` bits.
 
-    ``minmax``: max|w_c| / qmax. ``mse``: the step minimizing sum (w - Q(w))^2 per channel, over a
-    coarse grid of clipping fractions of max|w_c| and then a fine grid around the best one.
+    ``minmax``: max|w_c| / qmax. ``mse``: the step minimizing the squared error per channel, over a
+    coarse grid of clipping fractions of max|w_c| and then a fine grid around the best one; the
+    error is that of the layer's output on ``inputs`` ([samples, groups, K], see
+    ``_output_error``) when given, else that of the weight itself.
     Channels that are all zero get the median step of the others (so int32 bias scales stay sane).
     """
     qmin, qmax = int_range(bits, signed=True)
@@ -71,15 +94,16 @@ def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse") -> n
     maxabs = np.abs(w2).max(axis=1)
     live = maxabs > 0
     if method == "mse":
+        error = _output_error(inputs) if inputs is not None else _weight_error
         best_alpha = np.ones_like(maxabs)
-        best_err = np.full_like(maxabs, np.inf)
+        best_err = np.full(maxabs.shape, np.inf)
         for grid in (COARSE_GRID, None):
             alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
                 np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
             ]
             for alpha in alphas:
                 scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
-                err = _channel_error(w2, scale, qmin, qmax)
+                err = error(w2, scale, qmin, qmax)
                 better = err < best_err
                 best_err = np.where(better, err, best_err)
                 best_alpha = np.where(better, alpha, best_alpha)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import onnx
@@ -26,22 +26,41 @@ class WeightQuant:
         return (self.codes.astype(np.float32) * broadcast_scale(self.scale, self.codes, self.axis)).astype(np.float32)
 
 
-def quantize_weight(name: str, w: np.ndarray, axis: int, bits: int, method: str) -> WeightQuant:
-    """Round-to-nearest codes of ``w`` with MSE (or min-max) per-channel steps."""
-    scale = weight_scales(w, axis, bits, method)
+def quantize_weight(
+    name: str, w: np.ndarray, axis: int, bits: int, method: str, inputs: Optional[np.ndarray] = None
+) -> WeightQuant:
+    """Round-to-nearest codes of ``w`` with MSE (or min-max) per-channel steps.
+
+    With ``inputs`` (the layer's sampled input rows, see ``layer_inputs``) the MSE is that of the
+    layer's output rather than of the weight.
+    """
+    scale = weight_scales(w, axis, bits, method, inputs)
     qmin, qmax = int_range(bits, signed=True)
     codes = quantize(w, broadcast_scale(scale, w, axis), 0, qmin, qmax).astype(np.int8)
     return WeightQuant(name=name, axis=axis, bits=bits, scale=scale, codes=codes)
 
 
-def init_weights(model: onnx.ModelProto, plan: QuantPlan, bits: int, method: str) -> Dict[str, WeightQuant]:
-    """Quantize every weight of the plan once (a weight shared by several ops is quantized once)."""
+def init_weights(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    bits: int,
+    method: str,
+    layer_inputs: Optional[Dict[str, np.ndarray]] = None,
+) -> Dict[str, WeightQuant]:
+    """Quantize every weight of the plan once (a weight shared by several ops is quantized once).
+
+    ``method``: ``output-mse`` (MSE of each layer's output on ``layer_inputs``, weight MSE for
+    layers without samples), ``mse`` (MSE of the weight) or ``minmax``.
+    """
     initializers = {t.name: t for t in model.graph.initializer}
-    method = "minmax" if method == "minmax" else "mse"
+    layer_inputs = layer_inputs if method == "output-mse" else {}
     result: Dict[str, WeightQuant] = {}
     for point in plan.weights:
         if point.weight in result:
             continue
         w = numpy_helper.to_array(initializers[point.weight]).astype(np.float32)
-        result[point.weight] = quantize_weight(point.weight, w, point.axis, bits, method)
+        inputs = (layer_inputs or {}).get(point.weight)
+        result[point.weight] = quantize_weight(
+            point.weight, w, point.axis, bits, "minmax" if method == "minmax" else "mse", inputs
+        )
     return result

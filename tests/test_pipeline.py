@@ -12,6 +12,7 @@ from eptq_onnx import CalibOptions, ImageOptions, QuantConfig, quantize
 from models import zoo
 
 ARCHITECTURES = zoo.ZOO
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 # Output SQNR floors (dB) on random-weight models: W8A8 keeps the output within a few percent.
 MIN_SQNR = {8: 25.0, 4: 8.0}
 
@@ -71,14 +72,15 @@ def test_calibration_methods_and_symmetric_activations(method: str, calib_for) -
     assert min(result.report.validation["output_sqnr_db"].values()) > MIN_SQNR[8]
 
 
-def test_mse_calibration_beats_minmax_at_4_bits(calib_for) -> None:
-    model = zoo.residual_cnn()
-    calib = calib_for(model, 16)
+def test_output_mse_weight_init_beats_minmax_and_weight_mse_at_4_bits() -> None:
+    """On the demo model (trained on real digits), output-aware steps beat weight-space ones."""
+    model = DEMO / "digits_resnet.onnx"
     sqnr = {
-        m: min(quantize(model, calib, QuantConfig(weight_bits=4, calib_method=m), progress=False).report.validation["output_sqnr_db"].values())
-        for m in ("minmax", "mse")
+        m: min(quantize(model, DEMO / "calib", QuantConfig(weight_bits=4, weight_init=m), progress=False)
+               .report.validation["output_sqnr_db"].values())
+        for m in ("minmax", "mse", "output-mse")
     }
-    assert sqnr["mse"] > sqnr["minmax"]
+    assert sqnr["output-mse"] > max(sqnr["minmax"], sqnr["mse"]) + 1.0
 
 
 def test_report_json_lists_every_tensor(tmp_path: Path, calib_for) -> None:

@@ -163,3 +163,25 @@ def test_sqnr_db() -> None:
     ref = np.ones(100)
     assert sqnr_db(ref, ref) == float("inf")
     assert sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)
+
+
+def test_output_aware_scales_near_brute_force_on_layer_outputs() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(4, size=(4, 2, 3)).astype(np.float32)  # 4 channels, 2 groups of 2, K = 3 per group... flattened below
+    w = w.reshape(4, 6)
+    x = rng.normal(size=(200, 2, 6)).astype(np.float32)
+    x[:, :, 0] *= 5.0  # a dominant input direction: clipping the weight on it costs output error
+    bits = 4
+    qmax = int_range(bits, True)[1]
+    chosen = weight_scales(w, 0, bits, "mse", inputs=x)
+    maxabs = np.abs(w).max(axis=1)
+
+    def output_error(scale: np.ndarray) -> np.ndarray:
+        d = fake_quant(w, scale[:, None], 0, -8, 7) - w
+        group = np.repeat(np.arange(2), 2)
+        return np.array([((x[:, group[c]] @ d[c]) ** 2).sum() for c in range(4)])
+
+    brute = np.min([output_error((a * maxabs / qmax).astype(np.float32)) for a in np.linspace(0.01, 1, 2000)], axis=0)
+    assert np.all(output_error(chosen) <= brute * 1.02 + 1e-9)
+    weight_only = weight_scales(w, 0, bits, "mse")
+    assert np.all(output_error(chosen) <= output_error(weight_only) + 1e-9)
