@@ -10,7 +10,7 @@ from tools import bench
 
 
 def test_bench_model_mlp_w8(tmp_path: Path) -> None:
-    methods = [bench.ours("mse"), bench.ort_static(CalibrationMethod.MinMax)]
+    methods = [bench.METHODS[0], bench.ort_static(CalibrationMethod.MinMax)]
     result = bench.bench_model(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=8, methods=methods, bits=(8,))
     assert [(r.method, r.bits) for r in result.rows] == [("float", None), ("ours mse", 8), ("ORT MinMax", 8)]
     for row in result.rows[1:]:
