@@ -31,12 +31,24 @@ from .weights import WeightQuant, init_weights
 
 
 @dataclass
+class QuantState:
+    """Everything the QDQ model is written from: the prepared float model and the quantizers."""
+
+    float_model: onnx.ModelProto
+    plan: QuantPlan
+    weights: Dict[str, WeightQuant]
+    acts: Dict[int, ActParams]
+    config: QuantConfig
+
+
+@dataclass
 class QuantizeResult:
-    """The quantized model, its report, and where it was written (if it was)."""
+    """The quantized model, its report, where it was written (if it was), and its source state."""
 
     model: onnx.ModelProto
     report: Report
     output_path: Optional[Path] = None
+    state: Optional[QuantState] = None
 
 
 class _Timer:
@@ -165,7 +177,8 @@ def quantize(
         report.sizes_bytes["output"] = qdq.ByteSize()
     if report_path is not None:
         report.write_json(report_path)
-    return QuantizeResult(model=qdq, report=report, output_path=output_path)
+    state = QuantState(float_model=float_model, plan=plan, weights=weights, acts=acts, config=config)
+    return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state)
 
 
 def _tensor_entries(

@@ -196,12 +196,12 @@ def _bias_nodes(b, model, plan, weights, acts, group_of, summary):
             summary.float_biases.append(point.bias)
             continue
         wq = weights[point.weight]
-        bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float64)
+        bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float32)
         scale = (np.float32(acts[group.id].scale) * wq.scale).astype(np.float32)
         if scale.shape != bias.shape:
             summary.float_biases.append(point.bias)
             continue
-        codes = np.rint(bias / scale.astype(np.float64))
+        codes = np.rint(bias / scale).astype(np.float64)  # float32 division, as the torch twin does
         if np.abs(codes).max(initial=0) > INT32_MAX:
             summary.clipped_biases.append(point.bias)
         codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)

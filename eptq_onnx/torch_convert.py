@@ -18,7 +18,8 @@ What we register in onnx2torch's converter registry (default domain; once per pr
   Clip 11/12/13 (an omitted min); LayerNormalization 17 (onnx2torch read the normalized shape from
   value_info, 0 for symbolic dims); GroupNormalization 18 (per-group scale) and 21 (per-channel);
   RMSNormalization 23; Gelu 20; Mish 18/22; Swish 24; ThresholdedRelu 10/22; GlobalMaxPool 1/22;
-  SpaceToDepth 1/13; CastLike 15/19/21/23/24/25.
+  SpaceToDepth 1/13; CastLike 15/19/21/23/24/25; Reshape 5/13/14/19/21/23/24/25 (onnx2torch
+  refused allowzero=1, which the dynamo exporter writes).
 - Version aliases (:data:`VERSION_ALIASES`): onnx2torch's converter registered again for newer
   versions that only added types (checked against ``onnx.defs``); AveragePool 19/22 refuses the
   ``dilations`` added at 19.
@@ -80,7 +81,6 @@ VERSION_ALIASES: dict[str, Alias] = {
     "HardSwish": Alias(14, (22,)),
     "Identity": Alias(16, _TYPES_19_TO_25),
     "MaxPool": Alias(12, (22,)),
-    "Reshape": Alias(14, _TYPES_19_TO_25),
     "Round": Alias(11, (22,)),
     "Shape": Alias(15, _TYPES_19_TO_25),
     "Squeeze": Alias(21, (23, 24, 25)),
@@ -294,6 +294,7 @@ _FUNCTIONAL: dict[str, Callable[[OnnxNode], ops.Functional]] = {
     "GlobalMaxPool": lambda n: ops.Functional(ops.global_max_pool),
     "SpaceToDepth": lambda n: ops.Functional(ops.space_to_depth, blocksize=n.attributes["blocksize"]),
     "CastLike": lambda n: ops.Functional(ops.cast_like),
+    "Reshape": lambda n: ops.Functional(ops.reshape, allowzero=bool(n.attributes.get("allowzero", 0))),
 }
 
 
@@ -304,6 +305,7 @@ _FUNCTIONAL: dict[str, Callable[[OnnxNode], ops.Functional]] = {
 @_converts("GlobalMaxPool", 1, 22)
 @_converts("SpaceToDepth", 1, 13)
 @_converts("CastLike", 15, *_TYPES_19_TO_25)
+@_converts("Reshape", 5, 13, 14, *_TYPES_19_TO_25)
 def _functional(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return _module(node, _FUNCTIONAL[node.operation_type](node))
 
@@ -381,7 +383,7 @@ def _set_outputs(gm: fx.GraphModule, names: Sequence[str], initializers: dict[st
     for name in names:
         if name not in nodes and name in initializers:
             nodes[name] = _constant_node(gm, name, torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()))
-    _replace_output(gm.graph, [nodes[name] for name in names], names)
+    _replace_output(gm.graph, [nodes[name] for name in names], names, always_tuple=False)
     gm.recompile()
 
 
@@ -395,10 +397,11 @@ def _constant_node(gm: fx.GraphModule, name: str, value: Tensor) -> fx.Node:
     return node
 
 
-def _replace_output(graph: fx.Graph, values: list[fx.Node], names: Sequence[str]) -> None:
-    old = next(node for node in reversed(graph.nodes) if node.op == "output")
-    graph.erase_node(old)
-    new = graph.output(values[0] if len(values) == 1 else tuple(values))
+def _replace_output(graph: fx.Graph, values: list[fx.Node], names: Sequence[str], *, always_tuple: bool) -> None:
+    """Give ``graph`` a new output node returning ``values`` (a lone value unwrapped unless ``always_tuple``)."""
+    for old in [node for node in graph.nodes if node.op == "output"]:
+        graph.erase_node(old)
+    new = graph.output(values[0] if len(values) == 1 and not always_tuple else tuple(values))
     new.meta[_ONNX_OUTPUTS] = list(names)
 
 
@@ -460,7 +463,8 @@ def with_outputs(gm: fx.GraphModule, names: Sequence[str]) -> fx.GraphModule:
     graph = fx.Graph()
     copies: dict[fx.Node, fx.Node] = {}
     graph.graph_copy(gm.graph, copies)
-    _replace_output(graph, [copies[sources[name]] for name in names], names)
-    graph.output_node().args = (tuple(copies[sources[name]] for name in names),) if len(names) == 1 else graph.output_node().args
-    graph.eliminate_dead_code()
-    return fx.GraphModule(gm, graph)
+    _replace_output(graph, [copies[sources[name]] for name in names], names, always_tuple=True)
+    view = fx.GraphModule(gm, graph)
+    view.graph.eliminate_dead_code()
+    view.recompile()
+    return view

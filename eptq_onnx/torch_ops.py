@@ -228,6 +228,14 @@ def space_to_depth(x: Tensor, blocksize: int) -> Tensor:
     return y.reshape(n, c * b * b, h // b, w // b)
 
 
+def reshape(x: Tensor, shape: Tensor, allowzero: bool = False) -> Tensor:
+    """ONNX Reshape: a 0 copies the input dim unless ``allowzero``; -1 is inferred."""
+    dims = [int(d) for d in shape.tolist()]
+    if not allowzero:
+        dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return x.reshape(dims)
+
+
 def cast_like(x: Tensor, like: Tensor) -> Tensor:
     return x.to(like.dtype)
 

@@ -1,0 +1,231 @@
+"""The differentiable twin of the QDQ model: a float teacher and a fake-quantized student in torch.
+
+Both come from the same normalized float ONNX graph (``torch_convert.to_torch``). The student
+gets, from the same quantization state the QDQ writer reads (weight codes and steps, activation
+parameters, the plan), a weight quantizer on every weighted op, an int32 bias quantizer where
+the writer stores the bias as int32, and a fake-quant module after every tensor of every
+activation group. In hard mode it computes what onnxruntime computes on the written QDQ model:
+round half to even, saturation, zero points, float32 arithmetic.
+
+Every intermediate tensor of both is reachable by its ONNX name through taps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, fx, nn
+
+from .qdq_writer import INT32_MAX
+from .qpoints import QuantPlan
+from .quantizers import ActParams
+from .torch_convert import input_names, onnx_names, output_names, to_torch
+from .torch_ops import WeightedOp
+from .weights import WeightQuant
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round half to even forward, identity gradient backward (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class ActFakeQuant(nn.Module):
+    """QuantizeLinear -> DequantizeLinear on one activation group (per tensor)."""
+
+    def __init__(self, params: ActParams, learn_scale: bool = False) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(params.scale, dtype=torch.float32), requires_grad=learn_scale)
+        self.register_buffer("zero_point", torch.tensor(float(params.zero_point)))
+        self.qmin, self.qmax = params.qrange
+        self.enabled = True
+
+    def codes(self, x: Tensor) -> Tensor:
+        """The integer codes onnxruntime's QuantizeLinear produces (as floats)."""
+        return torch.clamp(round_ste(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        return (self.codes(x) - self.zero_point) * self.scale
+
+
+def _channel_shape(rank: int, axis: int) -> List[int]:
+    shape = [1] * rank
+    if rank:
+        shape[axis] = -1
+    return shape
+
+
+class WeightFakeQuant(nn.Module):
+    """Per-channel symmetric weight quantizer; in hard mode exactly the stored integers x step."""
+
+    def __init__(self, wq: WeightQuant) -> None:
+        super().__init__()
+        self.name, self.axis, self.bits = wq.name, wq.axis, wq.bits
+        self.register_buffer("codes", torch.from_numpy(wq.codes.astype(np.float32)))
+        self.scale = nn.Parameter(torch.from_numpy(wq.scale.astype(np.float32)), requires_grad=False)
+        self.enabled = True
+
+    def channel_scale(self) -> Tensor:
+        return self.scale.reshape(_channel_shape(self.codes.dim(), self.axis))
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.enabled:
+            return w
+        return self.codes * self.channel_scale()
+
+
+class BiasFakeQuant(nn.Module):
+    """int32 bias with scale = input activation step x weight step (onnxruntime's convention)."""
+
+    def __init__(self, act: ActFakeQuant, weight: WeightFakeQuant) -> None:
+        super().__init__()
+        # plain references: these modules belong to the graph and the weighted op already
+        self._refs = (act, weight)
+        self.enabled = True
+
+    def forward(self, b: Tensor) -> Tensor:
+        if not self.enabled:
+            return b
+        act, weight = self._refs
+        scale = act.scale * weight.scale
+        return torch.clamp(round_ste(b / scale), -INT32_MAX, INT32_MAX) * scale
+
+
+class TapStore:
+    """Where taps put the tensors they see during one forward pass."""
+
+    def __init__(self) -> None:
+        self.values: Dict[str, Tensor] = {}
+        self.active: Optional[set] = None  # names to record; None records nothing
+
+    def record(self, names: Optional[Sequence[str]]) -> None:
+        self.values = {}
+        self.active = set(names) if names is not None else None
+
+
+class Tap(nn.Module):
+    """Identity that records its input under an ONNX tensor name."""
+
+    def __init__(self, name: str, store: TapStore) -> None:
+        super().__init__()
+        self.tensor_name = name
+        self._store = (store,)
+
+    def forward(self, x: Tensor) -> Tensor:
+        store = self._store[0]
+        if store.active is not None and self.tensor_name in store.active:
+            store.values[self.tensor_name] = x
+        return x
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str, keep_outputs: bool) -> fx.Node:
+    """Insert ``call_module(target)`` after ``node`` and let every user read it.
+
+    With ``keep_outputs`` the graph's output keeps reading ``node`` itself.
+    """
+    anchor = node
+    if node.op == "placeholder":  # insert after the last placeholder, inputs stay first
+        anchor = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(anchor):
+        new = gm.graph.call_module(target, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and not (keep_outputs and user.op == "output"))
+    return new
+
+
+class TwinModule(nn.Module):
+    """A converted graph with ONNX-named inputs, outputs and taps."""
+
+    def __init__(self, gm: fx.GraphModule, taps: Sequence[str]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.inputs = input_names(gm)
+        self.outputs = output_names(gm)
+        self.store = TapStore()
+        nodes = onnx_names(gm)
+        for i, name in enumerate(taps):
+            target = f"eptq_tap_{i}"
+            gm.add_submodule(target, Tap(name, self.store))
+            _insert_after(gm, nodes[name], target, keep_outputs=False)
+        gm.recompile()
+
+    def forward(self, feeds: Dict[str, Tensor], record: Optional[Sequence[str]] = None) -> List[Tensor]:
+        """Model outputs (in ONNX output order); tapped tensors named in ``record`` go to ``self.store.values``."""
+        self.store.record(record)
+        result = self.gm(*[feeds[name] for name in self.inputs])
+        return list(result) if isinstance(result, (tuple, list)) else [result]
+
+    def run(self, feeds: Dict[str, Tensor], record: Sequence[str]) -> tuple[List[Tensor], Dict[str, Tensor]]:
+        """Outputs and the recorded tensors of one forward pass."""
+        outputs = self.forward(feeds, record)
+        values, self.store.values = self.store.values, {}
+        return outputs, values
+
+
+@dataclass
+class Twin:
+    """Teacher (float) and student (fake-quantized) modules of one model, and the student's quantizers."""
+
+    teacher: TwinModule
+    student: TwinModule
+    act_quant: Dict[int, ActFakeQuant] = field(default_factory=dict)
+    weight_quant: Dict[str, WeightFakeQuant] = field(default_factory=dict)
+    bias_quant: Dict[str, BiasFakeQuant] = field(default_factory=dict)
+
+    def quantizers(self) -> List[nn.Module]:
+        return [*self.act_quant.values(), *self.weight_quant.values(), *self.bias_quant.values()]
+
+
+def build_twin(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    weights: Dict[str, WeightQuant],
+    acts: Dict[int, ActParams],
+    *,
+    quantize_outputs: bool = False,
+    quantize_bias: bool = True,
+    taps: Optional[Sequence[str]] = None,
+) -> Twin:
+    """Teacher and student of a normalized float model and its quantization state.
+
+    ``taps`` (default: every activation group root) are the tensors both modules can record;
+    the student's tap sits before the fake quantizer (the layer's own output).
+    """
+    taps = list(taps) if taps is not None else [g.roots[0] for g in plan.groups]
+    teacher_gm = to_torch(model).eval()
+    student_gm = to_torch(model).eval()
+    twin = Twin(teacher=TwinModule(teacher_gm, taps), student=None)  # type: ignore[arg-type]
+    graph_outputs = set(output_names(student_gm))
+
+    nodes = onnx_names(student_gm)
+    for g in plan.groups:
+        fq = ActFakeQuant(acts[g.id])
+        target = f"eptq_act_{g.id}"
+        student_gm.add_submodule(target, fq)
+        twin.act_quant[g.id] = fq
+        for tensor in g.tensors:
+            _insert_after(student_gm, nodes[tensor], target, keep_outputs=tensor in graph_outputs and not quantize_outputs)
+    group_of = plan.group_of()
+    points = {p.weight: p for p in plan.weights}
+    for module in student_gm.modules():
+        if not isinstance(module, WeightedOp) or module.weight_name not in weights:
+            continue
+        wfq = twin.weight_quant.setdefault(module.weight_name, WeightFakeQuant(weights[module.weight_name]))
+        module.weight_quant = wfq
+        point = points[module.weight_name]
+        group = group_of.get(point.input) if point.input else None
+        if quantize_bias and module.bias is not None and module.bias_name == point.bias and group is not None:
+            bfq = BiasFakeQuant(twin.act_quant[group.id], wfq)
+            module.bias_quant = bfq
+            twin.bias_quant[module.bias_name] = bfq
+    student_gm.recompile()
+    twin.student = TwinModule(student_gm, taps)
+    return twin
+
+
+def to_tensors(feeds: Dict[str, np.ndarray], device: torch.device | str = "cpu") -> Dict[str, Tensor]:
+    """numpy feeds as torch tensors on ``device``."""
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in feeds.items()}
