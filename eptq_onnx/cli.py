@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import click
 
-from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, QuantConfig
+from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, OptimizeOptions, QuantConfig
 from .errors import EptqError, UsageError
 from .pipeline import quantize
 from .report import print_summary
@@ -74,6 +74,26 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
               help="Factor applied to 0-255 pixel values before mean/std.")
 @click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image tensor layout.")
 @click.option("--bgr", is_flag=True, help="Feed images in BGR channel order (mean/std are then in BGR order too).")
+@click.option("--iters", type=click.IntRange(min=0), default=None,
+              help="EPTQ optimization steps; 0 = no optimization (the MSE-initialized model). "
+              "Default: as many as fit --time-budget, at most 20000.")
+@click.option("--time-budget", type=float, default=10.0, show_default=True,
+              help="Minutes the optimization may take when --iters is not given.")
+@click.option("--weighting", type=click.Choice(["lfh", "uniform"]), default="lfh", show_default=True,
+              help="Loss weights of the quantization points: Label-Free Hessian (paper) or uniform (ablation).")
+@click.option("--hessian-samples", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Calibration samples for the Label-Free Hessian.")
+@click.option("--hessian-draws", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Most Hutchinson draws per sample (stops early on convergence).")
+@click.option("--hessian-distribution", type=click.Choice(["gaussian", "rademacher"]), default="gaussian",
+              show_default=True, help="Distribution of the Hutchinson vectors.")
+@click.option("--opt-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size of the optimization.")
+@click.option("--learn-act-scales", is_flag=True, help="Also learn activation step sizes (default: fixed after calibration).")
+@click.option("--device", default="cpu", show_default=True, help="Torch device of the optimization: cpu or cuda[:N].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of minibatch sampling and Hutchinson draws.")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+              help="Write PNG plots here: LFH per layer, loss curve.")
 @click.option("--validation-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration samples used to validate the written model with onnxruntime.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
@@ -84,13 +104,17 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
-         pixel_scale: float, layout: str, bgr: bool, validation_samples: int, report_path: Optional[Path], force: bool,
-         quiet: bool, debug: bool) -> None:
+         pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
+         hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
+         learn_act_scales: bool, device: str, seed: int, plots_dir: Optional[Path], validation_samples: int,
+         report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
     """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
 
     Weights are quantized per channel (symmetric), activations per tensor at the quantization
     points of the EPTQ paper; step sizes are initialized by MSE minimization on the calibration
-    samples. The written model is validated with onnxruntime and a summary is printed.
+    samples, then rounding, weight steps and biases are optimized for the whole network at once,
+    weighted by the Label-Free Hessian (EPTQ). The written model is validated with onnxruntime
+    and a summary is printed.
 
     \b
     Example:
@@ -118,9 +142,21 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
             validation_samples=validation_samples,
+            optimize=OptimizeOptions(
+                iters=iters,
+                time_budget_min=time_budget,
+                weighting=weighting,  # type: ignore[arg-type]
+                hessian_samples=hessian_samples,
+                hessian_draws=hessian_draws,
+                hessian_distribution=hessian_distribution,  # type: ignore[arg-type]
+                batch_size=opt_batch_size,
+                learn_act_scales=learn_act_scales,
+                device=device,
+                seed=seed,
+            ),
         )
         result = quantize(input_model, calib_dir, config, output=output_model, force=force,
-                          report_path=report_path, progress=not quiet)
+                          report_path=report_path, progress=not quiet, plots_dir=plots_dir)
     except EptqError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)

@@ -8,6 +8,8 @@ from .errors import UsageError
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
 WeightInit = Literal["output-mse", "mse", "minmax"]
+Weighting = Literal["lfh", "uniform"]
+HessianDistribution = Literal["gaussian", "rademacher"]
 WeightStorage = Literal["native", "int8"]
 Layout = Literal["nchw", "nhwc"]
 
@@ -43,6 +45,37 @@ DEFAULT_MAX_SAMPLES = 1024
 
 
 @dataclass(frozen=True)
+class OptimizeOptions:
+    """Settings of the EPTQ optimization (defaults: the paper's, Appendix A.2, where they fit).
+
+    ``iters`` 0 skips the optimization (the MSE-initialized model); None picks as many steps as
+    fit ``time_budget_min`` (at most ``max_iters``). ``weighting``: ``lfh`` (Label-Free Hessian,
+    the paper) or ``uniform`` (Table 1 ablation).
+    """
+
+    iters: Optional[int] = None  # None: as many as fit time_budget_min, at most max_iters
+    time_budget_min: float = 10.0
+    max_iters: int = 20000  # the paper's lower end (20K-80K)
+    batch_size: int = 32
+    lr_rounding: float = 3e-2
+    lr_bias: float = 1e-3
+    lr_scale: float = 1e-3
+    reg_lambda: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    learn_weight_scales: bool = True
+    learn_act_scales: bool = False
+    learn_biases: bool = True
+    device: str = "cpu"
+    seed: int = 0
+    weighting: Weighting = "lfh"
+    hessian_samples: int = 16
+    hessian_draws: int = 50
+    hessian_distribution: HessianDistribution = "gaussian"
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Every setting of a quantization run (the CLI options map onto these fields one to one)."""
 
@@ -57,7 +90,7 @@ class QuantConfig:
     quantize_bias: bool = True
     calib: CalibOptions = field(default_factory=CalibOptions)
     validation_samples: int = 64
-    seed: int = 0
+    optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
 
     def __post_init__(self) -> None:
         if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
@@ -72,5 +105,11 @@ class QuantConfig:
             )
         if not 50.0 < self.percentile <= 100.0:
             raise UsageError(f"--percentile {self.percentile} must lie in (50, 100]")
+        if self.optimize.iters is not None and self.optimize.iters < 0:
+            raise UsageError(f"--iters {self.optimize.iters} must be 0 (no optimization) or more")
+        if self.optimize.time_budget_min <= 0:
+            raise UsageError(f"--time-budget {self.optimize.time_budget_min} must be positive (minutes)")
+        if self.optimize.hessian_samples < 1 or self.optimize.hessian_draws < 1:
+            raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")

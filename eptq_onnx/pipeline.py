@@ -4,24 +4,28 @@ weight init -> activation calibration -> QDQ write -> validate -> save.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Union
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from tqdm import tqdm
 
 from .calib_data import CalibrationSet, input_specs
 from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
+from .eptq import PROBED, EptqOutcome, run_eptq
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
 from .model_io import default_opset, ir_version_for, load_model, save_model
 from .normalize import normalize_model, upgrade_opset
+from .plots import write_plots
 from .qdq_writer import required_opset, write_qdq
 from .qpoints import QuantPlan, build_plan
 from .quantizers import ActParams, sqnr_db
@@ -109,11 +113,16 @@ def quantize(
     force: bool = False,
     report_path: Union[str, Path, None] = None,
     progress: bool = True,
+    plots_dir: Union[str, Path, None] = None,
 ) -> QuantizeResult:
-    """Quantize a float ONNX model into a validated QDQ model (MSE-initialized steps).
+    """Quantize a float ONNX model into a validated QDQ model with EPTQ.
+
+    Steps are MSE-initialized, then optimized network-wise with the Label-Free Hessian weighting
+    (``config.optimize``; ``iters=0`` keeps the MSE-initialized model).
 
     ``model`` is a path or a ModelProto; ``calib`` a calibration folder or a CalibrationSet.
-    With ``output`` the model is written there atomically; with ``report_path`` the JSON report.
+    With ``output`` the model is written there atomically; with ``report_path`` the JSON report;
+    with ``plots_dir`` PNG plots (LFH per layer, loss curve).
     Raises an ``EptqError`` subclass (one-line message, exit code) on bad input.
     """
     config = config or QuantConfig()
@@ -149,9 +158,15 @@ def quantize(
             s = stats[g.id]
             if s.nonfinite:
                 report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
+    reference_model, quantized_model = float_model, float_model
+    if config.optimize.iters != 0:
+        with timer.stage("eptq"):
+            outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress))
+            quantized_model, weights, acts = outcome.float_model, outcome.weights, outcome.acts
+            _report_eptq(report, outcome)
     with timer.stage("write"):
         qdq, summary = write_qdq(
-            float_model,
+            quantized_model,
             plan,
             weights,
             acts,
@@ -165,7 +180,7 @@ def quantize(
         for bias in summary.clipped_biases:
             report.warn(f"bias {bias} saturated to the int32 range")
     with timer.stage("validate"):
-        validation = validate(float_model, qdq, plan, calib_set, config.validation_samples, progress)
+        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress)
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
     report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
@@ -177,8 +192,32 @@ def quantize(
         report.sizes_bytes["output"] = qdq.ByteSize()
     if report_path is not None:
         report.write_json(report_path)
-    state = QuantState(float_model=float_model, plan=plan, weights=weights, acts=acts, config=config)
+    if plots_dir is not None:
+        write_plots(report, Path(plots_dir))
+    state = QuantState(float_model=quantized_model, plan=plan, weights=weights, acts=acts, config=config)
     return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state)
+
+
+def _logger(progress: bool) -> Callable[[str], None]:
+    """Stage messages go to stderr (through tqdm, so progress bars stay intact); none when quiet."""
+    return (lambda message: tqdm.write(message, file=sys.stderr)) if progress else (lambda message: None)
+
+
+def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
+    opt = outcome.optimization
+    report.optimization = {
+        "iters": opt.iters,
+        "seconds": round(opt.seconds, 3),
+        "step_seconds": round(opt.step_seconds, 5),
+        "why": opt.why,
+        "loss_weights": outcome.loss_weights,
+        "curve": opt.curve,
+        "sqnr_before_db": outcome.sqnr_before,
+        "sqnr_after_db": outcome.sqnr_after,
+    }
+    if outcome.hessian is not None:
+        report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
+                          "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
 
 
 def _tensor_entries(

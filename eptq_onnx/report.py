@@ -41,6 +41,8 @@ class Report:
     timings_s: Dict[str, float] = field(default_factory=dict)
     sizes_bytes: Dict[str, int] = field(default_factory=dict)
     calibration_samples: int = 0
+    hessian: Dict[str, Any] = field(default_factory=dict)
+    optimization: Dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -69,6 +71,19 @@ def _db(value: Optional[float]) -> str:
     if value is None:
         return "-"
     return "inf" if value == math.inf else f"{value:.1f}"
+
+
+def _print_lfh(hessian: Dict[str, Any], console: Console, shown: int = 5) -> None:
+    """The most and least sensitive tensors by Label-Free Hessian."""
+    ranked = sorted(hessian["normalized"].items(), key=lambda kv: kv[1], reverse=True)
+    table = Table(title=f"Label-Free Hessian: most and least sensitive of {len(ranked)} tensors")
+    for col in ("tensor", "trace", "normalized"):
+        table.add_column(col)
+    rows = ranked if len(ranked) <= 2 * shown else ranked[:shown] + ranked[-shown:]
+    for name, weight in rows:
+        table.add_row(name, f"{hessian['traces'][name]:.3g}", f"{weight:.2f}")
+    console.print(table)
+    console.print(f"LFH: {hessian['samples']} samples, up to {hessian['draws']} draws, {hessian['seconds']:.1f} s")
 
 
 def print_summary(report: Report, console: Optional[Console] = None) -> None:
@@ -102,6 +117,11 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
             f"onnxruntime fused {v['fused_linear_ops']} of {v['linear_ops']} Conv/MatMul/Gemm into integer ops"
             + (" (QDQ fusion disabled for INT2)" if v.get("qdq_fusion_disabled") else "")
         )
+    if report.hessian:
+        _print_lfh(report.hessian, console)
+    if report.optimization:
+        o = report.optimization
+        console.print(f"EPTQ: {o['iters']} steps in {o['seconds']:.0f} s ({o['why']})")
     sizes = report.sizes_bytes
     if sizes.get("output"):
         console.print(f"size: {sizes['input'] / 1e6:.2f} MB -> {sizes['output'] / 1e6:.2f} MB")

@@ -10,9 +10,11 @@ What we register in onnx2torch's converter registry (default domain; once per pr
 - Weighted ops, replacing onnx2torch's converters (which stay the fallback for a weight that is
   not a float initializer): Conv and ConvTranspose 1/11/22 -> ``ConvOp``, Gemm 9/11/13 ->
   ``GemmOp``, MatMul 1/9/13 -> ``MatMulOp``, Gather 1/11/13 -> ``GatherOp``.
-- Our converters for changed or missing semantics: Reduce{Mean,Sum,Max,Min,Prod,L1,L2,LogSum,
-  LogSumExp,SumSquare} 18 and ReduceMax/ReduceMin 20 (axes input); Pad 11/13/18/19/21/23/24/25
-  (onnx2torch's could not pad one trailing axis in reflect/edge mode; axes input; wrap mode);
+- Our converters for changed or missing semantics: Reduce{Mean,Max,Min,Prod,L1,L2,LogSum,
+  LogSumExp,SumSquare} 18, ReduceMax/ReduceMin 20 and ReduceSum 13 (axes input; onnx2torch's
+  ReduceSum 13 crashed on empty constant axes with keepdims=0); Pad 11/13/18/19/21/23/24/25
+  (onnx2torch's refused reflect/edge pads of 2-D inputs and of the first two axes; axes input;
+  wrap mode; negative pads);
   Split 18 (num_outputs); Resize 11/13/18/19 (onnx2torch only matched onnxruntime for some modes;
   ours follows onnxruntime's coordinate and rounding rules, axes, keep_aspect_ratio_policy);
   Clip 11/12/13 (an omitted min); LayerNormalization 17 (onnx2torch read the normalized shape from
@@ -230,7 +232,8 @@ def _module(node: OnnxNode, module: torch.nn.Module) -> OperationConverterResult
     return OperationConverterResult(module, onnx_mapping_from_node(node))
 
 
-@_converts(" ".join(ops.REDUCE_OPS), 18)
+@_converts(" ".join(op for op in ops.REDUCE_OPS if op != "ReduceSum"), 18)
+@_converts("ReduceSum", 13)
 @_converts("ReduceMax ReduceMin", 20)
 def _reduce(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     a = node.attributes
@@ -328,13 +331,18 @@ def _unsupported(model: onnx.ModelProto) -> list[str]:
     return list(found)
 
 
-def _node_outputs_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx2torch needs every graph output to come from a node: a copy without the others (or the model)."""
+def _for_onnx2torch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as onnx2torch needs it (a copy only when it differs): every graph output comes
+    from a node (we return the others ourselves) and the default domain is spelled ''."""
     produced = {name for node in model.graph.node for name in node.output}
-    if all(out.name in produced for out in model.graph.output):
+    outputs_ok = all(out.name in produced for out in model.graph.output)
+    if outputs_ok and all(node.domain != "ai.onnx" for node in model.graph.node):
         return model
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == "ai.onnx":
+            node.domain = ""
     kept = [out for out in copy.graph.output if out.name in produced]
     del copy.graph.output[:]
     copy.graph.output.extend(kept)
@@ -358,7 +366,7 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = onnx2torch.convert(_node_outputs_only(model), attach_onnx_mapping=True)
+            gm = onnx2torch.convert(_for_onnx2torch(model), attach_onnx_mapping=True)
     except Exception as err:  # noqa: BLE001 - converters raise NotImplementedError, KeyError, ValueError, ...
         raise ModelError(f"cannot convert to torch: {' '.join(str(err).split()) or type(err).__name__}") from err
     initializers = {t.name: t for t in model.graph.initializer}

@@ -121,8 +121,8 @@ class ConvOp(WeightedOp):
             return list(pads[:rank]), list(pads[rank:])
         targets = self.output_shape or tuple(n * s for n, s in zip(sizes, self.strides))
         full = [(n - 1) * s + p + k for n, s, p, k in zip(sizes, self.strides, self.output_padding, self._extents)]
-        # onnxruntime: SAME_UPPER pads more at the begin, anything else more at the end.
-        pairs = [_split_pads(max(0, f - t), self.auto_pad != "SAME_UPPER") for f, t in zip(full, targets)]
+        # As the ONNX spec says: SAME_UPPER pads more at the end, anything else more at the begin.
+        pairs = [_split_pads(max(0, f - t), self.auto_pad == "SAME_UPPER") for f, t in zip(full, targets)]
         return [b for b, _ in pairs], [e for _, e in pairs]
 
     def forward(self, x: Tensor) -> Tensor:
@@ -244,7 +244,7 @@ class ClipOp(nn.Module):
     """ONNX Clip 11+: min and max are optional inputs (constant or not)."""
 
     def forward(self, x: Tensor, low: Optional[Tensor] = None, high: Optional[Tensor] = None) -> Tensor:
-        return torch.clamp(x, low, high)
+        return x if low is None and high is None else torch.clamp(x, low, high)
 
 
 def _sum_square(x: Tensor, dims: list[int], keep: bool) -> Tensor:

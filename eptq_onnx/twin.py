@@ -35,12 +35,18 @@ def round_ste(x: Tensor) -> Tensor:
 class ActFakeQuant(nn.Module):
     """QuantizeLinear -> DequantizeLinear on one activation group (per tensor)."""
 
-    def __init__(self, params: ActParams, learn_scale: bool = False) -> None:
+    def __init__(self, params: ActParams) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(params.scale, dtype=torch.float32), requires_grad=learn_scale)
+        self.register_buffer("base_scale", torch.tensor(params.scale, dtype=torch.float32))
+        # learned as a multiplier of the initial step (relative updates, never negative in practice)
+        self.factor = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.tensor(float(params.zero_point)))
         self.qmin, self.qmax = params.qrange
         self.enabled = True
+
+    @property
+    def scale(self) -> Tensor:
+        return self.base_scale * self.factor
 
     def codes(self, x: Tensor) -> Tensor:
         """The integer codes onnxruntime's QuantizeLinear produces (as floats)."""
@@ -49,7 +55,8 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        return (self.codes(x) - self.zero_point) * self.scale
+        scale = self.scale
+        return (self.codes(x) - self.zero_point) * scale
 
 
 def _channel_shape(rank: int, axis: int) -> List[int]:
@@ -59,23 +66,85 @@ def _channel_shape(rank: int, axis: int) -> List[int]:
     return shape
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+    """V with h(V) = h, for h in (0, 1) (clamped away from the ends)."""
+    h = torch.clamp(h, 0.01, 0.99)
+    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
+
+
 class WeightFakeQuant(nn.Module):
-    """Per-channel symmetric weight quantizer; in hard mode exactly the stored integers x step."""
+    """Per-channel symmetric weight quantizer.
+
+    ``fixed``: the stored integer codes x step (what the QDQ file holds). ``soft`` (AdaRound):
+    floor(w / s) + h(V), clipped to the integer range, x s, with V learnable and optionally s.
+    ``hard``: like soft with h(V) rounded to 0 or 1 (what is exported after learning).
+    """
 
     def __init__(self, wq: WeightQuant) -> None:
         super().__init__()
         self.name, self.axis, self.bits = wq.name, wq.axis, wq.bits
+        self.qmin, self.qmax = -(1 << (wq.bits - 1)), (1 << (wq.bits - 1)) - 1
         self.register_buffer("codes", torch.from_numpy(wq.codes.astype(np.float32)))
-        self.scale = nn.Parameter(torch.from_numpy(wq.scale.astype(np.float32)), requires_grad=False)
+        self.register_buffer("base_scale", torch.from_numpy(wq.scale.astype(np.float32)))
+        # learned as a per-channel multiplier of the initial step (relative updates)
+        self.factor = nn.Parameter(torch.ones_like(self.base_scale), requires_grad=False)
+        self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
+        self.mode = "fixed"
         self.enabled = True
+
+    @property
+    def scale(self) -> Tensor:
+        return self.base_scale * self.factor
 
     def channel_scale(self) -> Tensor:
         return self.scale.reshape(_channel_shape(self.codes.dim(), self.axis))
 
+    def start_rounding(self, w: Tensor) -> None:
+        """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s."""
+        scaled = (w.detach() / self.channel_scale().detach()).to(self.codes.dtype)
+        self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - torch.floor(scaled)))
+        self.mode = "soft"
+
+    def rounded(self, w: Tensor, hard: bool) -> Tensor:
+        """Integer codes (as floats) from floor(w / s) + h(V)."""
+        assert self.rounding is not None
+        s = self.channel_scale()
+        h = rectified_sigmoid(self.rounding)
+        up = (h >= 0.5).to(h.dtype) if hard else h
+        return torch.clamp(torch.floor(w / s.detach()) + up, self.qmin, self.qmax)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1."""
+        assert self.rounding is not None
+        return (1.0 - torch.abs(2.0 * rectified_sigmoid(self.rounding) - 1.0) ** beta).sum()
+
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
-        return self.codes * self.channel_scale()
+        if self.mode == "fixed":
+            return self.codes * self.channel_scale()
+        return self.rounded(w, hard=self.mode == "hard") * self.channel_scale()
+
+    def export(self, w: Tensor) -> WeightQuant:
+        """The hard-rounded codes and learned steps, as the QDQ writer takes them."""
+        with torch.no_grad():
+            codes = self.codes if self.mode == "fixed" else self.rounded(w, hard=True)
+            scale = self.scale
+        return WeightQuant(
+            name=self.name,
+            axis=self.axis,
+            bits=self.bits,
+            scale=scale.detach().cpu().numpy().astype(np.float32),
+            codes=codes.detach().cpu().numpy().astype(np.int8),
+        )
 
 
 class BiasFakeQuant(nn.Module):

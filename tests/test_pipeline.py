@@ -8,8 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from eptq_onnx import CalibOptions, ImageOptions, QuantConfig, quantize
+from eptq_onnx import CalibOptions, ImageOptions, quantize
 from models import zoo
+from tests.helpers import init_only
 
 ARCHITECTURES = zoo.ZOO
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -24,7 +25,7 @@ def test_architecture_quantizes_and_validates(name: str, bits: int, tmp_path: Pa
     src = tmp_path / "in.onnx"
     onnx.save(model, src)
     out = tmp_path / "out.onnx"
-    result = quantize(src, calib_for(model, 16), QuantConfig(weight_bits=bits), output=out, progress=False)
+    result = quantize(src, calib_for(model, 16), init_only(weight_bits=bits), output=out, progress=False)
     v = result.report.validation
     assert v["samples"] > 0
     for output, sqnr in v["output_sqnr_db"].items():
@@ -43,7 +44,7 @@ def test_architecture_quantizes_and_validates(name: str, bits: int, tmp_path: Pa
 
 def test_w8a8_residual_cnn_fuses_every_conv(tmp_path: Path, calib_for) -> None:
     model = zoo.residual_cnn()
-    result = quantize(model, calib_for(model, 16), QuantConfig(weight_bits=8), progress=False)
+    result = quantize(model, calib_for(model, 16), init_only(weight_bits=8), progress=False)
     v = result.report.validation
     convs = sum(1 for n in result.model.graph.node if n.op_type == "Conv")
     assert v["fused_op_types"].get("QLinearConv", 0) == convs > 0
@@ -55,7 +56,7 @@ def test_w4_weights_native_int4_and_smaller_file(tmp_path: Path, calib_for) -> N
     sizes = {}
     for storage in ("native", "int8"):
         out = tmp_path / f"{storage}.onnx"
-        quantize(model, calib, QuantConfig(weight_bits=4, weight_storage=storage), output=out, progress=False)
+        quantize(model, calib, init_only(weight_bits=4, weight_storage=storage), output=out, progress=False)
         types = {t.data_type for t in onnx.load(out).graph.initializer if t.name.endswith("_quantized") and t.data_type != onnx.TensorProto.INT32}
         assert types == {onnx.TensorProto.INT4 if storage == "native" else onnx.TensorProto.INT8}
         sizes[storage] = out.stat().st_size
@@ -66,7 +67,7 @@ def test_w4_weights_native_int4_and_smaller_file(tmp_path: Path, calib_for) -> N
 def test_calibration_methods_and_symmetric_activations(method: str, calib_for) -> None:
     model = zoo.residual_cnn()
     calib = calib_for(model, 16)
-    result = quantize(model, calib, QuantConfig(weight_bits=8, calib_method=method, act_symmetric=True), progress=False)
+    result = quantize(model, calib, init_only(weight_bits=8, calib_method=method, act_symmetric=True), progress=False)
     zero_points = {t.zero_point for t in result.report.tensors if t.kind == "activation"}
     assert zero_points == {0}
     assert min(result.report.validation["output_sqnr_db"].values()) > MIN_SQNR[8]
@@ -76,7 +77,7 @@ def test_output_mse_weight_init_beats_minmax_and_weight_mse_at_4_bits() -> None:
     """On the demo model (trained on real digits), output-aware steps beat weight-space ones."""
     model = DEMO / "digits_resnet.onnx"
     sqnr = {
-        m: min(quantize(model, DEMO / "calib", QuantConfig(weight_bits=4, weight_init=m), progress=False)
+        m: min(quantize(model, DEMO / "calib", init_only(weight_bits=4, weight_init=m), progress=False)
                .report.validation["output_sqnr_db"].values())
         for m in ("minmax", "mse", "output-mse")
     }
@@ -88,7 +89,7 @@ def test_report_json_lists_every_tensor(tmp_path: Path, calib_for) -> None:
 
     model = zoo.mlp()
     report_path = tmp_path / "report.json"
-    quantize(model, calib_for(model, 8), QuantConfig(weight_bits=8), report_path=report_path, progress=False)
+    quantize(model, calib_for(model, 8), init_only(weight_bits=8), report_path=report_path, progress=False)
     data = json.loads(report_path.read_text())
     names = {t["name"] for t in data["tensors"]}
     assert {t.name for t in model.graph.initializer if t.name.endswith("weight")} <= names
@@ -110,7 +111,7 @@ def test_model_with_external_data_and_image_calibration(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    config = QuantConfig(weight_bits=8, calib=CalibOptions(image=ImageOptions(size=(32, 32), mean=(0.5,), std=(0.25,))))
+    config = init_only(weight_bits=8, calib=CalibOptions(image=ImageOptions(size=(32, 32), mean=(0.5,), std=(0.25,))))
     result = quantize(src, images, config, output=tmp_path / "q.onnx", progress=False)
     assert result.report.calibration_samples == 6
     assert min(result.report.validation["output_sqnr_db"].values()) > MIN_SQNR[8]
@@ -127,4 +128,4 @@ def test_nothing_to_quantize_is_a_model_error(calib_for) -> None:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     with pytest.raises(ModelError, match="no quantizable layer"):
-        quantize(model, calib_for(model, 2), QuantConfig(), progress=False)
+        quantize(model, calib_for(model, 2), init_only(), progress=False)

@@ -10,6 +10,7 @@ from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.runtime import make_session, with_outputs
 from eptq_onnx.twin import build_twin, to_tensors
 from models import zoo
+from tests.helpers import init_only
 
 MODELS = ["residual_cnn", "transformer_block", "transformer_block_decomposed", "mlp_mixer_block", "nhwc_tf_style",
           "helper_opset11", "paddle_style", "multi_input", "token_model", "dynamic_spatial_cnn", "residual_cnn_dynamo"]
@@ -29,7 +30,7 @@ def test_student_matches_onnxruntime_on_the_qdq_model(name: str, bits: int, cali
     propagates downstream. Such flips must stay rare and the outputs close.
     """
     model = zoo.ZOO[name]()
-    result = quantize(model, calib_for(model, 8), QuantConfig(weight_bits=bits), progress=False)
+    result = quantize(model, calib_for(model, 8), init_only(weight_bits=bits), progress=False)
     state = result.state
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
     feeds = zoo.sample_inputs(model, 4, seed=11)
@@ -56,7 +57,7 @@ def test_student_matches_onnxruntime_on_the_qdq_model(name: str, bits: int, cali
 
 def test_teacher_is_the_float_model(calib_for) -> None:
     model = zoo.transformer_block()
-    result = quantize(model, calib_for(model, 8), QuantConfig(weight_bits=8), progress=False)
+    result = quantize(model, calib_for(model, 8), init_only(weight_bits=8), progress=False)
     state = result.state
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
     feeds = zoo.sample_inputs(model, 3, seed=3)
@@ -72,12 +73,12 @@ def test_teacher_is_the_float_model(calib_for) -> None:
 
 def test_student_is_differentiable(calib_for) -> None:
     model = zoo.residual_cnn()
-    result = quantize(model, calib_for(model, 8), QuantConfig(weight_bits=4), progress=False)
+    result = quantize(model, calib_for(model, 8), init_only(weight_bits=4), progress=False)
     state = result.state
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
     for fq in twin.act_quant.values():
-        fq.scale.requires_grad_(True)
+        fq.factor.requires_grad_(True)
     feeds = to_tensors(zoo.sample_inputs(model, 2, seed=1))
     out = twin.student(feeds)[0]
     out.square().sum().backward()
-    assert any(fq.scale.grad is not None and fq.scale.grad.abs().sum() > 0 for fq in twin.act_quant.values())
+    assert any(fq.factor.grad is not None and fq.factor.grad.abs().sum() > 0 for fq in twin.act_quant.values())

@@ -45,16 +45,17 @@ if str(ROOT) not in sys.path:
 
 import eptq_onnx  # noqa: E402
 from eptq_onnx import CalibOptions, QuantConfig, quantize  # noqa: E402
+from eptq_onnx.config import OptimizeOptions  # noqa: E402
 from eptq_onnx.calib_data import CalibrationSet, input_specs  # noqa: E402
 from eptq_onnx.quantizers import sqnr_db  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo import evaluate as demo_eval  # noqa: E402
-from tests.conftest import write_calib  # noqa: E402
+from tests.helpers import write_calib  # noqa: E402
 
 DEFAULT_CALIB_SAMPLES = 64
 DEFAULT_BITS = (8, 4)
 EVAL_SAMPLES = 256  # held-out random inputs per zoo model
-EVAL_SEED = 7_777_777  # calibration files use seeds 0..N-1 (tests.conftest.write_calib)
+EVAL_SEED = 7_777_777  # calibration files use seeds 0..N-1 (tests.helpers.write_calib)
 LATENCY_RUNS = 100
 LATENCY_WARMUP = 10
 ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear accept INT4
@@ -84,6 +85,7 @@ def ours(label: str, weight_init: str, calib_method: str) -> Method:
             weight_init=weight_init,  # type: ignore[arg-type]
             calib_method=calib_method,  # type: ignore[arg-type]
             calib=CalibOptions(num_samples=samples),
+            optimize=OptimizeOptions(iters=0),
         )
         quantize(model, calib, config, output=output, force=True, progress=False)
 

@@ -1,0 +1,143 @@
+"""The EPTQ stage of the pipeline: twin -> Label-Free Hessian -> optimization -> write-back.
+
+Takes the MSE-initialized quantization state and returns the optimized one, in the same form
+(weight codes and steps, activation parameters, the float model with learned biases), so the
+QDQ writer and the validation that follow do not know whether optimization ran.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .calib_data import CalibrationSet
+from .config import QuantConfig
+from .hessian import LFHResult, label_free_hessian
+from .optimize import OptimizeResult, optimize, tensor_sqnr
+from .qpoints import QuantPlan
+from .quantizers import ActParams
+from .torch_ops import WeightedOp
+from .twin import Twin, build_twin, to_tensors
+from .weights import WeightQuant
+
+PROBED = (
+    "the activation quantization points (the paper's choice: the tensors whose error Eq. 6 sums) "
+    "and the model's float outputs"
+)
+
+
+@dataclass
+class EptqOutcome:
+    """The optimized state and what the stage measured."""
+
+    float_model: onnx.ModelProto
+    weights: Dict[str, WeightQuant]
+    acts: Dict[int, ActParams]
+    hessian: Optional[LFHResult]
+    hessian_step_seconds: float
+    optimization: OptimizeResult
+    loss_weights: Dict[str, float]
+    sqnr_before: Dict[str, float]
+    sqnr_after: Dict[str, float]
+
+
+def loss_tensors(model: onnx.ModelProto, plan: QuantPlan) -> List[str]:
+    """Tensors compared between teacher and student: every group root (but the model inputs,
+    identical in both), then the float outputs."""
+    inputs = {i.name for i in model.graph.input}
+    names = [g.roots[0] for g in plan.groups if g.roots[0] not in inputs]
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type in float_types and out.name not in names:
+            names.append(out.name)
+    return names
+
+
+def _forward_backward_seconds(twin: Twin, sample: Dict[str, torch.Tensor]) -> float:
+    """Time of one forward and backward pass of the float model at batch 1 (LFH cost yardstick)."""
+    feeds = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in sample.items()}
+    start = time.perf_counter()
+    outputs = twin.teacher(feeds)
+    sum(o.float().sum() for o in outputs if o.is_floating_point()).backward()  # type: ignore[union-attr]
+    return time.perf_counter() - start
+
+
+def compute_lfh(twin: Twin, calib: CalibrationSet, names: List[str], config: QuantConfig, progress: bool) -> Tuple[LFHResult, float]:
+    """Label-Free Hessian of the teacher at ``names``, over the first calibration samples, one at a time."""
+    options = config.optimize
+    device = options.device
+    samples = [to_tensors(f, device) for f in calib.batches(batch_size=1, limit=options.hessian_samples)]
+    twin.teacher.to(device)
+    result = label_free_hessian(
+        lambda feeds: twin.teacher.run(feeds, names),
+        samples,
+        max_draws=options.hessian_draws,
+        distribution=options.hessian_distribution,
+        seed=options.seed,
+        progress=progress,
+    )
+    return result, _forward_backward_seconds(twin, samples[0])
+
+
+def mean_one(weights: Dict[str, float]) -> Dict[str, float]:
+    """Weights rescaled to average 1, so that lambda has the same strength under every weighting.
+
+    The log-normalized LFH weights lie in [0, 1] (the least sensitive tensor gets 0, as in the
+    paper); uniform weights are all 1.
+    """
+    mean = sum(weights.values()) / max(1, len(weights))
+    return {k: (v / mean if mean > 0 else 1.0) for k, v in weights.items()}
+
+
+def _write_back(twin: Twin, model: onnx.ModelProto, acts: Dict[int, ActParams]) -> Tuple[onnx.ModelProto, Dict[str, WeightQuant], Dict[int, ActParams]]:
+    """Hard-rounded codes, learned steps and biases, in the writer's form."""
+    modules = [m for m in twin.student.modules() if isinstance(m, WeightedOp)]
+    float_weights = {m.weight_name: m.weight for m in modules}
+    weights = {name: wfq.export(float_weights[name]) for name, wfq in twin.weight_quant.items()}
+    new_acts = {gid: replace(acts[gid], scale=float(fq.scale.detach().cpu())) for gid, fq in twin.act_quant.items()}
+    biases = {m.bias_name: m.bias.detach().cpu().numpy().astype(np.float32) for m in modules if m.bias is not None and m.bias_name}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in biases:
+            init.CopyFrom(numpy_helper.from_array(biases[init.name].reshape(tuple(init.dims)), init.name))
+    return out, weights, new_acts
+
+
+def run_eptq(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    weights: Dict[str, WeightQuant],
+    acts: Dict[int, ActParams],
+    calib: CalibrationSet,
+    config: QuantConfig,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> EptqOutcome:
+    """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7)."""
+    options = config.optimize
+    names = loss_tensors(model, plan)
+    twin = build_twin(
+        model, plan, weights, acts, quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias, taps=names
+    )
+    hessian, fb_seconds = None, 0.0
+    if options.weighting == "lfh":
+        hessian, fb_seconds = compute_lfh(twin, calib, names, config, progress)
+        loss_weights = mean_one(hessian.normalized)
+    else:
+        loss_weights = dict.fromkeys(names, 1.0)
+    feeds = list(calib.batches())
+    check = feeds[: max(1, config.validation_samples // max(1, len(next(iter(feeds[0].values())))))]
+    twin.student.to(options.device)
+    twin.teacher.to(options.device)
+    before = tensor_sqnr(twin, check, names, options.device)
+    result = optimize(twin, feeds, loss_weights, options, progress=progress, log=log)
+    after = tensor_sqnr(twin, check, names, options.device)
+    twin.student.to("cpu")
+    new_model, new_weights, new_acts = _write_back(twin, model, acts)
+    return EptqOutcome(new_model, new_weights, new_acts, hessian, fb_seconds, result, loss_weights, before, after)

@@ -1,0 +1,217 @@
+"""EPTQ: Hessian-weighted, network-wise optimization of rounding, step sizes and biases (Eq. 6).
+
+L = sum_i w_i * mean over the batch of ||z_i - z~_i||_F^2 + lambda * sum_l f_reg(V_l)
+
+z_i: the float teacher's activation at quantization point i (and the model outputs), z~_i the
+student's; w_i: the log-normalized Label-Free Hessian trace (or uniform); f_reg: AdaRound's
+regularizer with beta annealed from 20 to 2 after a warm-up of 20% of the steps. Learned:
+the rounding variables V (RAdam, 3e-2), biases and weight steps (RAdam, 1e-3), activation steps
+by option (RAdam, 1e-3). Teacher activations are computed on the fly (no cache to run out of).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from .config import OptimizeOptions
+from .twin import Twin
+from .torch_ops import WeightedOp
+
+
+@dataclass
+class OptimizeResult:
+    """What the optimization did."""
+
+    iters: int
+    seconds: float
+    step_seconds: float
+    why: str
+    curve: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, reconstruction, regularizer)
+
+
+class Batches:
+    """Random minibatches of the calibration samples, kept in memory as tensors."""
+
+    def __init__(self, feeds: Sequence[Dict[str, np.ndarray]], device: str, seed: int) -> None:
+        shapes = {tuple((k, v.shape[1:]) for k, v in sorted(f.items())) for f in feeds}
+        self.device = device
+        self.rng = np.random.default_rng(seed)
+        self.stacked: Optional[Dict[str, Tensor]] = None
+        if len(shapes) == 1:
+            self.stacked = {k: torch.from_numpy(np.concatenate([f[k] for f in feeds])) for k in feeds[0]}
+            self.count = len(next(iter(self.stacked.values())))
+        else:  # samples of different shapes: draw whole stored batches
+            self.parts = [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds]
+            self.count = sum(len(next(iter(f.values()))) for f in feeds)
+
+    def sample(self, size: int) -> Dict[str, Tensor]:
+        if self.stacked is not None:
+            index = torch.from_numpy(self.rng.choice(self.count, size=min(size, self.count), replace=False))
+            return {k: v[index].to(self.device) for k, v in self.stacked.items()}
+        part = self.parts[int(self.rng.integers(len(self.parts)))]
+        return {k: v.to(self.device) for k, v in part.items()}
+
+
+def _parameter_groups(twin: Twin, options: OptimizeOptions) -> List[dict]:
+    """The learnable tensors of the student, by learning rate; everything else frozen."""
+    for module in (twin.teacher, twin.student):
+        for p in module.parameters():
+            p.requires_grad_(False)
+    rounding, scales, biases = [], [], []
+    for wfq in twin.weight_quant.values():
+        assert wfq.rounding is not None
+        wfq.rounding.requires_grad_(True)
+        rounding.append(wfq.rounding)
+        if options.learn_weight_scales:
+            wfq.factor.requires_grad_(True)
+            scales.append(wfq.factor)
+    if options.learn_act_scales:
+        for fq in twin.act_quant.values():
+            fq.factor.requires_grad_(True)
+            scales.append(fq.factor)
+    if options.learn_biases:
+        for module in twin.student.modules():
+            if isinstance(module, WeightedOp) and module.bias is not None:
+                module.bias.requires_grad_(True)
+                biases.append(module.bias)
+    groups = [{"params": rounding, "lr": options.lr_rounding}]
+    if scales:
+        groups.append({"params": scales, "lr": options.lr_scale})
+    if biases:
+        groups.append({"params": biases, "lr": options.lr_bias})
+    return groups
+
+
+def _start_rounding(twin: Twin) -> None:
+    """Switch every weight quantizer of the student to learned (soft) rounding."""
+    weights = {m.weight_name: m.weight for m in twin.student.modules() if isinstance(m, WeightedOp)}
+    for name, wfq in twin.weight_quant.items():
+        wfq.start_rounding(weights[name])
+
+
+def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
+    """Annealed beta of the regularizer, or None during the warm-up (no regularizer)."""
+    start = int(options.warmup * total)
+    if step < start:
+        return None
+    fraction = (step - start) / max(1, total - start)
+    return options.beta_start + (options.beta_end - options.beta_start) * fraction
+
+
+class Objective:
+    """Eq. 6 on one batch."""
+
+    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions) -> None:
+        self.twin = twin
+        self.names = [n for n, w in weights.items() if w > 0]
+        self.weights = weights
+        self.options = options
+
+    def reconstruction(self, feeds: Dict[str, Tensor]) -> Tensor:
+        with torch.no_grad():
+            _, target = self.twin.teacher.run(feeds, self.names)
+        _, student = self.twin.student.run(feeds, self.names)
+        total = torch.zeros((), device=next(iter(feeds.values())).device)
+        for name in self.names:
+            t, s = target[name], student[name]
+            per_sample = (t - s).pow(2).reshape(t.shape[0], -1).sum(dim=1) if t.dim() else (t - s).pow(2)
+            total = total + self.weights[name] * per_sample.mean()
+        return total
+
+    def regularizer(self, beta: Optional[float]) -> Tensor:
+        if beta is None:
+            return torch.zeros(())
+        return sum(wfq.regularizer(beta) for wfq in self.twin.weight_quant.values())  # type: ignore[return-value]
+
+
+def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptions) -> Tuple[int, float, float, str]:
+    """Time two forward+backward steps, then pick the step count (explicit, or what fits the budget).
+
+    Also returns the initial reconstruction loss, by which the optimized loss is divided (a
+    constant: RAdam's first steps are plain momentum SGD, whose step sizes depend on the scale).
+    """
+    times, losses = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        recon = objective.reconstruction(batches.sample(options.batch_size))
+        (recon + options.reg_lambda * objective.regularizer(options.beta_start)).backward()
+        times.append(time.perf_counter() - start)
+        losses.append(float(recon.detach()))
+    step = min(times)
+    scale = max(float(np.mean(losses)), 1e-12)
+    if options.iters is not None:
+        return options.iters, step, scale, f"{options.iters} steps as asked (--iters)"
+    fit = int(options.time_budget_min * 60 / max(step, 1e-6))
+    iters = max(1, min(options.max_iters, fit))
+    why = (
+        f"one step (batch {options.batch_size}) takes {step:.3f} s on {options.device}: {fit} steps fit the "
+        f"{options.time_budget_min:g}-minute budget (--time-budget), capped at {options.max_iters} "
+        f"(paper: 20K-80K); chose {iters}"
+    )
+    return iters, step, scale, why
+
+
+def optimize(
+    twin: Twin,
+    feeds: Sequence[Dict[str, np.ndarray]],
+    loss_weights: Dict[str, float],
+    options: OptimizeOptions,
+    progress: bool = True,
+    log=print,
+) -> OptimizeResult:
+    """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode."""
+    torch.manual_seed(options.seed)
+    device = torch.device(options.device)
+    twin.teacher.to(device).eval()
+    twin.student.to(device).eval()
+    _start_rounding(twin)
+    optimizer = torch.optim.RAdam(_parameter_groups(twin, options))
+    batches = Batches(feeds, options.device, options.seed)
+    objective = Objective(twin, loss_weights, options)
+    iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options)
+    optimizer.zero_grad(set_to_none=True)
+    log(f"EPTQ: {why}")
+    result = OptimizeResult(iters=iters, seconds=0.0, step_seconds=step_seconds, why=why)
+    start = time.perf_counter()
+    record_every = max(1, iters // 200)
+    bar = tqdm(range(iters), desc="EPTQ optimization", disable=not progress, unit="step")
+    for step in bar:
+        beta = beta_at(step, iters, options)
+        recon = objective.reconstruction(batches.sample(options.batch_size))
+        reg = objective.regularizer(beta)
+        loss = (recon + options.reg_lambda * reg) / loss_scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % record_every == 0 or step == iters - 1:
+            r, g = float(recon.detach()), float(reg.detach())
+            result.curve.append((step, r, g))
+            bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
+    result.seconds = time.perf_counter() - start
+    for wfq in twin.weight_quant.values():
+        wfq.mode = "hard"
+    for p in twin.student.parameters():
+        p.requires_grad_(False)
+    return result
+
+
+def tensor_sqnr(twin: Twin, feeds: Sequence[Dict[str, np.ndarray]], names: Sequence[str], device: str) -> Dict[str, float]:
+    """SQNR (dB) of every named student tensor against the teacher's, over the given batches."""
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    with torch.no_grad():
+        for batch in feeds:
+            f = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+            _, t = twin.teacher.run(f, names)
+            _, s = twin.student.run(f, names)
+            for n in names:
+                signal[n] += float(t[n].double().pow(2).sum())
+                noise[n] += float((t[n].double() - s[n].double()).pow(2).sum())
+    return {n: (math.inf if noise[n] == 0 else 10 * math.log10(max(signal[n], 1e-300) / noise[n])) for n in names}
