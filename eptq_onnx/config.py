@@ -61,6 +61,7 @@ class OptimizeOptions:
     lr_bias: float = 1e-3
     lr_scale: float = 1e-3
     reg_lambda: float = 0.01
+    reg_lambda_start: Optional[float] = None
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2

@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from .calib_data import CalibrationSet
 from .config import QuantConfig
+from .errors import ModelError
 from .hessian import LFHResult, label_free_hessian
 from .optimize import OptimizeResult, optimize, tensor_sqnr
 from .qpoints import QuantPlan
@@ -29,6 +30,10 @@ PROBED = (
     "the activation quantization points (the paper's choice: the tensors whose error Eq. 6 sums) "
     "and the model's float outputs"
 )
+
+
+class TwinUnavailable(Exception):
+    """The model cannot be converted to torch, so it cannot be optimized (only MSE-initialized)."""
 
 
 @dataclass
@@ -122,9 +127,12 @@ def run_eptq(
     """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7)."""
     options = config.optimize
     names = loss_tensors(model, plan)
-    twin = build_twin(
-        model, plan, weights, acts, quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias, taps=names
-    )
+    try:
+        twin = build_twin(
+            model, plan, weights, acts, quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias, taps=names
+        )
+    except ModelError as exc:
+        raise TwinUnavailable(str(exc)) from exc
     hessian, fb_seconds = None, 0.0
     if options.weighting == "lfh":
         hessian, fb_seconds = compute_lfh(twin, calib, names, config, progress)

@@ -105,6 +105,17 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
     return options.beta_start + (options.beta_end - options.beta_start) * fraction
 
 
+def lambda_at(step: int, total: int, options: OptimizeOptions) -> float:
+    """Weight of the rounding regularizer: ramped geometrically from ``reg_lambda_start`` to
+    ``reg_lambda`` over the annealing phase (so the reconstruction shapes the rounding first and
+    the regularizer decides every rounding variable by the end)."""
+    start = int(options.warmup * total)
+    if step < start or options.reg_lambda_start is None:
+        return options.reg_lambda
+    fraction = (step - start) / max(1, total - start)
+    return options.reg_lambda_start * (options.reg_lambda / options.reg_lambda_start) ** fraction
+
+
 class Objective:
     """Eq. 6 on one batch."""
 
@@ -120,15 +131,15 @@ class Objective:
         _, student = self.twin.student.run(feeds, self.names)
         total = torch.zeros((), device=next(iter(feeds.values())).device)
         for name in self.names:
-            t, s = target[name], student[name]
-            per_sample = (t - s).pow(2).reshape(t.shape[0], -1).sum(dim=1) if t.dim() else (t - s).pow(2)
-            total = total + self.weights[name] * per_sample.mean()
+            total = total + self.weights[name] * (target[name] - student[name]).pow(2).mean()
         return total
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
         if beta is None:
             return torch.zeros(())
-        return sum(wfq.regularizer(beta) for wfq in self.twin.weight_quant.values())  # type: ignore[return-value]
+        total = sum(wfq.regularizer(beta) for wfq in self.twin.weight_quant.values())
+        count = sum(wfq.codes.numel() for wfq in self.twin.weight_quant.values())
+        return total / max(1, count)  # type: ignore[return-value]
 
 
 def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptions) -> Tuple[int, float, float, str]:
@@ -141,7 +152,7 @@ def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptio
     for _ in range(2):
         start = time.perf_counter()
         recon = objective.reconstruction(batches.sample(options.batch_size))
-        (recon + options.reg_lambda * objective.regularizer(options.beta_start)).backward()
+        (recon + objective.regularizer(options.beta_start)).backward()
         times.append(time.perf_counter() - start)
         losses.append(float(recon.detach()))
     step = min(times)
@@ -186,7 +197,7 @@ def optimize(
         beta = beta_at(step, iters, options)
         recon = objective.reconstruction(batches.sample(options.batch_size))
         reg = objective.regularizer(beta)
-        loss = (recon + options.reg_lambda * reg) / loss_scale
+        loss = recon / loss_scale + lambda_at(step, iters, options) * reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

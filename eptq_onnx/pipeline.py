@@ -20,7 +20,7 @@ from .calib_data import CalibrationSet, input_specs
 from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
-from .eptq import PROBED, EptqOutcome, run_eptq
+from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
 from .model_io import default_opset, ir_version_for, load_model, save_model
@@ -161,9 +161,13 @@ def quantize(
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0:
         with timer.stage("eptq"):
-            outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress))
-            quantized_model, weights, acts = outcome.float_model, outcome.weights, outcome.acts
-            _report_eptq(report, outcome)
+            try:
+                outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress))
+            except TwinUnavailable as exc:
+                report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
+            else:
+                quantized_model, weights, acts = outcome.float_model, outcome.weights, outcome.acts
+                _report_eptq(report, outcome)
     with timer.stage("write"):
         qdq, summary = write_qdq(
             quantized_model,

@@ -156,3 +156,9 @@ def test_unsupported_op_stays_float_and_is_reported(tmp_path: Path, calib_for) -
     assert code == 0, text
     ops = json.loads(report.read_text())["float_ops"]
     assert [o["op_type"] for o in ops] == ["Det"]
+    # with optimization asked for, the torch twin cannot hold Det: a loud fallback, not a failure
+    code, text = _run(path, out, "--calib", calib_for(model, 4, name="c2"), "--report", report, "--force",
+                      "--iters", "2", "-q", "--weight-bits", "8")
+    assert code == 0, text
+    warnings = json.loads(report.read_text())["warnings"]
+    assert any(w.startswith("FALLBACK: EPTQ optimization skipped") and "Det" in w for w in warnings)

@@ -1,7 +1,8 @@
 """Evaluate demo models on the bundled digits test set with onnxruntime CPU.
 
-Usage: ``python models/demo/evaluate.py FLOAT.onnx [QUANTIZED.onnx ...]`` prints, per model, top-1 accuracy on
-``test.npz`` and agreement of its predictions with the first (float) model's.
+Usage: ``python models/demo/evaluate.py [--test-set TEST.npz] FLOAT.onnx [QUANTIZED.onnx ...]`` prints, per model,
+top-1 accuracy on the test set (default: the demo's ``test.npz``; e.g. ``models/digits_vit/test.npz`` for the digits
+ViT) and agreement of its predictions with the first (float) model's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import onnxruntime as ort
 TEST_SET = Path(__file__).resolve().parent / "test.npz"
 
 
-def load_test_set(path: Path = TEST_SET) -> tuple[np.ndarray, np.ndarray]:
-    """Test images [500,1,32,32] float32 and labels [500] int64."""
+def load_test_set(path: str | Path = TEST_SET) -> tuple[np.ndarray, np.ndarray]:
+    """Test images (demo: [500,1,32,32]) float32 and labels [500] int64 of an .npz with "image" and "label"."""
     with np.load(path) as data:
         return data["image"], data["label"]
 
@@ -33,9 +34,9 @@ def predictions(model_path: str | Path, images: np.ndarray) -> np.ndarray:
     return np.concatenate(chunks)
 
 
-def accuracy(model_path: str | Path) -> float:
-    """Top-1 accuracy of an ONNX model on the bundled test set."""
-    images, labels = load_test_set()
+def accuracy(model_path: str | Path, test_set: str | Path = TEST_SET) -> float:
+    """Top-1 accuracy of an ONNX model on a test set (default: the bundled demo test set)."""
+    images, labels = load_test_set(test_set)
     return float((predictions(model_path, images) == labels).mean())
 
 
@@ -43,11 +44,17 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    for path in (*argv, TEST_SET):
+    test_set: str | Path = TEST_SET
+    if argv[0] == "--test-set":
+        if len(argv) < 3:
+            print("evaluate.py: --test-set needs a path and at least one model", file=sys.stderr)
+            return 2
+        test_set, argv = argv[1], argv[2:]
+    for path in (*argv, test_set):
         if not Path(path).is_file():
             print(f"evaluate.py: no such file: {path}", file=sys.stderr)
             return 1
-    images, labels = load_test_set()
+    images, labels = load_test_set(test_set)
     reference = predictions(argv[0], images)
     width = max(len("model"), *(len(p) for p in argv))
     print(f"{'model':<{width}}  top-1   agree")

@@ -1,0 +1,123 @@
+"""EPTQ optimization: AdaRound pieces, write-back equivalence with onnxruntime, CLI outputs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from eptq_onnx import QuantConfig, quantize
+from eptq_onnx.cli import main
+from eptq_onnx.config import OptimizeOptions
+from eptq_onnx.optimize import beta_at
+from eptq_onnx.runtime import make_session
+from eptq_onnx.twin import (
+    WeightFakeQuant,
+    build_twin,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+    to_tensors,
+)
+from eptq_onnx.weights import quantize_weight
+from models import zoo
+
+
+def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -> None:
+    h = torch.linspace(0.02, 0.98, 50)
+    torch.testing.assert_close(rectified_sigmoid(inverse_rectified_sigmoid(h)), h, atol=1e-5, rtol=0)
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.1, (6, 5)).astype(np.float32)
+    wfq = WeightFakeQuant(quantize_weight("w", w, 0, 4, "minmax"))
+    wt = torch.from_numpy(w)
+    wfq.start_rounding(wt)
+    with torch.no_grad():
+        soft = wfq(wt)
+    inside = (np.abs(w / wfq.channel_scale().numpy()) < 7) & (np.abs(np.modf(np.abs(w / wfq.channel_scale().numpy()))[0] - 0.5) < 0.48)
+    np.testing.assert_allclose(soft.numpy()[inside], w[inside], rtol=1e-4, atol=1e-6)  # h(V) = frac(w / s)
+    assert float(wfq.regularizer(2.0)) > 0
+    wfq.mode = "hard"
+    with torch.no_grad():
+        hard_codes = wfq.rounded(wt, hard=True)
+    assert torch.equal(hard_codes, torch.round(hard_codes)) and hard_codes.min() >= -8 and hard_codes.max() <= 7
+    exported = wfq.export(wt)
+    np.testing.assert_array_equal(exported.codes.astype(np.float32), hard_codes.numpy())
+
+
+def test_beta_schedule_warmup_then_linear_anneal() -> None:
+    options = OptimizeOptions()
+    assert beta_at(0, 100, options) is None and beta_at(19, 100, options) is None
+    assert beta_at(20, 100, options) == pytest.approx(20.0)
+    assert beta_at(99, 100, options) == pytest.approx(2.0 + 18.0 / 80.0)
+
+
+@pytest.mark.parametrize("weighting", ["lfh", "uniform"])
+def test_optimized_model_written_back_matches_the_student(weighting: str, calib_for) -> None:
+    """After optimization the QDQ file holds exactly what the student computes (issue: write-back)."""
+    model = zoo.residual_cnn()
+    config = QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=12, weighting=weighting, hessian_samples=2, hessian_draws=3, batch_size=8))
+    result = quantize(model, calib_for(model, 16), config, progress=False)
+    report = result.report
+    assert report.optimization["iters"] == 12
+    assert (report.hessian != {}) == (weighting == "lfh")
+    state = result.state
+    twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
+    feeds = zoo.sample_inputs(model, 3, seed=4)
+    with torch.no_grad():
+        mine = twin.student(to_tensors(feeds))[0].numpy()
+    theirs = make_session(result.model, optimize=False).run(None, feeds)[0]
+    assert np.linalg.norm(mine - theirs) / np.linalg.norm(theirs) < 2e-2
+    # the learned biases went into the file (int32 codes changed for at least one layer)
+    init = quantize(model, calib_for(model, 16, name="c2"), QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=0)), progress=False)
+    q_after = {t.name: t for t in result.model.graph.initializer if t.name.endswith("_quantized")}
+    q_before = {t.name: t for t in init.model.graph.initializer if t.name.endswith("_quantized")}
+    assert any(q_after[k].SerializeToString() != q_before[k].SerializeToString() for k in q_after)
+
+
+def test_cli_optimization_writes_report_and_plots(tmp_path: Path, calib_for) -> None:
+    model = zoo.mlp()
+    import onnx
+
+    src = tmp_path / "mlp.onnx"
+    onnx.save(model, src)
+    out, report, plots = tmp_path / "q.onnx", tmp_path / "r.json", tmp_path / "plots"
+    result = CliRunner().invoke(main, [str(src), str(out), "--calib", str(calib_for(model, 16)), "--iters", "6",
+                                       "--hessian-samples", "2", "--hessian-draws", "3", "--opt-batch-size", "4",
+                                       "--report", str(report), "--plots", str(plots), "-q"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["optimization"]["iters"] == 6 and len(data["optimization"]["curve"]) >= 2
+    assert set(data["hessian"]["normalized"]) == set(data["optimization"]["loss_weights"])
+    assert all(0.0 <= v <= 1.0 for v in data["hessian"]["normalized"].values())
+    for name in ("lfh.png", "loss.png"):
+        assert (plots / name).stat().st_size > 1000
+
+
+def test_interrupt_during_optimization_writes_nothing(tmp_path: Path, calib_for, monkeypatch) -> None:
+    import onnx
+
+    import eptq_onnx.eptq as eptq_stage
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eptq_stage, "optimize", interrupted)
+    model = zoo.mlp()
+    src = tmp_path / "mlp.onnx"
+    onnx.save(model, src)
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(main, [str(src), str(out), "--calib", str(calib_for(model, 8)), "--iters", "3",
+                                       "--weighting", "uniform", "-q"])
+    assert result.exit_code == 130 and "interrupted" in result.output
+    assert not out.exists() and list(tmp_path.glob("q.onnx*")) == []
+
+
+def test_bad_optimization_options_are_usage_errors() -> None:
+    from eptq_onnx import UsageError
+
+    with pytest.raises(UsageError):
+        QuantConfig(optimize=OptimizeOptions(iters=-1))
+    with pytest.raises(UsageError):
+        QuantConfig(optimize=OptimizeOptions(time_budget_min=0))
