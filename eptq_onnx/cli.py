@@ -90,6 +90,7 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--opt-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batch size of the optimization.")
 @click.option("--learn-act-scales", is_flag=True, help="Also learn activation step sizes (default: fixed after calibration).")
+@click.option("--learn-weight-scales", is_flag=True, help="Also learn per-channel weight step multipliers (default: fixed).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the optimization: cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of minibatch sampling and Hutchinson draws.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
@@ -106,7 +107,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
-         learn_act_scales: bool, device: str, seed: int, plots_dir: Optional[Path], validation_samples: int,
+         learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, plots_dir: Optional[Path], validation_samples: int,
          report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
     """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
 
@@ -151,6 +152,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 hessian_distribution=hessian_distribution,  # type: ignore[arg-type]
                 batch_size=opt_batch_size,
                 learn_act_scales=learn_act_scales,
+                learn_weight_scales=learn_weight_scales,
                 device=device,
                 seed=seed,
             ),

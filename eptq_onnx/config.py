@@ -60,12 +60,14 @@ class OptimizeOptions:
     lr_rounding: float = 3e-2
     lr_bias: float = 1e-3
     lr_scale: float = 1e-3
-    reg_lambda: float = 0.01
-    reg_lambda_start: Optional[float] = None
+    # The regularizer is averaged over the rounding variables and the reconstruction divided by
+    # its initial value, so lambda does not depend on model size; 1000 decides every rounding
+    # variable within the annealing even in short (CPU) runs (paper: 0.01 on sums, 20K+ steps).
+    reg_lambda: float = 1000.0
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    learn_weight_scales: bool = True
+    learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (see README)
     learn_act_scales: bool = False
     learn_biases: bool = True
     device: str = "cpu"

@@ -1,12 +1,14 @@
-"""EPTQ: Hessian-weighted, network-wise optimization of rounding, step sizes and biases (Eq. 6).
+"""EPTQ: Hessian-weighted, network-wise optimization of rounding and biases (Eq. 6).
 
-L = sum_i w_i * mean over the batch of ||z_i - z~_i||_F^2 + lambda * sum_l f_reg(V_l)
+L = sum_i w_i * mean((z_i - z~_i)^2) / L_0 + lambda * mean_V f_reg(V)
 
 z_i: the float teacher's activation at quantization point i (and the model outputs), z~_i the
-student's; w_i: the log-normalized Label-Free Hessian trace (or uniform); f_reg: AdaRound's
-regularizer with beta annealed from 20 to 2 after a warm-up of 20% of the steps. Learned:
-the rounding variables V (RAdam, 3e-2), biases and weight steps (RAdam, 1e-3), activation steps
-by option (RAdam, 1e-3). Teacher activations are computed on the fly (no cache to run out of).
+student's; w_i: the log-normalized Label-Free Hessian trace (or uniform), rescaled to average 1;
+L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer, averaged over
+all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
+Learned: the rounding variables V (RAdam, 3e-2), biases (RAdam, 1e-3), by option per-channel
+weight step multipliers and activation steps (RAdam, 1e-3). Teacher activations are computed on
+the fly (no cache to run out of).
 """
 from __future__ import annotations
 
@@ -105,17 +107,6 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
     return options.beta_start + (options.beta_end - options.beta_start) * fraction
 
 
-def lambda_at(step: int, total: int, options: OptimizeOptions) -> float:
-    """Weight of the rounding regularizer: ramped geometrically from ``reg_lambda_start`` to
-    ``reg_lambda`` over the annealing phase (so the reconstruction shapes the rounding first and
-    the regularizer decides every rounding variable by the end)."""
-    start = int(options.warmup * total)
-    if step < start or options.reg_lambda_start is None:
-        return options.reg_lambda
-    fraction = (step - start) / max(1, total - start)
-    return options.reg_lambda_start * (options.reg_lambda / options.reg_lambda_start) ** fraction
-
-
 class Objective:
     """Eq. 6 on one batch."""
 
@@ -197,7 +188,7 @@ def optimize(
         beta = beta_at(step, iters, options)
         recon = objective.reconstruction(batches.sample(options.batch_size))
         reg = objective.regularizer(beta)
-        loss = recon / loss_scale + lambda_at(step, iters, options) * reg
+        loss = recon / loss_scale + options.reg_lambda * reg
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -28,3 +28,18 @@ def test_failing_method_becomes_a_row(tmp_path: Path) -> None:
     result = bench.bench_model(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=4, methods=[bench.Method("broken", broken)], bits=(8,))
     assert result.rows[1].error == "quantize: RuntimeError: boom"
     assert "failed: quantize: RuntimeError: boom" in bench.render([result], "x", 4, 1.0)
+
+
+def test_eptq_row_mlp_isolated(tmp_path: Path) -> None:
+    """One EPTQ-LFH row (5 steps) in its own process, with peak RSS, and an n/a ORT row at W3."""
+    methods = [m for m in bench.eptq_methods(5) if m.label in ("EPTQ-LFH", "ORT MinMax")]
+    result = bench.bench_model(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=8, methods=methods, bits=(3,),
+                               isolate=True, latency=False)
+    lfh, ort_row = result.rows[1:]
+    assert lfh.error is None, lfh.error
+    assert lfh.outcome is not None and lfh.outcome.iters == 5 and lfh.score is not None and math.isfinite(lfh.score.sqnr_db)
+    assert lfh.outcome.sqnr_before_db is not None and lfh.outcome.sqnr_after_db is not None
+    assert lfh.peak_rss_mb and lfh.start_rss_mb and lfh.peak_rss_mb >= lfh.start_rss_mb > 10
+    assert ort_row.not_applicable == "onnxruntime has no 3-bit type" and ort_row.error is None
+    text = bench.render([], "x", 8, 1.0, sections=("eptq",), eptq=[result], eptq_iters=5)
+    assert "| EPTQ-LFH | W3A8 |" in text and "n/a: onnxruntime has no 3-bit type" in text
