@@ -84,16 +84,20 @@ def write_outputs(net: torch.nn.Module, train_x: np.ndarray, test_x: np.ndarray,
         net, (torch.from_numpy(train_x[:2]),), opset=13, input_names=["image"], output_names=["logits"]
     )
     model.producer_name, model.doc_string = "eptq_onnx demo", "Residual CNN on sklearn digits (32x32, normalized)"
-    model_path = DEMO_DIR / "digits_resnet.onnx"
-    onnx.save(model, model_path)
+    return write_bundle(model, DEMO_DIR / "digits_resnet.onnx", train_x[:N_CALIB], test_x, test_y)
 
-    calib_dir = DEMO_DIR / "calib"
+
+def write_bundle(model: onnx.ModelProto, model_path: Path, calib: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> Path:
+    """Write the model, a calib/ folder beside it (one .npy sample per file) and test.npz; return the model path."""
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, model_path)
+    calib_dir = model_path.parent / "calib"
     calib_dir.mkdir(exist_ok=True)
     for stale in calib_dir.glob("*.npy"):
         stale.unlink()
-    for i, sample in enumerate(train_x[:N_CALIB]):
+    for i, sample in enumerate(calib):
         np.save(calib_dir / f"{i:04d}.npy", sample)
-    np.savez_compressed(DEMO_DIR / "test.npz", image=test_x, label=test_y)
+    np.savez_compressed(model_path.parent / "test.npz", image=test_x, label=test_y)
     return model_path
 
 

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `models` importable
 
 from models import zoo  # noqa: E402
-from models.build_demo import N_CALIB, evaluate_torch, split  # noqa: E402
+from models.build_demo import N_CALIB, evaluate_torch, split, write_bundle  # noqa: E402
 from models.demo.evaluate import accuracy  # noqa: E402
 
 VIT_DIR = ROOT / "models" / "digits_vit"
@@ -89,22 +89,11 @@ def train(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: 
 
 def write_outputs(net: nn.Module, train_x: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> Path:
     """Write the ONNX model, the calibration folder and the test set; return the model path."""
-    VIT_DIR.mkdir(parents=True, exist_ok=True)
     model = zoo.exported(net, (torch.from_numpy(train_x[:2]),), opset=OPSET, input_names=["image"], output_names=["logits"])
     model.ir_version = IR_VERSION
     model.producer_name, model.doc_string = "eptq_onnx digits ViT", "Tiny ViT on sklearn digits (8x8, normalized)"
     onnx.checker.check_model(model)
-    model_path = VIT_DIR / "digits_vit.onnx"
-    onnx.save(model, model_path)
-
-    calib_dir = VIT_DIR / "calib"
-    calib_dir.mkdir(exist_ok=True)
-    for stale in calib_dir.glob("*.npy"):
-        stale.unlink()
-    for i, sample in enumerate(train_x[:N_CALIB]):
-        np.save(calib_dir / f"{i:04d}.npy", sample)
-    np.savez_compressed(VIT_DIR / "test.npz", image=test_x, label=test_y)
-    return model_path
+    return write_bundle(model, VIT_DIR / "digits_vit.onnx", train_x[:N_CALIB], test_x, test_y)
 
 
 def main() -> None:
