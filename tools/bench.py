@@ -79,7 +79,7 @@ ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear acce
 DEMO_DIR = ROOT / "models" / "demo"
 VIT_DIR = ROOT / "models" / "digits_vit"
 SECTIONS = ("zoo", "eptq", "lfh", "step")
-DEFAULT_EPTQ_ITERS = 500  # 2000 takes too long on a 2-core CPU (EPTQ_ITERS_NOTE)
+DEFAULT_EPTQ_ITERS = 2000
 DEFAULT_EPTQ_CALIB_SAMPLES = 256  # every bundled calibration sample of the demo and the digits ViT
 EPTQ_MODELS = ("demo", "digits_vit")
 EPTQ_BITS = (4, 3)
@@ -388,7 +388,11 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 
+LOADS: List[float] = []  # 1-minute load average at every progress message of this run
+
+
 def _log(message: str) -> None:
+    LOADS.append(os.getloadavg()[0])
     print(message, file=sys.stderr, flush=True)
 
 
@@ -804,11 +808,14 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-EPTQ_ITERS_NOTE = (  # why the default step count is what it is
-    "- The default is 500 steps, not the 2000 first planned: on this 2-core CPU one EPTQ step of the demo CNN at\n"
-    "  batch 32 takes about 0.1 s alone and 0.35 s with other processes competing, so the four demo runs alone\n"
-    "  would take 15-45 minutes at 2000 steps. `--eptq-iters 2000` runs the longer variant.\n"
+EPTQ_ITERS_NOTE = (  # what the step count costs on a small CPU
+    "- On a 2-core CPU one EPTQ step of the demo CNN at batch 32 takes about 0.06 s with the machine to itself\n"
+    "  (2000 steps: about 2 minutes per run, 15 minutes for the whole benchmark), but up to 0.45 s while other\n"
+    "  processes compete for the CPUs (torch's two threads then wait on each other): `--eptq-iters 500` is a\n"
+    "  quicker variant. Fewer steps give clearly worse EPTQ results here (at 500 steps EPTQ-LFH stayed below\n"
+    "  the MSE init on the demo model).\n"
 )
+
 
 EPTQ_READING = """\
 ## Reading the EPTQ numbers
@@ -903,7 +910,7 @@ def render(
     costs: Sequence[Cost] = (),
     eptq_iters: int = DEFAULT_EPTQ_ITERS,
     eptq_calib_samples: int = DEFAULT_EPTQ_CALIB_SAMPLES,
-    load: Optional[Tuple[float, float]] = None,
+    load: Optional[Sequence[float]] = None,
     sources: Optional[Tuple[str, str]] = None,
 ) -> str:
     """The markdown report of the sections that ran."""
@@ -921,12 +928,12 @@ def render(
         f"- versions: eptq_onnx {eptq_onnx.__version__} (git {_git_state()}), onnxruntime {ort.__version__}, "
         f"onnx {onnx.__version__}, torch {_version('torch')} ({torch.get_num_threads()} threads), numpy {np.__version__}",
     ]
-    if load is not None:
-        lines.append(
-            f"- 1-minute load average at start / end: {load[0]:.1f} / {load[1]:.1f} (above the CPU count, other "
-            "processes were competing for the CPUs and every time below is inflated)"
-            if max(load) > os.cpu_count() else f"- 1-minute load average at start / end: {load[0]:.1f} / {load[1]:.1f}"
-        )
+    if load:
+        text = f"- 1-minute load average at start / highest / end: {load[0]:.1f} / {max(load):.1f} / {load[-1]:.1f}"
+        if max(load) > (os.cpu_count() or 1):
+            text += (" (above the CPU count: other processes competed for the CPUs during part of the run, and the "
+                     "times measured then are inflated, EPTQ's several-fold)")
+        lines.append(text)
     if sources is not None and sources[0] != sources[1]:
         lines.append(f"- **WARNING: eptq_onnx's sources changed during this run** (digest {sources[0]} at the start, "
                      f"{sources[1]} at the end): rows may come from different versions; run it again")
@@ -990,7 +997,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.eptq_iters < 1:
         parser.error("--eptq-iters must be at least 1")
     _quiet()
-    start, load_start, sources_start = time.perf_counter(), os.getloadavg()[0], _source_digest()
+    LOADS.clear()
+    _log(f"tools/bench.py: sections {', '.join(sections)}")
+    start, sources_start = time.perf_counter(), _source_digest()
     eptq: List[ModelResult] = []
     if "eptq" in sections:
         for name in EPTQ_MODELS:
@@ -1015,7 +1024,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = render(
         results, _command([sys.argv[0], *argv]), args.calib_samples, time.perf_counter() - start, sections=sections,
         eptq=eptq, costs=costs, eptq_iters=args.eptq_iters, eptq_calib_samples=args.eptq_calib_samples,
-        load=(load_start, os.getloadavg()[0]), sources=(sources_start, _source_digest()),
+        load=[*LOADS, os.getloadavg()[0]], sources=(sources_start, _source_digest()),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
