@@ -101,17 +101,22 @@ def write_bundle(model: onnx.ModelProto, model_path: Path, calib: np.ndarray, te
     return model_path
 
 
-def main() -> None:
+def run_build(load, train_fn, write_fn, test_set: Path) -> None:
+    """Load digits, train, write the bundle and print what was written (shared by the build scripts)."""
     start = time.perf_counter()
     torch.set_num_threads(1)
-    train_x, train_y, test_x, test_y = split(*load_images())
-    net = train(train_x, train_y, test_x, test_y)
-    model_path = write_outputs(net, train_x, test_x, test_y)
+    train_x, train_y, test_x, test_y = split(*load())
+    net = train_fn(train_x, train_y, test_x, test_y)
+    model_path = write_fn(net, train_x, test_x, test_y)
     params = sum(p.numel() for p in net.parameters())
     print(
-        f"wrote {model_path.relative_to(ROOT)}: {params} parameters, "
-        f"onnxruntime test accuracy {accuracy(model_path):.4f} ({time.perf_counter() - start:.0f} s)"
+        f"wrote {model_path.relative_to(ROOT)}: {params} parameters, onnxruntime test accuracy "
+        f"{accuracy(model_path, test_set):.4f} ({time.perf_counter() - start:.0f} s)"
     )
+
+
+def main() -> None:
+    run_build(load_images, train, write_outputs, DEMO_DIR / "test.npz")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `models` importable
 
 from models import zoo  # noqa: E402
-from models.build_demo import N_CALIB, evaluate_torch, split, write_bundle  # noqa: E402
+from models.build_demo import N_CALIB, evaluate_torch, run_build, split, write_bundle  # noqa: E402
 from models.demo.evaluate import accuracy  # noqa: E402
 
 VIT_DIR = ROOT / "models" / "digits_vit"
@@ -97,16 +97,7 @@ def write_outputs(net: nn.Module, train_x: np.ndarray, test_x: np.ndarray, test_
 
 
 def main() -> None:
-    start = time.perf_counter()
-    torch.set_num_threads(1)
-    train_x, train_y, test_x, test_y = split(*load_images())
-    net = train(train_x, train_y, test_x, test_y)
-    model_path = write_outputs(net, train_x, test_x, test_y)
-    params = sum(p.numel() for p in net.parameters())
-    print(
-        f"wrote {model_path.relative_to(ROOT)}: {params} parameters, onnxruntime test accuracy "
-        f"{accuracy(model_path, VIT_DIR / 'test.npz'):.4f} ({time.perf_counter() - start:.0f} s)"
-    )
+    run_build(load_images, train, write_outputs, VIT_DIR / "test.npz")
 
 
 if __name__ == "__main__":
