@@ -11,7 +11,6 @@ Outputs: ``digits_vit.onnx`` (opset 17, IR version 8, dynamic batch, input "imag
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,6 @@ sys.path.insert(0, str(ROOT))  # run as a script: make `models` importable
 
 from models import zoo  # noqa: E402
 from models.build_demo import N_CALIB, evaluate_torch, run_build, split, write_bundle  # noqa: E402
-from models.demo.evaluate import accuracy  # noqa: E402
 
 VIT_DIR = ROOT / "models" / "digits_vit"
 MEAN, STD = 0.3053, 0.3760  # mean/std of all 8x8 digits (pixel values / 16), fixed for reproducibility
