@@ -70,6 +70,9 @@ class OptimizeOptions:
     learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (see README)
     learn_act_scales: bool = False
     learn_biases: bool = True
+    # discard the optimized state when its outputs score below the initialized model's on the
+    # check samples (short runs can end there), with a FALLBACK warning
+    discard_if_worse: bool = True
     device: str = "cpu"
     seed: int = 0
     weighting: Weighting = "lfh"

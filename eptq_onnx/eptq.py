@@ -49,6 +49,7 @@ class EptqOutcome:
     loss_weights: Dict[str, float]
     sqnr_before: Dict[str, float]
     sqnr_after: Dict[str, float]
+    kept_init: Optional[str] = None  # why the optimized state was discarded for the initialized one
 
 
 def loss_tensors(model: onnx.ModelProto, plan: QuantPlan) -> List[str]:
@@ -147,5 +148,24 @@ def run_eptq(
     result = optimize(twin, feeds, loss_weights, options, progress=progress, log=log)
     after = tensor_sqnr(twin, check, names, options.device)
     twin.student.to("cpu")
+    outputs = [o.name for o in model.graph.output if o.name in before]
+    worse = output_regression(before, after, outputs)
+    if worse is not None and options.discard_if_worse:
+        return EptqOutcome(model, weights, acts, hessian, fb_seconds, result, loss_weights, before, after, kept_init=worse)
     new_model, new_weights, new_acts = _write_back(twin, model, acts)
     return EptqOutcome(new_model, new_weights, new_acts, hessian, fb_seconds, result, loss_weights, before, after)
+
+
+def output_regression(before: Dict[str, float], after: Dict[str, float], outputs: List[str]) -> Optional[str]:
+    """Why the optimized model is worse than the initialized one (mean output SQNR on the check
+    samples), or None when it is not."""
+    if not outputs:
+        return None
+    mean_before = float(np.mean([min(before[o], 200.0) for o in outputs]))
+    mean_after = float(np.mean([min(after[o], 200.0) for o in outputs]))
+    if mean_after >= mean_before:
+        return None
+    return (
+        f"the optimized model's output SQNR on the check samples ({mean_after:.2f} dB) is below the "
+        f"MSE-initialized model's ({mean_before:.2f} dB)"
+    )

@@ -8,17 +8,20 @@ L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer,
 all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
 Learned: the rounding variables V (RAdam, 3e-2), biases (RAdam, 1e-3), by option per-channel
 weight step multipliers and activation steps (RAdam, 1e-3). Teacher activations are computed on
-the fly (no cache to run out of).
+the fly, or once for all samples when they fit a memory budget (float16 where the values fit;
+a quarter of the free memory, at most 2 GiB), so a step costs one student forward and backward.
 """
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -35,6 +38,7 @@ class OptimizeResult:
     seconds: float
     step_seconds: float
     why: str
+    teacher: str = ""
     curve: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, reconstruction, regularizer)
 
 
@@ -47,18 +51,84 @@ class Batches:
         self.rng = np.random.default_rng(seed)
         self.stacked: Optional[Dict[str, Tensor]] = None
         if len(shapes) == 1:
-            self.stacked = {k: torch.from_numpy(np.concatenate([f[k] for f in feeds])) for k in feeds[0]}
+            self.stacked = {k: torch.from_numpy(np.concatenate([f[k] for f in feeds])).to(device) for k in feeds[0]}
             self.count = len(next(iter(self.stacked.values())))
         else:  # samples of different shapes: draw whole stored batches
             self.parts = [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds]
             self.count = sum(len(next(iter(f.values()))) for f in feeds)
 
-    def sample(self, size: int) -> Dict[str, Tensor]:
+    def sample(self, size: int) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
+        """(indices into the stacked samples or None, the minibatch)."""
         if self.stacked is not None:
-            index = torch.from_numpy(self.rng.choice(self.count, size=min(size, self.count), replace=False))
-            return {k: v[index].to(self.device) for k, v in self.stacked.items()}
+            index = torch.from_numpy(self.rng.choice(self.count, size=min(size, self.count), replace=False)).to(self.device)
+            return index, {k: v[index] for k, v in self.stacked.items()}
         part = self.parts[int(self.rng.integers(len(self.parts)))]
-        return {k: v.to(self.device) for k, v in part.items()}
+        return None, {k: v.to(self.device) for k, v in part.items()}
+
+    def chunks(self, size: int) -> Iterator[Dict[str, Tensor]]:
+        """The stacked samples in order, ``size`` at a time."""
+        assert self.stacked is not None
+        for start in range(0, self.count, size):
+            yield {k: v[start : start + size] for k, v in self.stacked.items()}
+
+
+def cache_budget_bytes(device: str) -> int:
+    """Memory the teacher cache may take: a quarter of the free memory, at most 2 GiB."""
+    free = 0
+    if device.startswith("cuda") and torch.cuda.is_available():
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    elif hasattr(os, "sysconf"):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            free = 0
+    return min(CACHE_MAX_BYTES, free // 4) if free else CACHE_MAX_BYTES // 4
+
+
+CACHE_MAX_BYTES = 2 << 30
+FP16_MAX = 60000.0  # below float16's 65504: larger values are cached in float32
+
+
+class TeacherCache:
+    """The teacher's tensors at the loss points for every stacked calibration sample.
+
+    Computed once (float16 where every value fits, else float32) when they fit ``budget`` bytes;
+    otherwise ``build`` returns None and the teacher runs on the fly at every step.
+    """
+
+    def __init__(self, values: Dict[str, Tensor]) -> None:
+        self.values = values
+
+    @classmethod
+    def build(cls, twin: Twin, names: Sequence[str], batches: Batches, chunk: int, budget: int) -> Optional["TeacherCache"]:
+        if batches.stacked is None:
+            return None
+        with torch.no_grad():
+            first = next(batches.chunks(1))
+            _, probe = twin.teacher.run(first, names)
+            per_sample = sum(v.numel() * 2 for v in probe.values())
+            if per_sample * batches.count > budget:
+                return None
+            parts: Dict[str, List[Tensor]] = {n: [] for n in names}
+            for feeds in batches.chunks(chunk):
+                _, values = twin.teacher.run(feeds, names)
+                for n in names:
+                    parts[n].append(values[n])
+        stacked = {n: torch.cat(parts[n]) for n in names}
+        return cls({n: _compact(v) for n, v in stacked.items()})
+
+    def get(self, index: Tensor) -> Dict[str, Tensor]:
+        return {n: v.index_select(0, index).float() for n, v in self.values.items()}
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values.values())
+
+
+def _compact(values: Tensor) -> Tensor:
+    """float16 when every value is finite and within its range (rounding error ~1e-3 relative), else float32."""
+    if values.dtype == torch.float32 and bool(torch.isfinite(values).all()) and float(values.abs().max()) < FP16_MAX:
+        return values.half()
+    return values
 
 
 def _parameter_groups(twin: Twin, options: OptimizeOptions) -> List[dict]:
@@ -91,11 +161,11 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions) -> List[dict]:
     return groups
 
 
-def _start_rounding(twin: Twin) -> None:
+def _start_rounding(twin: Twin, fixed_scale: bool) -> None:
     """Switch every weight quantizer of the student to learned (soft) rounding."""
     weights = {m.weight_name: m.weight for m in twin.student.modules() if isinstance(m, WeightedOp)}
     for name, wfq in twin.weight_quant.items():
-        wfq.start_rounding(weights[name])
+        wfq.start_rounding(weights[name], fixed_scale=fixed_scale)
 
 
 def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
@@ -110,20 +180,26 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
 class Objective:
     """Eq. 6 on one batch."""
 
-    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions) -> None:
+    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions, cache: Optional[TeacherCache] = None) -> None:
         self.twin = twin
         self.names = [n for n, w in weights.items() if w > 0]
         self.weights = weights
         self.options = options
+        self.cache = cache
 
-    def reconstruction(self, feeds: Dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            _, target = self.twin.teacher.run(feeds, self.names)
+    def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
+        """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
+        for wfq in self.twin.weight_quant.values():
+            wfq.refresh()
+        index, feeds = batch
+        if self.cache is not None and index is not None:
+            target = self.cache.get(index)
+        else:
+            with torch.no_grad():
+                _, target = self.twin.teacher.run(feeds, self.names)
         _, student = self.twin.student.run(feeds, self.names)
-        total = torch.zeros((), device=next(iter(feeds.values())).device)
-        for name in self.names:
-            total = total + self.weights[name] * (target[name] - student[name]).pow(2).mean()
-        return total
+        terms = [self.weights[n] * F.mse_loss(student[n], target[n]) for n in self.names]
+        return torch.stack(terms).sum()
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
         if beta is None:
@@ -173,14 +249,21 @@ def optimize(
     device = torch.device(options.device)
     twin.teacher.to(device).eval()
     twin.student.to(device).eval()
-    _start_rounding(twin)
-    optimizer = torch.optim.RAdam(_parameter_groups(twin, options))
+    _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
+    optimizer = torch.optim.RAdam(_parameter_groups(twin, options), foreach=True)
     batches = Batches(feeds, options.device, options.seed)
-    objective = Objective(twin, loss_weights, options)
+    names = [n for n, w in loss_weights.items() if w > 0]
+    cache = TeacherCache.build(twin, names, batches, options.batch_size, cache_budget_bytes(options.device))
+    objective = Objective(twin, loss_weights, options, cache)
     iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options)
     optimizer.zero_grad(set_to_none=True)
-    log(f"EPTQ: {why}")
-    result = OptimizeResult(iters=iters, seconds=0.0, step_seconds=step_seconds, why=why)
+    teacher = (
+        f"teacher tensors of {batches.count} samples cached in memory ({cache.nbytes() / 2**20:.1f} MiB)"
+        if cache is not None
+        else "teacher run on the fly at every step (its tensors would not fit the cache budget)"
+    )
+    log(f"EPTQ: {why}; {teacher}")
+    result = OptimizeResult(iters=iters, seconds=0.0, step_seconds=step_seconds, why=why, teacher=teacher)
     start = time.perf_counter()
     record_every = max(1, iters // 200)
     bar = tqdm(range(iters), desc="EPTQ optimization", disable=not progress, unit="step")
@@ -198,7 +281,7 @@ def optimize(
             bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
     result.seconds = time.perf_counter() - start
     for wfq in twin.weight_quant.values():
-        wfq.mode = "hard"
+        wfq.mode, wfq.h = "hard", None
     for p in twin.student.parameters():
         p.requires_grad_(False)
     return result

@@ -168,6 +168,11 @@ def quantize(
             else:
                 quantized_model, weights, acts = outcome.float_model, outcome.weights, outcome.acts
                 _report_eptq(report, outcome)
+                if outcome.kept_init:
+                    report.warn(
+                        f"FALLBACK: EPTQ result discarded, the output is the MSE-initialized model: {outcome.kept_init}; "
+                        "give the optimization more steps (--iters, --time-budget)"
+                    )
     with timer.stage("write"):
         qdq, summary = write_qdq(
             quantized_model,
@@ -218,6 +223,7 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
         "curve": opt.curve,
         "sqnr_before_db": outcome.sqnr_before,
         "sqnr_after_db": outcome.sqnr_after,
+        "kept_init": outcome.kept_init,
     }
     if outcome.hessian is not None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),

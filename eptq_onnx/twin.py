@@ -32,6 +32,28 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+class ClippedRound(torch.autograd.Function):
+    """Fake quantization with a fixed step for training: clip to the grid's range, round to the
+    grid, straight-through gradient inside the range and zero outside (one fused backward kernel).
+
+    4 passes forward, 1 backward: 4-5x faster than the autograd composition or torch's
+    fake_quantize kernel. Multiplies by 1 / s where onnxruntime divides by s, so a value within
+    an ulp of a rounding tie may land on the other code: evaluation (no grad) uses the exact path.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float, zero_point: float, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
+        low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+        ctx.save_for_backward(x)
+        ctx.bounds = (low, high)
+        return torch.clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None, None, None, None
+
+
 class ActFakeQuant(nn.Module):
     """QuantizeLinear -> DequantizeLinear on one activation group (per tensor)."""
 
@@ -55,6 +77,8 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
+        if torch.is_grad_enabled() and not self.factor.requires_grad and x.is_floating_point():
+            return ClippedRound.apply(x, float(self.base_scale), float(self.zero_point), self.qmin, self.qmax)
         scale = self.scale
         return (self.codes(x) - self.zero_point) * scale
 
@@ -97,6 +121,11 @@ class WeightFakeQuant(nn.Module):
         # learned as a per-channel multiplier of the initial step (relative updates)
         self.factor = nn.Parameter(torch.ones_like(self.base_scale), requires_grad=False)
         self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
+        # with a fixed step (start_rounding): clip(floor(w / s)) and where rounding up stays in
+        # range, both also premultiplied by s, so a soft step is one addcmul
+        for name in ("floor_base", "room", "floor_scaled", "room_scaled"):
+            self.register_buffer(name, None)
+        self.h: Optional[Tensor] = None  # h(V) of the current step (refresh), shared by forward and regularizer
         self.mode = "fixed"
         self.enabled = True
 
@@ -107,30 +136,53 @@ class WeightFakeQuant(nn.Module):
     def channel_scale(self) -> Tensor:
         return self.scale.reshape(_channel_shape(self.codes.dim(), self.axis))
 
-    def start_rounding(self, w: Tensor) -> None:
-        """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s."""
-        scaled = (w.detach() / self.channel_scale().detach()).to(self.codes.dtype)
-        self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - torch.floor(scaled)))
+    def start_rounding(self, w: Tensor, fixed_scale: bool = False) -> None:
+        """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s.
+
+        ``fixed_scale`` (the weight and its step stay constant while V is learned) precomputes
+        clip(floor(w / s)) and where rounding up stays inside the integer range.
+        """
+        s = self.channel_scale().detach()
+        scaled = (w.detach() / s).to(self.codes.dtype)
+        floor = torch.floor(scaled)
+        self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - floor))
         self.mode = "soft"
+        self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
+        if fixed_scale:
+            self.floor_base = torch.clamp(floor, self.qmin, self.qmax)
+            self.room = ((floor >= self.qmin) & (floor < self.qmax)).to(floor.dtype)
+            self.floor_scaled, self.room_scaled = self.floor_base * s, self.room * s
+
+    def refresh(self) -> None:
+        """Compute h(V) once for this step (forward and regularizer read it); call after every update."""
+        assert self.rounding is not None
+        self.h = rectified_sigmoid(self.rounding)
+
+    def _h(self) -> Tensor:
+        assert self.rounding is not None
+        return self.h if self.h is not None else rectified_sigmoid(self.rounding)
 
     def rounded(self, w: Tensor, hard: bool) -> Tensor:
-        """Integer codes (as floats) from floor(w / s) + h(V)."""
-        assert self.rounding is not None
-        s = self.channel_scale()
-        h = rectified_sigmoid(self.rounding)
+        """Integer codes (as floats) from floor(w / s) + h(V), clipped to the integer range."""
+        h = self._h()
         up = (h >= 0.5).to(h.dtype) if hard else h
+        if self.floor_base is not None and self.room is not None:
+            # == clip(floor + up, qmin, qmax): up <= 1, and room is 0 where floor < qmin or >= qmax
+            return self.floor_base + up * self.room
+        s = self.channel_scale()
         return torch.clamp(torch.floor(w / s.detach()) + up, self.qmin, self.qmax)
 
     def regularizer(self, beta: float) -> Tensor:
         """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1."""
-        assert self.rounding is not None
-        return (1.0 - torch.abs(2.0 * rectified_sigmoid(self.rounding) - 1.0) ** beta).sum()
+        return (1.0 - torch.abs(2.0 * self._h() - 1.0) ** beta).sum()
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
             return w
         if self.mode == "fixed":
             return self.codes * self.channel_scale()
+        if self.mode == "soft" and self.floor_scaled is not None and self.room_scaled is not None:
+            return torch.addcmul(self.floor_scaled, self._h(), self.room_scaled)
         return self.rounded(w, hard=self.mode == "hard") * self.channel_scale()
 
     def export(self, w: Tensor) -> WeightQuant:
@@ -161,7 +213,21 @@ class BiasFakeQuant(nn.Module):
             return b
         act, weight = self._refs
         scale = act.scale * weight.scale
+        if torch.is_grad_enabled() and not (act.factor.requires_grad or weight.factor.requires_grad):
+            return RoundToGrid.apply(b, scale)
         return torch.clamp(round_ste(b / scale), -INT32_MAX, INT32_MAX) * scale
+
+
+class RoundToGrid(torch.autograd.Function):
+    """int32 bias codes x step with a fixed step, straight-through gradient (one node in the graph)."""
+
+    @staticmethod
+    def forward(ctx, b: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.clamp(torch.round(b / scale), -INT32_MAX, INT32_MAX) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None
 
 
 class TapStore:

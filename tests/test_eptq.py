@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
+from eptq_onnx.eptq import output_regression
 from eptq_onnx.optimize import beta_at
 from eptq_onnx.runtime import make_session
 from eptq_onnx.twin import (
@@ -57,7 +58,8 @@ def test_beta_schedule_warmup_then_linear_anneal() -> None:
 def test_optimized_model_written_back_matches_the_student(weighting: str, calib_for) -> None:
     """After optimization the QDQ file holds exactly what the student computes (issue: write-back)."""
     model = zoo.residual_cnn()
-    config = QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=12, weighting=weighting, hessian_samples=2, hessian_draws=3, batch_size=8))
+    options = OptimizeOptions(iters=12, weighting=weighting, hessian_samples=2, hessian_draws=3, batch_size=8, discard_if_worse=False)
+    config = QuantConfig(weight_bits=4, optimize=options)
     result = quantize(model, calib_for(model, 16), config, progress=False)
     report = result.report
     assert report.optimization["iters"] == 12
@@ -74,6 +76,27 @@ def test_optimized_model_written_back_matches_the_student(weighting: str, calib_
     q_after = {t.name: t for t in result.model.graph.initializer if t.name.endswith("_quantized")}
     q_before = {t.name: t for t in init.model.graph.initializer if t.name.endswith("_quantized")}
     assert any(q_after[k].SerializeToString() != q_before[k].SerializeToString() for k in q_after)
+
+
+def test_output_regression_names_the_drop_and_ignores_gains() -> None:
+    before = {"logits": 20.0, "hidden": 30.0}
+    assert output_regression(before, {"logits": 21.0, "hidden": 10.0}, ["logits"]) is None
+    why = output_regression(before, {"logits": 18.5, "hidden": 40.0}, ["logits"])
+    assert why is not None and "18.50 dB" in why and "20.00 dB" in why
+    assert output_regression(before, {"logits": 0.0}, []) is None
+
+
+def test_a_worse_optimization_is_discarded_loudly(calib_for) -> None:
+    """With lambda so large that rounding is forced at once, the result is discarded for the init."""
+    model = zoo.residual_cnn()
+    calib = calib_for(model, 16)
+    options = OptimizeOptions(iters=6, weighting="uniform", batch_size=8, reg_lambda=1e9, lr_rounding=1.0, warmup=0.0)
+    result = quantize(model, calib, QuantConfig(weight_bits=3, optimize=options), progress=False)
+    init = quantize(model, calib, QuantConfig(weight_bits=3, optimize=OptimizeOptions(iters=0)), progress=False)
+    kept = result.report.optimization["kept_init"]
+    assert kept is not None and "below the MSE-initialized" in kept
+    assert any(w.startswith("FALLBACK: EPTQ result discarded") for w in result.report.warnings)
+    assert result.model.SerializeToString() == init.model.SerializeToString()
 
 
 def test_cli_optimization_writes_report_and_plots(tmp_path: Path, calib_for) -> None:

@@ -97,6 +97,7 @@ class Outcome:
     iters: Optional[int] = None
     sqnr_before_db: Optional[float] = None
     sqnr_after_db: Optional[float] = None
+    kept_init: bool = False  # the optimized state was worse than the init and was discarded
 
 
 # float model, calib folder, samples, weight bits, output -> what the method reports (None: nothing)
@@ -145,7 +146,8 @@ class Ours:
             values = [v for k, v in (optimization.get(key) or {}).items() if k in outputs]
             return min(values) if values else None
 
-        return Outcome(int(optimization.get("iters", 0)), worst("sqnr_before_db"), worst("sqnr_after_db"))
+        return Outcome(int(optimization.get("iters", 0)), worst("sqnr_before_db"), worst("sqnr_after_db"),
+                       bool(optimization.get("kept_init")))
 
 
 def ours(label: str, weight_init: str, calib_method: str) -> Method:
@@ -699,6 +701,7 @@ def _eptq_table(result: ModelResult) -> List[str]:
             rss = None if row.peak_rss_mb is None or row.start_rss_mb is None else row.peak_rss_mb - row.start_rss_mb
             out = row.outcome or Outcome()
             calib = "—" if out.sqnr_before_db is None or out.sqnr_after_db is None else f"{out.sqnr_before_db:.2f} → {out.sqnr_after_db:.2f}"
+            calib += " (worse: init kept)" if out.kept_init else ""
             cells += [
                 _percent(row.score.top1), _percent(row.score.agree), "ref" if row.bits is None else f"{row.score.sqnr_db:.2f}",
                 "—" if delta is None else f"{delta:+.2f}", _fmt(row.time_s, ".1f"), _fmt(row.peak_rss_mb, ".0f"),
@@ -844,6 +847,8 @@ EPTQ_READING = """\
   SQNR of the logits of the torch fake-quant student against the float teacher on the first 64
   calibration samples (seen by the optimization), before and after it. Set against the test-set SQNR it
   separates an optimization that does not lower its own loss from one that does not generalize.
+  "worse: init kept" marks a run whose optimized outputs scored below the init there: the tool then
+  writes the MSE-initialized model (with a FALLBACK warning), so the row's test figures are the init's.
 {iters_note}"""
 
 COST_READING = """\
