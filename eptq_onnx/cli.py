@@ -93,6 +93,9 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--learn-weight-scales", is_flag=True, help="Also learn per-channel weight step multipliers (default: fixed).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the optimization: cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of minibatch sampling and Hutchinson draws.")
+@click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path), default=None,
+              help="Save the optimization state in this folder (every 5 minutes and when stopped); rerunning "
+              "the same command resumes from it with the same result as an uninterrupted run.")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write PNG plots here: LFH per layer, loss curve.")
 @click.option("--validation-samples", type=click.IntRange(min=1), default=64, show_default=True,
@@ -107,7 +110,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
-         learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, plots_dir: Optional[Path], validation_samples: int,
+         learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], plots_dir: Optional[Path], validation_samples: int,
          report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
     """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
 
@@ -155,6 +158,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 learn_weight_scales=learn_weight_scales,
                 device=device,
                 seed=seed,
+                checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             ),
         )
         result = quantize(input_model, calib_dir, config, output=output_model, force=force,
@@ -163,7 +167,8 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
+        resume = f"; the optimization state is in {checkpoint_dir}: rerun the same command to resume" if checkpoint_dir else ""
+        click.echo(f"interrupted: nothing was written{resume}", err=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
         if debug:

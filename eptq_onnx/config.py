@@ -73,6 +73,8 @@ class OptimizeOptions:
     # discard the optimized state when its outputs score below the initialized model's on the
     # check samples (short runs can end there), with a FALLBACK warning
     discard_if_worse: bool = True
+    checkpoint_dir: Optional[str] = None  # save / resume the optimization here (--checkpoint)
+    checkpoint_every_s: float = 300.0
     device: str = "cpu"
     seed: int = 0
     weighting: Weighting = "lfh"

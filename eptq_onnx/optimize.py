@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from .checkpoint import Checkpoint, LoopState, deferred_stops, fingerprint, restore
 from .config import OptimizeOptions
 from .twin import Twin
 from .torch_ops import WeightedOp
@@ -64,6 +66,12 @@ class Batches:
             return index, {k: v[index] for k, v in self.stacked.items()}
         part = self.parts[int(self.rng.integers(len(self.parts)))]
         return None, {k: v.to(self.device) for k, v in part.items()}
+
+    def tensors(self) -> Dict[str, Tensor]:
+        """Every sample, by input name (and stored batch), for fingerprinting the data."""
+        if self.stacked is not None:
+            return dict(self.stacked)
+        return {f"{i}:{k}": v for i, part in enumerate(self.parts) for k, v in part.items()}
 
     def chunks(self, size: int) -> Iterator[Dict[str, Tensor]]:
         """The stacked samples in order, ``size`` at a time."""
@@ -244,7 +252,12 @@ def optimize(
     progress: bool = True,
     log=print,
 ) -> OptimizeResult:
-    """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode."""
+    """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode.
+
+    With ``options.checkpoint_dir`` the loop's state is saved there every
+    ``checkpoint_every_s`` seconds, when it is interrupted (Ctrl-C, SIGTERM) and at the end, and a
+    run finding a checkpoint of the same model, data and settings resumes from it.
+    """
     torch.manual_seed(options.seed)
     device = torch.device(options.device)
     twin.teacher.to(device).eval()
@@ -255,36 +268,71 @@ def optimize(
     names = [n for n, w in loss_weights.items() if w > 0]
     cache = TeacherCache.build(twin, names, batches, options.batch_size, cache_budget_bytes(options.device))
     objective = Objective(twin, loss_weights, options, cache)
-    iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options)
+    checkpoint = None
+    if options.checkpoint_dir is not None:
+        digest = fingerprint(twin.student, loss_weights, options, batches.tensors())
+        checkpoint = Checkpoint(Path(options.checkpoint_dir), digest)
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        loop, rng = restore(saved, twin.student, optimizer)
+        batches.rng.bit_generator.state = rng
+        log(f"EPTQ: resuming from {checkpoint.path} at step {loop.step} of {loop.iters}")  # type: ignore[union-attr]
+    else:
+        iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options)
+        loop = LoopState(step=0, iters=iters, loss_scale=loss_scale, step_seconds=step_seconds, why=why)
     optimizer.zero_grad(set_to_none=True)
     teacher = (
         f"teacher tensors of {batches.count} samples cached in memory ({cache.nbytes() / 2**20:.1f} MiB)"
         if cache is not None
         else "teacher run on the fly at every step (its tensors would not fit the cache budget)"
     )
-    log(f"EPTQ: {why}; {teacher}")
-    result = OptimizeResult(iters=iters, seconds=0.0, step_seconds=step_seconds, why=why, teacher=teacher)
-    start = time.perf_counter()
-    record_every = max(1, iters // 200)
-    bar = tqdm(range(iters), desc="EPTQ optimization", disable=not progress, unit="step")
-    for step in bar:
-        beta = beta_at(step, iters, options)
-        recon = objective.reconstruction(batches.sample(options.batch_size))
-        reg = objective.regularizer(beta)
-        loss = recon / loss_scale + options.reg_lambda * reg
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % record_every == 0 or step == iters - 1:
-            r, g = float(recon.detach()), float(reg.detach())
-            result.curve.append((step, r, g))
-            bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
-    result.seconds = time.perf_counter() - start
+    log(f"EPTQ: {loop.why}; {teacher}")
+    _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress)
     for wfq in twin.weight_quant.values():
         wfq.mode, wfq.h = "hard", None
     for p in twin.student.parameters():
         p.requires_grad_(False)
-    return result
+    return OptimizeResult(iters=loop.iters, seconds=loop.seconds, step_seconds=loop.step_seconds, why=loop.why,
+                          teacher=teacher, curve=list(loop.curve))
+
+
+def _run_loop(objective: Objective, optimizer: torch.optim.Optimizer, batches: Batches, loop: LoopState,
+              options: OptimizeOptions, checkpoint: Optional[Checkpoint], progress: bool) -> None:
+    """Steps ``loop.step`` .. ``loop.iters`` - 1, saving checkpoints on the way and when stopped."""
+    student = objective.twin.student
+
+    def save() -> None:
+        if checkpoint is not None:
+            checkpoint.save(loop, student, optimizer, batches.rng.bit_generator.state)
+
+    start = last_save = time.perf_counter()
+    done = loop.seconds
+    record_every = max(1, loop.iters // 200)
+    bar = tqdm(total=loop.iters, initial=loop.step, desc="EPTQ optimization", disable=not progress, unit="step")
+    with deferred_stops() as stop, bar:
+        while loop.step < loop.iters and not stop:
+            step = loop.step
+            beta = beta_at(step, loop.iters, options)
+            recon = objective.reconstruction(batches.sample(options.batch_size))
+            reg = objective.regularizer(beta)
+            loss = recon / loop.loss_scale + options.reg_lambda * reg
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loop.step += 1
+            bar.update(1)
+            if step % record_every == 0 or loop.step == loop.iters:
+                r, g = float(recon.detach()), float(reg.detach())
+                loop.curve.append((step, r, g))
+                bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
+            now = time.perf_counter()
+            loop.seconds = done + now - start
+            if checkpoint is not None and now - last_save >= options.checkpoint_every_s:
+                save()
+                last_save = now
+    save()
+    if stop:  # after the checkpoint of the last whole step
+        raise KeyboardInterrupt(f"stopped by signal {stop.signal} at step {loop.step} of {loop.iters}")
 
 
 def tensor_sqnr(twin: Twin, feeds: Sequence[Dict[str, np.ndarray]], names: Sequence[str], device: str) -> Dict[str, float]:
