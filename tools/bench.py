@@ -68,6 +68,7 @@ from eptq_onnx.torch_convert import to_torch  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo import evaluate as demo_eval  # noqa: E402
 from tests.helpers import write_calib  # noqa: E402
+from tools.loss_terms import TermsResult, loss_terms, terms_markdown  # noqa: E402
 
 DEFAULT_CALIB_SAMPLES = 64
 DEFAULT_BITS = (8, 4)
@@ -78,13 +79,29 @@ LATENCY_WARMUP = 10
 ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear accept INT4
 DEMO_DIR = ROOT / "models" / "demo"
 VIT_DIR = ROOT / "models" / "digits_vit"
-SECTIONS = ("zoo", "eptq", "lfh", "step")
+SECTIONS = ("zoo", "eptq", "terms", "lfh", "step")
 DEFAULT_EPTQ_ITERS = 2000
 DEFAULT_EPTQ_CALIB_SAMPLES = 256  # every bundled calibration sample of the demo and the digits ViT
 EPTQ_MODELS = ("demo", "digits_vit")
 EPTQ_BITS = (4, 3)
 COST_MODELS = ("demo", "digits_vit", "residual_cnn", "transformer_block", "mlp_mixer_block")
 COST_WEIGHT_BITS = 4
+TERMS_BITS = 4
+TERMS_READING = """## Why LFH weighting can lose to uniform weighting: the loss terms at the MSE init (W{bits}A8)
+
+Per loss tensor of EPTQ (Eq. 6) on {calib} calibration samples, from `tools/loss_terms.py`: its size, its
+SQNR at the MSE init, its Label-Free Hessian trace and weight (log-normalized, rescaled to mean 1, the
+least sensitive tensor gets 0 as in the paper), and its share of the initial loss under LFH and under
+uniform weights. The trace is the output's sensitivity to *independent* per-element errors; quantization
+errors are correlated across the positions of a channel (the same rounded weights act everywhere).
+Behind an averaging op over N positions (GlobalAveragePool, mean over tokens) the trace is N times
+smaller than after it, but correlated errors do not average away: the averaging table compares the
+error power that survives the op (measured) with what independent errors would leave (1/N, which is also
+the LFH trace ratio). Where the measured ratio is far above 1/N, LFH gives the tensors before the
+averaging (often the least accurate ones, deep in the network) little or no weight, while their errors
+reach the output almost undiminished; uniform weighting keeps them in the loss. That is where LFH
+weighting loses to uniform weighting in the EPTQ tables above.
+"""
 STEP_RUNS = 5  # bare-model timings (median), after one warm-up
 COST_REPEATS = 3  # cost runs per model; each time is the minimum over them (one-shot timings, shared CPUs)
 STEP_TARGET = 1.5  # EPTQ step / bare model step
@@ -912,6 +929,7 @@ def render(
     *,
     sections: Sequence[str] = ("zoo",),
     eptq: Sequence[ModelResult] = (),
+    terms: Optional[Dict[str, TermsResult]] = None,
     costs: Sequence[Cost] = (),
     eptq_iters: int = DEFAULT_EPTQ_ITERS,
     eptq_calib_samples: int = DEFAULT_EPTQ_CALIB_SAMPLES,
@@ -953,6 +971,10 @@ def render(
         lines += ["", f"## EPTQ at W4A8 and W3A8 ({eptq_iters} steps)"]
         for result in eptq:
             lines += ["", f"### {result.benchmark.name}", "", result.benchmark.description + ".", "", *_eptq_table(result)]
+    if terms:
+        lines += ["", TERMS_READING.format(bits=TERMS_BITS, calib=calib_samples).rstrip()]
+        for name, result in terms.items():
+            lines += ["", f"### {name}", "", *terms_markdown(result)]
     lines += _cost_tables(costs, sections)
     if "zoo" in sections:
         lines += ["", "## eptq_onnx (no optimization) vs onnxruntime quantize_static, W8A8 and W4A8"]
@@ -1012,6 +1034,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-eptq-{name}-") as tmp:
                 eptq.append(bench_model(BENCHMARKS[name], Path(tmp), args.eptq_calib_samples, eptq_methods(args.eptq_iters),
                                         EPTQ_BITS, isolate=True, latency=False))
+    terms: Dict[str, TermsResult] = {}
+    if "terms" in sections:
+        for name in EPTQ_MODELS:
+            _log(f"loss terms: {name} ...")
+            with tempfile.TemporaryDirectory(prefix=f"bench-terms-{name}-") as tmp:
+                float_path, calib, _ = BENCHMARKS[name].prepare(Path(tmp), args.calib_samples)
+                terms[name] = loss_terms(float_path, calib, TERMS_BITS, args.calib_samples)
     costs: List[Cost] = []
     if "lfh" in sections or "step" in sections:
         for name in COST_MODELS:
@@ -1028,7 +1057,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results.append(bench_model(BENCHMARKS[name], Path(tmp), args.calib_samples))
     text = render(
         results, _command([sys.argv[0], *argv]), args.calib_samples, time.perf_counter() - start, sections=sections,
-        eptq=eptq, costs=costs, eptq_iters=args.eptq_iters, eptq_calib_samples=args.eptq_calib_samples,
+        eptq=eptq, terms=terms, costs=costs, eptq_iters=args.eptq_iters, eptq_calib_samples=args.eptq_calib_samples,
         load=[*LOADS, os.getloadavg()[0]], sources=(sources_start, _source_digest()),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
