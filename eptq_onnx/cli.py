@@ -77,8 +77,9 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--iters", type=click.IntRange(min=0), default=None,
               help="EPTQ optimization steps; 0 = no optimization (the MSE-initialized model). "
               "Default: as many as fit --time-budget, at most 20000.")
-@click.option("--time-budget", type=float, default=10.0, show_default=True,
-              help="Minutes the optimization may take when --iters is not given.")
+@click.option("--time-budget", type=float, default=15.0, show_default=True,
+              help="Minutes the whole run may take when --iters is not given: the optimization gets what the "
+              "stages before it left, less 10% kept for validation.")
 @click.option("--weighting", type=click.Choice(["lfh", "uniform"]), default="lfh", show_default=True,
               help="Loss weights of the quantization points: Label-Free Hessian (paper) or uniform (ablation).")
 @click.option("--hessian-samples", type=click.IntRange(min=1), default=16, show_default=True,

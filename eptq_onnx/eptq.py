@@ -124,8 +124,12 @@ def run_eptq(
     config: QuantConfig,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    started_at: Optional[float] = None,
 ) -> EptqOutcome:
-    """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7)."""
+    """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7).
+
+    ``started_at``: ``time.perf_counter()`` at the start of the run, from which the time budget counts.
+    """
     options = config.optimize
     names = loss_tensors(model, plan)
     try:
@@ -145,7 +149,7 @@ def run_eptq(
     twin.student.to(options.device)
     twin.teacher.to(options.device)
     before = tensor_sqnr(twin, check, names, options.device)
-    result = optimize(twin, feeds, loss_weights, options, progress=progress, log=log)
+    result = optimize(twin, feeds, loss_weights, options, progress=progress, log=log, started_at=started_at)
     after = tensor_sqnr(twin, check, names, options.device)
     twin.student.to("cpu")
     outputs = [o.name for o in model.graph.output if o.name in before]

@@ -217,8 +217,16 @@ class Objective:
         return total / max(1, count)  # type: ignore[return-value]
 
 
-def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptions) -> Tuple[int, float, float, str]:
+RESERVE = 0.1  # of the time budget, kept for what follows the optimization (validation, writing)
+STEP_OVERHEAD = 1.1  # the optimizer update and bookkeeping the timing passes leave out
+
+
+def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptions,
+                  started_at: Optional[float] = None) -> Tuple[int, float, float, str]:
     """Time two forward+backward steps, then pick the step count (explicit, or what fits the budget).
+
+    The budget (``options.time_budget_min``) counts from ``started_at`` (a ``time.perf_counter()``
+    value: the start of the whole run), less a 10% reserve for validation and writing.
 
     Also returns the initial reconstruction loss, by which the optimized loss is divided (a
     constant: RAdam's first steps are plain momentum SGD, whose step sizes depend on the scale).
@@ -234,12 +242,15 @@ def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptio
     scale = max(float(np.mean(losses)), 1e-12)
     if options.iters is not None:
         return options.iters, step, scale, f"{options.iters} steps as asked (--iters)"
-    fit = int(options.time_budget_min * 60 / max(step, 1e-6))
+    budget = options.time_budget_min * 60
+    spent = 0.0 if started_at is None else time.perf_counter() - started_at
+    left = max(0.0, budget * (1 - RESERVE) - spent)
+    fit = int(left / max(step * STEP_OVERHEAD, 1e-6))
     iters = max(1, min(options.max_iters, fit))
     why = (
-        f"one step (batch {options.batch_size}) takes {step:.3f} s on {options.device}: {fit} steps fit the "
-        f"{options.time_budget_min:g}-minute budget (--time-budget), capped at {options.max_iters} "
-        f"(paper: 20K-80K); chose {iters}"
+        f"one step (batch {options.batch_size}) takes {step:.3f} s on {options.device}; of the "
+        f"{options.time_budget_min:g}-minute budget (--time-budget) {spent / 60:.1f} min went to the stages before and "
+        f"{RESERVE:.0%} is kept for validation: {fit} steps fit, capped at {options.max_iters} (paper: 20K-80K); chose {iters}"
     )
     return iters, step, scale, why
 
@@ -251,8 +262,12 @@ def optimize(
     options: OptimizeOptions,
     progress: bool = True,
     log=print,
+    started_at: Optional[float] = None,
 ) -> OptimizeResult:
     """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode.
+
+    ``started_at`` (``time.perf_counter()`` at the start of the run) makes the time budget cover
+    the whole run rather than the optimization alone.
 
     With ``options.checkpoint_dir`` the loop's state is saved there every
     ``checkpoint_every_s`` seconds, when it is interrupted (Ctrl-C, SIGTERM) and at the end, and a
@@ -278,7 +293,7 @@ def optimize(
         batches.rng.bit_generator.state = rng
         log(f"EPTQ: resuming from {checkpoint.path} at step {loop.step} of {loop.iters}")  # type: ignore[union-attr]
     else:
-        iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options)
+        iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options, started_at)
         loop = LoopState(step=0, iters=iters, loss_scale=loss_scale, step_seconds=step_seconds, why=why)
     optimizer.zero_grad(set_to_none=True)
     teacher = (

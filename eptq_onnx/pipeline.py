@@ -125,6 +125,7 @@ def quantize(
     with ``plots_dir`` PNG plots (LFH per layer, loss curve).
     Raises an ``EptqError`` subclass (one-line message, exit code) on bad input.
     """
+    started_at = time.perf_counter()
     config = config or QuantConfig()
     input_path = Path(model) if isinstance(model, (str, Path)) else None
     output_path = Path(output) if output is not None else None
@@ -162,7 +163,8 @@ def quantize(
     if config.optimize.iters != 0:
         with timer.stage("eptq"):
             try:
-                outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress))
+                outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress),
+                                   started_at=started_at)
             except TwinUnavailable as exc:
                 report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
             else:

@@ -144,3 +144,40 @@ def test_bad_optimization_options_are_usage_errors() -> None:
         QuantConfig(optimize=OptimizeOptions(iters=-1))
     with pytest.raises(UsageError):
         QuantConfig(optimize=OptimizeOptions(time_budget_min=0))
+
+
+class _FakeObjective:
+    """A 'step' that sleeps a fixed time: enough for _choose_iters."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.p = torch.ones((), requires_grad=True)
+
+    def reconstruction(self, batch):  # type: ignore[no-untyped-def]
+        import time
+
+        time.sleep(self.seconds)
+        return self.p * 2.0
+
+    def regularizer(self, beta):  # type: ignore[no-untyped-def]
+        return self.p * 0.0
+
+
+class _FakeBatches:
+    def sample(self, size: int):  # type: ignore[no-untyped-def]
+        return None, {}
+
+
+def test_time_budget_counts_the_whole_run() -> None:
+    import time
+
+    from eptq_onnx.optimize import RESERVE, STEP_OVERHEAD, _choose_iters
+
+    options = OptimizeOptions(time_budget_min=0.05)  # 3 s
+    step = 0.01
+    iters, measured, scale, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter())
+    assert scale == pytest.approx(2.0) and measured >= step
+    assert iters <= 3 * (1 - RESERVE) / (step * STEP_OVERHEAD) and iters > 100 and f"chose {iters}" in why
+    # stages before the optimization used the budget up: the fewest steps, and the reason says so
+    iters, *_, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter() - 10)
+    assert iters == 1 and "0 steps fit" in why
