@@ -8,8 +8,9 @@ L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer,
 all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
 Learned: the rounding variables V (RAdam, 3e-2), biases (RAdam, 1e-3), by option per-channel
 weight step multipliers and activation steps (RAdam, 1e-3). Teacher activations are computed on
-the fly, or once for all samples when they fit a memory budget (float16 where the values fit;
-a quarter of the free memory, at most 2 GiB), so a step costs one student forward and backward.
+the fly, or once for all samples when they fit a memory budget (a quarter of the free memory, at
+most 2 GiB; float32, or float16 where only that fits), so a step costs one student forward and
+backward.
 """
 from __future__ import annotations
 
@@ -100,8 +101,10 @@ FP16_MAX = 60000.0  # below float16's 65504: larger values are cached in float32
 class TeacherCache:
     """The teacher's tensors at the loss points for every stacked calibration sample.
 
-    Computed once (float16 where every value fits, else float32) when they fit ``budget`` bytes;
-    otherwise ``build`` returns None and the teacher runs on the fly at every step.
+    Computed once when they fit ``budget`` bytes: in float32 when that fits (a step then only
+    gathers its rows), else in float16 where every value of a tensor fits float16's range
+    (rounding error ~1e-3 relative); otherwise ``build`` returns None and the teacher runs on the
+    fly at every step.
     """
 
     def __init__(self, values: Dict[str, Tensor]) -> None:
@@ -112,18 +115,16 @@ class TeacherCache:
         if batches.stacked is None:
             return None
         with torch.no_grad():
-            first = next(batches.chunks(1))
-            _, probe = twin.teacher.run(first, names)
-            per_sample = sum(v.numel() * 2 for v in probe.values())
-            if per_sample * batches.count > budget:
+            _, probe = twin.teacher.run(next(batches.chunks(1)), names)
+            elements = sum(v.numel() for v in probe.values()) * batches.count
+            if elements * 2 > budget:
                 return None
             parts: Dict[str, List[Tensor]] = {n: [] for n in names}
             for feeds in batches.chunks(chunk):
                 _, values = twin.teacher.run(feeds, names)
                 for n in names:
-                    parts[n].append(values[n])
-        stacked = {n: torch.cat(parts[n]) for n in names}
-        return cls({n: _compact(v) for n, v in stacked.items()})
+                    parts[n].append(values[n] if elements * 4 <= budget else _compact(values[n]))
+        return cls({n: torch.cat(parts[n]) for n in names})
 
     def get(self, index: Tensor) -> Dict[str, Tensor]:
         return {n: v.index_select(0, index).float() for n, v in self.values.items()}
@@ -133,7 +134,7 @@ class TeacherCache:
 
 
 def _compact(values: Tensor) -> Tensor:
-    """float16 when every value is finite and within its range (rounding error ~1e-3 relative), else float32."""
+    """float16 when every value is finite and within its range, else as it is."""
     if values.dtype == torch.float32 and bool(torch.isfinite(values).all()) and float(values.abs().max()) < FP16_MAX:
         return values.half()
     return values

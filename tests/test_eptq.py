@@ -181,3 +181,29 @@ def test_time_budget_counts_the_whole_run() -> None:
     # stages before the optimization used the budget up: the fewest steps, and the reason says so
     iters, *_, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter() - 10)
     assert iters == 1 and "0 steps fit" in why
+
+
+def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
+    from eptq_onnx.calib_data import CalibrationSet, input_specs
+    from eptq_onnx.eptq import loss_tensors
+    from eptq_onnx.optimize import Batches, TeacherCache
+
+    model = zoo.mlp()
+    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False)
+    state = result.state
+    names = loss_tensors(state.float_model, state.plan)
+    twin = build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names)
+    feeds = [zoo.sample_inputs(model, 16, seed=3)]
+    batches = Batches(feeds, "cpu", 0)
+    elements = sum(twin.teacher.run(to_tensors(zoo.sample_inputs(model, 1, seed=3)), names)[1][n].numel() for n in names) * 16
+    full = TeacherCache.build(twin, names, batches, 5, budget=elements * 4)
+    half = TeacherCache.build(twin, names, batches, 5, budget=elements * 4 - 1)
+    assert TeacherCache.build(twin, names, batches, 5, budget=elements * 2 - 1) is None
+    assert full is not None and half is not None
+    assert {v.dtype for v in full.values.values()} == {torch.float32} and half.nbytes() == elements * 2
+    index = torch.tensor([3, 0, 7])
+    with torch.no_grad():
+        _, expected = twin.teacher.run({k: v[index] for k, v in batches.stacked.items()}, names)
+    for n in names:
+        torch.testing.assert_close(full.get(index)[n], expected[n])
+        torch.testing.assert_close(half.get(index)[n], expected[n], rtol=2e-3, atol=1e-4)
