@@ -82,7 +82,7 @@ class Checkpoint:
             )
         return saved
 
-    def save(self, loop: LoopState, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    def save(self, loop: LoopState, student: torch.nn.Module, optimizer: Any,
              rng_state: Dict[str, Any]) -> None:
         """Write the state to a temporary file in the folder, then rename it over the checkpoint."""
         state = {
@@ -103,7 +103,7 @@ class Checkpoint:
             raise
 
 
-def restore(saved: Dict[str, Any], student: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Tuple[LoopState, Dict[str, Any]]:
+def restore(saved: Dict[str, Any], student: torch.nn.Module, optimizer: Any) -> Tuple[LoopState, Dict[str, Any]]:
     """Put the saved tensors back (in place) and return the loop state and the sampler's RNG state."""
     student.load_state_dict(saved["student"])
     optimizer.load_state_dict(saved["optimizer"])

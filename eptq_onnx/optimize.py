@@ -6,8 +6,10 @@ z_i: the float teacher's activation at quantization point i (and the model outpu
 student's; w_i: the log-normalized Label-Free Hessian trace (or uniform), rescaled to average 1;
 L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer, averaged over
 all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
-Learned: the rounding variables V (RAdam, 3e-2), biases (RAdam, 1e-3), by option per-channel
-weight step multipliers and activation steps (RAdam, 1e-3). Teacher activations are computed on
+Learned: the rounding variables V (RAdam, 3e-2), biases (Adam, 1e-3), by option per-channel
+weight step multipliers and activation steps (Adam, 1e-3). Biases and steps use Adam, not the
+paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and with
+a tiny initial loss (16-bit activations) a bias jumped from 0.085 to 4e5 in two steps. Teacher activations are computed on
 the fly, or once for all samples when they fit a memory budget (a quarter of the free memory, at
 most 2 GiB; float32, or float16 where only that fits), so a step costs one student forward and
 backward.
@@ -140,8 +142,37 @@ def _compact(values: Tensor) -> Tensor:
     return values
 
 
-def _parameter_groups(twin: Twin, options: OptimizeOptions) -> List[dict]:
-    """The learnable tensors of the student, by learning rate; everything else frozen."""
+class EptqOptimizer:
+    """RAdam for the rounding variables (paper), Adam for biases and step multipliers (bounded
+    updates from the first step); one object to step, zero and checkpoint."""
+
+    def __init__(self, twin: Twin, options: OptimizeOptions) -> None:
+        rounding, others = _parameter_groups(twin, options)
+        self.rounding = torch.optim.RAdam(rounding, foreach=True)
+        self.others = torch.optim.Adam(others, foreach=True) if others else None
+
+    def _all(self) -> List[torch.optim.Optimizer]:
+        return [self.rounding] + ([self.others] if self.others is not None else [])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self._all():
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self._all():
+            optimizer.step()
+
+    def state_dict(self) -> Dict[str, dict]:
+        return {"rounding": self.rounding.state_dict(), "others": None if self.others is None else self.others.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, dict]) -> None:
+        self.rounding.load_state_dict(state["rounding"])
+        if self.others is not None:
+            self.others.load_state_dict(state["others"])
+
+
+def _parameter_groups(twin: Twin, options: OptimizeOptions) -> Tuple[List[dict], List[dict]]:
+    """The learnable tensors of the student: (rounding group, groups of steps and biases); everything else frozen."""
     for module in (twin.teacher, twin.student):
         for p in module.parameters():
             p.requires_grad_(False)
@@ -162,12 +193,12 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions) -> List[dict]:
             if isinstance(module, WeightedOp) and module.bias is not None:
                 module.bias.requires_grad_(True)
                 biases.append(module.bias)
-    groups = [{"params": rounding, "lr": options.lr_rounding}]
+    others = []
     if scales:
-        groups.append({"params": scales, "lr": options.lr_scale})
+        others.append({"params": scales, "lr": options.lr_scale})
     if biases:
-        groups.append({"params": biases, "lr": options.lr_bias})
-    return groups
+        others.append({"params": biases, "lr": options.lr_bias})
+    return [{"params": rounding, "lr": options.lr_rounding}], others
 
 
 def _start_rounding(twin: Twin, fixed_scale: bool) -> None:
@@ -279,7 +310,7 @@ def optimize(
     twin.teacher.to(device).eval()
     twin.student.to(device).eval()
     _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
-    optimizer = torch.optim.RAdam(_parameter_groups(twin, options), foreach=True)
+    optimizer = EptqOptimizer(twin, options)
     batches = Batches(feeds, options.device, options.seed)
     names = [n for n, w in loss_weights.items() if w > 0]
     cache = TeacherCache.build(twin, names, batches, options.batch_size, cache_budget_bytes(options.device))
@@ -312,7 +343,7 @@ def optimize(
                           teacher=teacher, curve=list(loop.curve))
 
 
-def _run_loop(objective: Objective, optimizer: torch.optim.Optimizer, batches: Batches, loop: LoopState,
+def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, loop: LoopState,
               options: OptimizeOptions, checkpoint: Optional[Checkpoint], progress: bool) -> None:
     """Steps ``loop.step`` .. ``loop.iters`` - 1, saving checkpoints on the way and when stopped."""
     student = objective.twin.student

@@ -207,3 +207,22 @@ def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
     for n in names:
         torch.testing.assert_close(full.get(index)[n], expected[n])
         torch.testing.assert_close(half.get(index)[n], expected[n], rtol=2e-3, atol=1e-4)
+
+
+def test_bias_updates_stay_bounded_from_the_first_step(calib_for) -> None:
+    """Float biases, 16-bit activations: the initial loss is tiny and its gradients huge; Adam keeps
+    every bias update near lr (RAdam's momentum-SGD first steps moved a bias by 4e5)."""
+    from onnx import numpy_helper
+
+    model = zoo.residual_cnn()
+    options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8, discard_if_worse=False)
+    config = QuantConfig(weight_bits=8, act_bits=16, quantize_bias=False, optimize=options)
+    result = quantize(model, calib_for(model, 16), config, progress=False)
+    init = quantize(model, calib_for(model, 16, name="c2"), QuantConfig(weight_bits=8, act_bits=16, quantize_bias=False,
+                                                                        optimize=OptimizeOptions(iters=0)), progress=False)
+    before = {t.name: numpy_helper.to_array(t) for t in init.state.float_model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.state.float_model.graph.initializer}
+    biases = [p.bias for p in result.state.plan.weights if p.bias]
+    assert biases
+    moved = max(float(np.abs(after[b] - before[b]).max()) for b in biases)
+    assert 0 < moved <= 3 * options.lr_bias * 1.01
