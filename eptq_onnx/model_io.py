@@ -190,6 +190,15 @@ def _temp_file(path: Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a (small) file atomically: all of it or, on any error or interruption, nothing."""
+    path = Path(path)
+    try:
+        _write_atomic(path, [data])
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 def _write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     with _temp_file(path) as temp:
         _write_file(temp, chunks)

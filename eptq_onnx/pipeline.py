@@ -30,6 +30,7 @@ from .qdq_writer import required_opset, write_qdq
 from .qpoints import QuantPlan, build_plan
 from .quantizers import ActParams, sqnr_db
 from .report import Report, TensorEntry
+from .runtime import make_session
 from .validate import validate
 from .weights import WeightQuant, init_weights
 
@@ -70,15 +71,35 @@ def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> 
     """Refuse to overwrite the input or an existing file (without force), or to write nowhere."""
     if input_path is not None and output.resolve() == input_path.resolve():
         raise UsageError(f"output {output} is the input model: choose another output path")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} exists: pass --force to overwrite it")
     if output.is_dir():
         raise UsageError(f"output {output} is a directory: give a file path such as {output / 'model_qdq.onnx'}")
+    if output.exists() and not force:
+        raise UsageError(f"output {output} exists: pass --force to overwrite it")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output folder {parent} is not writable: choose another output path")
+
+
+def check_onnxruntime_loads(model: onnx.ModelProto) -> None:
+    """Calibration runs the float model in onnxruntime: refuse a model it cannot load, in one line."""
+    try:
+        make_session(model, optimize=False)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        first = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"onnxruntime cannot load the model ({first}): ops of custom domains need their onnxruntime library"
+        ) from exc
+
+
+def check_report_path(report_path: Path) -> None:
+    """Refuse a report path that cannot be written, before any work (the model is written first)."""
+    parent = report_path.parent if str(report_path.parent) else Path(".")
+    if report_path.is_dir():
+        raise UsageError(f"report {report_path} is a directory: give a file path such as {report_path / 'report.json'}")
+    if not parent.is_dir():
+        raise UsageError(f"report folder {parent} does not exist: create it first")
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
@@ -130,6 +151,8 @@ def quantize(
     output_path = Path(output) if output is not None else None
     if output_path is not None:
         check_output_path(input_path, output_path, force)
+    if report_path is not None:
+        check_report_path(Path(report_path))
     report = Report(input=str(input_path or "<ModelProto>"), output=str(output_path) if output_path else None, config=asdict(config))
     timer = _Timer(report)
 
@@ -139,6 +162,7 @@ def quantize(
         report.sizes_bytes["input"] = input_path.stat().st_size if input_path else original.ByteSize()
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
+        check_onnxruntime_loads(float_model)
     with timer.stage("quantization points"):
         plan = build_plan(float_model, config.quantize_outputs)
         if not plan.weights and not plan.groups:
