@@ -21,6 +21,7 @@ from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
 from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
+from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
 from .model_io import default_opset, ir_version_for, load_model, save_model
@@ -208,7 +209,8 @@ def quantize(
         for bias in summary.clipped_biases:
             report.warn(f"bias {bias} saturated to the int32 range")
     with timer.stage("validate"):
-        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress)
+        fake_quant = fake_quant_model(quantized_model, plan, weights, acts, config.quantize_outputs, config.quantize_bias)
+        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant)
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
     report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)

@@ -122,7 +122,7 @@ def write_qdq(
         b.constant(f"{name}_zero_point", np.zeros(wq.scale.shape, dtype=storage.numpy_type))
         weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", wq.axis)
 
-    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, group_of, summary) if quantize_bias else ({}, {})
+    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, summary) if quantize_bias else ({}, {})
 
     act_pairs: Dict[str, List[onnx.NodeProto]] = {}
     rename: Dict[str, str] = {}  # tensor -> the DequantizeLinear output its readers use
@@ -181,35 +181,62 @@ def write_qdq(
     return out, summary
 
 
-def _bias_nodes(b, model, plan, weights, acts, group_of, summary):
-    """int32 biases (scale = input scale x weight scale) for weighted ops with a quantized input."""
+@dataclass
+class BiasQuant:
+    """A bias of a weighted op stored as int32 codes with scale = input scale x weight scale."""
+
+    node: str
+    bias: str
+    codes: np.ndarray  # int32
+    scale: np.ndarray  # float32, per output channel
+    clipped: bool  # saturated to the int32 range
+
+    def dequantized(self) -> np.ndarray:
+        return (self.codes.astype(np.float32) * self.scale).astype(np.float32)
+
+
+def quantize_biases(
+    model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams]
+) -> Tuple[List[BiasQuant], List[str]]:
+    """int32 biases for weighted ops with a quantized input, and the biases that stay float."""
     initializers = {t.name: t for t in model.graph.initializer}
-    nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
-    bias_nodes: Dict[str, onnx.NodeProto] = {}
-    bias_inputs: Dict[Tuple[str, int], str] = {}
+    group_of = plan.group_of()
+    quantized: List[BiasQuant] = []
+    left_float: List[str] = []
     for point in plan.weights:
         if point.bias is None:
             continue
-        node = nodes_by_name[point.node]
         group = group_of.get(point.input) if point.input else None
         if group is None or point.weight not in weights:
-            summary.float_biases.append(point.bias)
+            left_float.append(point.bias)
             continue
-        wq = weights[point.weight]
         bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float32)
-        scale = (np.float32(acts[group.id].scale) * wq.scale).astype(np.float32)
+        scale = (np.float32(acts[group.id].scale) * weights[point.weight].scale).astype(np.float32)
         if scale.shape != bias.shape:
-            summary.float_biases.append(point.bias)
+            left_float.append(point.bias)
             continue
         codes = np.rint(bias / scale).astype(np.float64)  # float32 division, as the torch twin does
-        if np.abs(codes).max(initial=0) > INT32_MAX:
-            summary.clipped_biases.append(point.bias)
+        clipped = bool(np.abs(codes).max(initial=0) > INT32_MAX)
         codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)
-        key = f"{point.bias}__{point.node}"
-        b.constant(f"{key}_quantized", codes)
-        b.constant(f"{key}_scale", scale)
-        b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        quantized.append(BiasQuant(point.node, point.bias, codes, scale, clipped))
+    return quantized, left_float
+
+
+def _bias_nodes(b, model, plan, weights, acts, summary):
+    """DequantizeLinear nodes of the int32 biases (see ``quantize_biases``) and the inputs they feed."""
+    nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
+    bias_nodes: Dict[str, onnx.NodeProto] = {}
+    bias_inputs: Dict[Tuple[str, int], str] = {}
+    quantized, left_float = quantize_biases(model, plan, weights, acts)
+    summary.float_biases.extend(left_float)
+    for bq in quantized:
+        if bq.clipped:
+            summary.clipped_biases.append(bq.bias)
+        key = f"{bq.bias}__{bq.node}"
+        b.constant(f"{key}_quantized", bq.codes)
+        b.constant(f"{key}_scale", bq.scale)
+        b.constant(f"{key}_zero_point", np.zeros(bq.scale.shape, dtype=np.int32))
         bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point", 0)
-        index = list(node.input).index(point.bias)
-        bias_inputs[(point.node, index)] = key
+        index = list(nodes_by_name[bq.node].input).index(bq.bias)
+        bias_inputs[(bq.node, index)] = key
     return bias_nodes, bias_inputs

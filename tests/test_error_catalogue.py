@@ -197,18 +197,26 @@ def _disk_full(c: Case) -> list:
 
 
 def _corrupt_scale(c: Case) -> list:
-    """The written model's first activation scale doubled: validation must catch it."""
+    """The written model's first activation DequantizeLinear reads a doubled scale: validation must catch it."""
     real_write = pipeline.write_qdq
 
     def corrupted(*args, **kwargs):
         model, summary = real_write(*args, **kwargs)
-        consumer = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
-        scale = next(t for t in model.graph.initializer if t.name == consumer.input[1])
-        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name))
+        corrupt_first_activation_scale(model)
         return model, summary
 
     c.monkeypatch.setattr(pipeline, "write_qdq", corrupted)
     return c.args()
+
+
+def corrupt_first_activation_scale(model: onnx.ModelProto, factor: float = 2.0) -> str:
+    """Make the first activation DequantizeLinear read ``factor`` x its scale; returns its tensor."""
+    quantized = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized)
+    scale = next(t for t in model.graph.initializer if t.name == dq.input[1])
+    model.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(scale) * factor, scale.name + "_corrupt"))
+    dq.input[1] = scale.name + "_corrupt"
+    return dq.name.removesuffix("_DequantizeLinear")
 
 
 CASES: Dict[str, Callable[[Case], list]] = {
