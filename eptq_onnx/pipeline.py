@@ -184,7 +184,10 @@ def quantize(
             if s.nonfinite:
                 report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
     reference_model, quantized_model = float_model, float_model
-    if config.optimize.iters != 0:
+    if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
+        report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
+                    "the model has no weights to optimize (and --learn-act-scales is off)")
+    elif config.optimize.iters != 0:
         with timer.stage("eptq"):
             try:
                 outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress))
