@@ -21,7 +21,7 @@ from .errors import ValidationError
 from .fake_quant import fake_quant_name
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
-from .runtime import PROTOBUF_LIMIT, make_session, run, with_outputs
+from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
 FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
@@ -145,24 +145,31 @@ def validate(
     agreement = defaultdict(_Accumulator)
     tensors = defaultdict(_Accumulator)
     divergence = defaultdict(_Accumulator)
-    total = calib.num_batches(limit=samples)
-    for feeds in tqdm(calib.batches(limit=samples), total=total, desc="validation", disable=not progress, leave=False):
+    # two sets of tapped tensors are alive at once: the QDQ model's and the float or reference one's
+    batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
+    total = calib.num_batches(batch_size, limit=samples)
+    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
+                      leave=False):
         result.samples += len(next(iter(feeds.values())))
-        f = run(float_sess, feeds)
         try:
             r = run(ref_sess, feeds)
-            o = run(opt_sess, feeds)
+            o = run(opt_sess, feeds, out_names)
         except Exception as exc:
             raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
+        for name in out_names:
+            agreement[name].add(r[name], o[name])
+        del o
+        f = run(float_sess, feeds)
+        for name in out_names:
+            outputs[name].add(f[name], r[name])
+        for root, qname in qdq_tensor_names.items():
+            tensors[root].add(f[root], r[qname])
+        del f
         if fq_sess is not None:
             q = run(fq_sess, feeds)
             for t in checked:
                 divergence[t].add(q[fq_names[t]], r[qdq_checked[t]])
-        for name in out_names:
-            outputs[name].add(f[name], r[name])
-            agreement[name].add(r[name], o[name])
-        for root, qname in qdq_tensor_names.items():
-            tensors[root].add(f[root], r[qname])
+            del q
     _check_divergence(divergence, checked)
     for name in out_names:
         result.output_sqnr_db[name] = outputs[name].sqnr
