@@ -215,6 +215,16 @@ def _write_file(temp: Path, chunks: Iterable[bytes]) -> None:
         os.fsync(file.fileno())
 
 
+def save_with_external_data(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write ``model`` to ``path`` with its large tensors in "<path>.data"; the model is left unchanged.
+
+    (``onnx.save_model(..., save_as_external_data=True)`` moves the tensor data out of the
+    caller's model for good.) For temporary copies that onnxruntime or the checker read from a path.
+    """
+    path = Path(path)
+    _save_external(model, path, path.with_name(path.name + ".data"))
+
+
 def _save_external(model: onnx.ModelProto, path: Path, data_path: Path) -> None:
     """Write the large tensors to data_path, the rest to path; the model is left unchanged."""
     tensors = [

@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .model_io import save_with_external_data
+
 PROTOBUF_LIMIT = 2**31 - 2**20  # leave room for the protobuf envelope
 # Batches that return every intermediate tensor (calibration, validation) are cut so that one
 # batch's returned tensors stay under this size: memory does not grow with the batch size.
@@ -55,7 +57,7 @@ def make_session(
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with tempfile.TemporaryDirectory(prefix="eptq-ort-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        save_with_external_data(model, path)
         return ort.InferenceSession(path, opts, providers=providers)
 
 

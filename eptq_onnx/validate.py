@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet
 from .errors import ValidationError
 from .fake_quant import fake_quant_name
+from .model_io import save_with_external_data
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
@@ -84,7 +85,7 @@ def check_model(model: onnx.ModelProto) -> None:
         else:
             with tempfile.TemporaryDirectory(prefix="eptq-check-") as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                save_with_external_data(model, path)
                 onnx.checker.check_model(path, full_check=True)
     except Exception as exc:  # checker raises several exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
