@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .qdq_writer import quantize_biases
+from .qdq_writer import quantize_biases, rewire
 from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .weights import WeightQuant
@@ -35,14 +35,8 @@ def _elem_np_types(graph: onnx.GraphProto) -> Dict[str, np.dtype]:
     return types
 
 
-def fake_quant_model(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    weights: Dict[str, WeightQuant],
-    acts: Dict[int, ActParams],
-    quantize_outputs: bool = False,
-    quantize_bias: bool = True,
-) -> onnx.ModelProto:
+def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
+                     quantize_outputs: bool = False, quantize_bias: bool = True) -> onnx.ModelProto:
     """The float ``model`` with dequantized weights and fake-quantized activations (see module doc).
 
     Every quantized tensor t is also available as ``fake_quant_name(t)``; graph outputs that are
@@ -87,23 +81,7 @@ def fake_quant_model(
                 helper.make_node("Sub", [names[3], c["zero"]], [names[4]]),
                 helper.make_node("Mul", [names[4], c["scale"]], [result]),
             ]
-    nodes = [n for name in (i.name for i in graph.input) for n in fq_nodes.get(name, [])]
-    for node in graph.node:
-        for i, inp in enumerate(node.input):
-            if inp in rename:
-                node.input[i] = rename[inp]
-        produced = list(node.output)
-        for i, o in enumerate(produced):
-            if o in producer_rename:
-                node.output[i] = producer_rename[o]
-        nodes.append(node)
-        for o in produced:
-            nodes.extend(fq_nodes.get(o, []))
-    del graph.node[:]
-    graph.node.extend(nodes)
-    for vi in graph.value_info:
-        if vi.name in producer_rename:
-            vi.name = producer_rename[vi.name]
+    rewire(graph, after=fq_nodes, rename=rename, producer_rename=producer_rename)
     return out
 
 

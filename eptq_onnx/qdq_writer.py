@@ -147,38 +147,59 @@ def write_qdq(
                 rename[t] = dq.output[0]
             act_pairs[t] = [q, dq]
 
-    new_nodes: List[onnx.NodeProto] = []
-    for name in [i.name for i in graph.input]:
-        new_nodes.extend(act_pairs.get(name, []))
-    new_nodes.extend(weight_nodes.values())
+    before: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:
         node_key = node.name or node.output[0]
         for i, inp in enumerate(node.input):
             if inp in weight_nodes:
                 node.input[i] = weight_nodes[inp].output[0]
             elif (node_key, i) in bias_inputs:
-                new_nodes.append(bias_nodes[bias_inputs[(node_key, i)]])
-                node.input[i] = bias_nodes[bias_inputs[(node_key, i)]].output[0]
-            elif inp in rename:
+                bias_node = bias_nodes[bias_inputs[(node_key, i)]]
+                before.setdefault(node_key, []).append(bias_node)
+                node.input[i] = bias_node.output[0]
+    # graph outputs that are also quantized for their readers stay float themselves
+    rewire(graph, after=act_pairs, rename=rename, producer_rename=producer_rename,
+           leading=list(weight_nodes.values()), before=before)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + b.initializers)
+    return out, summary
+
+
+def rewire(
+    graph: onnx.GraphProto,
+    *,
+    after: Dict[str, List[onnx.NodeProto]],
+    rename: Dict[str, str],
+    producer_rename: Dict[str, str],
+    leading: Optional[List[onnx.NodeProto]] = None,
+    before: Optional[Dict[str, List[onnx.NodeProto]]] = None,
+) -> None:
+    """Insert nodes after tensors and reroute their readers, keeping a topological order.
+
+    The nodes ``after[t]`` follow the producer of t (graph inputs' come first, then ``leading``);
+    every node reads ``rename[x]`` instead of x and writes ``producer_rename[y]`` instead of y
+    (value_info follows); ``before[node name]`` nodes come right before that node.
+    """
+    nodes = [n for name in (i.name for i in graph.input) for n in after.get(name, [])] + list(leading or [])
+    for node in graph.node:
+        nodes.extend((before or {}).get(node.name or node.output[0], []))
+        for i, inp in enumerate(node.input):
+            if inp in rename:
                 node.input[i] = rename[inp]
         produced = list(node.output)
         for i, o in enumerate(produced):
             if o in producer_rename:
                 node.output[i] = producer_rename[o]
-        new_nodes.append(node)
+        nodes.append(node)
         for o in produced:
-            new_nodes.extend(act_pairs.get(o, []))
-    # graph outputs that are also quantized for their readers stay float themselves
+            nodes.extend(after.get(o, []))
     del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + b.initializers)
+    graph.node.extend(nodes)
     for vi in graph.value_info:
         if vi.name in producer_rename:
             vi.name = producer_rename[vi.name]
-    return out, summary
 
 
 @dataclass
