@@ -225,12 +225,21 @@ def save_with_external_data(model: onnx.ModelProto, path: str | Path) -> None:
     _save_external(model, path, path.with_name(path.name + ".data"))
 
 
+def _large_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _model_tensors(model) if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES]
+
+
+@contextmanager
+def large_tensors_detached(model: onnx.ModelProto) -> Iterator[None]:
+    """Within the block the model's large tensors are external references (to no file), so the
+    model serializes small (for shape inference, which needs no weight values); restored after."""
+    with _externalized(_large_tensors(model), "detached.data"):
+        yield
+
+
 def _save_external(model: onnx.ModelProto, path: Path, data_path: Path) -> None:
     """Write the large tensors to data_path, the rest to path; the model is left unchanged."""
-    tensors = [
-        t for t in _model_tensors(model)
-        if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES
-    ]
+    tensors = _large_tensors(model)
     with _temp_file(data_path) as data_temp, _temp_file(path) as model_temp:
         with _externalized(tensors, data_path.name) as chunks:
             _write_file(data_temp, chunks)

@@ -43,3 +43,43 @@ def test_over_the_limit_paths_round_trip_external_data(tmp_path: Path, calib_for
     assert result.model.SerializeToString() == expected.model.SerializeToString()
     feeds = zoo.sample_inputs(model, 3, seed=5)
     np.testing.assert_array_equal(_run(out, feeds), _run(tmp_path / "small.onnx", feeds))
+
+
+def _over_2gb_model(folder: Path, width: int = 4096, hidden: int = 16384, layers: int = 9) -> Path:
+    """MatMul -> Relu chain with ~2.4 GB of float32 weights, saved with external data, built layer by layer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        fan_in, fan_out = (width, hidden) if i % 2 == 0 else (hidden, width)
+        w = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    out_dim = width if layers % 2 == 0 else hidden
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", out_dim])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    path = folder / "big.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="big.onnx.data", size_threshold=1024)
+    return path
+
+
+@pytest.mark.slow
+def test_model_over_2gb_is_read_quantized_and_written(tmp_path: Path) -> None:
+    """A model with more than 2 GB of weights (external data): quantized W8, written, run by onnxruntime."""
+    source = _over_2gb_model(tmp_path)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 2**31
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i in range(2):
+        np.save(calib / f"{i}.npy", np.random.default_rng(i).standard_normal(4096).astype(np.float32))
+    out = tmp_path / "out" / "big_w8.onnx"
+    out.parent.mkdir()
+    result = quantize(source, calib, init_only(weight_bits=8, validation_samples=2), output=out, progress=False)
+    assert len(result.report.validation["output_sqnr_db"]) == 1
+    assert min(result.report.validation["output_sqnr_db"].values()) > 20
+    feeds = {"x": np.random.default_rng(9).standard_normal((1, 4096)).astype(np.float32)}
+    assert np.isfinite(_run(out, feeds)).all()
