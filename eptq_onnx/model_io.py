@@ -71,6 +71,15 @@ def ir_version_for(opset: int) -> int:
     return min(min(candidates, default=onnx.IR_VERSION), ORT_MAX_IR_VERSION)
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's protobuf size in bytes; over 2 GB (where protobuf refuses to say) the sum of its
+    tensor data, which is then at least that large."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(len(t.raw_data) for t in _model_tensors(model))
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain (ai.onnx) opset version."""
     for opset in model.opset_import:
@@ -155,7 +164,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False)
     """
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    external = serialized_size(model) > EXTERNAL_DATA_THRESHOLD
     _check_writable(path, force)
     if external:
         _check_writable(data_path, force)

@@ -41,7 +41,7 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference where the model fits in one protobuf)."""
     try:
-        if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD:
             _check_large(model)
         else:
             onnx.checker.check_model(model, full_check=True)
@@ -93,7 +93,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     need no weight values), and the inferred value_info is copied back.
     """
     try:
-        if model.ByteSize() <= model_io.EXTERNAL_DATA_THRESHOLD:
+        if model_io.serialized_size(model) <= model_io.EXTERNAL_DATA_THRESHOLD:
             return onnx.shape_inference.infer_shapes(model, data_prop=True)
         with model_io.large_tensors_detached(model):
             inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)

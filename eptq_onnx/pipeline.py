@@ -24,7 +24,7 @@ from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
-from .model_io import default_opset, ir_version_for, load_model, save_model
+from .model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from .normalize import normalize_model, upgrade_opset
 from .plots import write_plots
 from .qdq_writer import required_opset, write_qdq
@@ -160,7 +160,7 @@ def quantize(
     with timer.stage("load"):
         original = load_model(input_path) if input_path is not None else model
         assert isinstance(original, onnx.ModelProto)
-        report.sizes_bytes["input"] = input_path.stat().st_size if input_path else original.ByteSize()
+        report.sizes_bytes["input"] = input_path.stat().st_size if input_path else serialized_size(original)
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
         check_onnxruntime_loads(float_model)
@@ -222,7 +222,7 @@ def quantize(
             save_model(qdq, output_path, force=force)
             report.sizes_bytes["output"] = output_path.stat().st_size
     else:
-        report.sizes_bytes["output"] = qdq.ByteSize()
+        report.sizes_bytes["output"] = serialized_size(qdq)
     if report_path is not None:
         report.write_json(report_path)
     if plots_dir is not None:

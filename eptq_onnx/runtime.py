@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model_io import save_with_external_data
+from .model_io import save_with_external_data, serialized_size
 
 PROTOBUF_LIMIT = 2**31 - 2**20  # leave room for the protobuf envelope
 # Batches that return every intermediate tensor (calibration, validation) are cut so that one
@@ -53,7 +53,7 @@ def make_session(
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if serialized_size(model) < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with tempfile.TemporaryDirectory(prefix="eptq-ort-") as tmp:
         path = os.path.join(tmp, "model.onnx")

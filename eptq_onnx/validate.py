@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet
 from .errors import ValidationError
 from .fake_quant import fake_quant_name
-from .model_io import save_with_external_data
+from .model_io import save_with_external_data, serialized_size
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
@@ -80,7 +80,7 @@ def _has_int2_weights(model: onnx.ModelProto) -> bool:
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker full check (shape inference included); ValidationError with its first line."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="eptq-check-") as tmp:

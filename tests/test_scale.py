@@ -46,24 +46,32 @@ def test_over_the_limit_paths_round_trip_external_data(tmp_path: Path, calib_for
 
 
 def _over_2gb_model(folder: Path, width: int = 4096, hidden: int = 16384, layers: int = 9) -> Path:
-    """MatMul -> Relu chain with ~2.4 GB of float32 weights, saved with external data, built layer by layer."""
-    from onnx import TensorProto, helper, numpy_helper
+    """MatMul -> Relu chain with ~2.4 GB of float32 weights in external data, streamed to disk layer by layer."""
+    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
-    nodes, inits, x = [], [], "x"
-    for i in range(layers):
-        fan_in, fan_out = (width, hidden) if i % 2 == 0 else (hidden, width)
-        w = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.sqrt(fan_in)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
-        x = f"r{i}"
+    nodes, inits, x, offset = [], [], "x", 0
+    with open(folder / "big.onnx.data", "wb") as data:
+        for i in range(layers):
+            fan_in, fan_out = (width, hidden) if i % 2 == 0 else (hidden, width)
+            raw = (rng.standard_normal((fan_in, fan_out), dtype=np.float32) / np.float32(np.sqrt(fan_in))).tobytes()
+            data.write(raw)
+            init = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[fan_in, fan_out])
+            for key, value in (("location", "big.onnx.data"), ("offset", str(offset)), ("length", str(len(raw)))):
+                init.external_data.add(key=key, value=value)
+            init.data_location = TensorProto.EXTERNAL
+            inits.append(init)
+            offset += len(raw)
+            del raw
+            nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]), helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+            x = f"r{i}"
     out_dim = width if layers % 2 == 0 else hidden
     graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", out_dim])], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     path = folder / "big.onnx"
-    onnx.save_model(model, path, save_as_external_data=True, location="big.onnx.data", size_threshold=1024)
+    path.write_bytes(model.SerializeToString())
     return path
 
 
