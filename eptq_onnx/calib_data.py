@@ -575,6 +575,11 @@ class CalibrationSet:
         """Number of samples that :meth:`batches` uses (without a limit)."""
         return self._used
 
+    @property
+    def batch_size(self) -> int:
+        """The batch size of the options (a fixed batch dim of the model still wins in ``batches``)."""
+        return self._options.batch_size
+
     def num_batches(self, batch_size: int | None = None, limit: int | None = None) -> int:
         """How many batches :meth:`batches` yields with the same arguments (for progress bars)."""
         return sum(1 for _ in self._plan(batch_size, limit))

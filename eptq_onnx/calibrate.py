@@ -17,7 +17,7 @@ from .calib_data import CalibrationSet
 from .config import QuantConfig
 from .qpoints import QuantPlan
 from .quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
-from .runtime import make_session, run, with_outputs
+from .runtime import make_session, run, tapped_batch_size, with_outputs
 
 
 @dataclass
@@ -44,8 +44,9 @@ class GroupStats:
         return self.lo <= self.hi
 
 
-def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool):
-    batches = tqdm(calib.batches(), desc=desc, total=calib.num_batches(), disable=not progress, unit="batch", leave=False)
+def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool, batch_size: int):
+    batches = tqdm(calib.batches(batch_size), desc=desc, total=calib.num_batches(batch_size), disable=not progress,
+                   unit="batch", leave=False)
     for feeds in batches:
         yield run(session, feeds, names)
 
@@ -60,7 +61,8 @@ def calibrate_activations(
     if not names:
         return {}, stats
     session = make_session(with_outputs(model, names))
-    for outputs in _passes(session, calib, names, "calibration: ranges", progress):
+    batch_size = tapped_batch_size(model, names, calib.batch_size)
+    for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
         for name, value in outputs.items():
             stats[roots[name].id].add(np.asarray(value))
     symmetric = config.act_symmetric
@@ -71,7 +73,7 @@ def calibrate_activations(
             params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
         return params, stats
     hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
-    for outputs in _passes(session, calib, names, "calibration: histograms", progress):
+    for outputs in _passes(session, calib, names, "calibration: histograms", progress, batch_size):
         for name, value in outputs.items():
             hists[roots[name].id].add(value)
     for g in plan.groups:

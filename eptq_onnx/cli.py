@@ -1,10 +1,12 @@
 """Command line: a thin click layer over ``eptq_onnx.quantize``."""
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import click
 
@@ -15,7 +17,48 @@ from .report import print_summary
 
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
-4 bad calibration data, 5 validation of the written model failed, 130 interrupted."""
+4 bad calibration data, 5 validation of the written model failed, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM); nothing is written on an error or an interruption."""
+TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds like Ctrl-C (temporary files removed)."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the run lasts, SIGTERM raises Terminated (default: the process dies without cleanup)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals to the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _OneLineUsageError(click.ClickException):
+    """A click usage error (bad option value, unknown option) as one line, exit 2, like our own."""
+
+    exit_code = 2
+
+    def show(self, file: object = None) -> None:
+        click.echo(f"error: {self.format_message()} (see --help)", err=True)
+
+
+class _Command(click.Command):
+    def make_context(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _OneLineUsageError(" ".join(exc.format_message().split())) from exc
 
 
 def _floats(text: Optional[str], option: str) -> Optional[Tuple[float, ...]]:
@@ -40,7 +83,7 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
     return (values[0], values[-1])
 
 
-@click.command(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=_Command, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("input_model", metavar="INPUT.onnx", type=click.Path(path_type=Path))
 @click.argument("output_model", metavar="OUTPUT.onnx", type=click.Path(path_type=Path))
 @click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
@@ -162,11 +205,15 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             ),
         )
-        result = quantize(input_model, calib_dir, config, output=output_model, force=force,
-                          report_path=report_path, progress=not quiet, plots_dir=plots_dir)
+        with _sigterm_unwinds():
+            result = quantize(input_model, calib_dir, config, output=output_model, force=force,
+                              report_path=report_path, progress=not quiet, plots_dir=plots_dir)
     except EptqError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("terminated (SIGTERM): nothing was written", err=True)
+        sys.exit(TERMINATED_EXIT_CODE)
     except KeyboardInterrupt:
         resume = f"; the optimization state is in {checkpoint_dir}: rerun the same command to resume" if checkpoint_dir else ""
         click.echo(f"interrupted: nothing was written{resume}", err=True)

@@ -17,7 +17,7 @@ from onnx import helper
 
 from .calib_data import CalibrationSet
 from .qpoints import QuantPlan, WeightPoint
-from .runtime import make_session, run, with_outputs
+from .runtime import make_session, run, tapped_batch_size, with_outputs
 
 DEFAULT_ROWS = 512
 DEFAULT_SAMPLES = 64
@@ -81,7 +81,7 @@ def collect_layer_inputs(
     session = make_session(with_outputs(model, names))
     rng = np.random.default_rng(seed)
     chunks: Dict[str, List[np.ndarray]] = {w: [] for w in points}
-    for feeds in calib.batches(limit=samples):
+    for feeds in calib.batches(tapped_batch_size(model, names, calib.batch_size), limit=samples):
         values = run(session, feeds, names)
         for weight, p in points.items():
             if chunks[weight] is None:

@@ -71,6 +71,15 @@ def ir_version_for(opset: int) -> int:
     return min(min(candidates, default=onnx.IR_VERSION), ORT_MAX_IR_VERSION)
 
 
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's protobuf size in bytes; over 2 GB (where protobuf refuses to say) the sum of its
+    tensor data, which is then at least that large."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(len(t.raw_data) for t in _model_tensors(model))
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     """The model's default-domain (ai.onnx) opset version."""
     for opset in model.opset_import:
@@ -155,7 +164,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False)
     """
     path = Path(path)
     data_path = path.with_name(path.name + ".data")
-    external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    external = serialized_size(model) > EXTERNAL_DATA_THRESHOLD
     _check_writable(path, force)
     if external:
         _check_writable(data_path, force)
@@ -190,6 +199,15 @@ def _temp_file(path: Path) -> Iterator[Path]:
         temp.unlink(missing_ok=True)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a (small) file atomically: all of it or, on any error or interruption, nothing."""
+    path = Path(path)
+    try:
+        _write_atomic(path, [data])
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
+
+
 def _write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
     with _temp_file(path) as temp:
         _write_file(temp, chunks)
@@ -206,12 +224,31 @@ def _write_file(temp: Path, chunks: Iterable[bytes]) -> None:
         os.fsync(file.fileno())
 
 
+def save_with_external_data(model: onnx.ModelProto, path: str | Path) -> None:
+    """Write ``model`` to ``path`` with its large tensors in "<path>.data"; the model is left unchanged.
+
+    (``onnx.save_model(..., save_as_external_data=True)`` moves the tensor data out of the
+    caller's model for good.) For temporary copies that onnxruntime or the checker read from a path.
+    """
+    path = Path(path)
+    _save_external(model, path, path.with_name(path.name + ".data"))
+
+
+def _large_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in _model_tensors(model) if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES]
+
+
+@contextmanager
+def large_tensors_detached(model: onnx.ModelProto) -> Iterator[None]:
+    """Within the block the model's large tensors are external references (to no file), so the
+    model serializes small (for shape inference, which needs no weight values); restored after."""
+    with _externalized(_large_tensors(model), "detached.data"):
+        yield
+
+
 def _save_external(model: onnx.ModelProto, path: Path, data_path: Path) -> None:
     """Write the large tensors to data_path, the rest to path; the model is left unchanged."""
-    tensors = [
-        t for t in _model_tensors(model)
-        if t.HasField("raw_data") and len(t.raw_data) >= EXTERNAL_TENSOR_MIN_BYTES
-    ]
+    tensors = _large_tensors(model)
     with _temp_file(data_path) as data_temp, _temp_file(path) as model_temp:
         with _externalized(tensors, data_path.name) as chunks:
             _write_file(data_temp, chunks)

@@ -41,7 +41,7 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference where the model fits in one protobuf)."""
     try:
-        if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD:
             _check_large(model)
         else:
             onnx.checker.check_model(model, full_check=True)
@@ -87,11 +87,23 @@ def _drop_initializer_inputs(graph: onnx.GraphProto) -> None:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Shape inference that never fails: unknown (custom) ops just leave shapes unknown."""
+    """Shape inference that never fails: unknown (custom) ops just leave shapes unknown.
+
+    Models too large for one protobuf are inferred with their large tensors detached (shapes
+    need no weight values), and the inferred value_info is copied back.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        if model_io.serialized_size(model) <= model_io.EXTERNAL_DATA_THRESHOLD:
+            return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        with model_io.large_tensors_detached(model):
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001 - inference is best effort
         return model
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for output, typed in zip(model.graph.output, inferred.graph.output):
+        output.CopyFrom(typed)
+    return model
 
 
 def _simplify(model: onnx.ModelProto) -> onnx.ModelProto:

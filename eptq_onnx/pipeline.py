@@ -21,15 +21,17 @@ from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
 from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
+from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
-from .model_io import default_opset, ir_version_for, load_model, save_model
+from .model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from .normalize import normalize_model, upgrade_opset
 from .plots import write_plots
 from .qdq_writer import required_opset, write_qdq
 from .qpoints import QuantPlan, build_plan
 from .quantizers import ActParams, sqnr_db
 from .report import Report, TensorEntry
+from .runtime import make_session
 from .validate import validate
 from .weights import WeightQuant, init_weights
 
@@ -70,15 +72,35 @@ def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> 
     """Refuse to overwrite the input or an existing file (without force), or to write nowhere."""
     if input_path is not None and output.resolve() == input_path.resolve():
         raise UsageError(f"output {output} is the input model: choose another output path")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} exists: pass --force to overwrite it")
     if output.is_dir():
         raise UsageError(f"output {output} is a directory: give a file path such as {output / 'model_qdq.onnx'}")
+    if output.exists() and not force:
+        raise UsageError(f"output {output} exists: pass --force to overwrite it")
     parent = output.parent if str(output.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"output folder {parent} does not exist: create it first")
     if not os.access(parent, os.W_OK):
         raise UsageError(f"output folder {parent} is not writable: choose another output path")
+
+
+def check_onnxruntime_loads(model: onnx.ModelProto) -> None:
+    """Calibration runs the float model in onnxruntime: refuse a model it cannot load, in one line."""
+    try:
+        make_session(model, optimize=False)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
+        first = " ".join(str(exc).split())[:300]
+        raise ModelError(
+            f"onnxruntime cannot load the model ({first}): ops of custom domains need their onnxruntime library"
+        ) from exc
+
+
+def check_report_path(report_path: Path) -> None:
+    """Refuse a report path that cannot be written, before any work (the model is written first)."""
+    parent = report_path.parent if str(report_path.parent) else Path(".")
+    if report_path.is_dir():
+        raise UsageError(f"report {report_path} is a directory: give a file path such as {report_path / 'report.json'}")
+    if not parent.is_dir():
+        raise UsageError(f"report folder {parent} does not exist: create it first")
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
@@ -131,15 +153,18 @@ def quantize(
     output_path = Path(output) if output is not None else None
     if output_path is not None:
         check_output_path(input_path, output_path, force)
+    if report_path is not None:
+        check_report_path(Path(report_path))
     report = Report(input=str(input_path or "<ModelProto>"), output=str(output_path) if output_path else None, config=asdict(config))
     timer = _Timer(report)
 
     with timer.stage("load"):
         original = load_model(input_path) if input_path is not None else model
         assert isinstance(original, onnx.ModelProto)
-        report.sizes_bytes["input"] = input_path.stat().st_size if input_path else original.ByteSize()
+        report.sizes_bytes["input"] = input_path.stat().st_size if input_path else serialized_size(original)
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
+        check_onnxruntime_loads(float_model)
     with timer.stage("quantization points"):
         plan = build_plan(float_model, config.quantize_outputs)
         if not plan.weights and not plan.groups:
@@ -160,7 +185,10 @@ def quantize(
             if s.nonfinite:
                 report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
     reference_model, quantized_model = float_model, float_model
-    if config.optimize.iters != 0:
+    if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
+        report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
+                    "the model has no weights to optimize (and --learn-act-scales is off)")
+    elif config.optimize.iters != 0:
         with timer.stage("eptq"):
             try:
                 outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress),
@@ -191,7 +219,8 @@ def quantize(
         for bias in summary.clipped_biases:
             report.warn(f"bias {bias} saturated to the int32 range")
     with timer.stage("validate"):
-        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress)
+        fake_quant = fake_quant_model(quantized_model, plan, weights, acts, config.quantize_outputs, config.quantize_bias)
+        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant)
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
     report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
@@ -200,7 +229,7 @@ def quantize(
             save_model(qdq, output_path, force=force)
             report.sizes_bytes["output"] = output_path.stat().st_size
     else:
-        report.sizes_bytes["output"] = qdq.ByteSize()
+        report.sizes_bytes["output"] = serialized_size(qdq)
     if report_path is not None:
         report.write_json(report_path)
     if plots_dir is not None:

@@ -122,7 +122,7 @@ def write_qdq(
         b.constant(f"{name}_zero_point", np.zeros(wq.scale.shape, dtype=storage.numpy_type))
         weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", wq.axis)
 
-    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, group_of, summary) if quantize_bias else ({}, {})
+    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, summary) if quantize_bias else ({}, {})
 
     act_pairs: Dict[str, List[onnx.NodeProto]] = {}
     rename: Dict[str, str] = {}  # tensor -> the DequantizeLinear output its readers use
@@ -147,69 +147,117 @@ def write_qdq(
                 rename[t] = dq.output[0]
             act_pairs[t] = [q, dq]
 
-    new_nodes: List[onnx.NodeProto] = []
-    for name in [i.name for i in graph.input]:
-        new_nodes.extend(act_pairs.get(name, []))
-    new_nodes.extend(weight_nodes.values())
+    before: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:
         node_key = node.name or node.output[0]
         for i, inp in enumerate(node.input):
             if inp in weight_nodes:
                 node.input[i] = weight_nodes[inp].output[0]
             elif (node_key, i) in bias_inputs:
-                new_nodes.append(bias_nodes[bias_inputs[(node_key, i)]])
-                node.input[i] = bias_nodes[bias_inputs[(node_key, i)]].output[0]
-            elif inp in rename:
+                bias_node = bias_nodes[bias_inputs[(node_key, i)]]
+                before.setdefault(node_key, []).append(bias_node)
+                node.input[i] = bias_node.output[0]
+    # graph outputs that are also quantized for their readers stay float themselves
+    rewire(graph, after=act_pairs, rename=rename, producer_rename=producer_rename,
+           leading=list(weight_nodes.values()), before=before)
+    used = {i for n in graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + b.initializers)
+    return out, summary
+
+
+def rewire(
+    graph: onnx.GraphProto,
+    *,
+    after: Dict[str, List[onnx.NodeProto]],
+    rename: Dict[str, str],
+    producer_rename: Dict[str, str],
+    leading: Optional[List[onnx.NodeProto]] = None,
+    before: Optional[Dict[str, List[onnx.NodeProto]]] = None,
+) -> None:
+    """Insert nodes after tensors and reroute their readers, keeping a topological order.
+
+    The nodes ``after[t]`` follow the producer of t (graph inputs' come first, then ``leading``);
+    every node reads ``rename[x]`` instead of x and writes ``producer_rename[y]`` instead of y
+    (value_info follows); ``before[node name]`` nodes come right before that node.
+    """
+    nodes = [n for name in (i.name for i in graph.input) for n in after.get(name, [])] + list(leading or [])
+    for node in graph.node:
+        nodes.extend((before or {}).get(node.name or node.output[0], []))
+        for i, inp in enumerate(node.input):
+            if inp in rename:
                 node.input[i] = rename[inp]
         produced = list(node.output)
         for i, o in enumerate(produced):
             if o in producer_rename:
                 node.output[i] = producer_rename[o]
-        new_nodes.append(node)
+        nodes.append(node)
         for o in produced:
-            new_nodes.extend(act_pairs.get(o, []))
-    # graph outputs that are also quantized for their readers stay float themselves
+            nodes.extend(after.get(o, []))
     del graph.node[:]
-    graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + b.initializers)
+    graph.node.extend(nodes)
     for vi in graph.value_info:
         if vi.name in producer_rename:
             vi.name = producer_rename[vi.name]
-    return out, summary
 
 
-def _bias_nodes(b, model, plan, weights, acts, group_of, summary):
-    """int32 biases (scale = input scale x weight scale) for weighted ops with a quantized input."""
+@dataclass
+class BiasQuant:
+    """A bias of a weighted op stored as int32 codes with scale = input scale x weight scale."""
+
+    node: str
+    bias: str
+    codes: np.ndarray  # int32
+    scale: np.ndarray  # float32, per output channel
+    clipped: bool  # saturated to the int32 range
+
+    def dequantized(self) -> np.ndarray:
+        return (self.codes.astype(np.float32) * self.scale).astype(np.float32)
+
+
+def quantize_biases(
+    model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams]
+) -> Tuple[List[BiasQuant], List[str]]:
+    """int32 biases for weighted ops with a quantized input, and the biases that stay float."""
     initializers = {t.name: t for t in model.graph.initializer}
-    nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
-    bias_nodes: Dict[str, onnx.NodeProto] = {}
-    bias_inputs: Dict[Tuple[str, int], str] = {}
+    group_of = plan.group_of()
+    quantized: List[BiasQuant] = []
+    left_float: List[str] = []
     for point in plan.weights:
         if point.bias is None:
             continue
-        node = nodes_by_name[point.node]
         group = group_of.get(point.input) if point.input else None
         if group is None or point.weight not in weights:
-            summary.float_biases.append(point.bias)
+            left_float.append(point.bias)
             continue
-        wq = weights[point.weight]
         bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float32)
-        scale = (np.float32(acts[group.id].scale) * wq.scale).astype(np.float32)
+        scale = (np.float32(acts[group.id].scale) * weights[point.weight].scale).astype(np.float32)
         if scale.shape != bias.shape:
-            summary.float_biases.append(point.bias)
+            left_float.append(point.bias)
             continue
         codes = np.rint(bias / scale).astype(np.float64)  # float32 division, as the torch twin does
-        if np.abs(codes).max(initial=0) > INT32_MAX:
-            summary.clipped_biases.append(point.bias)
+        clipped = bool(np.abs(codes).max(initial=0) > INT32_MAX)
         codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)
-        key = f"{point.bias}__{point.node}"
-        b.constant(f"{key}_quantized", codes)
-        b.constant(f"{key}_scale", scale)
-        b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        quantized.append(BiasQuant(point.node, point.bias, codes, scale, clipped))
+    return quantized, left_float
+
+
+def _bias_nodes(b, model, plan, weights, acts, summary):
+    """DequantizeLinear nodes of the int32 biases (see ``quantize_biases``) and the inputs they feed."""
+    nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
+    bias_nodes: Dict[str, onnx.NodeProto] = {}
+    bias_inputs: Dict[Tuple[str, int], str] = {}
+    quantized, left_float = quantize_biases(model, plan, weights, acts)
+    summary.float_biases.extend(left_float)
+    for bq in quantized:
+        if bq.clipped:
+            summary.clipped_biases.append(bq.bias)
+        key = f"{bq.bias}__{bq.node}"
+        b.constant(f"{key}_quantized", bq.codes)
+        b.constant(f"{key}_scale", bq.scale)
+        b.constant(f"{key}_zero_point", np.zeros(bq.scale.shape, dtype=np.int32))
         bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point", 0)
-        index = list(node.input).index(point.bias)
-        bias_inputs[(point.node, index)] = key
+        index = list(nodes_by_name[bq.node].input).index(bq.bias)
+        bias_inputs[(bq.node, index)] = key
     return bias_nodes, bias_inputs

@@ -92,6 +92,10 @@ class GraphIndex:
         """A float tensor computed at run time (not a constant)."""
         return bool(name) and name not in self.constants and self.elem_type.get(name) in FLOAT_TYPES
 
+    def untyped(self, name: str) -> bool:
+        """A tensor computed at run time whose element type shape inference could not tell."""
+        return bool(name) and name not in self.constants and name not in self.elem_type
+
     def is_float_constant(self, name: str) -> bool:
         return name in self.constants and self.constants[name].data_type in FLOAT_TYPES
 
@@ -262,9 +266,11 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
         if role in OUTPUT_ROLES or out in exits:
             if index.is_activation(out) and out not in absorbed:
                 add_point(out, f"{node.op_type} output")
-        if not is_known(node) and any(index.is_activation(o) for o in node.output):
+        if not is_known(node) and any(index.is_activation(o) or index.untyped(o) for o in node.output):
             why = op_info(node).note or "not in the op table"
             plan.float_ops.append((node.name or out, node.op_type, why))
+        elif op_info(node).role == "weighted" and role == "float" and any(index.untyped(i) for i in node.input):
+            plan.float_ops.append((node.name or out, node.op_type, "reads a tensor of unknown type: shape inference does not know the op producing it"))
     # inputs of weighted ops and activation x activation MatMuls must be quantized
     for node in index.nodes:
         role = roles[node.output[0]]

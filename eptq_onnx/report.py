@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
+from .model_io import write_bytes_atomic
+
 SHOWN_TENSORS = 8  # worst tensors listed in the terminal (all of them are in the JSON)
 
 
@@ -51,7 +53,7 @@ class Report:
         return _jsonable(asdict(self))
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_bytes_atomic(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .model_io import save_with_external_data, serialized_size
+
 PROTOBUF_LIMIT = 2**31 - 2**20  # leave room for the protobuf envelope
+# Batches that return every intermediate tensor (calibration, validation) are cut so that one
+# batch's returned tensors stay under this size: memory does not grow with the batch size.
+TAPPED_BATCH_BYTES = 256 << 20
 
 
 def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
@@ -38,6 +43,8 @@ def make_session(
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # no arena: its buffers, sized for the largest batch of intermediates, would stay resident
+    opts.enable_cpu_mem_arena = False
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -46,11 +53,11 @@ def make_session(
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if serialized_size(model) < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with tempfile.TemporaryDirectory(prefix="eptq-ort-") as tmp:
         path = os.path.join(tmp, "model.onnx")
-        onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+        save_with_external_data(model, path)
         return ort.InferenceSession(path, opts, providers=providers)
 
 
@@ -58,3 +65,21 @@ def run(session: ort.InferenceSession, feeds: Dict[str, np.ndarray], names: Opti
     """Run a session and return its outputs by name."""
     names = names or [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds)))
+
+
+def tapped_batch_size(model: onnx.ModelProto, tensors: Iterable[str], requested: int) -> int:
+    """The batch size, at most ``requested``, at which ``tensors`` of one batch fit TAPPED_BATCH_BYTES.
+
+    Sizes per sample come from the model's value_info (dims after the batch dim; unknown dims
+    count as 1). At least 1.
+    """
+    infos = {vi.name: vi for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    per_sample = 0
+    for name in tensors:
+        vi = infos.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim[1:]]
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type or 1)).itemsize
+        per_sample += int(np.prod(dims, dtype=np.int64)) * itemsize
+    return max(1, min(requested, TAPPED_BATCH_BYTES // max(per_sample, 1)))

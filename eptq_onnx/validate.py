@@ -10,7 +10,7 @@ import os
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from .calib_data import CalibrationSet
 from .errors import ValidationError
+from .fake_quant import fake_quant_name
+from .model_io import save_with_external_data, serialized_size
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
-from .runtime import PROTOBUF_LIMIT, make_session, run, with_outputs
+from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
 FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
@@ -29,6 +31,9 @@ LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
 # mutual SQNR (dB) they disagree.
 MIN_AGREEMENT_DB = 20.0
 INT2_FUSION_OFF = {"session.disable_quant_qdq": "1"}
+# The QDQ model and its fake-quant reference differ by float rounding ties only (a code off by one
+# step here and there); below this SQNR (dB) of a quantized tensor they diverge.
+MIN_REFERENCE_DB = 30.0
 
 
 @dataclass
@@ -75,12 +80,12 @@ def _has_int2_weights(model: onnx.ModelProto) -> bool:
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker full check (shape inference included); ValidationError with its first line."""
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT:
             onnx.checker.check_model(model, full_check=True)
         else:
             with tempfile.TemporaryDirectory(prefix="eptq-check-") as tmp:
                 path = os.path.join(tmp, "model.onnx")
-                onnx.save_model(model, path, save_as_external_data=True, location="model.onnx.data")
+                save_with_external_data(model, path)
                 onnx.checker.check_model(path, full_check=True)
     except Exception as exc:  # checker raises several exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -106,8 +111,14 @@ def validate(
     calib: CalibrationSet,
     samples: int,
     progress: bool = True,
+    reference: Optional[onnx.ModelProto] = None,
 ) -> Validation:
-    """Run the float and QDQ models on the first ``samples`` calibration samples and compare."""
+    """Run the float and QDQ models on the first ``samples`` calibration samples and compare.
+
+    With ``reference`` (``fake_quant.fake_quant_model`` of the state the QDQ model was written
+    from), every quantized tensor and output of the QDQ model must match it (``MIN_REFERENCE_DB``),
+    else ValidationError names the first tensor, in graph order, where they diverge.
+    """
     check_model(qdq_model)
     result = Validation()
     config = {}
@@ -119,30 +130,48 @@ def validate(
     dq_outputs = {n.output[0] for n in qdq_model.graph.node if n.op_type == "DequantizeLinear"}
     qdq_tensor_names = {r: (r if r in dq_outputs else f"{r}_DequantizeLinear_Output") for r in roots}
     out_names = [o.name for o in float_model.graph.output]
+    checked = _checked_tensors(float_model, plan, out_names)  # topological order
+    qdq_checked = {t: (t if t in dq_outputs or t in out_names else f"{t}_DequantizeLinear_Output") for t in checked}
+    float_sess = make_session(with_outputs(float_model, roots))
     try:
-        float_sess = make_session(with_outputs(float_model, roots))
-        ref_sess = make_session(with_outputs(qdq_model, qdq_tensor_names.values()), optimize=False, config=config)
+        ref_sess = make_session(with_outputs(qdq_model, [*qdq_tensor_names.values(), *qdq_checked.values()]),
+                                optimize=False, config=config)
         opt_sess = make_session(qdq_model, optimize=True, config=config)
     except Exception as exc:
-        raise ValidationError(f"onnxruntime cannot load the quantized model: {str(exc).splitlines()[0]}") from exc
+        raise ValidationError(f"onnxruntime cannot load the quantized model: {_first_line(exc)}") from exc
+    fq_names = {t: (t if t in out_names else fake_quant_name(t)) for t in checked}
+    fq_sess = make_session(with_outputs(reference, fq_names.values()), optimize=False) if reference is not None else None
 
     outputs = defaultdict(_Accumulator)
     agreement = defaultdict(_Accumulator)
     tensors = defaultdict(_Accumulator)
-    total = calib.num_batches(limit=samples)
-    for feeds in tqdm(calib.batches(limit=samples), total=total, desc="validation", disable=not progress, leave=False):
+    divergence = defaultdict(_Accumulator)
+    # two sets of tapped tensors are alive at once: the QDQ model's and the float or reference one's
+    batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
+    total = calib.num_batches(batch_size, limit=samples)
+    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
+                      leave=False):
         result.samples += len(next(iter(feeds.values())))
-        f = run(float_sess, feeds)
         try:
             r = run(ref_sess, feeds)
-            o = run(opt_sess, feeds)
+            o = run(opt_sess, feeds, out_names)
         except Exception as exc:
-            raise ValidationError(f"onnxruntime fails to run the quantized model: {str(exc).splitlines()[0]}") from exc
+            raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
+        for name in out_names:
+            agreement[name].add(r[name], o[name])
+        del o
+        f = run(float_sess, feeds)
         for name in out_names:
             outputs[name].add(f[name], r[name])
-            agreement[name].add(r[name], o[name])
         for root, qname in qdq_tensor_names.items():
             tensors[root].add(f[root], r[qname])
+        del f
+        if fq_sess is not None:
+            q = run(fq_sess, feeds)
+            for t in checked:
+                divergence[t].add(q[fq_names[t]], r[qdq_checked[t]])
+            del q
+    _check_divergence(divergence, checked)
     for name in out_names:
         result.output_sqnr_db[name] = outputs[name].sqnr
         result.output_max_abs_error[name] = outputs[name].max_abs
@@ -158,3 +187,28 @@ def validate(
     result.fused_linear_ops = sum(result.fused_op_types.values())
     result.linear_ops = sum(1 for n in float_model.graph.node if n.op_type in LINEAR_OPS)
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _checked_tensors(model: onnx.ModelProto, plan: QuantPlan, outputs: List[str]) -> List[str]:
+    """Quantized tensors and float outputs in topological order (inputs first)."""
+    quantized = {t for g in plan.groups for t in g.tensors}
+    order = [i.name for i in model.graph.input] + [o for n in model.graph.node for o in n.output]
+    checked = [t for t in order if t in quantized]
+    return checked + [o for o in outputs if o not in quantized]
+
+
+def _check_divergence(divergence: Dict[str, _Accumulator], checked: List[str]) -> None:
+    """ValidationError naming the first tensor whose QDQ values diverge from the fake-quant reference."""
+    for name in checked:
+        acc = divergence.get(name)
+        if acc is not None and (acc.sqnr < MIN_REFERENCE_DB or not np.isfinite(acc.max_abs)):
+            raise ValidationError(
+                f"validation: the QDQ model diverges from its fake-quant reference first at tensor {name!r} "
+                f"(SQNR {acc.sqnr:.1f} dB < {MIN_REFERENCE_DB:.0f} dB, max abs difference {acc.max_abs:.4g}): "
+                f"the written model does not compute what its quantizers do; rerun with --debug and report it"
+            )

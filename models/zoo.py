@@ -302,6 +302,17 @@ def residual_cnn(opset: int = 13, dynamic_batch: bool = True, *, dynamo: bool = 
     )
 
 
+def resnet50(opset: int = 13) -> onnx.ModelProto:
+    """torchvision's ResNet-50 (random weights, BatchNorm unfolded) on [N,3,224,224]: the scale benchmark's model."""
+    from torchvision.models import resnet50 as torchvision_resnet50
+
+    with _seeded(0):
+        net = torchvision_resnet50(weights=None)
+        _perturb_norms(net)
+        x = torch.randn(2, 3, 224, 224)
+    return exported(net, (x,), opset=opset, input_names=["input"], output_names=["logits"])
+
+
 def _transformer(opset: int, dynamo: bool) -> onnx.ModelProto:
     with _seeded(1):
         net = _TransformerBlock(tokens=16, dim=32, heads=2, hidden=64)
