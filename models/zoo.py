@@ -582,3 +582,8 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "residual_cnn_dynamo": lambda: residual_cnn(dynamo=True),
     "transformer_block_dynamo": lambda: transformer_block(dynamo=True),
 }
+
+# The architecture families and the quantization traps (their own modules) join the zoo.
+from models.zoo_families import FAMILIES  # noqa: E402  (imports this module's building blocks)
+
+ZOO.update(FAMILIES)
