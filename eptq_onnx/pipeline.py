@@ -153,11 +153,9 @@ def quantize(
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
         weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs)
     with timer.stage("activation calibration"):
-        acts, stats = calibrate_activations(float_model, plan, calib_set, config, progress)
-        for g in plan.groups:
-            s = stats[g.id]
-            if s.nonfinite:
-                report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
+        acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)
+        for note in range_notes:
+            report.warn(note)
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0:
         with timer.stage("eptq"):

@@ -18,7 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .ops import WeightRule, is_known, op_info, resolve_role
 
@@ -172,9 +174,28 @@ def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, s
         role = op_info(node).role
         if role not in FUSIBLE_ROLES or len(index.act_inputs(node)) != 1 or len(node.output) != 1:
             return chain
-        if not index.is_activation(node.output[0]):
+        if not index.is_activation(node.output[0]) or _rescales_unevenly(index, node):
             return chain
         chain.append(node.output[0])
+
+
+UNEVEN_SCALE_RATIO = 16.0  # a Mul/Div by constants spanning more than this is not fused over
+
+
+def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Mul/Div by a constant whose magnitudes differ a lot (or include 0) across elements.
+
+    A point after it would put e.g. tokens scaled by 1 and by 1e-3 on one grid (the small ones
+    round to 0); before it, each element keeps its relative precision.
+    """
+    if node.op_type not in ("Mul", "Div"):
+        return False
+    for name in node.input:
+        if name in index.constants and index.constants[name].data_type in FLOAT_TYPES:
+            c = np.abs(numpy_helper.to_array(index.constants[name]).astype(np.float64))
+            if c.size > 1 and (c.min() == 0 or c.max() / c.min() > UNEVEN_SCALE_RATIO):
+                return True
+    return False
 
 
 def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:

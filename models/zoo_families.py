@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
-from models.zoo import _perturb_norms, _seeded, _TransformerBlock, _MixerBlock, conv_bn, exported
+from models.zoo import ZOO, _perturb_norms, _seeded, _TransformerBlock, _MixerBlock, conv_bn, exported
 from models.zoo import MIN_DYNAMO_OPSET
 
 LEGACY_MAX_OPSET = 20  # torch's TorchScript exporter (torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+ATTENTION_SHARPNESS = 4.0  # factor on the BERT query weights
 DYNAMO_MAX_OPSET = 23  # torch's dynamo exporter (torch.onnx._constants.ONNX_MAX_OPSET)
 
 __all__ = ["FAMILIES", "EXPORT_OPSETS", "newest_ort_opset", "export_opsets"]
@@ -280,6 +281,8 @@ class _Bert(nn.Module):
         self.attn = _BertAttention(dim, heads=2)
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.pooler, self.classifier = nn.Linear(dim, dim), nn.Linear(dim, classes)
+        with torch.no_grad():  # peaked attention (as in trained models): a flattened one is an error
+            self.attn.q.weight.mul_(ATTENTION_SHARPNESS)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.word(ids) + self.position(self.positions) + self.token_type(torch.zeros_like(ids))
@@ -372,3 +375,4 @@ FAMILIES: dict[str, Callable[..., onnx.ModelProto]] = {
     "detection_head": detection_head,
     "segmentation_head": segmentation_head,
 }
+ZOO.update(FAMILIES)
