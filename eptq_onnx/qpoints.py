@@ -198,6 +198,31 @@ def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return False
 
 
+LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point, their input never
+
+
+def _only_feeds_log(index: GraphIndex, roles: Dict[str, str], tensor: str) -> bool:
+    """Whether the tensor's values reach the rest of the network only through a Log, via
+    elementwise math and joins (e.g. re*re + im*im + eps -> Log: a power spectrum)."""
+    seen: Set[str] = set()
+    stack, found = [tensor], False
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in index.outputs:
+            return False
+        for consumer in index.consumers.get(t, []):
+            if consumer.op_type in LOG_DOMAIN:
+                found = True
+                continue
+            if roles.get(consumer.output[0]) not in ("elementwise", "activation", "join") or consumer.op_type == "Concat":
+                return False
+            stack.extend(o for o in consumer.output if index.is_activation(o))
+    return found
+
+
 def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:
     """Root -> exit for the composites that are their root's only readers (the point moves)."""
     result: Dict[str, str] = {}
@@ -270,6 +295,8 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
 
     def add_point(tensor: str, reason: str) -> None:
         chain = _fuse_forward(index, tensor, composite_root)
+        if _only_feeds_log(index, roles, chain[-1]):
+            return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
         absorbed.update(chain[:-1])
         if chain[-1] not in points:
             points[chain[-1]] = reason if len(chain) == 1 else f"{reason} (fused)"
@@ -280,7 +307,7 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
     for node in index.nodes:
         role = roles[node.output[0]]
         out = node.output[0]
-        if role in OUTPUT_ROLES or out in exits:
+        if role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
             if index.is_activation(out) and out not in absorbed:
                 add_point(out, f"{node.op_type} output")
         if not is_known(node) and any(index.is_activation(o) for o in node.output):
