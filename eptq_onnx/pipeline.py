@@ -30,6 +30,7 @@ from .qdq_writer import required_opset, write_qdq
 from .qpoints import QuantPlan, build_plan
 from .quantizers import ActParams, sqnr_db
 from .report import Report, TensorEntry
+from .targets import get_target
 from .validate import validate
 from .weights import WeightQuant, init_weights
 
@@ -88,13 +89,14 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     containers (restricted to their bit range) and the report says so.
     """
     model = normalize_model(model)
-    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage)
+    target = get_target(config.target)
+    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage, target)
     if default_opset(model) < needed:
         try:
             model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
-            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8") > default_opset(model):
+            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8", target) > default_opset(model):
                 raise
             report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{config.weight_bits}: {exc}")
             config = fallback
@@ -140,7 +142,7 @@ def quantize(
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
     with timer.stage("quantization points"):
-        plan = build_plan(float_model, config.quantize_outputs)
+        plan = build_plan(float_model, config.quantize_outputs, get_target(config.target).fusible)
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
@@ -151,7 +153,7 @@ def quantize(
         report.calibration_samples = len(calib_set)
     with timer.stage("weight init"):
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
-        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs)
+        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs, get_target(config.target))
     with timer.stage("activation calibration"):
         acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)
         for note in range_notes:
@@ -175,6 +177,7 @@ def quantize(
             weight_storage=config.weight_storage,
             quantize_outputs=config.quantize_outputs,
             quantize_bias=config.quantize_bias,
+            target=get_target(config.target),
         )
         qdq.ir_version = ir_version_for(default_opset(qdq))
         for bias in summary.float_biases:

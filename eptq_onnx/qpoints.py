@@ -153,11 +153,13 @@ def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str
     return outer, internal
 
 
-def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str]) -> List[str]:
+def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str],
+                  fusible: Optional[FrozenSet[str]] = None) -> List[str]:
     """The chain of tensors a point at ``tensor`` moves along (ending at the new point).
 
     A point moves past a single elementwise consumer (a non-linearity, or affine math with a
-    constant) and past a composite activation whose root it is.
+    constant) and past a composite activation whose root it is; with ``fusible`` (a target's
+    rule) only past those op types.
     """
     chain = [tensor]
     while True:
@@ -165,12 +167,14 @@ def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, s
         if t in index.outputs:
             return chain
         consumers = index.consumers.get(t, [])
-        if t in composite_of_root:
+        if t in composite_of_root and fusible is None:
             chain.append(composite_of_root[t])
             continue
         if len(consumers) != 1:
             return chain
         node = consumers[0]
+        if fusible is not None and node.op_type not in fusible:
+            return chain
         role = op_info(node).role
         if role not in FUSIBLE_ROLES or len(index.act_inputs(node)) != 1 or len(node.output) != 1:
             return chain
@@ -282,8 +286,13 @@ def node_roles(index: GraphIndex) -> Tuple[Dict[str, str], Dict[str, WeightRule]
     return roles, rules
 
 
-def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantPlan:
-    """Find the weight and activation quantization points of a normalized float model."""
+def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
+               fusible: Optional[FrozenSet[str]] = None) -> QuantPlan:
+    """Find the weight and activation quantization points of a normalized float model.
+
+    ``fusible``: the only op types a point may move past (a target whose runtime fuses QDQ
+    into integer kernels only when the point follows the op or one of these directly).
+    """
     index = GraphIndex(model.graph)
     roles, rules = node_roles(index)
     exits, internal = _composites(index, roles)
@@ -294,7 +303,7 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
     absorbed: Set[str] = set(internal)
 
     def add_point(tensor: str, reason: str) -> None:
-        chain = _fuse_forward(index, tensor, composite_root)
+        chain = _fuse_forward(index, tensor, composite_root, fusible)
         if _only_feeds_log(index, roles, chain[-1]):
             return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
         absorbed.update(chain[:-1])
