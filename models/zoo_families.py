@@ -177,9 +177,9 @@ class _DeiT(nn.Module):
         super().__init__()
         tokens = (image // patch) ** 2
         self.embed = nn.Conv2d(3, dim, patch, patch)
-        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.dist = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.pos = nn.Parameter(torch.randn(1, tokens + 2, dim) * 0.02)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))  # trained tokens have norms like the patches
+        self.dist = nn.Parameter(torch.randn(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 2, dim) * 0.5)
         self.block = _TransformerBlock(tokens + 2, dim, heads=2, hidden=2 * dim)
         self.norm = nn.LayerNorm(dim)
         self.head, self.head_dist = nn.Linear(dim, classes), nn.Linear(dim, classes)
