@@ -151,6 +151,17 @@ def register_converters() -> None:
     _registered = True
 
 
+def converter_versions(op_type: str) -> dict[str, list[int]]:
+    """Default-domain versions of ``op_type`` by converter: ``ours`` (this module), ``alias``
+    (onnx2torch's converter re-registered for newer versions) and ``onnx2torch`` (its own)."""
+    register_converters()
+    ours = sorted(v for op, v in _OWN if op == op_type)
+    alias = sorted(VERSION_ALIASES[op_type].targets) if op_type in VERSION_ALIASES else []
+    known = sorted(k.version for k in registry._CONVERTER_REGISTRY  # noqa: SLF001 - no public listing
+                   if k.operation_type == op_type and k.domain == onnx.defs.ONNX_DOMAIN)
+    return {"ours": ours, "alias": alias, "onnx2torch": [v for v in known if v not in ours and v not in alias]}
+
+
 def has_converter(domain: str, op_type: str, opset: int) -> bool:
     """Whether onnx2torch (with our registrations) converts this op at this opset of its domain."""
     register_converters()
