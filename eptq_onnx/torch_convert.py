@@ -329,7 +329,7 @@ _RECURRENT_DEFAULTS = {"LSTM": [b"Sigmoid", b"Tanh", b"Tanh"], "GRU": [b"Sigmoid
 
 @_converts("LSTM GRU", 7, 14, 22)
 def _recurrent(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
-    """LSTM/GRU with default activations, no clip, no peepholes, no input_forget (else refused)."""
+    """LSTM/GRU with default activations, layout 0, no clip, no peepholes, no input_forget (else refused)."""
     a = node.attributes
     kind = node.operation_type
     activations = [x.encode() if isinstance(x, str) else x for x in a.get("activations", [])]
@@ -338,8 +338,10 @@ def _recurrent(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
         raise NotImplementedError(f"{kind} with activations {activations}")
     if a.get("clip") is not None or a.get("input_forget", 0) or _given(node, 7):
         raise NotImplementedError(f"{kind} with clip, input_forget or peepholes")
+    if a.get("layout", 0):
+        raise NotImplementedError(f"{kind} with layout 1 (onnxruntime's CPU kernels refuse it too)")
     module = ops.RecurrentOp(kind, int(a["hidden_size"]), _text(a.get("direction", "forward")),
-                             int(a.get("layout", 0)), bool(a.get("linear_before_reset", 0)))
+                             bool(a.get("linear_before_reset", 0)))
     return _module(node, module)
 
 

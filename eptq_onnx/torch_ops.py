@@ -544,15 +544,15 @@ def _gru_cell(x_t: Tensor, state: tuple[Tensor, ...], w: Tensor, r: Tensor, b: T
 
 
 class RecurrentOp(nn.Module):
-    """ONNX LSTM / GRU (forward, reverse or bidirectional; layout 0 or 1) as an explicit loop.
+    """ONNX LSTM / GRU (forward, reverse or bidirectional; layout 0) as an explicit loop.
 
     Inputs in ONNX order: X, W, R, B, sequence_lens (must be absent), initial_h (, initial_c).
     Outputs Y, Y_h (, Y_c). The op stays float: its weights are plain buffers.
     """
 
-    def __init__(self, kind: str, hidden: int, direction: str, layout: int, linear_before_reset: bool = False) -> None:
+    def __init__(self, kind: str, hidden: int, direction: str, linear_before_reset: bool = False) -> None:
         super().__init__()
-        self.kind, self.hidden, self.layout = kind, hidden, layout
+        self.kind, self.hidden = kind, hidden
         self.directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
         self.cell = _lstm_cell if kind == "LSTM" else _gru_cell
         self.extra = {"linear_before_reset": linear_before_reset}
@@ -563,9 +563,6 @@ class RecurrentOp(nn.Module):
         initial = (initial_h, initial_c)
         if seq_lens is not None:
             raise NotImplementedError(f"{self.kind} with sequence_lens")
-        if self.layout:
-            x = x.transpose(0, 1)
-            initial = tuple(s.transpose(0, 1) if s is not None else None for s in initial)
         steps, batch = x.shape[0], x.shape[1]
         gates = w.shape[1] // self.hidden
         if b is None:
@@ -584,7 +581,4 @@ class RecurrentOp(nn.Module):
             ys.append(torch.stack(outputs))
             finals.append(state)
         y = torch.stack(ys, dim=1)  # [steps, dirs, batch, hidden]
-        last = [torch.stack([f[k] for f in finals]) for k in range(self.states)]  # [dirs, batch, hidden]
-        if self.layout:
-            y, last = y.permute(2, 0, 1, 3), [s.transpose(0, 1) for s in last]
-        return (y, *last)
+        return (y, *(torch.stack([f[k] for f in finals]) for k in range(self.states)))
