@@ -98,7 +98,6 @@ class QuantConfig:
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
 
     def __post_init__(self) -> None:
-        self._check_target()
         if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
             raise UsageError(
                 f"--weight-bits {self.weight_bits} is not supported: choose one of "
@@ -119,6 +118,7 @@ class QuantConfig:
             raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
+        self._check_target()
 
     def _check_target(self) -> None:
         """The activation coding and options must be ones the target reads; a target with only

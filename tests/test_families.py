@@ -1,7 +1,8 @@
 """Every architecture family and trap model of the zoo through the pipeline, from every exporter.
 
-Default run: each model at its default export (W8A8 with twin equivalence, W4A8 with a few EPTQ
-steps) and a subset of the exporter x opset matrix; ``-m slow`` runs the whole matrix.
+Default run: a subset of the models at their default export (W8A8 with twin equivalence, W4A8
+with a few EPTQ steps; tests/test_pipeline.py quantizes every zoo model at W8A8 and W4A8) and a
+subset of the exporter x opset matrix; ``-m slow`` runs every model and the whole matrix.
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def _check_w8a8(model: onnx.ModelProto, calib_for) -> None:
     assert_student_matches_onnxruntime(model, result)
 
 
-@pytest.mark.parametrize("name", NEW_MODELS)
+TWIN_FAST = ("deit", "bert_attention_mask", "mobilevit", "mobilenet_v3", "segmentation_head", "conv_lstm")
+
+
+@pytest.mark.parametrize("name", [n if n in TWIN_FAST else pytest.param(n, marks=pytest.mark.slow) for n in NEW_MODELS])
 def test_w8a8_and_twin(name: str, calib_for) -> None:
     _check_w8a8(zoo.ZOO[name](), calib_for)
 
