@@ -54,9 +54,9 @@ ORT_FUSED_ACTIVATIONS = frozenset(("Relu", "Clip"))
 TARGETS: Dict[str, Target] = {
     t.name: t
     for t in (
-        Target("ort-cpu", "onnxruntime CPU: uint8 activations, int8 per-channel weights fused into QLinear ops; "
-               "INT4/INT2 weights as storage (DequantizeLinear -> float op)",
-               act_types=((8, False),), weight_bits=(8, 4, 2), fusible=ORT_FUSED_ACTIVATIONS),
+        Target("ort-cpu", "onnxruntime CPU: uint8 activations (int8 with --act-symmetric; both fuse), int8 "
+               "per-channel weights fused into QLinear ops; INT4/INT2 weights as storage (DequantizeLinear -> float op)",
+               act_types=((8, False), (8, True)), weight_bits=(8, 4, 2), fusible=ORT_FUSED_ACTIVATIONS),
         Target("trt", "TensorRT: symmetric int8 activations and weights (zero point 0, no uint8); "
                "INT4 weights only on MatMul/Gemm (weight-only GEMMs), other layers INT8",
                act_types=((8, True),), weight_bits=(8, 4), low_bit_ops=LINEAR_OPS),

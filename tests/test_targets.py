@@ -58,7 +58,12 @@ def test_each_rule_catches_its_violation(calib_for) -> None:
     assert qnn and all("per-channel, qnn takes per-tensor" in v for v in qnn)
     assert {v.split(" of ")[1].split(":")[0] for v in qnn} <= {"MatMul", "Gemm"}
     _, trt_model = _quantized("mobilevit", "trt", 4, calib_for)
-    assert "int8 not read by ort-cpu" in "\n".join(violations(trt_model.model, TARGETS["ort-cpu"]))
+    assert "uint8 not read by trt" not in "\n".join(violations(trt_model.model, TARGETS["trt"]))
+    mlp = zoo.mlp()
+    qnn16 = quantize(mlp, calib_for(mlp, 4, name="qnn16"), init_only(weight_bits=8, target="qnn", act_bits=16),
+                     progress=False).model
+    assert violations(qnn16, TARGETS["qnn"]) == []
+    assert "uint16 not read by ort-cpu" in "\n".join(violations(qnn16, TARGETS["ort-cpu"]))
     zero_points = [t for t in trt_model.model.graph.initializer if t.name.endswith("_zero_point")]
     assert all(not np.any(onnx.numpy_helper.to_array(t)) for t in zero_points)  # symmetric everywhere
     storage = {t.data_type for t in trt_model.model.graph.initializer if t.name.endswith("_quantized")}
@@ -80,8 +85,9 @@ def test_qnn_per_tensor_weights_match_onnxruntime(calib_for) -> None:
 def test_config_follows_the_target() -> None:
     assert QuantConfig(target="trt").act_symmetric  # trt reads only signed, symmetric activations
     assert not QuantConfig(target="qnn", act_bits=16).act_symmetric
-    with pytest.raises(UsageError, match="--target ort-cpu reads activations as uint8, not int8"):
-        QuantConfig(target="ort-cpu", act_symmetric=True)
+    assert QuantConfig(target="ort-cpu", act_symmetric=True).act_symmetric  # onnxruntime fuses s8 too
+    with pytest.raises(UsageError, match="--target ort-cpu reads activations as uint8, int8, not uint16"):
+        QuantConfig(target="ort-cpu", act_bits=16)
     with pytest.raises(UsageError, match="--target trt reads activations as int8, not uint16"):
         QuantConfig(target="trt", act_bits=16)
     with pytest.raises(UsageError, match="--target tpu is unknown"):
@@ -99,5 +105,5 @@ def test_cli_target(tmp_path, calib_for) -> None:
     args = [str(src), str(out), "--calib", str(calib), "--iters", "0", "-q"]
     assert CliRunner().invoke(main, args + ["--target", "trt"]).exit_code == 0
     assert violations(onnx.load(out), TARGETS["trt"]) == []
-    bad = CliRunner().invoke(main, args + ["--target", "ort-cpu", "--act-symmetric", "--force"])
-    assert bad.exit_code == 2 and "reads activations as uint8" in bad.output
+    bad = CliRunner().invoke(main, args + ["--target", "ort-cpu", "--act-bits", "16", "--force"])
+    assert bad.exit_code == 2 and "reads activations as uint8, int8" in bad.output
