@@ -290,8 +290,9 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
                fusible: Optional[FrozenSet[str]] = None) -> QuantPlan:
     """Find the weight and activation quantization points of a normalized float model.
 
-    ``fusible``: the only op types a point may move past (a target whose runtime fuses QDQ
-    into integer kernels only when the point follows the op or one of these directly).
+    ``fusible``: the only op types the point after a Conv/ConvTranspose/Gemm/MatMul may move
+    past (a target whose runtime fuses such an op into an integer kernel only when its output
+    point follows it or one of these directly); other points move as in the paper.
     """
     index = GraphIndex(model.graph)
     roles, rules = node_roles(index)
@@ -302,8 +303,8 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     points: Dict[str, str] = {}  # tensor -> reason (ordered by discovery)
     absorbed: Set[str] = set(internal)
 
-    def add_point(tensor: str, reason: str) -> None:
-        chain = _fuse_forward(index, tensor, composite_root, fusible)
+    def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
+        chain = _fuse_forward(index, tensor, composite_root, fusible if restricted else None)
         if _only_feeds_log(index, roles, chain[-1]):
             return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
         absorbed.update(chain[:-1])
@@ -318,7 +319,7 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
         out = node.output[0]
         if role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
             if index.is_activation(out) and out not in absorbed:
-                add_point(out, f"{node.op_type} output")
+                add_point(out, f"{node.op_type} output", restricted=role in ("weighted", "act_matmul"))
         if not is_known(node) and any(index.is_activation(o) for o in node.output):
             why = op_info(node).note or "not in the op table"
             plan.float_ops.append((node.name or out, node.op_type, why))
