@@ -304,7 +304,9 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     absorbed: Set[str] = set(internal)
 
     def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
-        chain = _fuse_forward(index, tensor, composite_root, fusible if restricted else None)
+        chain = _fuse_forward(index, tensor, composite_root)
+        if restricted and fusible is not None and chain[-1] not in index.outputs:
+            chain = _fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
         if _only_feeds_log(index, roles, chain[-1]):
             return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
         absorbed.update(chain[:-1])
