@@ -5,8 +5,6 @@ fixed-range histogram per group. Only the histograms are kept: never the activat
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
@@ -17,31 +15,8 @@ from .calib_data import CalibrationSet
 from .config import QuantConfig
 from .qpoints import QuantPlan
 from .quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
+from .range_rules import GroupStats, group_stats, refine_plan
 from .runtime import make_session, run, tapped_batch_size, with_outputs
-
-
-@dataclass
-class GroupStats:
-    """What calibration saw of one group's tensors."""
-
-    lo: float = math.inf
-    hi: float = -math.inf
-    nonfinite: int = 0
-    count: int = 0
-
-    def add(self, x: np.ndarray) -> None:
-        finite = np.isfinite(x)
-        self.count += x.size
-        if not finite.all():
-            self.nonfinite += int(x.size - finite.sum())
-            x = x[finite]
-        if x.size:
-            self.lo = min(self.lo, float(x.min()))
-            self.hi = max(self.hi, float(x.max()))
-
-    @property
-    def seen(self) -> bool:
-        return self.lo <= self.hi
 
 
 def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool, batch_size: int):
@@ -53,32 +28,40 @@ def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progres
 
 def calibrate_activations(
     model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, config: QuantConfig, progress: bool = True
-) -> tuple[Dict[int, ActParams], Dict[int, GroupStats]]:
-    """Quantization parameters of every activation group, by ``config.calib_method``."""
-    roots = {root: g for g in plan.groups for root in g.roots}
-    names = list(roots)
-    stats = {g.id: GroupStats() for g in plan.groups}
+) -> tuple[Dict[int, ActParams], Dict[int, GroupStats], List[str]]:
+    """Quantization parameters of every activation group, by ``config.calib_method``.
+
+    After the min/max pass the range rules (range_rules.py) refine ``plan`` in place: tensors
+    with mask-fill or non-finite values stay float, Concats over very different ranges stop
+    sharing one scale. Returns the parameters, the statistics per group and the rules' notes.
+    """
+    names = [root for g in plan.groups for root in g.roots]
     if not names:
-        return {}, stats
+        return {}, {}, []
+    root_stats = {name: GroupStats() for name in names}
     session = make_session(with_outputs(model, names))
     batch_size = tapped_batch_size(model, names, calib.batch_size)
     for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
         for name, value in outputs.items():
-            stats[roots[name].id].add(np.asarray(value))
+            root_stats[name].add(np.asarray(value))
+    notes = refine_plan(model, plan, root_stats)
+    stats = group_stats(plan.groups, root_stats)
+    roots = {root: g for g in plan.groups for root in g.roots}
+    names = list(roots)
     symmetric = config.act_symmetric
     params: Dict[int, ActParams] = {}
-    if config.calib_method == "minmax":
+    if config.calib_method == "minmax" or not names:
         for g in plan.groups:
             s = stats[g.id]
             params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
-        return params, stats
+        return params, stats, notes
     hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
     for outputs in _passes(session, calib, names, "calibration: histograms", progress, batch_size):
         for name, value in outputs.items():
             hists[roots[name].id].add(value)
     for g in plan.groups:
         params[g.id] = _params_from_histogram(hists[g.id], config)
-    return params, stats
+    return params, stats, notes
 
 
 def _histogram(stats: GroupStats) -> Histogram:

@@ -14,6 +14,7 @@ from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, OptimizeO
 from .errors import EptqError, UsageError
 from .pipeline import quantize
 from .report import print_summary
+from .targets import DEFAULT_TARGET, TARGETS
 
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
@@ -104,6 +105,10 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
               help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers; int8: every weight in an INT8 "
               "container restricted to its bit range, for toolchains that read only INT8.")
+@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+              help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
+              "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
+              "MatMul/Gemm weights) or generic (everything ONNX allows).")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
 @click.option("--num-calib", type=int, default=None,
@@ -150,7 +155,7 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, percentile: float, weight_storage: str, quantize_outputs: bool, float_bias: bool,
+         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
@@ -186,6 +191,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             weight_init=weight_init,  # type: ignore[arg-type]
             percentile=percentile,
             weight_storage=weight_storage,  # type: ignore[arg-type]
+            target=target,
             quantize_outputs=quantize_outputs,
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 from .errors import UsageError
+from .targets import ACT_TYPE_NAMES, DEFAULT_TARGET, get_target
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
 WeightInit = Literal["output-mse", "mse", "minmax"]
@@ -100,6 +101,7 @@ class QuantConfig:
     calib: CalibOptions = field(default_factory=CalibOptions)
     validation_samples: int = 64
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
+    target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
 
     def __post_init__(self) -> None:
         if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
@@ -122,3 +124,23 @@ class QuantConfig:
             raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
+        self._check_target()
+
+    def _check_target(self) -> None:
+        """The activation coding and options must be ones the target reads; a target with only
+        signed activations (trt) makes them symmetric."""
+        target = get_target(self.target)
+        wanted = (self.act_bits, self.act_symmetric)
+        if wanted not in target.act_types and (self.act_bits, True) in target.act_types and not self.act_symmetric:
+            object.__setattr__(self, "act_symmetric", True)  # frozen dataclass: the target's coding
+        elif wanted not in target.act_types:
+            names = ", ".join(ACT_TYPE_NAMES[t] for t in target.act_types)
+            raise UsageError(
+                f"--target {target.name} reads activations as {names}, not {ACT_TYPE_NAMES[wanted]}: "
+                "change --act-bits/--act-symmetric or choose --target generic"
+            )
+        if target.per_channel_ops is not None and self.optimize.learn_weight_scales:
+            raise UsageError(
+                f"--learn-weight-scales learns per-channel steps, but --target {target.name} needs per-tensor "
+                "MatMul/Gemm weights: drop --learn-weight-scales or choose another target"
+            )

@@ -101,6 +101,9 @@ OP_TABLE.update(
     }
 )
 
+# Recurrent ops stay float by design (their gates' ranges change every step); they are reported.
+RECURRENT = frozenset(("LSTM", "GRU", "RNN"))
+
 # Binary ops that become a join (an activation point) when both operands are activations.
 BINARY_JOINS = frozenset(("Add", "Mul", "Sum"))
 # Resize shares its input's quantization only in nearest mode.
@@ -111,6 +114,8 @@ def op_info(node: onnx.NodeProto) -> OpInfo:
     """The table entry of a node; unknown ops and other domains are ``float``."""
     if node.domain not in ("", "ai.onnx"):
         return OpInfo("float", note=f"custom domain {node.domain}")
+    if node.op_type in RECURRENT:
+        return OpInfo("float", note="recurrent: weights and state stay float")
     info = OP_TABLE.get(node.op_type, OpInfo("float", note="not in the op table"))
     if node.op_type in NEAREST_ONLY:
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")

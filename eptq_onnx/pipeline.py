@@ -32,6 +32,7 @@ from .qpoints import QuantPlan, build_plan
 from .quantizers import ActParams, sqnr_db
 from .report import Report, TensorEntry
 from .runtime import make_session
+from .targets import get_target
 from .validate import validate
 from .weights import WeightQuant, init_weights
 
@@ -110,13 +111,14 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     containers (restricted to their bit range) and the report says so.
     """
     model = normalize_model(model)
-    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage)
+    target = get_target(config.target)
+    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage, target)
     if default_opset(model) < needed:
         try:
             model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
-            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8") > default_opset(model):
+            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8", target) > default_opset(model):
                 raise
             report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{config.weight_bits}: {exc}")
             config = fallback
@@ -166,7 +168,7 @@ def quantize(
         float_model, config = _prepare(original, config, report)
         check_onnxruntime_loads(float_model)
     with timer.stage("quantization points"):
-        plan = build_plan(float_model, config.quantize_outputs)
+        plan = build_plan(float_model, config.quantize_outputs, get_target(config.target).fusible)
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
@@ -177,13 +179,11 @@ def quantize(
         report.calibration_samples = len(calib_set)
     with timer.stage("weight init"):
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
-        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs)
+        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs, get_target(config.target))
     with timer.stage("activation calibration"):
-        acts, stats = calibrate_activations(float_model, plan, calib_set, config, progress)
-        for g in plan.groups:
-            s = stats[g.id]
-            if s.nonfinite:
-                report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
+        acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)
+        for note in range_notes:
+            report.warn(note)
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
         report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
@@ -212,6 +212,7 @@ def quantize(
             weight_storage=config.weight_storage,
             quantize_outputs=config.quantize_outputs,
             quantize_bias=config.quantize_bias,
+            target=get_target(config.target),
         )
         qdq.ir_version = ir_version_for(default_opset(qdq))
         for bias in summary.float_biases:

@@ -18,6 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .quantizers import ActParams
 from .qpoints import QuantPlan
+from .targets import TARGETS, Target
 from .weights import WeightQuant
 
 INT32_MAX = 2**31 - 1
@@ -46,16 +47,17 @@ ACT_TYPES = {
 }
 
 
-def storage_for(bits: int, weight_storage: str) -> StorageType:
-    """The narrowest native type that holds ``bits``-bit codes (INT8 with ``weight_storage='int8'``)."""
+def storage_for(bits: int, weight_storage: str, allowed: Tuple[int, ...] = tuple(STORAGE)) -> StorageType:
+    """The narrowest native type (of the ``allowed`` widths) that holds ``bits``-bit codes (INT8
+    with ``weight_storage='int8'``)."""
     if weight_storage == "int8":
         return STORAGE[8]
-    return next(STORAGE[b] for b in sorted(STORAGE) if b >= bits)
+    return next(STORAGE[b] for b in sorted(allowed) if b >= bits)
 
 
-def required_opset(weight_bits: List[int], act_bits: int, weight_storage: str) -> int:
+def required_opset(weight_bits: List[int], act_bits: int, weight_storage: str, target: Target = TARGETS["ort-cpu"]) -> int:
     """The lowest default-domain opset that can hold these weight and activation types."""
-    opset = max([storage_for(b, weight_storage).min_opset for b in weight_bits] or [13])
+    opset = max([storage_for(b, weight_storage, target.weight_bits).min_opset for b in weight_bits] or [13])
     return max(opset, ACT_TYPES[(act_bits, False)][2])
 
 
@@ -103,8 +105,12 @@ def write_qdq(
     weight_storage: str = "native",
     quantize_outputs: bool = False,
     quantize_bias: bool = True,
+    target: Target = TARGETS["ort-cpu"],
 ) -> Tuple[onnx.ModelProto, WriteSummary]:
-    """The QDQ model for a float model whose opset already allows the storage types used."""
+    """The QDQ model for a float model whose opset already allows the storage types used.
+
+    ``target`` picks each weight's storage type (by its op) and per-tensor scales where it
+    takes no per-channel weights."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -113,16 +119,22 @@ def write_qdq(
     group_of = plan.group_of()
     outputs = {o.name for o in graph.output}
 
+    op_of = {p.weight: p.op_type for p in plan.weights}
+    per_tensor = {name for name in weights if not target.per_channel(op_of[name])}
     weight_nodes: Dict[str, onnx.NodeProto] = {}
     for name, wq in weights.items():
-        storage = storage_for(wq.bits, weight_storage)
+        storage = STORAGE[target.storage_bits(wq.bits, op_of[name], weight_storage)]
         summary.storage[name] = onnx.helper.tensor_dtype_to_string(storage.onnx_type).replace("TensorProto.", "")
+        scale = _per_tensor(wq.scale, name) if name in per_tensor else wq.scale.astype(np.float32)
         b.constant(f"{name}_quantized", wq.codes.astype(storage.numpy_type))
-        b.constant(f"{name}_scale", wq.scale.astype(np.float32))
-        b.constant(f"{name}_zero_point", np.zeros(wq.scale.shape, dtype=storage.numpy_type))
-        weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", wq.axis)
+        b.constant(f"{name}_scale", scale)
+        b.constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=storage.numpy_type))
+        axis = None if name in per_tensor else wq.axis
+        weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", axis)
 
-    bias_nodes, bias_inputs = _bias_nodes(b, model, plan, weights, acts, summary) if quantize_bias else ({}, {})
+    bias_nodes, bias_inputs = (
+        _bias_nodes(b, model, plan, weights, acts, summary, per_tensor) if quantize_bias else ({}, {})
+    )
 
     act_pairs: Dict[str, List[onnx.NodeProto]] = {}
     rename: Dict[str, str] = {}  # tensor -> the DequantizeLinear output its readers use
@@ -211,15 +223,26 @@ class BiasQuant:
     codes: np.ndarray  # int32
     scale: np.ndarray  # float32, per output channel
     clipped: bool  # saturated to the int32 range
+    tensor_wide: bool = False  # one step for the whole bias, as for its per-tensor weight
 
     def dequantized(self) -> np.ndarray:
         return (self.codes.astype(np.float32) * self.scale).astype(np.float32)
 
 
+def _per_tensor(scale: np.ndarray, name: str) -> np.ndarray:
+    """The one step of a per-tensor weight (its per-channel steps must all be equal)."""
+    if not np.all(scale == scale.flat[0]):
+        raise ValueError(f"weight {name} must be per-tensor but has different steps per channel")
+    return np.asarray(scale.flat[0], dtype=np.float32)
+
+
 def quantize_biases(
-    model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams]
+    model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
+    per_tensor: frozenset = frozenset(),
 ) -> Tuple[List[BiasQuant], List[str]]:
-    """int32 biases for weighted ops with a quantized input, and the biases that stay float."""
+    """int32 biases for weighted ops with a quantized input, and the biases that stay float.
+
+    Biases of the weights in ``per_tensor`` get one step (the target stores their weights per tensor)."""
     initializers = {t.name: t for t in model.graph.initializer}
     group_of = plan.group_of()
     quantized: List[BiasQuant] = []
@@ -239,25 +262,27 @@ def quantize_biases(
         codes = np.rint(bias / scale).astype(np.float64)  # float32 division, as the torch twin does
         clipped = bool(np.abs(codes).max(initial=0) > INT32_MAX)
         codes = np.clip(codes, -INT32_MAX, INT32_MAX).astype(np.int32)
-        quantized.append(BiasQuant(point.node, point.bias, codes, scale, clipped))
+        quantized.append(BiasQuant(point.node, point.bias, codes, scale, clipped, point.weight in per_tensor))
     return quantized, left_float
 
 
-def _bias_nodes(b, model, plan, weights, acts, summary):
+def _bias_nodes(b, model, plan, weights, acts, summary, per_tensor=frozenset()):
     """DequantizeLinear nodes of the int32 biases (see ``quantize_biases``) and the inputs they feed."""
     nodes_by_name = {(n.name or n.output[0]): n for n in model.graph.node}
     bias_nodes: Dict[str, onnx.NodeProto] = {}
     bias_inputs: Dict[Tuple[str, int], str] = {}
-    quantized, left_float = quantize_biases(model, plan, weights, acts)
+    quantized, left_float = quantize_biases(model, plan, weights, acts, frozenset(per_tensor))
     summary.float_biases.extend(left_float)
     for bq in quantized:
         if bq.clipped:
             summary.clipped_biases.append(bq.bias)
         key = f"{bq.bias}__{bq.node}"
+        scale = _per_tensor(bq.scale, bq.bias) if bq.tensor_wide else bq.scale
         b.constant(f"{key}_quantized", bq.codes)
-        b.constant(f"{key}_scale", bq.scale)
-        b.constant(f"{key}_zero_point", np.zeros(bq.scale.shape, dtype=np.int32))
-        bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point", 0)
+        b.constant(f"{key}_scale", scale)
+        b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point",
+                                       None if bq.tensor_wide else 0)
         index = list(nodes_by_name[bq.node].input).index(bq.bias)
         bias_inputs[(bq.node, index)] = key
     return bias_nodes, bias_inputs

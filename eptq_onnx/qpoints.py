@@ -18,7 +18,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .ops import WeightRule, is_known, op_info, resolve_role
 
@@ -155,11 +157,13 @@ def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str
     return outer, internal
 
 
-def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str]) -> List[str]:
+def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str],
+                  fusible: Optional[FrozenSet[str]] = None) -> List[str]:
     """The chain of tensors a point at ``tensor`` moves along (ending at the new point).
 
     A point moves past a single elementwise consumer (a non-linearity, or affine math with a
-    constant) and past a composite activation whose root it is.
+    constant) and past a composite activation whose root it is; with ``fusible`` (a target's
+    rule) only past those op types.
     """
     chain = [tensor]
     while True:
@@ -167,18 +171,64 @@ def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, s
         if t in index.outputs:
             return chain
         consumers = index.consumers.get(t, [])
-        if t in composite_of_root:
+        if t in composite_of_root and fusible is None:
             chain.append(composite_of_root[t])
             continue
         if len(consumers) != 1:
             return chain
         node = consumers[0]
+        if fusible is not None and node.op_type not in fusible:
+            return chain
         role = op_info(node).role
         if role not in FUSIBLE_ROLES or len(index.act_inputs(node)) != 1 or len(node.output) != 1:
             return chain
-        if not index.is_activation(node.output[0]):
+        if not index.is_activation(node.output[0]) or _rescales_unevenly(index, node):
             return chain
         chain.append(node.output[0])
+
+
+UNEVEN_SCALE_RATIO = 16.0  # a Mul/Div by constants spanning more than this is not fused over
+
+
+def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Mul/Div by a constant whose magnitudes differ a lot (or include 0) across elements.
+
+    A point after it would put e.g. tokens scaled by 1 and by 1e-3 on one grid (the small ones
+    round to 0); before it, each element keeps its relative precision.
+    """
+    if node.op_type not in ("Mul", "Div"):
+        return False
+    for name in node.input:
+        if name in index.constants and index.constants[name].data_type in FLOAT_TYPES:
+            c = np.abs(numpy_helper.to_array(index.constants[name]).astype(np.float64))
+            if c.size > 1 and (c.min() == 0 or c.max() / c.min() > UNEVEN_SCALE_RATIO):
+                return True
+    return False
+
+
+LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point, their input never
+
+
+def _only_feeds_log(index: GraphIndex, roles: Dict[str, str], tensor: str) -> bool:
+    """Whether the tensor's values reach the rest of the network only through a Log, via
+    elementwise math and joins (e.g. re*re + im*im + eps -> Log: a power spectrum)."""
+    seen: Set[str] = set()
+    stack, found = [tensor], False
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in index.outputs:
+            return False
+        for consumer in index.consumers.get(t, []):
+            if consumer.op_type in LOG_DOMAIN:
+                found = True
+                continue
+            if roles.get(consumer.output[0]) not in ("elementwise", "activation", "join") or consumer.op_type == "Concat":
+                return False
+            stack.extend(o for o in consumer.output if index.is_activation(o))
+    return found
 
 
 def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:
@@ -240,8 +290,14 @@ def node_roles(index: GraphIndex) -> Tuple[Dict[str, str], Dict[str, WeightRule]
     return roles, rules
 
 
-def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantPlan:
-    """Find the weight and activation quantization points of a normalized float model."""
+def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
+               fusible: Optional[FrozenSet[str]] = None) -> QuantPlan:
+    """Find the weight and activation quantization points of a normalized float model.
+
+    ``fusible``: the only op types the point after a Conv/ConvTranspose/Gemm/MatMul may move
+    past (a target whose runtime fuses such an op into an integer kernel only when its output
+    point follows it or one of these directly); other points move as in the paper.
+    """
     index = GraphIndex(model.graph)
     roles, rules = node_roles(index)
     exits, internal = _composites(index, roles)
@@ -251,8 +307,12 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
     points: Dict[str, str] = {}  # tensor -> reason (ordered by discovery)
     absorbed: Set[str] = set(internal)
 
-    def add_point(tensor: str, reason: str) -> None:
+    def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
         chain = _fuse_forward(index, tensor, composite_root)
+        if restricted and fusible is not None and chain[-1] not in index.outputs:
+            chain = _fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
+        if _only_feeds_log(index, roles, chain[-1]):
+            return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
         absorbed.update(chain[:-1])
         if chain[-1] not in points:
             points[chain[-1]] = reason if len(chain) == 1 else f"{reason} (fused)"
@@ -263,9 +323,9 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False) -> QuantP
     for node in index.nodes:
         role = roles[node.output[0]]
         out = node.output[0]
-        if role in OUTPUT_ROLES or out in exits:
+        if role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
             if index.is_activation(out) and out not in absorbed:
-                add_point(out, f"{node.op_type} output")
+                add_point(out, f"{node.op_type} output", restricted=role in ("weighted", "act_matmul"))
         if not is_known(node) and any(index.is_activation(o) or index.untyped(o) for o in node.output):
             why = op_info(node).note or "not in the op table"
             plan.float_ops.append((node.name or out, node.op_type, why))

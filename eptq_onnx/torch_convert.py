@@ -20,7 +20,7 @@ What we register in onnx2torch's converter registry (default domain; once per pr
   Clip 11/12/13 (an omitted min); LayerNormalization 17 (onnx2torch read the normalized shape from
   value_info, 0 for symbolic dims); GroupNormalization 18 (per-group scale) and 21 (per-channel);
   RMSNormalization 23; Gelu 20; Mish 18/22; Swish 24; ThresholdedRelu 10/22; GlobalMaxPool 1/22;
-  SpaceToDepth 1/13; CastLike 15/19/21/23/24/25; Reshape 5/13/14/19/21/23/24/25 (onnx2torch
+  SpaceToDepth 1/13; LSTM and GRU 7/14/22 (float, an explicit loop; onnx2torch has none); CastLike 15/19/21/23/24/25; Reshape 5/13/14/19/21/23/24/25 (onnx2torch
   refused allowzero=1, which the dynamo exporter writes).
 - Version aliases (:data:`VERSION_ALIASES`): onnx2torch's converter registered again for newer
   versions that only added types (checked against ``onnx.defs``); AveragePool 19/22 refuses the
@@ -149,6 +149,17 @@ def register_converters() -> None:
         for version in alias.targets:
             _install(op_type, version, source)
     _registered = True
+
+
+def converter_versions(op_type: str) -> dict[str, list[int]]:
+    """Default-domain versions of ``op_type`` by converter: ``ours`` (this module), ``alias``
+    (onnx2torch's converter re-registered for newer versions) and ``onnx2torch`` (its own)."""
+    register_converters()
+    ours = sorted(v for op, v in _OWN if op == op_type)
+    alias = sorted(VERSION_ALIASES[op_type].targets) if op_type in VERSION_ALIASES else []
+    known = sorted(k.version for k in registry._CONVERTER_REGISTRY  # noqa: SLF001 - no public listing
+                   if k.operation_type == op_type and k.domain == onnx.defs.ONNX_DOMAIN)
+    return {"ours": ours, "alias": alias, "onnx2torch": [v for v in known if v not in ours and v not in alias]}
 
 
 def has_converter(domain: str, op_type: str, opset: int) -> bool:
@@ -311,6 +322,31 @@ _FUNCTIONAL: dict[str, Callable[[OnnxNode], ops.Functional]] = {
 @_converts("Reshape", 5, 13, 14, *_TYPES_19_TO_25)
 def _functional(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     return _module(node, _FUNCTIONAL[node.operation_type](node))
+
+
+_RECURRENT_DEFAULTS = {"LSTM": [b"Sigmoid", b"Tanh", b"Tanh"], "GRU": [b"Sigmoid", b"Tanh"]}
+
+
+@_converts("LSTM GRU", 7, 14, 22)
+def _recurrent(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    """LSTM/GRU with default activations, layout 0, no clip, no peepholes, no input_forget (else refused)."""
+    a = node.attributes
+    kind = node.operation_type
+    activations = [x.encode() if isinstance(x, str) else x for x in a.get("activations", [])]
+    per_direction = _RECURRENT_DEFAULTS[kind]
+    if activations and activations not in (per_direction, per_direction * 2):
+        raise NotImplementedError(f"{kind} with activations {activations}")
+    if a.get("clip") is not None or a.get("input_forget", 0) or _given(node, 7):
+        raise NotImplementedError(f"{kind} with clip, input_forget or peepholes")
+    if a.get("layout", 0):
+        raise NotImplementedError(f"{kind} with layout 1 (onnxruntime's CPU kernels refuse it too)")
+    module = ops.RecurrentOp(kind, int(a["hidden_size"]), _text(a.get("direction", "forward")),
+                             bool(a.get("linear_before_reset", 0)))
+    return _module(node, module)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # ---------------------------------------------------------------- conversion

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from .qpoints import QuantPlan
 from .quantizers import broadcast_scale, int_range, quantize, weight_scales
+from .targets import TARGETS, Target
 
 
 @dataclass
@@ -27,14 +28,20 @@ class WeightQuant:
 
 
 def quantize_weight(
-    name: str, w: np.ndarray, axis: int, bits: int, method: str, inputs: Optional[np.ndarray] = None
+    name: str, w: np.ndarray, axis: int, bits: int, method: str, inputs: Optional[np.ndarray] = None,
+    per_tensor: bool = False,
 ) -> WeightQuant:
     """Round-to-nearest codes of ``w`` with MSE (or min-max) per-channel steps.
 
     With ``inputs`` (the layer's sampled input rows, see ``layer_inputs``) the MSE is that of the
-    layer's output rather than of the weight.
+    layer's output rather than of the weight. ``per_tensor``: one step (the weight's MSE over all
+    channels), repeated for every channel.
     """
-    scale = weight_scales(w, axis, bits, method, inputs)
+    if per_tensor and w.ndim:
+        step = weight_scales(w.reshape(1, -1), 0, bits, method)
+        scale = np.full(w.shape[axis], step[0], dtype=np.float32)
+    else:
+        scale = weight_scales(w, axis, bits, method, inputs)
     qmin, qmax = int_range(bits, signed=True)
     codes = quantize(w, broadcast_scale(scale, w, axis), 0, qmin, qmax).astype(np.int8)
     return WeightQuant(name=name, axis=axis, bits=bits, scale=scale, codes=codes)
@@ -46,11 +53,13 @@ def init_weights(
     bits: int,
     method: str,
     layer_inputs: Optional[Dict[str, np.ndarray]] = None,
+    target: Target = TARGETS["ort-cpu"],
 ) -> Dict[str, WeightQuant]:
     """Quantize every weight of the plan once (a weight shared by several ops is quantized once).
 
     ``method``: ``output-mse`` (MSE of each layer's output on ``layer_inputs``, weight MSE for
-    layers without samples), ``mse`` (MSE of the weight) or ``minmax``.
+    layers without samples), ``mse`` (MSE of the weight) or ``minmax``. Ops for which ``target``
+    takes no per-channel weights get one step per tensor.
     """
     initializers = {t.name: t for t in model.graph.initializer}
     layer_inputs = layer_inputs if method == "output-mse" else {}
@@ -61,6 +70,7 @@ def init_weights(
         w = numpy_helper.to_array(initializers[point.weight]).astype(np.float32)
         inputs = (layer_inputs or {}).get(point.weight)
         result[point.weight] = quantize_weight(
-            point.weight, w, point.axis, bits, "minmax" if method == "minmax" else "mse", inputs
+            point.weight, w, point.axis, bits, "minmax" if method == "minmax" else "mse", inputs,
+            per_tensor=not target.per_channel(point.op_type),
         )
     return result

@@ -547,7 +547,8 @@ def _index_bound(graph: onnx.GraphProto, name: str) -> int:
 
 
 def sample_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random feeds for every graph input: standard-normal floats, in-range integer ids, random bools.
+    """Random feeds for every graph input: standard-normal floats, in-range integer ids, 0/1 integer
+    masks (inputs named ``*mask*``), random bools.
 
     A symbolic dim 0 gets ``n``, other symbolic dims get ``DEFAULT_DYNAMIC_DIM``; fixed dims are kept.
     """
@@ -569,7 +570,8 @@ def sample_inputs(model: onnx.ModelProto, n: int, seed: int = 0) -> dict[str, np
         elif dtype == np.bool_:
             feeds[value.name] = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(0, _index_bound(graph, value.name), shape).astype(dtype)
+            high = 2 if "mask" in value.name else _index_bound(graph, value.name)  # attention masks are 0/1
+            feeds[value.name] = rng.integers(0, high, shape).astype(dtype)
         else:
             raise TypeError(f"sample_inputs: unsupported input dtype {dtype} for {value.name!r}")
     return feeds
@@ -593,3 +595,8 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "residual_cnn_dynamo": lambda: residual_cnn(dynamo=True),
     "transformer_block_dynamo": lambda: transformer_block(dynamo=True),
 }
+
+# The architecture families and the quantization traps live in their own modules, which add
+# themselves to ZOO when imported (from here, or first, as e.g. `from models import zoo_traps`).
+import models.zoo_families  # noqa: E402,F401
+import models.zoo_traps  # noqa: E402,F401

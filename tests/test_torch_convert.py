@@ -476,6 +476,13 @@ for opset in (23, 24, 25):
     case("Squeeze", opset, {"x": _float(2, 1, 3, 1)}, {"axes": _ints(-1)})
 
 
+for opset in (7, 14, 22):  # recurrent ops stay float; tests/test_recurrent.py covers directions and states
+    for op, gates, outs in (("LSTM", 4, 3), ("GRU", 3, 2)):
+        case(op, opset, {"x": _float(5, 2, 3)}, {"W": _float(1, gates * 4, 3, bound=0.5),
+             "R": _float(1, gates * 4, 4, bound=0.5), "B": _float(1, 2 * gates * 4, bound=0.5)},
+             outputs=outs, hidden_size=4)
+
+
 @pytest.mark.parametrize("op,opset,inputs,consts,args,outputs,attrs", CASES)
 def test_single_op_matches_onnxruntime(op: str, opset: int, inputs: dict[str, np.ndarray], consts: dict[str, np.ndarray],
                                        args: Sequence[str], outputs: int, attrs: dict[str, Any]) -> None:

@@ -145,11 +145,13 @@ class Ours:
     calib_method: str
     iters: int = 0
     weighting: str = "lfh"
+    target: str = "ort-cpu"
 
     def __call__(self, model: Path, calib: Path, samples: int, bits: int, output: Path) -> Optional[Outcome]:
         config = QuantConfig(
             weight_bits=bits,
             act_bits=8,
+            target=self.target,
             weight_init=self.weight_init,  # type: ignore[arg-type]
             calib_method=self.calib_method,  # type: ignore[arg-type]
             calib=CalibOptions(num_samples=samples),

@@ -1,4 +1,6 @@
-"""Generate README's op-coverage table from eptq_onnx.ops.OP_TABLE (so it cannot drift).
+"""Generate README's op-coverage table from the code's own registries (so it cannot drift):
+eptq_onnx.ops.OP_TABLE (how each op is quantized) and eptq_onnx.torch_convert's converter
+registry (how each op is converted to the torch twin, per ONNX version).
 
     python tools/op_table.py            # print the table
     python tools/op_table.py --write    # replace the table between the markers in README.md
@@ -6,10 +8,10 @@
 from __future__ import annotations
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-from eptq_onnx.ops import OP_TABLE
+from eptq_onnx.ops import OP_TABLE, RECURRENT
+from eptq_onnx.torch_convert import converter_versions
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- op-table:begin -->", "<!-- op-table:end -->"
@@ -23,18 +25,32 @@ ROLE_TEXT = {
     "data": "shares its input's scale and zero point (no new error)",
     "float": "stays float; its output is quantized only where a weighted op reads it",
 }
+WEIGHTED_CONVERTERS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"))  # torch_ops.WeightedOp
+SOURCE_TEXT = {"ours": "ours", "alias": "onnx2torch's, re-registered", "onnx2torch": "onnx2torch"}
+
+
+def _versions(versions: list[int]) -> str:
+    return ", ".join(str(v) for v in versions)
+
+
+def torch_text(op: str) -> str:
+    """How the torch twin converts ``op``: which converter serves which ONNX versions."""
+    parts = [f"{SOURCE_TEXT[src]} (v{_versions(vs)})" for src, vs in converter_versions(op).items() if vs]
+    if op in WEIGHTED_CONVERTERS and parts:
+        parts[0] += ": a quantizable module, the weight an nn.Parameter in ONNX layout"
+    return "; ".join(parts) if parts else "no converter: the twin is unavailable, EPTQ falls back to the MSE init"
 
 
 def table() -> str:
-    """The markdown table: one row per role, with its ops and per-op notes."""
-    by_role: dict[str, list[str]] = defaultdict(list)
-    for op, info in sorted(OP_TABLE.items()):
-        by_role[info.role].append(f"{op} ({info.note})" if info.note and "shares its input" not in info.note else op)
-    lines = ["| role | ops | how they are quantized |", "|---|---|---|"]
-    for role, text in ROLE_TEXT.items():
-        if by_role.get(role):
-            lines.append(f"| {role} | {', '.join(by_role[role])} | {text} |")
-    lines.append("| (any other op, custom domains, If/Loop) | | stays float, listed in the report |")
+    """The markdown table: one row per op, with its role, how it is quantized and converted."""
+    lines = ["| op | role | quantized how | converted to torch how (ONNX versions) |", "|---|---|---|---|"]
+    rows = [(op, info.role, info.note) for op, info in OP_TABLE.items()]
+    rows += [(op, "float", "recurrent: weights and state stay float, listed in the report") for op in RECURRENT]
+    for op, role, note in sorted(rows, key=lambda r: (list(ROLE_TEXT).index(r[1]), r[0])):
+        how = f"{ROLE_TEXT[role]}; {note}" if note and "shares its input" not in note else ROLE_TEXT[role]
+        lines.append(f"| {op} | {role} | {how} | {torch_text(op)} |")
+    lines.append("| (any other op, custom domains, If/Loop) | float | stays float, listed in the report | "
+                 "onnx2torch where it has a converter |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,109 @@
+"""Deployment targets: every rule of every profile, checked on the written models of the zoo."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from eptq_onnx import QuantConfig, quantize
+from eptq_onnx.cli import main
+from eptq_onnx.config import OptimizeOptions
+from eptq_onnx.errors import UsageError
+from eptq_onnx.targets import TARGETS, violations
+from models import zoo
+from tests.helpers import assert_student_matches_onnxruntime, init_only
+
+FAST_MODELS = ("deit", "mobilenet_v3", "conv_lstm")  # the whole zoo: -m slow
+
+
+def _quantized(name: str, target: str, bits: int, calib_for) -> tuple[onnx.ModelProto, object]:
+    model = zoo.ZOO[name]()
+    config = init_only(weight_bits=bits, target=target, validation_samples=8)
+    return model, quantize(model, calib_for(model, 4, name=f"{target}{bits}"), config, progress=False)
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("name", [n if n in FAST_MODELS else pytest.param(n, marks=pytest.mark.slow) for n in zoo.ZOO])
+def test_every_rule_holds_on_the_zoo(name: str, target: str, calib_for) -> None:
+    """At W4A8 (activation codings, sub-8-bit storage per op, per-channel rules) the model complies."""
+    _, result = _quantized(name, target, 4, calib_for)
+    assert violations(result.model, TARGETS[target]) == []
+
+
+def _ops_with_weights(model: onnx.ModelProto, op_type: str) -> int:
+    inits = {t.name for t in model.graph.initializer}
+    return sum(n.op_type == op_type and len(n.input) > 1 and n.input[1] in inits for n in model.graph.node)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3", "segmentation_head", pytest.param("efficientnet", marks=pytest.mark.slow),
+                                  pytest.param("regnet", marks=pytest.mark.slow)])
+def test_ort_cpu_layout_fuses_every_conv(name: str, calib_for) -> None:
+    """ort-cpu: every Conv becomes QLinearConv at W8A8; the paper's layout (generic) fuses fewer
+    where a non-linearity other than Relu/Clip follows a Conv."""
+    model, result = _quantized(name, "ort-cpu", 8, calib_for)
+    convs = _ops_with_weights(model, "Conv")
+    assert result.report.validation["fused_op_types"].get("QLinearConv", 0) == convs
+    if name in ("mobilenet_v3", "efficientnet"):
+        _, generic = _quantized(name, "generic", 8, calib_for)
+        assert generic.report.validation["fused_op_types"].get("QLinearConv", 0) < convs
+
+
+def test_each_rule_catches_its_violation(calib_for) -> None:
+    """A generic model (uint8, INT4 Conv weights, per-channel MatMul) breaks trt's and qnn's rules."""
+    _, w4 = _quantized("mobilevit", "generic", 4, calib_for)
+    trt = "\n".join(violations(w4.model, TARGETS["trt"]))
+    assert "uint8 not read by trt" in trt and "INT4 not read by trt for Conv" in trt
+    qnn = violations(w4.model, TARGETS["qnn"])
+    assert qnn and all("per-channel, qnn takes per-tensor" in v for v in qnn)
+    assert {v.split(" of ")[1].split(":")[0] for v in qnn} <= {"MatMul", "Gemm"}
+    _, trt_model = _quantized("mobilevit", "trt", 4, calib_for)
+    assert "uint8 not read by trt" not in "\n".join(violations(trt_model.model, TARGETS["trt"]))
+    mlp = zoo.mlp()
+    qnn16 = quantize(mlp, calib_for(mlp, 4, name="qnn16"), init_only(weight_bits=8, target="qnn", act_bits=16),
+                     progress=False).model
+    assert violations(qnn16, TARGETS["qnn"]) == []
+    assert "uint16 not read by ort-cpu" in "\n".join(violations(qnn16, TARGETS["ort-cpu"]))
+    zero_points = [t for t in trt_model.model.graph.initializer if t.name.endswith("_zero_point")]
+    assert all(not np.any(onnx.numpy_helper.to_array(t)) for t in zero_points)  # symmetric everywhere
+    storage = {t.data_type for t in trt_model.model.graph.initializer if t.name.endswith("_quantized")}
+    assert onnx.TensorProto.INT4 in storage and onnx.TensorProto.UINT8 not in storage
+
+
+def test_qnn_per_tensor_weights_match_onnxruntime(calib_for) -> None:
+    """qnn's per-tensor MatMul/Gemm weights (scalar scale, int32 bias with a scalar scale): the torch
+    twin still computes exactly what onnxruntime computes."""
+    model, result = _quantized("deit", "qnn", 8, calib_for)
+    inits = {t.name: t for t in result.model.graph.initializer}
+    gemm_scales = [inits[n.input[1]] for n in result.model.graph.node if n.op_type == "DequantizeLinear"
+                   and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8
+                   and any(c.op_type in ("MatMul", "Gemm") and n.output[0] in c.input for c in result.model.graph.node)]
+    assert gemm_scales and all(len(s.dims) == 0 for s in gemm_scales)
+    assert_student_matches_onnxruntime(model, result)
+
+
+def test_config_follows_the_target() -> None:
+    assert QuantConfig(target="trt").act_symmetric  # trt reads only signed, symmetric activations
+    assert not QuantConfig(target="qnn", act_bits=16).act_symmetric
+    assert QuantConfig(target="ort-cpu", act_symmetric=True).act_symmetric  # onnxruntime fuses s8 too
+    with pytest.raises(UsageError, match="--target ort-cpu reads activations as uint8, int8, not uint16"):
+        QuantConfig(target="ort-cpu", act_bits=16)
+    with pytest.raises(UsageError, match="--target trt reads activations as int8, not uint16"):
+        QuantConfig(target="trt", act_bits=16)
+    with pytest.raises(UsageError, match="--target tpu is unknown"):
+        QuantConfig(target="tpu")
+    with pytest.raises(UsageError, match="per-tensor"):
+        QuantConfig(target="qnn", optimize=OptimizeOptions(learn_weight_scales=True))
+
+
+def test_cli_target(tmp_path, calib_for) -> None:
+    model = zoo.mlp()
+    src = tmp_path / "in.onnx"
+    onnx.save(model, src)
+    calib = calib_for(model, 4)
+    out = tmp_path / "out.onnx"
+    args = [str(src), str(out), "--calib", str(calib), "--iters", "0", "-q"]
+    assert CliRunner().invoke(main, args + ["--target", "trt"]).exit_code == 0
+    assert violations(onnx.load(out), TARGETS["trt"]) == []
+    bad = CliRunner().invoke(main, args + ["--target", "ort-cpu", "--act-bits", "16", "--force"])
+    assert bad.exit_code == 2 and "reads activations as uint8, int8" in bad.output
