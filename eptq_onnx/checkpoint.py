@@ -125,8 +125,10 @@ class StopRequest:
 
 @contextmanager
 def deferred_stops() -> Iterator[StopRequest]:
-    """Turn Ctrl-C and SIGTERM into a request the loop honours between two steps (so a checkpoint
-    never holds a half-applied update); outside the main thread nothing is deferred."""
+    """Hold Ctrl-C and SIGTERM back while the loop finishes its step (so a checkpoint never holds a
+    half-applied update); the loop stops at ``request`` and, when the block ends, the signal is
+    delivered again to the handler that was in place before (the CLI's: exit 130 / 143).
+    Outside the main thread nothing is deferred."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -143,3 +145,5 @@ def deferred_stops() -> Iterator[StopRequest]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+    if request.signal is not None:
+        signal.raise_signal(request.signal)

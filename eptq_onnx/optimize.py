@@ -356,7 +356,7 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
     done = loop.seconds
     record_every = max(1, loop.iters // 200)
     bar = tqdm(total=loop.iters, initial=loop.step, desc="EPTQ optimization", disable=not progress, unit="step")
-    with deferred_stops() as stop, bar:
+    with deferred_stops() as stop, bar:  # a signal held back is delivered again when the block ends
         while loop.step < loop.iters and not stop:
             step = loop.step
             beta = beta_at(step, loop.iters, options)
@@ -377,9 +377,7 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
             if checkpoint is not None and now - last_save >= options.checkpoint_every_s:
                 save()
                 last_save = now
-    save()
-    if stop:  # after the checkpoint of the last whole step
-        raise KeyboardInterrupt(f"stopped by signal {stop.signal} at step {loop.step} of {loop.iters}")
+        save()
 
 
 def tensor_sqnr(twin: Twin, feeds: Sequence[Dict[str, np.ndarray]], names: Sequence[str], device: str) -> Dict[str, float]:
