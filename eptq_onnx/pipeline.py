@@ -23,6 +23,7 @@ from .errors import ModelError, UsageError
 from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
+from .mixed_precision import choose_bits
 from .model_io import default_opset, ir_version_for, load_model, save_model
 from .normalize import normalize_model, upgrade_opset
 from .plots import write_plots
@@ -88,15 +89,16 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     containers (restricted to their bit range) and the report says so.
     """
     model = normalize_model(model)
-    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage)
+    bits = list(config.mixed.bit_options) if config.mixed is not None else [config.weight_bits]
+    needed = required_opset(bits, config.act_bits, config.weight_storage)
     if default_opset(model) < needed:
         try:
             model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
-            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8") > default_opset(model):
+            if config.weight_storage == "int8" or required_opset(bits, config.act_bits, "int8") > default_opset(model):
                 raise
-            report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{config.weight_bits}: {exc}")
+            report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{min(bits)}: {exc}")
             config = fallback
     report.opset = default_opset(model)
     model, folded = fold_batch_norms(model)
@@ -151,13 +153,18 @@ def quantize(
         report.calibration_samples = len(calib_set)
     with timer.stage("weight init"):
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
-        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs)
+        widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
+        candidates = {b: init_weights(float_model, plan, b, config.weight_init, inputs) for b in widths}
+        weights = candidates[max(widths)]
     with timer.stage("activation calibration"):
         acts, stats = calibrate_activations(float_model, plan, calib_set, config, progress)
         for g in plan.groups:
             s = stats[g.id]
             if s.nonfinite:
                 report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
+    if config.mixed is not None:
+        with timer.stage("mixed precision"):
+            weights = choose_bits(float_model, plan, candidates, acts, calib_set, config, report, progress, _logger(progress))
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0:
         with timer.stage("eptq"):

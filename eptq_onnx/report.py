@@ -43,6 +43,7 @@ class Report:
     calibration_samples: int = 0
     hessian: Dict[str, Any] = field(default_factory=dict)
     optimization: Dict[str, Any] = field(default_factory=dict)
+    mixed_precision: Dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -1,0 +1,174 @@
+"""Bit-width allocation under a weight-memory budget (paper Appendix D, SPEC step 5).
+
+An ILP (PuLP, its bundled CBC): one binary x[l, b] per weight quantizer l and candidate width b,
+exactly one b per l, minimize sum s(l, b) x[l, b] (plus, with pair terms, sum I(l, b, l', b')
+y[l, b, l', b'] with y = x[l, b] AND x[l', b'] linearized by y >= x + x' - 1, y <= x, y <= x'),
+subject to sum size(W_l) * b * x[l, b] <= budget (in bits). Then a greedy pass spends leftover
+budget on the upgrades with the largest gain. Also the baseline that ranks layers by their
+Label-Free Hessian alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import pulp
+
+from .errors import UsageError
+
+Pair = Tuple[str, str]
+# (l, l') -> {(b, b'): interaction}; absent combinations interact by 0
+PairTerms = Mapping[Pair, Mapping[Tuple[int, int], float]]
+
+
+@dataclass
+class Allocation:
+    """The chosen width of every weight and what the search reports about it."""
+
+    bits: Dict[str, int]
+    memory_bytes: float
+    budget_bytes: float
+    objective: float
+    status: str  # "optimal", "time limit: best solution found", "lfh-rank"
+    solver_seconds: float = 0.0
+    upgrades: List[Tuple[str, int, int]] = field(default_factory=list)  # greedy pass: (weight, from, to)
+
+
+def memory_bytes(bits: Mapping[str, int], sizes: Mapping[str, int]) -> float:
+    """Weight memory of an allocation: sum of elements x bits / 8."""
+    return sum(sizes[name] * b for name, b in bits.items()) / 8.0
+
+
+def objective(bits: Mapping[str, int], table: Mapping[str, Mapping[int, float]], pairs: Optional[PairTerms] = None) -> float:
+    """Summed sensitivity of an allocation, plus the pair interaction terms that apply."""
+    total = sum(table[name][b] for name, b in bits.items())
+    for (a, c), terms in (pairs or {}).items():
+        total += terms.get((bits[a], bits[c]), 0.0)
+    return total
+
+
+def check_budget(sizes: Mapping[str, int], options: Sequence[int], budget_bytes: float) -> None:
+    """Refuse a budget below what every weight at the smallest width takes (one line, exit 2)."""
+    smallest = memory_bytes(dict.fromkeys(sizes, min(options)), sizes)
+    if budget_bytes < smallest:
+        largest = memory_bytes(dict.fromkeys(sizes, max(options)), sizes)
+        raise UsageError(
+            f"weight memory budget {budget_bytes:.0f} bytes is infeasible: the smallest achievable is "
+            f"{smallest:.0f} bytes (every weight at {min(options)} bits; all at {max(options)} bits: "
+            f"{largest:.0f} bytes); raise --weight-memory / --avg-weight-bits"
+        )
+
+
+def solve_ilp(
+    table: Mapping[str, Mapping[int, float]],
+    sizes: Mapping[str, int],
+    budget_bytes: float,
+    pairs: Optional[PairTerms] = None,
+    time_limit_s: float = 60.0,
+) -> Allocation:
+    """Minimize the summed sensitivity under the budget (CBC); then the greedy top-up.
+
+    ``table[l][b]``: sensitivity of weight l at width b; ``sizes[l]``: its element count.
+    Raises UsageError when the budget is below the all-smallest allocation.
+    """
+    names = list(table)
+    options = sorted({b for row in table.values() for b in row})
+    check_budget(sizes, options, budget_bytes)
+    problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
+    x = {(n, b): pulp.LpVariable(f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
+    cost = [table[n][b] * x[n, b] for (n, b) in x]
+    for k, ((a, c), terms) in enumerate((pairs or {}).items()):
+        for (ba, bc), value in terms.items():
+            if value == 0.0:
+                continue
+            y = pulp.LpVariable(f"y_{k}_{ba}_{bc}", lowBound=0, upBound=1)  # integral whenever x is
+            problem += y >= x[a, ba] + x[c, bc] - 1
+            problem += y <= x[a, ba]
+            problem += y <= x[c, bc]
+            cost.append(value * y)
+    problem += pulp.lpSum(cost)
+    for n in names:
+        problem += pulp.lpSum(x[n, b] for b in table[n]) == 1
+    problem += pulp.lpSum(sizes[n] * b * x[n, b] for (n, b) in x) <= math.floor(budget_bytes * 8.0 + 1e-6)
+    start = time.perf_counter()
+    problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    seconds = time.perf_counter() - start
+    if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        raise UsageError(
+            f"the bit-width ILP found no solution within {time_limit_s:g} s (status "
+            f"{pulp.LpStatus[problem.status]}): raise --ilp-time-limit or the budget"
+        )
+    status = "optimal" if problem.sol_status == pulp.LpSolutionOptimal else "time limit: best solution found"
+    bits = {n: max(table[n], key=lambda b: pulp.value(x[n, b]) or 0.0) for n in names}
+    if memory_bytes(bits, sizes) > budget_bytes:  # solver tolerance: never hand back an over-budget answer
+        raise RuntimeError(f"CBC returned {memory_bytes(bits, sizes):.0f} bytes over the {budget_bytes:.0f}-byte budget")
+    upgrades = greedy_top_up(bits, table, sizes, budget_bytes, pairs)
+    return Allocation(bits, memory_bytes(bits, sizes), budget_bytes, objective(bits, table, pairs), status, seconds, upgrades)
+
+
+def greedy_top_up(
+    bits: Dict[str, int],
+    table: Mapping[str, Mapping[int, float]],
+    sizes: Mapping[str, int],
+    budget_bytes: float,
+    pairs: Optional[PairTerms] = None,
+) -> List[Tuple[str, int, int]]:
+    """Spend leftover budget: repeatedly apply the affordable upgrade with the largest gain.
+
+    Gain = decrease of the objective (pair terms included); only upgrades with a positive gain.
+    Changes ``bits`` in place and returns the upgrades made as (weight, from, to).
+    """
+    made: List[Tuple[str, int, int]] = []
+    current = objective(bits, table, pairs)
+    while True:
+        left = budget_bytes - memory_bytes(bits, sizes)
+        best: Optional[Tuple[float, str, int]] = None
+        for name, b in bits.items():
+            for wider in (w for w in table[name] if w > b and sizes[name] * (w - b) / 8.0 <= left):
+                gain = current - objective({**bits, name: wider}, table, pairs)
+                if gain > 0 and (best is None or gain > best[0]):
+                    best = (gain, name, wider)
+        if best is None:
+            return made
+        gain, name, wider = best
+        made.append((name, bits[name], wider))
+        bits[name] = wider
+        current -= gain
+
+
+def rank_allocation(
+    importance: Mapping[str, float], sizes: Mapping[str, int], options: Sequence[int], budget_bytes: float
+) -> Allocation:
+    """The LFH-rank baseline: every weight starts at the smallest width; in decreasing importance,
+    each gets the widest candidate the remaining budget affords."""
+    check_budget(sizes, options, budget_bytes)
+    low = min(options)
+    bits = dict.fromkeys(importance, low)
+    for name in sorted(importance, key=lambda n: -importance[n]):
+        left = budget_bytes - memory_bytes(bits, sizes)
+        bits[name] = max(b for b in options if b == low or sizes[name] * (b - low) / 8.0 <= left)
+    return Allocation(bits, memory_bytes(bits, sizes), budget_bytes, float("nan"), "lfh-rank")
+
+
+def resolve_budget(sizes: Mapping[str, int], weight_memory: Optional[str], avg_bits: Optional[float]) -> float:
+    """The budget in bytes from ``--weight-memory BYTES|NN%`` (NN% of the float32 weight bytes) or
+    ``--avg-weight-bits B`` (B bits per weight element); exactly one must be given."""
+    if (weight_memory is None) == (avg_bits is None):
+        raise UsageError("mixed precision needs one budget: --weight-memory BYTES|NN% or --avg-weight-bits B")
+    elements = sum(sizes.values())
+    if avg_bits is not None:
+        if avg_bits <= 0:
+            raise UsageError(f"--avg-weight-bits {avg_bits:g} must be positive")
+        return elements * avg_bits / 8.0
+    assert weight_memory is not None
+    text = weight_memory.strip()
+    try:
+        value = float(text[:-1]) * elements * 4 / 100.0 if text.endswith("%") else float(int(text))
+    except ValueError:
+        raise UsageError(f"--weight-memory {weight_memory!r}: give bytes (e.g. 120000) or a percentage of the "
+                         f"float32 weight bytes (e.g. 12.5%)") from None
+    if value <= 0:
+        raise UsageError(f"--weight-memory {weight_memory!r} must be positive")
+    return value
