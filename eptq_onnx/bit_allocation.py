@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -77,13 +78,13 @@ def solve_ilp(
     options = sorted({b for row in table.values() for b in row})
     check_budget(sizes, options, budget_bytes)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-    x = {(n, b): pulp.LpVariable(f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
+    x = {(n, b): problem.add_variable(f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
     cost = [table[n][b] * x[n, b] for (n, b) in x]
     for k, ((a, c), terms) in enumerate((pairs or {}).items()):
         for (ba, bc), value in terms.items():
             if value == 0.0:
                 continue
-            y = pulp.LpVariable(f"y_{k}_{ba}_{bc}", lowBound=0, upBound=1)  # integral whenever x is
+            y = problem.add_variable(f"y_{k}_{ba}_{bc}", lowBound=0, upBound=1)  # integral whenever x is
             problem += y >= x[a, ba] + x[c, bc] - 1
             problem += y <= x[a, ba]
             problem += y <= x[c, bc]
@@ -93,7 +94,9 @@ def solve_ilp(
         problem += pulp.lpSum(x[n, b] for b in table[n]) == 1
     problem += pulp.lpSum(sizes[n] * b * x[n, b] for (n, b) in x) <= math.floor(budget_bytes * 8.0 + 1e-6)
     start = time.perf_counter()
-    problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
+    with warnings.catch_warnings():  # PuLP 3.3 announces PULP_CBC_CMD's removal in 4.0; it is the bundled CBC
+        warnings.simplefilter("ignore", DeprecationWarning)
+        problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     seconds = time.perf_counter() - start
     if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         raise UsageError(

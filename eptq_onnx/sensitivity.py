@@ -32,7 +32,7 @@ from .eptq import compute_lfh, loss_tensors, mean_one
 from .qpoints import GraphIndex, QuantPlan
 from .quantizers import ActParams
 from .torch_ops import WeightedOp
-from .twin import Twin, WeightFakeQuant, build_twin, to_tensors
+from .twin import BiasFakeQuant, Twin, WeightFakeQuant, build_twin, to_tensors
 from .weights import WeightQuant
 
 Pair = Tuple[str, str]
@@ -134,12 +134,18 @@ class DistanceProbe:
         self.evaluations = 0
         self.seconds = 0.0
 
+    def _swap(self, name: str, fq: WeightFakeQuant) -> None:
+        """Put ``fq`` on every op reading weight ``name``; an int32 bias follows its weight's step."""
+        for m in self.modules[name]:
+            m.weight_quant = fq
+            if isinstance(m.bias_quant, BiasFakeQuant):
+                m.bias_quant = BiasFakeQuant(m.bias_quant._refs[0], fq)
+
     def distance(self, swaps: Mapping[str, WeightFakeQuant]) -> float:
         """sum_i w_i * mean((z_i - z~_i)^2) with the given weights' quantizers swapped (restored after)."""
         start = time.perf_counter()
         for name, fq in swaps.items():
-            for m in self.modules[name]:
-                m.weight_quant = fq
+            self._swap(name, fq)
         sse = dict.fromkeys(self.names, 0.0)
         count = dict.fromkeys(self.names, 0)
         try:
@@ -151,8 +157,7 @@ class DistanceProbe:
                         count[n] += target[n].numel()
         finally:
             for name in swaps:
-                for m in self.modules[name]:
-                    m.weight_quant = self.twin.weight_quant[name]
+                self._swap(name, self.twin.weight_quant[name])
         self.evaluations += 1
         self.seconds += time.perf_counter() - start
         return sum(self.loss_weights[n] * sse[n] / max(1, count[n]) for n in self.names)
