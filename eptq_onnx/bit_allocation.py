@@ -24,6 +24,10 @@ Pair = Tuple[str, str]
 PairTerms = Mapping[Pair, Mapping[Tuple[int, int], float]]
 
 
+TIME_LIMIT_BEST = "time limit: best solution found"
+TIME_LIMIT_NONE = "time limit: no solution found, greedy from every weight at the smallest width"
+
+
 @dataclass
 class Allocation:
     """The chosen width of every weight and what the search reports about it."""
@@ -32,7 +36,7 @@ class Allocation:
     memory_bytes: float
     budget_bytes: float
     objective: float
-    status: str  # "optimal", "time limit: best solution found", "lfh-rank"
+    status: str  # "optimal", TIME_LIMIT_BEST, TIME_LIMIT_NONE or "lfh-rank"
     solver_seconds: float = 0.0
     upgrades: List[Tuple[str, int, int]] = field(default_factory=list)  # greedy pass: (weight, from, to)
 
@@ -50,15 +54,15 @@ def objective(bits: Mapping[str, int], table: Mapping[str, Mapping[int, float]],
     return total
 
 
-def check_budget(sizes: Mapping[str, int], options: Sequence[int], budget_bytes: float) -> None:
-    """Refuse a budget below what every weight at the smallest width takes (one line, exit 2)."""
-    smallest = memory_bytes(dict.fromkeys(sizes, min(options)), sizes)
-    if budget_bytes < smallest:
-        largest = memory_bytes(dict.fromkeys(sizes, max(options)), sizes)
+def check_budget(sizes: Mapping[str, int], smallest: Mapping[str, int], largest: int, budget_bytes: float) -> None:
+    """Refuse a budget below the allocation with every weight at its smallest width (one line, exit 2)."""
+    low = memory_bytes(smallest, sizes)
+    if budget_bytes < low:
+        high = memory_bytes(dict.fromkeys(sizes, largest), sizes)
         raise UsageError(
             f"weight memory budget {budget_bytes:.0f} bytes is infeasible: the smallest achievable is "
-            f"{smallest:.0f} bytes (every weight at {min(options)} bits; all at {max(options)} bits: "
-            f"{largest:.0f} bytes); raise --weight-memory / --avg-weight-bits"
+            f"{low:.0f} bytes ({8 * low / max(1, sum(sizes.values())):.2f} bits per weight; every weight at "
+            f"{largest} bits: {high:.0f} bytes); raise --weight-memory / --avg-weight-bits"
         )
 
 
@@ -75,8 +79,7 @@ def solve_ilp(
     Raises UsageError when the budget is below the all-smallest allocation.
     """
     names = list(table)
-    options = sorted({b for row in table.values() for b in row})
-    check_budget(sizes, options, budget_bytes)
+    check_budget(sizes, {n: min(table[n]) for n in names}, max(max(row) for row in table.values()), budget_bytes)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
     x = {(n, b): problem.add_variable(f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
     cost = [table[n][b] * x[n, b] for (n, b) in x]
@@ -98,13 +101,14 @@ def solve_ilp(
         warnings.simplefilter("ignore", DeprecationWarning)
         problem.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s))
     seconds = time.perf_counter() - start
-    if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        raise UsageError(
-            f"the bit-width ILP found no solution within {time_limit_s:g} s (status "
-            f"{pulp.LpStatus[problem.status]}): raise --ilp-time-limit or the budget"
-        )
-    status = "optimal" if problem.sol_status == pulp.LpSolutionOptimal else "time limit: best solution found"
-    bits = {n: max(table[n], key=lambda b: pulp.value(x[n, b]) or 0.0) for n in names}
+    if problem.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        status = "optimal" if problem.sol_status == pulp.LpSolutionOptimal else TIME_LIMIT_BEST
+        bits = {n: max(table[n], key=lambda b: pulp.value(x[n, b]) or 0.0) for n in names}
+    elif problem.status == pulp.LpStatusNotSolved:  # the time limit came before any solution
+        status = TIME_LIMIT_NONE
+        bits = {n: min(table[n]) for n in names}
+    else:
+        raise UsageError(f"the bit-width ILP has no solution (CBC status {pulp.LpStatus[problem.status]}): raise the budget")
     if memory_bytes(bits, sizes) > budget_bytes:  # solver tolerance: never hand back an over-budget answer
         raise RuntimeError(f"CBC returned {memory_bytes(bits, sizes):.0f} bytes over the {budget_bytes:.0f}-byte budget")
     upgrades = greedy_top_up(bits, table, sizes, budget_bytes, pairs)
@@ -123,22 +127,32 @@ def greedy_top_up(
     Gain = decrease of the objective (pair terms included); only upgrades with a positive gain.
     Changes ``bits`` in place and returns the upgrades made as (weight, from, to).
     """
+    touching: Dict[str, List[Tuple[Pair, Mapping[Tuple[int, int], float]]]] = {n: [] for n in bits}
+    for pair, terms in (pairs or {}).items():
+        touching[pair[0]].append((pair, terms))
+        touching[pair[1]].append((pair, terms))
+
+    def cost(name: str, width: int) -> float:
+        """The objective terms that depend on ``name``'s width."""
+        total = table[name][width]
+        for (a, c), terms in touching[name]:
+            total += terms.get((width, bits[c]) if a == name else (bits[a], width), 0.0)
+        return total
+
     made: List[Tuple[str, int, int]] = []
-    current = objective(bits, table, pairs)
     while True:
         left = budget_bytes - memory_bytes(bits, sizes)
         best: Optional[Tuple[float, str, int]] = None
         for name, b in bits.items():
             for wider in (w for w in table[name] if w > b and sizes[name] * (w - b) / 8.0 <= left):
-                gain = current - objective({**bits, name: wider}, table, pairs)
-                if gain > 0 and (best is None or gain > best[0]):
+                gain = cost(name, b) - cost(name, wider)
+                if gain > 1e-12 and (best is None or gain > best[0]):
                     best = (gain, name, wider)
         if best is None:
             return made
-        gain, name, wider = best
+        _, name, wider = best
         made.append((name, bits[name], wider))
         bits[name] = wider
-        current -= gain
 
 
 def rank_allocation(
@@ -146,8 +160,8 @@ def rank_allocation(
 ) -> Allocation:
     """The LFH-rank baseline: every weight starts at the smallest width; in decreasing importance,
     each gets the widest candidate the remaining budget affords."""
-    check_budget(sizes, options, budget_bytes)
     low = min(options)
+    check_budget(sizes, dict.fromkeys(sizes, low), max(options), budget_bytes)
     bits = dict.fromkeys(importance, low)
     for name in sorted(importance, key=lambda n: -importance[n]):
         left = budget_bytes - memory_bytes(bits, sizes)

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Mapping
 
 import onnx
 
-from .bit_allocation import Allocation, check_budget, rank_allocation, resolve_budget, solve_ilp
+from .bit_allocation import TIME_LIMIT_BEST, TIME_LIMIT_NONE, Allocation, check_budget, rank_allocation, resolve_budget, solve_ilp
 from .calib_data import CalibrationSet
 from .config import MixedPrecisionOptions, QuantConfig
 from .qpoints import QuantPlan
@@ -38,7 +38,7 @@ def choose_bits(
     assert options is not None
     sizes = weight_sizes(model, plan)
     budget = resolve_budget(sizes, options.weight_memory, options.avg_weight_bits)
-    check_budget(sizes, options.bit_options, budget)
+    check_budget(sizes, dict.fromkeys(sizes, min(options.bit_options)), max(options.bit_options), budget)
     pairs = neighbour_pairs(model, plan) if options.pairwise and options.search == "ilp" else None
     sens = measure_sensitivity(
         model, plan, candidates, acts, calib, config, metric=options.metric, samples=options.samples,
@@ -53,8 +53,8 @@ def choose_bits(
     else:
         importance = {n: sens.lfh.get(sens.layer_tensor.get(n, ""), 0.0) for n in sizes}
         allocation = rank_allocation(importance, sizes, options.bit_options, budget)
-    if allocation.status != "optimal" and options.search == "ilp":
-        report.warn(f"bit-width ILP stopped at the {options.time_limit_s:g} s time limit: best solution found is used")
+    if allocation.status in (TIME_LIMIT_BEST, TIME_LIMIT_NONE):
+        report.warn(f"FALLBACK: bit-width ILP stopped at its {options.time_limit_s:g} s limit (--ilp-time-limit): {allocation.status}")
     report.mixed_precision = _summary(options, plan, sizes, sens, allocation)
     log(f"mixed precision: {allocation.memory_bytes:.0f} of {budget:.0f} bytes of weight memory "
         f"({report.mixed_precision['average_bits']:.2f} bits per weight), search {allocation.status}")

@@ -13,6 +13,8 @@ from click.testing import CliRunner
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.calib_data import CalibrationSet, input_specs
 from eptq_onnx.bit_allocation import (
+    TIME_LIMIT_BEST,
+    TIME_LIMIT_NONE,
     greedy_top_up,
     memory_bytes,
     objective,
@@ -78,6 +80,17 @@ def test_infeasible_budget_names_the_smallest_achievable_memory() -> None:
     with pytest.raises(UsageError, match=r"smallest achievable is 40 bytes"):
         solve_ilp(table, sizes, 39.0)
     assert solve_ilp(table, sizes, 40.0).bits == {"a": 2, "b": 2}
+
+
+def test_time_limit_keeps_a_feasible_answer_and_tops_it_up() -> None:
+    rng = np.random.default_rng(5)
+    table, sizes, terms = _random_instance(rng, 600, pairs=True)
+    budget = sum(sizes.values()) * 3.5 / 8
+    allocation = solve_ilp(table, sizes, budget, terms, time_limit_s=0.01)
+    assert allocation.status in (TIME_LIMIT_BEST, TIME_LIMIT_NONE)
+    assert allocation.memory_bytes <= budget and allocation.upgrades
+    smallest = objective(dict.fromkeys(table, 2), table, terms)
+    assert allocation.objective < smallest
 
 
 def test_greedy_top_up_spends_leftover_budget_on_the_largest_gain() -> None:
@@ -237,3 +250,17 @@ def test_eptq_optimizes_at_the_chosen_bits(cnn_files) -> None:
     for name, wq in result.state.weights.items():
         assert wq.bits == chosen[name]
         assert wq.codes.min() >= -(1 << (wq.bits - 1)) and wq.codes.max() <= (1 << (wq.bits - 1)) - 1
+
+
+def test_cli_pairwise_adds_the_measured_pairs_to_the_report(cnn_files) -> None:
+    folder, model, calib = cnn_files
+    out, report_path = folder / "mp_pairs.onnx", folder / "mp_pairs.json"
+    code, text = _cli(model, out, "--calib", calib, "--mixed-precision", "--avg-weight-bits", "4", "--pairwise",
+                      "--sensitivity-metric", "output", "--report", report_path, "--force", *FAST)
+    assert code == 0, text
+    mixed = json.loads(report_path.read_text())["mixed_precision"]
+    pairs = mixed["sensitivity"]["pairs"]
+    assert pairs and all(set(p["interaction"]) == {"2,2", "2,4", "4,2", "4,4"} for p in pairs)
+    layers = len(mixed["layers"])
+    assert mixed["sensitivity"]["evaluations"] == 1 + 2 * layers + 4 * len(pairs)
+    assert mixed["memory_bytes"] <= mixed["budget_bytes"]
