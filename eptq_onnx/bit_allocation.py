@@ -66,6 +66,12 @@ def check_budget(sizes: Mapping[str, int], smallest: Mapping[str, int], largest:
         )
 
 
+def _variable(problem: pulp.LpProblem, name: str, **kwargs) -> pulp.LpVariable:
+    """A variable of ``problem`` (PuLP >= 3.3 attaches it to the problem; older PuLP has only LpVariable)."""
+    add = getattr(problem, "add_variable", None)
+    return add(name, **kwargs) if add is not None else pulp.LpVariable(name, **kwargs)
+
+
 def solve_ilp(
     table: Mapping[str, Mapping[int, float]],
     sizes: Mapping[str, int],
@@ -81,13 +87,13 @@ def solve_ilp(
     names = list(table)
     check_budget(sizes, {n: min(table[n]) for n in names}, max(max(row) for row in table.values()), budget_bytes)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
-    x = {(n, b): problem.add_variable(f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
+    x = {(n, b): _variable(problem, f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
     cost = [table[n][b] * x[n, b] for (n, b) in x]
     for k, ((a, c), terms) in enumerate((pairs or {}).items()):
         for (ba, bc), value in terms.items():
             if value == 0.0:
                 continue
-            y = problem.add_variable(f"y_{k}_{ba}_{bc}", lowBound=0, upBound=1)  # integral whenever x is
+            y = _variable(problem, f"y_{k}_{ba}_{bc}", lowBound=0, upBound=1)  # integral whenever x is
             problem += y >= x[a, ba] + x[c, bc] - 1
             problem += y <= x[a, ba]
             problem += y <= x[c, bc]

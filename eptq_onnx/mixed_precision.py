@@ -6,44 +6,30 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, Mapping
 
-import onnx
-
 from .bit_allocation import TIME_LIMIT_BEST, TIME_LIMIT_NONE, Allocation, check_budget, rank_allocation, resolve_budget, solve_ilp
-from .calib_data import CalibrationSet
-from .config import MixedPrecisionOptions, QuantConfig
+from .config import MixedPrecisionOptions
 from .qpoints import QuantPlan
-from .quantizers import ActParams
 from .report import Report
-from .sensitivity import SensitivityResult, measure_sensitivity, neighbour_pairs, weight_sizes
+from .sensitivity import SearchInputs, SensitivityResult, measure_sensitivity, neighbour_pairs, weight_sizes
 from .weights import WeightQuant
 
 
 def choose_bits(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    candidates: Mapping[int, Dict[str, WeightQuant]],
-    acts: Dict[int, ActParams],
-    calib: CalibrationSet,
-    config: QuantConfig,
-    report: Report,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
+    inputs: SearchInputs, report: Report, progress: bool = True, log: Callable[[str], None] = print
 ) -> Dict[str, WeightQuant]:
     """Every weight at the width the search chose (its MSE-initialized quantizer at that width).
 
     Fills ``report.mixed_precision``. Raises UsageError for an infeasible budget (before any
     sensitivity is measured) and ModelError when the model has no torch twin.
     """
-    options = config.mixed
+    options, plan, candidates = inputs.config.mixed, inputs.plan, inputs.candidates
     assert options is not None
-    sizes = weight_sizes(model, plan)
+    sizes = weight_sizes(inputs.model, plan)
     budget = resolve_budget(sizes, options.weight_memory, options.avg_weight_bits)
     check_budget(sizes, dict.fromkeys(sizes, min(options.bit_options)), max(options.bit_options), budget)
-    pairs = neighbour_pairs(model, plan) if options.pairwise and options.search == "ilp" else None
-    sens = measure_sensitivity(
-        model, plan, candidates, acts, calib, config, metric=options.metric, samples=options.samples,
-        pairs=pairs, evaluate=options.search == "ilp", progress=progress,
-    )
+    pairs = neighbour_pairs(inputs.model, plan) if options.pairwise and options.search == "ilp" else None
+    sens = measure_sensitivity(inputs, metric=options.metric, samples=options.samples, pairs=pairs,
+                               evaluate=options.search == "ilp", progress=progress)
     widest = max(options.bit_options)
     for name in sens.untracked:
         report.warn(f"FALLBACK: weight {name} has no quantizer in the torch twin; kept at {widest} bits")

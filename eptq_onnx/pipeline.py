@@ -24,6 +24,7 @@ from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
 from .mixed_precision import choose_bits
+from .sensitivity import SearchInputs
 from .model_io import default_opset, ir_version_for, load_model, save_model
 from .normalize import normalize_model, upgrade_opset
 from .plots import write_plots
@@ -164,7 +165,8 @@ def quantize(
                 report.warn(f"activation {g.roots[0]}: {s.nonfinite} non-finite values ignored by calibration")
     if config.mixed is not None:
         with timer.stage("mixed precision"):
-            weights = choose_bits(float_model, plan, candidates, acts, calib_set, config, report, progress, _logger(progress))
+            inputs = SearchInputs(float_model, plan, candidates, acts, calib_set, config)
+            weights = choose_bits(inputs, report, progress, _logger(progress))
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0:
         with timer.stage("eptq"):

@@ -163,13 +163,22 @@ class DistanceProbe:
         return sum(self.loss_weights[n] * sse[n] / max(1, count[n]) for n in self.names)
 
 
+@dataclass
+class SearchInputs:
+    """What the bit-width search works on: the prepared float model, its plan, every weight
+    MSE-initialized at every candidate width (``candidates[b]``), the activation parameters, the
+    calibration set and the run's configuration."""
+
+    model: onnx.ModelProto
+    plan: QuantPlan
+    candidates: Mapping[int, Dict[str, WeightQuant]]
+    acts: Dict[int, ActParams]
+    calib: CalibrationSet
+    config: QuantConfig
+
+
 def measure_sensitivity(
-    model: onnx.ModelProto,
-    plan: QuantPlan,
-    candidates: Mapping[int, Dict[str, WeightQuant]],
-    acts: Dict[int, ActParams],
-    calib: CalibrationSet,
-    config: QuantConfig,
+    inputs: SearchInputs,
     *,
     metric: str = "lfh",
     samples: int = 32,
@@ -177,7 +186,7 @@ def measure_sensitivity(
     evaluate: bool = True,
     progress: bool = True,
 ) -> SensitivityResult:
-    """s(l, b) for every weight l and candidate b (``candidates[b]``: every weight initialized at b).
+    """s(l, b) for every weight l and candidate b of ``inputs.candidates``.
 
     ``metric``: ``lfh`` (LFH-weighted distance at the quantization points and outputs) or ``output``
     (the model outputs only, unweighted). ``pairs``: also the interaction terms of these weight
@@ -185,10 +194,11 @@ def measure_sensitivity(
     Raises ModelError when the model has no torch twin.
     """
     start = time.perf_counter()
+    model, plan, candidates, calib, config = inputs.model, inputs.plan, inputs.candidates, inputs.calib, inputs.config
     widest = max(candidates)
     probed = loss_tensors(model, plan)
     try:
-        twin = build_twin(model, plan, candidates[widest], acts, quantize_outputs=config.quantize_outputs,
+        twin = build_twin(model, plan, candidates[widest], inputs.acts, quantize_outputs=config.quantize_outputs,
                           quantize_bias=config.quantize_bias, taps=probed)
     except ModelError as exc:
         raise ModelError(f"mixed precision measures sensitivities on the torch twin, which this model lacks: {exc}; "

@@ -27,7 +27,7 @@ from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
 from eptq_onnx.errors import UsageError
 from eptq_onnx.qdq_writer import write_qdq
 from eptq_onnx.runtime import make_session, run
-from eptq_onnx.sensitivity import measure_sensitivity, neighbour_pairs, weight_sizes
+from eptq_onnx.sensitivity import SearchInputs, measure_sensitivity, neighbour_pairs, weight_sizes
 from eptq_onnx.validate import INT2_FUSION_OFF
 from eptq_onnx.weights import init_weights
 from models import zoo
@@ -133,13 +133,13 @@ def cnn_state(tmp_path_factory):
                          mixed=MixedPrecisionOptions(avg_weight_bits=8.0, samples=8))
     state = quantize(model, folder, config, progress=False).state
     candidates = {b: init_weights(state.float_model, state.plan, b, "mse") for b in OPTIONS}
-    return state, candidates, CalibrationSet(folder, input_specs(state.float_model), config.calib)
+    calib = CalibrationSet(folder, input_specs(state.float_model), config.calib)
+    return state, candidates, calib, SearchInputs(state.float_model, state.plan, candidates, state.acts, calib, state.config)
 
 
 def test_sensitivity_grows_as_bits_shrink(cnn_state) -> None:
-    state, candidates, calib = cnn_state
-    sens = measure_sensitivity(state.float_model, state.plan, candidates, state.acts, calib, state.config,
-                               samples=8, progress=False)
+    state, candidates, calib, inputs = cnn_state
+    sens = measure_sensitivity(inputs, samples=8, progress=False)
     assert set(sens.table) == set(weight_sizes(state.float_model, state.plan))
     for name, row in sens.table.items():
         assert row[2] > row[8], name
@@ -151,9 +151,8 @@ def test_sensitivity_grows_as_bits_shrink(cnn_state) -> None:
 def test_output_sensitivity_equals_onnxruntime_on_the_written_model(cnn_state) -> None:
     """s(l, 2) with the plain output metric = the output MSE onnxruntime measures on the QDQ file
     with l at 2 bits and every other weight at 8."""
-    state, candidates, calib = cnn_state
-    sens = measure_sensitivity(state.float_model, state.plan, candidates, state.acts, calib, state.config,
-                               metric="output", samples=8, progress=False)
+    state, candidates, calib, inputs = cnn_state
+    sens = measure_sensitivity(inputs, metric="output", samples=8, progress=False)
     feeds = next(calib.batches(batch_size=8, limit=8))
     reference = run(make_session(state.float_model, optimize=False), feeds)
     for name in list(sens.table)[:3]:
@@ -165,13 +164,12 @@ def test_output_sensitivity_equals_onnxruntime_on_the_written_model(cnn_state) -
 
 
 def test_pair_terms_cover_neighbouring_layers(cnn_state) -> None:
-    state, candidates, calib = cnn_state
+    state, candidates, calib, inputs = cnn_state
     pairs = neighbour_pairs(state.float_model, state.plan)
     order = [p.weight for p in state.plan.weights]
     assert pairs and all(order.index(a) < order.index(b) for a, b in pairs)
     assert (order[0], order[1]) in pairs  # the stem conv feeds the next conv
-    sens = measure_sensitivity(state.float_model, state.plan, candidates, state.acts, calib, state.config,
-                               metric="output", samples=8, pairs=pairs[:2], progress=False)
+    sens = measure_sensitivity(inputs, metric="output", samples=8, pairs=pairs[:2], progress=False)
     assert set(sens.pairs) == set(pairs[:2]) and all(len(t) == 4 for t in sens.pairs.values())
     assert sens.evaluations == 1 + 2 * len(sens.table) + 4 * 2
     assert any(abs(v) > 0 for t in sens.pairs.values() for v in t.values())

@@ -48,6 +48,7 @@ DEFAULT_MODELS = ("demo", "digits_vit")
 DEFAULT_BUDGETS = (3.0, 4.0, 6.0)
 UNIFORM_BITS = (3, 4, 6, 8)
 DEFAULT_EPTQ_ITERS = 300
+DEFAULT_EPTQ_BUDGETS = (4.0,)
 DEFAULT_EPTQ_MODELS = ("demo",)  # the whole run stays under ~20 min on 2 shared cores
 
 
@@ -83,14 +84,19 @@ class Setting:
         return QuantConfig(optimize=optimize, mixed=mixed)
 
 
-def settings(budgets: Sequence[float], optimized: bool) -> List[Setting]:
-    """Every row at --iters 0; with EPTQ all but the output-metric row (to keep the run short)."""
+def settings(budgets: Sequence[float], eptq_budgets: Optional[Sequence[float]] = None) -> List[Setting]:
+    """The rows at --iters 0; with ``eptq_budgets`` the rows of the EPTQ runs: uniform, ILP and LFH rank
+    at those budgets only (EPTQ rows cost minutes each on a shared 2-core machine)."""
+    if eptq_budgets is not None:
+        return [row for b in eptq_budgets for row in (
+            Setting(f"uniform W{b:g}", uniform_bits=int(b)), Setting(f"MP ILP (LFH) {b:g}", budget=b),
+            Setting(f"MP LFH-rank {b:g}", budget=b, search="lfh-rank"))]
     rows = [Setting(f"uniform W{b}", uniform_bits=b) for b in UNIFORM_BITS]
     rows += [Setting(f"MP ILP (LFH) {b:g}", budget=b) for b in budgets]
     rows += [Setting(f"MP LFH-rank {b:g}", budget=b, search="lfh-rank") for b in budgets]
     low = min(budgets)
-    rows += [] if optimized else [Setting(f"MP ILP (output) {low:g}", budget=low, metric="output")]
-    return rows + [Setting(f"MP ILP (LFH) pairwise {low:g}", budget=low, pairwise=True)]
+    return rows + [Setting(f"MP ILP (output) {low:g}", budget=low, metric="output"),
+                   Setting(f"MP ILP (LFH) pairwise {low:g}", budget=low, pairwise=True)]
 
 
 @dataclass
@@ -180,14 +186,14 @@ def pairwise_lines(results: Sequence[Result], name: str) -> List[str]:
     return lines
 
 
-def bench_model(name: str, iters_list: Sequence[int], budgets: Sequence[float], workdir: Path):
+def bench_model(name: str, iters_list: Sequence[int], budgets: Sequence[float], eptq_budgets: Sequence[float], workdir: Path):
     benchmark = BENCHMARKS[name]
     model, calib, data = benchmark.prepare(workdir, 0)
     scorer = Int2Scorer(model, data)
     float_score = scorer.score(model)
     results: List[Result] = []
     for iters in iters_list:
-        for setting in settings(budgets, iters > 0):
+        for setting in settings(budgets, eptq_budgets if iters > 0 else None):
             r = run_one(setting, iters, model, calib, scorer, workdir / "out.onnx")
             _log(f"  {name} {iters} steps {setting.label}: "
                  + (r.error or f"{r.histogram}, top-1 {r.score.top1}, {r.score.sqnr_db:.2f} dB, {r.seconds:.1f} s"))  # type: ignore[union-attr]
@@ -237,6 +243,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS))
     parser.add_argument("--eptq-iters", type=int, default=DEFAULT_EPTQ_ITERS, help="0 skips the EPTQ rows")
+    parser.add_argument("--eptq-budgets", default=",".join(f"{b:g}" for b in DEFAULT_EPTQ_BUDGETS),
+                        help="average bits of the EPTQ rows (uniform, ILP, LFH rank)")
     parser.add_argument("--eptq-models", default=",".join(DEFAULT_EPTQ_MODELS), help="models that also get the EPTQ rows")
     parser.add_argument("--budgets", default=",".join(f"{b:g}" for b in DEFAULT_BUDGETS), help="average bits")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "BENCHMARKS_MIXED.md")
@@ -244,6 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [n for n in args.models.split(",") if n]
     budgets = [float(b) for b in args.budgets.split(",") if b]
     eptq_models = [n for n in args.eptq_models.split(",") if n]
+    eptq_budgets = [float(b) for b in args.eptq_budgets.split(",") if b]
     _quiet()
     start = time.perf_counter()
     models = []
@@ -251,11 +260,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _log(f"{name} ...")
         with tempfile.TemporaryDirectory(prefix=f"bench-mixed-{name}-") as tmp:
             iters_list = [0] + ([args.eptq_iters] if args.eptq_iters > 0 and name in eptq_models else [])
-            models.append(bench_model(name, iters_list, budgets, Path(tmp)))
-    text = render(models, _command([sys.argv[0], *argv]), time.perf_counter() - start)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    _log(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
+            models.append(bench_model(name, iters_list, budgets, eptq_budgets, Path(tmp)))
+        # written after every model, so that an interrupted run keeps what it measured
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(render(models, _command([sys.argv[0], *argv]), time.perf_counter() - start) + "\n")
+        _log(f"wrote {args.out} ({name} done) at {time.perf_counter() - start:.0f} s")
     return 0
 
 
