@@ -10,7 +10,7 @@ from typing import Iterator, Optional, Tuple
 
 import click
 
-from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, OptimizeOptions, QuantConfig
+from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, MixedPrecisionOptions, OptimizeOptions, QuantConfig
 from .errors import EptqError, UsageError
 from .pipeline import quantize
 from .report import print_summary
@@ -84,6 +84,20 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
     return (values[0], values[-1])
 
 
+def _bit_options(text: str) -> Tuple[int, ...]:
+    try:
+        return tuple(sorted({int(v) for v in text.replace(" ", "").split(",") if v}))
+    except ValueError:
+        raise UsageError(f"--bit-options {text!r}: give comma-separated widths such as 2,4,8") from None
+
+
+def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], pairwise: bool) -> None:
+    """Mixed-precision options without --mixed-precision are a mistake, not silently ignored."""
+    if weight_memory is not None or avg_weight_bits is not None or pairwise:
+        raise UsageError("--weight-memory, --avg-weight-bits and --pairwise need --mixed-precision")
+    return None
+
+
 @click.command(cls=_Command, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("input_model", metavar="INPUT.onnx", type=click.Path(path_type=Path))
 @click.argument("output_model", metavar="OUTPUT.onnx", type=click.Path(path_type=Path))
@@ -145,6 +159,22 @@ def _image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path), default=None,
               help="Save the optimization state in this folder (every 5 minutes and when stopped); rerunning "
               "the same command resumes from it with the same result as an uninterrupted run.")
+@click.option("--mixed-precision", is_flag=True,
+              help="Search a bit width per weight over --bit-options under one weight-memory budget (ILP); "
+              "activations stay at --act-bits.")
+@click.option("--bit-options", default="2,4,8", show_default=True, help="Candidate weight widths of --mixed-precision.")
+@click.option("--weight-memory", default=None,
+              help="Mixed-precision budget: BYTES, or NN% of the float32 weight bytes (e.g. 12.5%).")
+@click.option("--avg-weight-bits", type=float, default=None, help="Mixed-precision budget as average bits per weight element.")
+@click.option("--sensitivity-metric", type=click.Choice(["lfh", "output"]), default="lfh", show_default=True,
+              help="Sensitivity: LFH-weighted activation distance (paper) or the plain output distance.")
+@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Calibration samples the sensitivities are measured on.")
+@click.option("--pairwise", is_flag=True, help="Also measure neighbouring layer pairs and add their interaction terms to the ILP.")
+@click.option("--ilp-time-limit", type=float, default=60.0, show_default=True,
+              help="Seconds the ILP solver may take (then its best solution is used).")
+@click.option("--bit-search", type=click.Choice(["ilp", "lfh-rank"]), default="ilp", show_default=True,
+              help="ilp (paper), or lfh-rank: widest bits to the layers of largest Label-Free Hessian first (baseline).")
 @click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
               help="Write PNG plots here: LFH per layer, loss curve.")
 @click.option("--validation-samples", type=click.IntRange(min=1), default=64, show_default=True,
@@ -159,7 +189,9 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
-         learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], plots_dir: Optional[Path], validation_samples: int,
+         learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], mixed_precision: bool,
+         bit_options: str, weight_memory: Optional[str], avg_weight_bits: Optional[float], sensitivity_metric: str,
+         sensitivity_samples: int, pairwise: bool, ilp_time_limit: float, bit_search: str, plots_dir: Optional[Path], validation_samples: int,
          report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
     """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
 
@@ -173,6 +205,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
     Example:
       eptq-onnx model.onnx model_w4a8.onnx --calib calib_dir/
       eptq-onnx model.onnx model_w8a8.onnx --calib calib_dir/ --weight-bits 8 --report report.json
+      eptq-onnx model.onnx model_mp.onnx --calib calib_dir/ --mixed-precision --avg-weight-bits 4
     """
     try:
         image = ImageOptions(
@@ -196,6 +229,16 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
             validation_samples=validation_samples,
+            mixed=MixedPrecisionOptions(
+                bit_options=_bit_options(bit_options),
+                weight_memory=weight_memory,
+                avg_weight_bits=avg_weight_bits,
+                metric=sensitivity_metric,  # type: ignore[arg-type]
+                samples=sensitivity_samples,
+                pairwise=pairwise,
+                time_limit_s=ilp_time_limit,
+                search=bit_search,  # type: ignore[arg-type]
+            ) if mixed_precision else _no_budget(weight_memory, avg_weight_bits, pairwise),
             optimize=OptimizeOptions(
                 iters=iters,
                 time_budget_min=time_budget,

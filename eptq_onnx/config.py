@@ -13,6 +13,8 @@ Weighting = Literal["lfh", "uniform"]
 HessianDistribution = Literal["gaussian", "rademacher"]
 WeightStorage = Literal["native", "int8"]
 Layout = Literal["nchw", "nhwc"]
+SensitivityMetric = Literal["lfh", "output"]
+BitSearch = Literal["ilp", "lfh-rank"]
 
 SUPPORTED_WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_ACT_BITS = (8, 16)
@@ -86,6 +88,39 @@ class OptimizeOptions:
 
 
 @dataclass(frozen=True)
+class MixedPrecisionOptions:
+    """Bit-width search over ``bit_options`` under one weight-memory budget (paper Appendix D).
+
+    Budget: ``weight_memory`` (bytes, or "NN%" of the float32 weight bytes) or ``avg_weight_bits``.
+    ``metric``: sensitivity as the LFH-weighted activation distance or the plain output distance,
+    on ``samples`` calibration samples. ``pairwise``: add the interaction terms of neighbouring
+    layers to the ILP. ``search``: ``ilp`` (paper) or ``lfh-rank`` (widest bits to the layers of
+    largest Label-Free Hessian first; a baseline).
+    """
+
+    bit_options: Tuple[int, ...] = (2, 4, 8)
+    weight_memory: Optional[str] = None
+    avg_weight_bits: Optional[float] = None
+    metric: SensitivityMetric = "lfh"
+    samples: int = 32
+    pairwise: bool = False
+    time_limit_s: float = 60.0
+    search: BitSearch = "ilp"
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.bit_options if b not in SUPPORTED_WEIGHT_BITS]
+        if bad or len(set(self.bit_options)) < 2:
+            raise UsageError(
+                f"--bit-options {','.join(map(str, self.bit_options))}: give at least two distinct widths from "
+                f"{', '.join(map(str, SUPPORTED_WEIGHT_BITS))}, e.g. 2,4,8"
+            )
+        if (self.weight_memory is None) == (self.avg_weight_bits is None):
+            raise UsageError("--mixed-precision needs exactly one budget: --weight-memory BYTES|NN% or --avg-weight-bits B")
+        if self.samples < 1 or self.time_limit_s <= 0:
+            raise UsageError("--sensitivity-samples must be at least 1 and --ilp-time-limit positive")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Every setting of a quantization run (the CLI options map onto these fields one to one)."""
 
@@ -101,6 +136,7 @@ class QuantConfig:
     calib: CalibOptions = field(default_factory=CalibOptions)
     validation_samples: int = 64
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
+    mixed: Optional[MixedPrecisionOptions] = None  # None: every weight at weight_bits
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
 
     def __post_init__(self) -> None:

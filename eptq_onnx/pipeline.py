@@ -24,6 +24,8 @@ from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
+from .mixed_precision import choose_bits
+from .sensitivity import SearchInputs
 from .model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from .normalize import normalize_model, upgrade_opset
 from .plots import write_plots
@@ -112,15 +114,16 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     """
     model = normalize_model(model)
     target = get_target(config.target)
-    needed = required_opset([config.weight_bits], config.act_bits, config.weight_storage, target)
+    bits = list(config.mixed.bit_options) if config.mixed is not None else [config.weight_bits]
+    needed = required_opset(bits, config.act_bits, config.weight_storage, target)
     if default_opset(model) < needed:
         try:
             model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
-            if config.weight_storage == "int8" or required_opset([config.weight_bits], config.act_bits, "int8", target) > default_opset(model):
+            if config.weight_storage == "int8" or required_opset(bits, config.act_bits, "int8", target) > default_opset(model):
                 raise
-            report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{config.weight_bits}: {exc}")
+            report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{min(bits)}: {exc}")
             config = fallback
     report.opset = default_opset(model)
     model, folded = fold_batch_norms(model)
@@ -179,11 +182,18 @@ def quantize(
         report.calibration_samples = len(calib_set)
     with timer.stage("weight init"):
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
-        weights = init_weights(float_model, plan, config.weight_bits, config.weight_init, inputs, get_target(config.target))
+        widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
+        target = get_target(config.target)
+        candidates = {b: init_weights(float_model, plan, b, config.weight_init, inputs, target) for b in widths}
+        weights = candidates[max(widths)]
     with timer.stage("activation calibration"):
         acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)
         for note in range_notes:
             report.warn(note)
+    if config.mixed is not None:
+        with timer.stage("mixed precision"):
+            inputs = SearchInputs(float_model, plan, candidates, acts, calib_set, config)
+            weights = choose_bits(inputs, report, progress, _logger(progress))
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
         report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "

@@ -48,6 +48,28 @@ def plot_loss(optimization: Dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_bits(mixed: Dict, path: Path) -> None:
+    """Bar chart of the chosen bits per weight (graph order) over the LFH of each layer's output."""
+    layers = mixed["layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(layers)), 4.5))
+    x = range(len(layers))
+    ax.bar(x, [layer["bits"] for layer in layers], color="tab:green", label="bits")
+    ax.set_yticks(sorted(set(mixed["bit_options"])))
+    ax.set_ylabel("weight bits")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([_short(layer["weight"]) for layer in layers], rotation=90, fontsize=7)
+    lfh = [layer["lfh"] for layer in layers]
+    if any(v is not None for v in lfh):
+        other = ax.twinx()
+        other.plot(list(x), [float("nan") if v is None else v for v in lfh], "o-", color="tab:blue", label="LFH")
+        other.set_ylim(-0.05, 1.05)
+        other.set_ylabel("normalized LFH of the layer's output")
+    ax.set_title(f"bits per layer (bars) and LFH (dots): {mixed['memory_bytes']:.0f} of {mixed['budget_bytes']:.0f} bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_plots(report: Report, folder: Path) -> List[Path]:
     """Every plot this run has data for; returns the files written."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -55,6 +77,9 @@ def write_plots(report: Report, folder: Path) -> List[Path]:
     if report.hessian:
         plot_lfh(report.hessian, folder / "lfh.png")
         written.append(folder / "lfh.png")
+    if report.mixed_precision:
+        plot_bits(report.mixed_precision, folder / "bits.png")
+        written.append(folder / "bits.png")
     if report.optimization:
         plot_loss(report.optimization, folder / "loss.png")
         written.append(folder / "loss.png")

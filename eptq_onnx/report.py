@@ -45,6 +45,7 @@ class Report:
     calibration_samples: int = 0
     hessian: Dict[str, Any] = field(default_factory=dict)
     optimization: Dict[str, Any] = field(default_factory=dict)
+    mixed_precision: Dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -88,6 +89,25 @@ def _print_lfh(hessian: Dict[str, Any], console: Console, shown: int = 5) -> Non
     console.print(f"LFH: {hessian['samples']} samples, up to {hessian['draws']} draws, {hessian['seconds']:.1f} s")
 
 
+def _print_mixed(mixed: Dict[str, Any], console: Console) -> None:
+    """Bits per layer and the weight memory achieved against the budget."""
+    table = Table(title=f"mixed precision: bits per weight ({mixed['search']}, options {mixed['bit_options']})")
+    for col in ("weight", "op", "elements", "bits", "LFH"):
+        table.add_column(col)
+    for layer in mixed["layers"]:
+        lfh = layer["lfh"]
+        table.add_row(layer["weight"], layer["op"], str(layer["elements"]), str(layer["bits"]), "-" if lfh is None else f"{lfh:.2f}")
+    console.print(table)
+    sens = mixed["sensitivity"]
+    console.print(
+        f"weight memory {mixed['memory_bytes']:.0f} B of budget {mixed['budget_bytes']:.0f} B "
+        f"({mixed['average_bits']:.2f} bits per weight; float32 {mixed['float_weight_bytes']} B); "
+        f"search {mixed['status']} in {mixed['solver_seconds']:.2f} s; sensitivity: {sens['evaluations']} "
+        f"evaluations on {sens['samples']} samples ({sens['metric']}), {sens['seconds']:.1f} s"
+        + (f"; greedy top-up: {len(mixed['greedy_upgrades'])} upgrades" if mixed["greedy_upgrades"] else "")
+    )
+
+
 def print_summary(report: Report, console: Optional[Console] = None) -> None:
     """A compact human summary: outputs, validation, worst tensors, float ops, warnings."""
     console = console or Console(stderr=True)
@@ -121,6 +141,8 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         )
     if report.hessian:
         _print_lfh(report.hessian, console)
+    if report.mixed_precision:
+        _print_mixed(report.mixed_precision, console)
     if report.optimization:
         o = report.optimization
         console.print(f"EPTQ: {o['iters']} steps in {o['seconds']:.0f} s ({o['why']})")
