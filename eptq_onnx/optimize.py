@@ -118,6 +118,8 @@ class TeacherCache:
             return None
         with torch.no_grad():
             _, probe = twin.teacher.run(next(batches.chunks(1)), names)
+            if not _batch_major(twin, names, batches, probe):
+                return None  # e.g. an LSTM's [seq, directions, batch, hidden] output: rows are not samples
             elements = sum(v.numel() for v in probe.values()) * batches.count
             if elements * 2 > budget:
                 return None
@@ -133,6 +135,16 @@ class TeacherCache:
 
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.values.values())
+
+
+def _batch_major(twin: Twin, names: Sequence[str], batches: Batches, probe: Dict[str, Tensor]) -> bool:
+    """Whether every tensor's first dim is the sample dim (1 row per sample, same other dims for 2)."""
+    if any(v.dim() == 0 or v.shape[0] != 1 for v in probe.values()):
+        return False
+    if batches.count < 2:
+        return True
+    _, pair = twin.teacher.run(next(batches.chunks(2)), names)
+    return all(pair[n].shape[0] == 2 and pair[n].shape[1:] == probe[n].shape[1:] for n in names)
 
 
 def _compact(values: Tensor) -> Tensor:
@@ -331,7 +343,7 @@ def optimize(
     teacher = (
         f"teacher tensors of {batches.count} samples cached in memory ({cache.nbytes() / 2**20:.1f} MiB)"
         if cache is not None
-        else "teacher run on the fly at every step (its tensors would not fit the cache budget)"
+        else "teacher run on the fly at every step (its tensors would not fit the cache budget, or are not one row per sample)"
     )
     log(f"EPTQ: {loop.why}; {teacher}")
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress)

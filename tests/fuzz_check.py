@@ -33,9 +33,11 @@ def settings():
     @st.composite
     def configs(draw) -> QuantConfig:
         iters = draw(st.sampled_from([0, 0, 2]))
+        act_bits = draw(st.sampled_from([8, 16]))
         return QuantConfig(
             weight_bits=draw(st.integers(2, 8)),
-            act_bits=draw(st.sampled_from([8, 16])),
+            act_bits=act_bits,
+            target=draw(st.sampled_from(["generic"] if act_bits == 16 else ["ort-cpu", "generic"])),
             act_symmetric=draw(st.booleans()),
             calib_method=draw(st.sampled_from(["mse", "minmax", "percentile"])),
             weight_init=draw(st.sampled_from(["output-mse", "mse", "minmax"])),

@@ -36,6 +36,17 @@ def _count_steps(monkeypatch: pytest.MonkeyPatch, signal_at: int = 0, signum: in
     return calls
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted_run(model, calib, folder: Path, monkeypatch: pytest.MonkeyPatch, signum: int) -> None:  # type: ignore[no-untyped-def]
+    with monkeypatch.context() as patch:
+        _count_steps(patch, signal_at=2 + 7, signum=signum)  # 2 timing passes, then step 7 of 16
+        with pytest.raises(KeyboardInterrupt):
+            quantize(model, calib, _config(folder), progress=False)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, calib_for, monkeypatch, signum: int) -> None:
     model = zoo.residual_cnn()
@@ -43,10 +54,12 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path: Path, cal
     reference = quantize(model, calib, _config(None), progress=False).model.SerializeToString()
 
     folder = tmp_path / "ckpt"
-    with monkeypatch.context() as patch:
-        _count_steps(patch, signal_at=2 + 7, signum=signum)  # 2 timing passes, then step 7 of 16
-        with pytest.raises(KeyboardInterrupt):
-            quantize(model, calib, _config(folder), progress=False)
+    # as the CLI does: SIGTERM unwinds (the loop delivers it again after saving the last whole step)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        _interrupted_run(model, calib, folder, monkeypatch, signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert (folder / FILE_NAME).exists()
     assert not [p for p in folder.iterdir() if p.name != FILE_NAME]  # no temporary file left
 

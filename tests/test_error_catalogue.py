@@ -263,6 +263,7 @@ CASES: Dict[str, Callable[[Case], list]] = {
     "percentile-out-of-range": lambda c: c.args(None, None, None, "--calib-method", "percentile", "--percentile", "30"),
     "time-budget-zero": lambda c: c.args(None, None, None, "--time-budget", "0"),
     "unknown-option": lambda c: c.args(None, None, None, "--wieght-bits", "4"),
+    "infeasible-budget": lambda c: c.args(None, None, None, "--mixed-precision", "--avg-weight-bits", "1"),
     # validation of the written model: exit 5
     "validation-diverges": _corrupt_scale,
 }

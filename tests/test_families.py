@@ -59,7 +59,8 @@ def test_w8a8_and_twin(name: str, calib_for) -> None:
 def test_w4a8_eptq_runs(name: str, calib_for) -> None:
     """W4A8 with 3 EPTQ steps: the optimization runs (no fallback), the model validates and is finite."""
     model = zoo.ZOO[name]()
-    config = QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=3, hessian_samples=2, hessian_draws=2, batch_size=4))
+    options = OptimizeOptions(iters=3, hessian_samples=2, hessian_draws=2, batch_size=4, discard_if_worse=False)
+    config = QuantConfig(weight_bits=4, optimize=options)
     result = quantize(model, calib_for(model, 8), config, progress=False)
     assert result.report.optimization["iters"] == 3
     assert not [w for w in result.report.warnings if "FALLBACK" in w]
