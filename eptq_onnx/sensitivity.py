@@ -139,7 +139,7 @@ class DistanceProbe:
         for m in self.modules[name]:
             m.weight_quant = fq
             if isinstance(m.bias_quant, BiasFakeQuant):
-                m.bias_quant = BiasFakeQuant(m.bias_quant._refs[0], fq)
+                m.bias_quant = BiasFakeQuant(m.bias_quant.act, fq)
 
     def distance(self, swaps: Mapping[str, WeightFakeQuant]) -> float:
         """sum_i w_i * mean((z_i - z~_i)^2) with the given weights' quantizers swapped (restored after)."""

@@ -208,6 +208,11 @@ class BiasFakeQuant(nn.Module):
         self._refs = (act, weight)
         self.enabled = True
 
+    @property
+    def act(self) -> ActFakeQuant:
+        """The quantizer of the layer's input activation (its step is one factor of the bias step)."""
+        return self._refs[0]
+
     def forward(self, b: Tensor) -> Tensor:
         if not self.enabled:
             return b

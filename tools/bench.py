@@ -966,6 +966,10 @@ def render(
         lines.append(f"- calibration (zoo section, cost tables): {calib_samples} samples per model, identical for every method")
     if "eptq" in sections:
         lines.append(f"- EPTQ section: {eptq_iters} optimization steps, {eptq_calib_samples} calibration samples")
+    lines += ["", "Other benchmark files, each from its own script (command and commit at their top): "
+              "[mixed precision](BENCHMARKS_MIXED.md) (`tools/bench_mixed.py`), [zoo of architecture families, "
+              "exporters, traps and targets](BENCHMARKS_ZOO.md) (`tools/bench_breadth.py`), [calibration memory at "
+              "scale](BENCHMARKS_SCALE.md) (`tools/bench_scale.py`)."]
     checks = acceptance(results) + eptq_acceptance(eptq) + (step_acceptance(costs) if "step" in sections else [])
     lines += ["", "## Acceptance checks", ""]
     lines += [f"- {'PASS' if ok else '**FAIL**'} {text}" for ok, text in checks]
