@@ -216,10 +216,11 @@ def test_bias_updates_stay_bounded_from_the_first_step(calib_for) -> None:
 
     model = zoo.residual_cnn()
     options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8, discard_if_worse=False)
-    config = QuantConfig(weight_bits=8, act_bits=16, quantize_bias=False, optimize=options)
+    config = QuantConfig(weight_bits=8, act_bits=16, quantize_bias=False, target="generic", optimize=options)
     result = quantize(model, calib_for(model, 16), config, progress=False)
     init = quantize(model, calib_for(model, 16, name="c2"), QuantConfig(weight_bits=8, act_bits=16, quantize_bias=False,
-                                                                        optimize=OptimizeOptions(iters=0)), progress=False)
+                                                                        target="generic", optimize=OptimizeOptions(iters=0)),
+                    progress=False)
     before = {t.name: numpy_helper.to_array(t) for t in init.state.float_model.graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in result.state.float_model.graph.initializer}
     biases = [p.bias for p in result.state.plan.weights if p.bias]
