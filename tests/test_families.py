@@ -133,3 +133,22 @@ def test_exporters_fast_subset(name: str, exporter: str, opset: int, calib_for) 
                          _exports([(n, e) for n in NEW_MODELS for e in ("legacy", "dynamo")]))
 def test_exporter_matrix(name: str, exporter: str, opset: int, calib_for) -> None:
     _check_export(name, exporter, opset, calib_for)
+
+
+MIXED_FAST = ("deit", "mobilenet_v3", "segmentation_head")  # the others: -m slow
+
+
+@pytest.mark.parametrize("name", [n if n in MIXED_FAST else pytest.param(n, marks=pytest.mark.slow) for n in NEW_MODELS])
+def test_mixed_precision_runs(name: str, calib_for) -> None:
+    """Mixed precision over {2, 4, 8} at 4 bits average: the budget holds, the model validates, outputs are finite."""
+    from eptq_onnx.config import MixedPrecisionOptions
+
+    model = zoo.ZOO[name]()
+    config = QuantConfig(optimize=OptimizeOptions(iters=0, hessian_samples=2, hessian_draws=2),
+                         mixed=MixedPrecisionOptions(avg_weight_bits=4.0, samples=8))
+    result = quantize(model, calib_for(model, 8), config, progress=False)
+    mixed = result.report.mixed_precision
+    assert mixed["memory_bytes"] <= mixed["budget_bytes"]
+    assert {layer["bits"] for layer in mixed["layers"]} <= {2, 4, 8}
+    for out in _outputs(result.model, zoo.sample_inputs(model, 2, seed=3)):
+        assert np.isfinite(out).all()

@@ -87,7 +87,7 @@ EPTQ_BITS = (4, 3)
 COST_MODELS = ("demo", "digits_vit", "residual_cnn", "transformer_block", "mlp_mixer_block")
 COST_WEIGHT_BITS = 4
 TERMS_BITS = 4
-TERMS_READING = """## Why LFH weighting can lose to uniform weighting: the loss terms at the MSE init (W{bits}A8)
+TERMS_READING = """## Where LFH and uniform weighting differ: the loss terms at the MSE init (W{bits}A8)
 
 Per loss tensor of EPTQ (Eq. 6) on {calib} calibration samples, from `tools/loss_terms.py`: its size, its
 SQNR at the MSE init, its Label-Free Hessian trace and weight (log-normalized, rescaled to mean 1, the
@@ -98,9 +98,11 @@ Behind an averaging op over N positions (GlobalAveragePool, mean over tokens) th
 smaller than after it, but correlated errors do not average away: the averaging table compares the
 error power that survives the op (measured) with what independent errors would leave (1/N, which is also
 the LFH trace ratio). Where the measured ratio is far above 1/N, LFH gives the tensors before the
-averaging (often the least accurate ones, deep in the network) little or no weight, while their errors
-reach the output almost undiminished; uniform weighting keeps them in the loss. That is where LFH
-weighting loses to uniform weighting in the EPTQ tables above.
+averaging (often the least accurate ones, deep in the network) little or no weight while their errors
+reach the output largely undiminished; uniform weighting keeps them in the loss. That is the trace's
+blind spot. In this run LFH weighting is still ahead of or level with uniform weighting (EPTQ tables
+above); an earlier version, whose biases took RAdam's unnormalized first steps, lost to uniform weighting
+on three of the four cases.
 """
 STEP_RUNS = 5  # bare-model timings (median), after one warm-up
 COST_REPEATS = 3  # cost runs per model; each time is the minimum over them (one-shot timings, shared CPUs)
