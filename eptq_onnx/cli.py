@@ -197,8 +197,9 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
 
     Weights are quantized per channel (symmetric), activations per tensor at the quantization
     points of the EPTQ paper; step sizes are initialized by MSE minimization on the calibration
-    samples, then rounding, weight steps and biases are optimized for the whole network at once,
-    weighted by the Label-Free Hessian (EPTQ). The written model is validated with onnxruntime
+    samples, then the rounding of every weight and the biases (by option also the steps) are
+    optimized for the whole network at once, weighted by the Label-Free Hessian (EPTQ), within
+    --time-budget minutes. The written model is validated with onnxruntime
     and a summary is printed.
 
     \b
