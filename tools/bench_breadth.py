@@ -23,7 +23,8 @@ from onnxruntime.quantization import CalibrationMethod
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import zoo  # noqa: E402
 from tools.bench import (  # noqa: E402
-    EVAL_SEED, EVAL_SAMPLES, Benchmark, Method, ModelResult, Ours, _quiet, _session, _zoo, bench_model, ort_static,
+    EVAL_SEED, EVAL_SAMPLES, Benchmark, Method, ModelResult, Ours, _git_state, _quiet, _session, _zoo, bench_model,
+    ort_static,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def run(models: Sequence[str], out: Path) -> None:
     command = "python tools/bench_breadth.py" + ("" if list(models) == list(zoo.ZOO) else f" --models {','.join(models)}")
     text = [
         "# Zoo benchmark: every architecture family, exporter and trap", "",
-        f"Produced by `{command}` ({platform.machine()}, {len(models)} models, {time.time() - start:.0f} s; "
+        f"Produced by `{command}` (git {_git_state()}, {platform.machine()}, {len(models)} models, {time.time() - start:.0f} s; "
         "2 shared CPU cores: times are indicative).", "",
         f"Random-weight models from `models/` (no labels): SQNR is the minimum output SQNR vs the float model "
         f"on {EVAL_SAMPLES} held-out random inputs; *agree* is top-1 agreement with the float model for "
