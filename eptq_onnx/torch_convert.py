@@ -341,7 +341,7 @@ def _recurrent(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     if a.get("layout", 0):
         raise NotImplementedError(f"{kind} with layout 1 (onnxruntime's CPU kernels refuse it too)")
     module = ops.RecurrentOp(kind, int(a["hidden_size"]), _text(a.get("direction", "forward")),
-                             bool(a.get("linear_before_reset", 0)))
+                             bool(a.get("linear_before_reset", 0)), outputs=len(node.output_values))
     return _module(node, module)
 
 

@@ -550,16 +550,18 @@ class RecurrentOp(nn.Module):
     Outputs Y, Y_h (, Y_c). The op stays float: its weights are plain buffers.
     """
 
-    def __init__(self, kind: str, hidden: int, direction: str, linear_before_reset: bool = False) -> None:
+    def __init__(self, kind: str, hidden: int, direction: str, linear_before_reset: bool = False, outputs: int = 3) -> None:
         super().__init__()
         self.kind, self.hidden = kind, hidden
+        self.outputs = outputs  # how many outputs the node declares (trailing ones may be omitted)
         self.directions = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
         self.cell = _lstm_cell if kind == "LSTM" else _gru_cell
         self.extra = {"linear_before_reset": linear_before_reset}
         self.states = 2 if kind == "LSTM" else 1
 
     def forward(self, x: Tensor, w: Tensor, r: Tensor, b: Optional[Tensor] = None, seq_lens: Optional[Tensor] = None,
-                initial_h: Optional[Tensor] = None, initial_c: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+                initial_h: Optional[Tensor] = None, initial_c: Optional[Tensor] = None) -> Tensor | tuple[Tensor, ...]:
+        """Y alone when the node declares only Y (as the fx graph then expects a tensor), else (Y, Y_h[, Y_c])."""
         initial = (initial_h, initial_c)
         if seq_lens is not None:
             raise NotImplementedError(f"{self.kind} with sequence_lens")
@@ -581,4 +583,6 @@ class RecurrentOp(nn.Module):
             ys.append(torch.stack(outputs))
             finals.append(state)
         y = torch.stack(ys, dim=1)  # [steps, dirs, batch, hidden]
+        if self.outputs == 1:
+            return y
         return (y, *(torch.stack([f[k] for f in finals]) for k in range(self.states)))
