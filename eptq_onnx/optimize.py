@@ -8,19 +8,19 @@ L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer,
 all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
 Learned: the rounding variables V (RAdam, 3e-2), biases (Adam, 1e-3), by option per-channel
 weight step multipliers and activation steps (Adam, 1e-3). Biases and steps use Adam, not the
-paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and with
-a tiny initial loss (16-bit activations) a bias jumped from 0.085 to 4e5 in two steps. Teacher activations are computed on
-the fly, or once for all samples when they fit a memory budget (a quarter of the free memory, at
-most 2 GiB; float32, or float16 where only that fits), so a step costs one student forward and
-backward.
+paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and
+with a tiny initial loss (16-bit activations) a bias jumped from 0.085 to 4e5 in two steps.
+Teacher activations are computed on the fly, or once for all samples when they fit a memory
+budget (a quarter of the free memory, at most 2 GiB; float32, or float16 where only that fits),
+so a step costs one student forward and backward.
 """
 from __future__ import annotations
 
 import math
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -324,9 +324,9 @@ def optimize(
     _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
     optimizer = EptqOptimizer(twin, options)
     batches = Batches(feeds, options.device, options.seed)
-    names = [n for n, w in loss_weights.items() if w > 0]
-    cache = TeacherCache.build(twin, names, batches, options.batch_size, cache_budget_bytes(options.device))
-    objective = Objective(twin, loss_weights, options, cache)
+    objective = Objective(twin, loss_weights, options)
+    cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
+    objective.cache = cache
     checkpoint = None
     if options.checkpoint_dir is not None:
         digest = fingerprint(twin.student, loss_weights, options, batches.tensors())
