@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, LoopState, deferred_stops, fingerprint, restore
 from .config import OptimizeOptions
-from .twin import Twin
+from .twin import RoundingBank, Twin
 from .torch_ops import WeightedOp
 
 
@@ -101,40 +101,55 @@ FP16_MAX = 60000.0  # below float16's 65504: larger values are cached in float32
 
 
 class TeacherCache:
-    """The teacher's tensors at the loss points for every stacked calibration sample.
+    """The teacher's tensors at the loss points for every stacked calibration sample, as one
+    matrix: a row per sample, the tensors flattened side by side (in ``names`` order).
 
-    Computed once when they fit ``budget`` bytes: in float32 when that fits (a step then only
-    gathers its rows), else in float16 where every value of a tensor fits float16's range
-    (rounding error ~1e-3 relative); otherwise ``build`` returns None and the teacher runs on the
-    fly at every step.
+    Computed once when it fits ``budget`` bytes: in float32 when that fits (a step then gathers
+    its rows with one op), else in float16 when every value fits float16's range (rounding error
+    ~1e-3 relative); otherwise ``build`` returns None and the teacher runs at every step.
     """
 
-    def __init__(self, values: Dict[str, Tensor]) -> None:
-        self.values = values
+    def __init__(self, matrix: Tensor, names: Sequence[str], widths: Sequence[int]) -> None:
+        self.matrix = matrix
+        self.names = list(names)
+        self.widths = list(widths)  # elements per sample of each tensor
 
     @classmethod
     def build(cls, twin: Twin, names: Sequence[str], batches: Batches, chunk: int, budget: int) -> Optional["TeacherCache"]:
-        if batches.stacked is None:
+        if batches.stacked is None or not names:
             return None
         with torch.no_grad():
             _, probe = twin.teacher.run(next(batches.chunks(1)), names)
             if not _batch_major(twin, names, batches, probe):
                 return None  # e.g. an LSTM's [seq, directions, batch, hidden] output: rows are not samples
-            elements = sum(v.numel() for v in probe.values()) * batches.count
+            widths = [probe[n].numel() for n in names]
+            elements = sum(widths) * batches.count
             if elements * 2 > budget:
                 return None
-            parts: Dict[str, List[Tensor]] = {n: [] for n in names}
+            half = elements * 4 > budget
+            rows: List[Tensor] = []
             for feeds in batches.chunks(chunk):
                 _, values = twin.teacher.run(feeds, names)
-                for n in names:
-                    parts[n].append(values[n] if elements * 4 <= budget else _compact(values[n]))
-        return cls({n: torch.cat(parts[n]) for n in names})
+                row = flatten_rows([values[n] for n in names])
+                if half:
+                    row = _compact(row)
+                    if row.dtype != torch.float16:
+                        return None  # a value outside float16's range
+                rows.append(row)
+        return cls(torch.cat(rows), names, widths)
 
-    def get(self, index: Tensor) -> Dict[str, Tensor]:
-        return {n: v.index_select(0, index).float() for n, v in self.values.items()}
+    def get(self, index: Tensor) -> Tensor:
+        """The rows of the given samples, in float32."""
+        return self.matrix.index_select(0, index).float()
 
     def nbytes(self) -> int:
-        return sum(v.numel() * v.element_size() for v in self.values.values())
+        return self.matrix.numel() * self.matrix.element_size()
+
+
+def flatten_rows(tensors: Sequence[Tensor]) -> Tensor:
+    """Batch-major tensors side by side as one [batch, elements] matrix."""
+    rows = len(tensors[0])
+    return torch.cat([t.reshape(rows, -1) for t in tensors], dim=1)
 
 
 def _batch_major(twin: Twin, names: Sequence[str], batches: Batches, probe: Dict[str, Tensor]) -> bool:
@@ -158,8 +173,8 @@ class EptqOptimizer:
     """RAdam for the rounding variables (paper), Adam for biases and step multipliers (bounded
     updates from the first step); one object to step, zero and checkpoint."""
 
-    def __init__(self, twin: Twin, options: OptimizeOptions) -> None:
-        rounding, others = _parameter_groups(twin, options)
+    def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> None:
+        rounding, others = _parameter_groups(twin, options, bank)
         self.rounding = torch.optim.RAdam(rounding, foreach=True)
         self.others = torch.optim.Adam(others, foreach=True) if others else None
 
@@ -183,16 +198,14 @@ class EptqOptimizer:
             self.others.load_state_dict(state["others"])
 
 
-def _parameter_groups(twin: Twin, options: OptimizeOptions) -> Tuple[List[dict], List[dict]]:
+def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> Tuple[List[dict], List[dict]]:
     """The learnable tensors of the student: (rounding group, groups of steps and biases); everything else frozen."""
     for module in (twin.teacher, twin.student):
         for p in module.parameters():
             p.requires_grad_(False)
-    rounding, scales, biases = [], [], []
+    bank.v.requires_grad_(True)
+    scales, biases = [], []
     for wfq in twin.weight_quant.values():
-        assert wfq.rounding is not None
-        wfq.rounding.requires_grad_(True)
-        rounding.append(wfq.rounding)
         if options.learn_weight_scales:
             wfq.factor.requires_grad_(True)
             scales.append(wfq.factor)
@@ -210,7 +223,7 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions) -> Tuple[List[dict],
         others.append({"params": scales, "lr": options.lr_scale})
     if biases:
         others.append({"params": biases, "lr": options.lr_bias})
-    return [{"params": rounding, "lr": options.lr_rounding}], others
+    return [{"params": [bank.v], "lr": options.lr_rounding}], others
 
 
 def _start_rounding(twin: Twin, fixed_scale: bool) -> None:
@@ -230,37 +243,61 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
 
 
 class Objective:
-    """Eq. 6 on one batch."""
+    """Eq. 6 on one batch.
 
-    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions, cache: Optional[TeacherCache] = None) -> None:
+    With the teacher cache the reconstruction term is one weighted sum of squares over the
+    flattened loss tensors (the same value as the per-tensor means, weighted, in a few ops);
+    with a rounding bank the regularizer is one op chain over every weight.
+    """
+
+    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions,
+                 cache: Optional[TeacherCache] = None, bank: Optional[RoundingBank] = None) -> None:
         self.twin = twin
         self.names = [n for n, w in weights.items() if w > 0]
         self.weights = weights
         self.options = options
         self.cache = cache
+        self.bank = bank
+        self._columns: Dict[int, Tensor] = {}
+
+    def column_weights(self, rows: int) -> Tensor:
+        """Weight of every column of the cache matrix: w_i / (elements of tensor i in ``rows`` samples)."""
+        assert self.cache is not None and self.cache.names == self.names
+        if rows not in self._columns:
+            parts = [torch.full((width,), self.weights[n] / (width * rows)) for n, width in zip(self.cache.names, self.cache.widths)]
+            self._columns[rows] = torch.cat(parts).to(self.cache.matrix.device)
+        return self._columns[rows]
 
     def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
         """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
-        for wfq in self.twin.weight_quant.values():
-            wfq.refresh()
+        if self.bank is not None:
+            self.bank.refresh()
+        else:
+            for wfq in self.twin.weight_quant.values():
+                wfq.refresh()
         index, feeds = batch
         if self.cache is not None and index is not None:
-            target = self.cache.get(index)
-        else:
-            with torch.no_grad():
-                _, target = self.twin.teacher.run(feeds, self.names)
+            _, student = self.twin.student.run(feeds, self.names)
+            diff = flatten_rows([student[n] for n in self.names]) - self.cache.get(index)
+            return torch.mv(diff * diff, self.column_weights(len(index))).sum()
+        with torch.no_grad():
+            _, target = self.twin.teacher.run(feeds, self.names)
         _, student = self.twin.student.run(feeds, self.names)
         terms = [self.weights[n] * F.mse_loss(student[n], target[n]) for n in self.names]
         return torch.stack(terms).sum()
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
+        """The mean rounding regularizer over every weight (zero during the warm-up)."""
         if beta is None:
             return torch.zeros(())
+        if self.bank is not None:
+            return self.bank.regularizer(beta)
         total = sum(wfq.regularizer(beta) for wfq in self.twin.weight_quant.values())
         count = sum(wfq.codes.numel() for wfq in self.twin.weight_quant.values())
         return total / max(1, count)  # type: ignore[return-value]
 
 
+BANK = "eptq_rounding_bank"  # the student's submodule holding every V while it trains
 RESERVE = 0.1  # of the time budget, kept for what follows the optimization (validation, writing)
 STEP_OVERHEAD = 1.1  # the optimizer update and bookkeeping the timing passes leave out
 
@@ -322,9 +359,11 @@ def optimize(
     twin.teacher.to(device).eval()
     twin.student.to(device).eval()
     _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
-    optimizer = EptqOptimizer(twin, options)
+    bank = RoundingBank(list(twin.weight_quant.values()))
+    twin.student.add_module(BANK, bank)  # so that checkpoints hold V
+    optimizer = EptqOptimizer(twin, options, bank)
     batches = Batches(feeds, options.device, options.seed)
-    objective = Objective(twin, loss_weights, options)
+    objective = Objective(twin, loss_weights, options, bank=bank)
     cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
     objective.cache = cache
     checkpoint = None
@@ -347,6 +386,8 @@ def optimize(
     )
     log(f"EPTQ: {loop.why}; {teacher}")
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress)
+    bank.write_back()
+    delattr(twin.student, BANK)
     for wfq in twin.weight_quant.values():
         wfq.mode, wfq.h = "hard", None
     for p in twin.student.parameters():

@@ -64,6 +64,7 @@ class ActFakeQuant(nn.Module):
         self.factor = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("zero_point", torch.tensor(float(params.zero_point)))
         self.qmin, self.qmax = params.qrange
+        self.fixed_step = (float(np.float32(params.scale)), float(params.zero_point))  # for training with a fixed step
         self.enabled = True
 
     @property
@@ -78,7 +79,7 @@ class ActFakeQuant(nn.Module):
         if not self.enabled:
             return x
         if torch.is_grad_enabled() and not self.factor.requires_grad and x.is_floating_point():
-            return ClippedRound.apply(x, float(self.base_scale), float(self.zero_point), self.qmin, self.qmax)
+            return ClippedRound.apply(x, *self.fixed_step, self.qmin, self.qmax)
         scale = self.scale
         return (self.codes(x) - self.zero_point) * scale
 
@@ -197,6 +198,47 @@ class WeightFakeQuant(nn.Module):
             scale=scale.detach().cpu().numpy().astype(np.float32),
             codes=codes.detach().cpu().numpy().astype(np.int8),
         )
+
+
+class RoundingBank(nn.Module):
+    """The AdaRound variables V of many weight quantizers as one flat parameter, for training.
+
+    One h(V), one regularizer and one optimizer update then cover every weight, instead of one
+    chain of small ops per layer (whose per-op overhead dominates a step on small models). The
+    quantizers read their part of h(V) as a view; ``write_back`` copies V into their own
+    ``rounding`` parameters when training stops.
+    """
+
+    def __init__(self, quantizers: Sequence[WeightFakeQuant]) -> None:
+        super().__init__()
+        self._quantizers = tuple(quantizers)
+        rounding = [q.rounding for q in self._quantizers]
+        assert all(v is not None for v in rounding), "start_rounding first"
+        self.sizes = [v.numel() for v in rounding]  # type: ignore[union-attr]
+        flat = [v.detach().reshape(-1) for v in rounding]  # type: ignore[union-attr]
+        self.v = nn.Parameter(torch.cat(flat) if flat else torch.zeros(0))
+        self.h: Optional[Tensor] = None
+
+    def refresh(self) -> None:
+        """h(V) for this step, handed to every quantizer as a view; call after every update."""
+        self.h = rectified_sigmoid(self.v)
+        for q, part in zip(self._quantizers, torch.split(self.h, self.sizes)):
+            q.h = part.view(q.rounding.shape)  # type: ignore[union-attr]
+
+    def regularizer(self, beta: float) -> Tensor:
+        """The mean over all weights of 1 - |2 h(V) - 1|^beta."""
+        h = self.h if self.h is not None else rectified_sigmoid(self.v)
+        if h.numel() == 0:
+            return h.sum()
+        return (1.0 - torch.abs(2.0 * h - 1.0) ** beta).mean()
+
+    def write_back(self) -> None:
+        """Copy V into the quantizers' ``rounding`` parameters (and drop the shared h)."""
+        with torch.no_grad():
+            for q, part in zip(self._quantizers, torch.split(self.v, self.sizes)):
+                q.rounding.copy_(part.view_as(q.rounding))  # type: ignore[union-attr]
+                q.h = None
+        self.h = None
 
 
 class BiasFakeQuant(nn.Module):

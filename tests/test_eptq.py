@@ -16,6 +16,7 @@ from eptq_onnx.eptq import output_regression
 from eptq_onnx.optimize import beta_at
 from eptq_onnx.runtime import make_session
 from eptq_onnx.twin import (
+    RoundingBank,
     WeightFakeQuant,
     build_twin,
     inverse_rectified_sigmoid,
@@ -45,6 +46,57 @@ def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -
     assert torch.equal(hard_codes, torch.round(hard_codes)) and hard_codes.min() >= -8 and hard_codes.max() <= 7
     exported = wfq.export(wt)
     np.testing.assert_array_equal(exported.codes.astype(np.float32), hard_codes.numpy())
+
+
+def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
+    """One flat V: the same h(V) per quantizer, the same regularizer (mean over all weights),
+    gradients reaching V, and V copied back into each quantizer."""
+    rng = np.random.default_rng(1)
+    quantizers, weights = [], []
+    for i, shape in enumerate([(6, 5), (3, 2, 3, 3), (4,)]):
+        w = rng.normal(0, 0.1, shape).astype(np.float32)
+        wfq = WeightFakeQuant(quantize_weight(f"w{i}", w, 0, 4, "minmax"))
+        wfq.start_rounding(torch.from_numpy(w), fixed_scale=True)
+        quantizers.append(wfq)
+        weights.append(torch.from_numpy(w))
+    expected_h = [rectified_sigmoid(q.rounding.detach()) for q in quantizers]
+    expected_reg = sum(float(q.regularizer(7.0)) for q in quantizers) / sum(q.codes.numel() for q in quantizers)
+    bank = RoundingBank(quantizers)
+    bank.refresh()
+    for q, h in zip(quantizers, expected_h):
+        torch.testing.assert_close(q.h, h)
+    assert float(bank.regularizer(7.0)) == pytest.approx(expected_reg, rel=1e-5)
+    (sum(q(w).sum() for q, w in zip(quantizers, weights)) + bank.regularizer(7.0)).backward()
+    assert bank.v.grad is not None and bool((bank.v.grad != 0).any())
+    with torch.no_grad():
+        bank.v.add_(0.5)
+    bank.write_back()
+    for q in quantizers:
+        assert q.h is None
+    torch.testing.assert_close(torch.cat([q.rounding.reshape(-1) for q in quantizers]), bank.v.detach())
+
+
+def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
+    """The one-matrix loss over the teacher cache is Eq. 6's sum of weighted per-tensor MSEs."""
+    from eptq_onnx.eptq import loss_tensors
+    from eptq_onnx.optimize import Batches, Objective, TeacherCache, _start_rounding
+
+    model = zoo.residual_cnn()
+    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False)
+    state = result.state
+    names = loss_tensors(state.float_model, state.plan)
+    twin = build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names)
+    _start_rounding(twin, fixed_scale=True)
+    batches = Batches([zoo.sample_inputs(model, 16, seed=3)], "cpu", 0)
+    weights = {n: 0.5 + i for i, n in enumerate(names)}
+    plain = Objective(twin, weights, OptimizeOptions())
+    cached = Objective(twin, weights, OptimizeOptions(), cache=TeacherCache.build(twin, names, batches, 8, budget=2**30))
+    assert cached.cache is not None
+    batch = batches.sample(6)
+    with torch.no_grad():
+        expected = float(plain.reconstruction(batch))
+        got = float(cached.reconstruction(batch))
+    assert expected > 0 and got == pytest.approx(expected, rel=1e-5)
 
 
 def test_beta_schedule_warmup_then_linear_anneal() -> None:
@@ -200,13 +252,13 @@ def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
     half = TeacherCache.build(twin, names, batches, 5, budget=elements * 4 - 1)
     assert TeacherCache.build(twin, names, batches, 5, budget=elements * 2 - 1) is None
     assert full is not None and half is not None
-    assert {v.dtype for v in full.values.values()} == {torch.float32} and half.nbytes() == elements * 2
+    assert full.matrix.dtype == torch.float32 and half.matrix.dtype == torch.float16 and half.nbytes() == elements * 2
     index = torch.tensor([3, 0, 7])
     with torch.no_grad():
         _, expected = twin.teacher.run({k: v[index] for k, v in batches.stacked.items()}, names)
-    for n in names:
-        torch.testing.assert_close(full.get(index)[n], expected[n])
-        torch.testing.assert_close(half.get(index)[n], expected[n], rtol=2e-3, atol=1e-4)
+    rows = torch.cat([expected[n].reshape(3, -1) for n in names], dim=1)
+    torch.testing.assert_close(full.get(index), rows)
+    torch.testing.assert_close(half.get(index), rows, rtol=2e-3, atol=1e-4)
 
 
 def test_bias_updates_stay_bounded_from_the_first_step(calib_for) -> None:
