@@ -28,6 +28,7 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import math
 import multiprocessing
 import os
 import platform
@@ -346,6 +347,7 @@ class Score:
     sqnr_db: float
     top1: Optional[float] = None
     agree: Optional[float] = None
+    correct: Optional[np.ndarray] = field(default=None, repr=False)  # per test image: top-1 right
 
 
 class Scorer:
@@ -365,7 +367,18 @@ class Scorer:
         if self.data.labels is None:
             return Score(sqnr)
         predicted, reference = outputs[0].argmax(axis=1), self.reference[0].argmax(axis=1)
-        return Score(sqnr, float((predicted == self.data.labels).mean()), float((predicted == reference).mean()))
+        correct = predicted == self.data.labels
+        return Score(sqnr, float(correct.mean()), float((predicted == reference).mean()), correct)
+
+
+def paired_difference(a: Score, b: Score) -> str:
+    """Images only ``a`` gets right, only ``b`` gets right, and the exact McNemar test's two-sided p-value."""
+    if a.correct is None or b.correct is None:
+        return ""
+    only_a, only_b = int((a.correct & ~b.correct).sum()), int((~a.correct & b.correct).sum())
+    n = only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2**n) if n else 1.0
+    return f"; paired: {only_a} images right only with the first, {only_b} only with the second (exact McNemar p = {p:.2f})"
 
 
 # --------------------------------------------------------------------------- running
@@ -781,7 +794,8 @@ def eptq_acceptance(results: Sequence[ModelResult]) -> List[Tuple[bool, str]]:
                 sqnr_ok = lfh.score.sqnr_db > base.score.sqnr_db if strict else lfh.score.sqnr_db >= base.score.sqnr_db
                 ok = sqnr_ok and lfh.score.top1 >= base.score.top1
                 checks.append((ok, f"{label}: top-1 {_percent(lfh.score.top1)} vs {_percent(base.score.top1)} %, "
-                                   f"SQNR {lfh.score.sqnr_db:.2f} vs {base.score.sqnr_db:.2f} dB"))
+                                   f"SQNR {lfh.score.sqnr_db:.2f} vs {base.score.sqnr_db:.2f} dB"
+                                   + paired_difference(lfh.score, base.score)))
     return checks
 
 
