@@ -106,6 +106,7 @@ above); an earlier version, whose biases took RAdam's unnormalized first steps, 
 on three of the four cases.
 """
 STEP_RUNS = 5  # bare-model timings (median), after one warm-up
+COST_STEPS = 50  # optimization steps of a cost run (the mean step time is what it reports)
 COST_REPEATS = 3  # cost runs per model; each time is the minimum over them (one-shot timings, shared CPUs)
 STEP_TARGET = 1.5  # EPTQ step / bare model step
 
@@ -633,17 +634,19 @@ def measure_cost(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAU
 
 
 def measure_cost_once(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAULT_CALIB_SAMPLES) -> Cost:
-    """Quantize with LFH weights and one EPTQ step; read the LFH and step costs from the report,
-    and time the bare model at the optimization batch."""
+    """Quantize with LFH weights and COST_STEPS EPTQ steps; read the LFH cost and the mean step time
+    (the optimization loop's time over its steps, optimizer update included) from the report, and
+    time the bare model at the optimization batch."""
     cost = Cost(benchmark.name)
     try:
         float_path, calib, _ = benchmark.prepare(workdir, calib_samples)
-        options = OptimizeOptions(iters=1, weighting="lfh")
+        options = OptimizeOptions(iters=COST_STEPS, weighting="lfh", discard_if_worse=False)
         config = QuantConfig(weight_bits=COST_WEIGHT_BITS, calib=CalibOptions(num_samples=calib_samples), optimize=options)
         result = quantize(float_path, calib, config, progress=False)
         hessian, optimization = result.report.hessian or {}, result.report.optimization or {}
         cost.lfh_s, cost.samples, cost.draws = hessian.get("seconds"), hessian.get("samples"), hessian.get("draws")
-        cost.fb_s, cost.step_s = hessian.get("forward_backward_seconds"), optimization.get("step_seconds")
+        cost.fb_s = hessian.get("forward_backward_seconds")
+        cost.step_s = optimization["seconds"] / optimization["iters"] if optimization.get("iters") else None
         assert result.state is not None
         model = result.state.float_model
         calib_set = CalibrationSet(calib, input_specs(model), CalibOptions(num_samples=calib_samples))
@@ -889,15 +892,15 @@ EPTQ_READING = """\
 COST_READING = """\
 ## Reading the cost tables
 
-- Both tables come from `quantize` runs at W{bits}A8 with `weighting="lfh"` and `iters=1` ({calib}
+- Both tables come from `quantize` runs at W{bits}A8 with `weighting="lfh"` and `iters={steps}` ({calib}
   calibration samples), {repeats} per model; every time shown is the minimum over the {repeats} runs.
   The report's `hessian` gives the LFH time (16 samples, one at a time, at most 50 Hutchinson draws each; draws stop early once no trace estimate moves by 0.1% after at least
   10) and the time of one forward+backward pass of the teacher at batch 1 (`forward_backward_seconds`,
   one measurement); **LFH / forward+backward** is their ratio, and *per sample* divides it by the samples.
   Ideally one sample costs one forward and one backward pass per draw.
-- **EPTQ step** is the report's `optimization.step_seconds`: the faster of the two timed steps that
-  precede the optimization (teacher forward without grad, student forward with fake quantization, Eq. 6
-  loss, backward), at batch 32. **bare model** is the same float model (`result.state.float_model`)
+- **EPTQ step** is the report's `optimization.seconds / iters` of a {steps}-step run: the mean time
+  of a whole step of the loop (minibatch, student forward with fake quantization, teacher tensors from
+  the cache or a teacher forward, Eq. 6 loss and regularizer, backward, optimizer update), at batch 32. **bare model** is the same float model (`result.state.float_model`)
   converted with `eptq_onnx.torch_convert.to_torch`, timed on the first 32 calibration samples: a forward
   pass without grad plus a forward and backward pass with gradients for every parameter, median of
   {runs} after one warm-up. The ratio is what the fake quantization, taps and loss add.
@@ -1006,7 +1009,7 @@ def render(
         note = "" if eptq_iters == DEFAULT_EPTQ_ITERS else f"- This run chose `--eptq-iters {eptq_iters}` (default {DEFAULT_EPTQ_ITERS}).\n"
         lines += ["", EPTQ_READING.format(iters=eptq_iters, calib=eptq_calib_samples, iters_note=EPTQ_ITERS_NOTE + note).rstrip()]
     if "lfh" in sections or "step" in sections:
-        lines += ["", COST_READING.format(bits=COST_WEIGHT_BITS, calib=calib_samples, runs=STEP_RUNS, repeats=COST_REPEATS)]
+        lines += ["", COST_READING.format(bits=COST_WEIGHT_BITS, calib=calib_samples, runs=STEP_RUNS, repeats=COST_REPEATS, steps=COST_STEPS)]
     if "zoo" in sections:
         lines += ["", READING.format(eval=EVAL_SAMPLES, seed=EVAL_SEED, opset=ORT_W4_OPSET, runs=LATENCY_RUNS, warm=LATENCY_WARMUP)]
     return "\n".join(lines)
