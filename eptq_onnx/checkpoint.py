@@ -40,6 +40,7 @@ class LoopState:
     why: str
     seconds: float = 0.0
     curve: List[Tuple[int, float, float]] = field(default_factory=list)
+    replanned: bool = False  # the time-budgeted step count was re-planned from the loop's step times
 
 
 def fingerprint(student: torch.nn.Module, loss_weights: Dict[str, float], options: OptimizeOptions,

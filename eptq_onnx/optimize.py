@@ -385,7 +385,11 @@ def optimize(
         else "teacher run on the fly at every step (its tensors would not fit the cache budget, or are not one row per sample)"
     )
     log(f"EPTQ: {loop.why}; {teacher}")
-    _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress)
+    deadline = None
+    if options.iters is None:  # a time budget: the loop re-plans once from its own step times
+        origin = started_at if started_at is not None else time.perf_counter()
+        deadline = origin + options.time_budget_min * 60 * (1 - RESERVE)
+    _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
     bank.write_back()
     delattr(twin.student, BANK)
     for wfq in twin.weight_quant.values():
@@ -396,10 +400,50 @@ def optimize(
                           teacher=teacher, curve=list(loop.curve))
 
 
+REPLAN_MIN_STEPS = 5  # steps timed in the loop before it may re-plan
+REPLAN_TIME = 0.05  # ... and it re-plans once this fraction of the time left at its start has passed
+REPLAN_CHANGE = 0.1  # re-plan only when the fitting step count differs by more than this fraction
+
+
+def replan_step(loop: LoopState, options: OptimizeOptions) -> int:
+    """The step at which a time-budgeted loop re-plans at the latest: half-way through the warm-up,
+    after 10 steps at least, before the last step (earlier when REPLAN_TIME of its time has passed)."""
+    return min(loop.iters - 1, max(10, int(options.warmup * loop.iters / 2)))
+
+
+def replanned_iters(loop: LoopState, options: OptimizeOptions, seconds_left: float, step_seconds: float) -> int:
+    """The step count that fits ``seconds_left`` at the loop's measured ``step_seconds`` (at least one
+    more step, at most ``options.max_iters``)."""
+    fit = loop.step + int(max(0.0, seconds_left) / max(step_seconds, 1e-9))
+    return max(loop.step + 1, min(options.max_iters, fit))
+
+
+def _replan(loop: LoopState, options: OptimizeOptions, seconds_left: float, step_seconds: float, log) -> bool:
+    """Once per run: when the loop's own mean step time makes a step count more than 10% away from
+    the plan fit the budget, take it (the pre-loop timing passes are easily off under CPU contention)."""
+    loop.replanned = True
+    iters = replanned_iters(loop, options, seconds_left, step_seconds)
+    if abs(iters - loop.iters) <= REPLAN_CHANGE * loop.iters:
+        return False
+    note = (f"re-planned at step {loop.step}: steps take {step_seconds:.3f} s in the loop "
+            f"({loop.step_seconds * STEP_OVERHEAD:.3f} s estimated before it), so {iters} steps fit instead of {loop.iters}")
+    log(f"EPTQ: {note}")
+    loop.why += f"; {note}"
+    loop.iters = iters
+    return True
+
+
 def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, loop: LoopState,
-              options: OptimizeOptions, checkpoint: Optional[Checkpoint], progress: bool) -> None:
-    """Steps ``loop.step`` .. ``loop.iters`` - 1, saving checkpoints on the way and when stopped."""
+              options: OptimizeOptions, checkpoint: Optional[Checkpoint], progress: bool,
+              deadline: Optional[float] = None, log=print) -> None:
+    """Steps ``loop.step`` .. ``loop.iters`` - 1, saving checkpoints on the way and when stopped.
+
+    With a ``deadline`` (a ``time.perf_counter()`` value: the time budget) the step count is
+    re-planned once, at ``replan_step`` or when 5% of the time left has passed, from the loop's own
+    mean step time.
+    """
     student = objective.twin.student
+    first, replan_at = loop.step, replan_step(loop, options)
 
     def save() -> None:
         if checkpoint is not None:
@@ -427,6 +471,13 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
                 bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
             now = time.perf_counter()
             loop.seconds = done + now - start
+            if (deadline is not None and not loop.replanned and loop.step - first >= REPLAN_MIN_STEPS
+                    and (loop.step >= replan_at or now - start >= REPLAN_TIME * (deadline - start))
+                    and loop.step < loop.iters):
+                if _replan(loop, options, deadline - now, (now - start) / (loop.step - first), log):
+                    record_every = max(1, loop.iters // 200)
+                    bar.total = loop.iters
+                    bar.refresh()
             if checkpoint is not None and now - last_save >= options.checkpoint_every_s:
                 save()
                 last_save = now

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,49 @@ def test_time_budget_counts_the_whole_run() -> None:
     # stages before the optimization used the budget up: the fewest steps, and the reason says so
     iters, *_, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter() - 10)
     assert iters == 1 and "0 steps fit" in why
+
+
+class _FakeClock:
+    """Stands in for optimize's ``time`` module: every perf_counter() call advances ``tick`` seconds."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+class _FakeOptimizer:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("planned,expected", [(50, 1000), (5000, 200)])
+def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, expected: int, monkeypatch) -> None:
+    """Steps of 10 ms and 10 s left: a plan of 50 steps (pessimistic pre-loop timing) grows to ~1000,
+    one of 5000 (optimistic) shrinks to ~200 from a 2 s deadline; the loop runs exactly that many."""
+    from eptq_onnx import optimize as opt
+    from eptq_onnx.checkpoint import LoopState
+
+    clock = _FakeClock(0.01)
+    monkeypatch.setattr(opt, "time", clock)
+    objective = _FakeObjective(0.0)
+    objective.twin = types.SimpleNamespace(student=None)  # type: ignore[attr-defined]
+    options = OptimizeOptions(max_iters=20000)
+    loop = LoopState(step=0, iters=planned, loss_scale=1.0, step_seconds=0.1, why="planned")
+    deadline = (10.0 if expected == 1000 else 2.0) + clock.tick
+    messages: list = []
+    opt._run_loop(objective, _FakeOptimizer(), _FakeBatches(), loop, options, None, False, deadline, messages.append)
+    assert loop.replanned and len(messages) == 1 and "re-planned at step" in loop.why
+    assert abs(loop.iters - expected) <= 0.02 * expected and loop.step == loop.iters
+    # without a deadline (--iters) the plan stands
+    fixed = LoopState(step=0, iters=40, loss_scale=1.0, step_seconds=0.1, why="asked")
+    opt._run_loop(objective, _FakeOptimizer(), _FakeBatches(), fixed, options, None, False, None, messages.append)
+    assert fixed.iters == 40 and fixed.step == 40 and not fixed.replanned
 
 
 def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
