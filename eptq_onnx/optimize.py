@@ -66,7 +66,7 @@ class Batches:
         """(indices into the stacked samples or None, the minibatch)."""
         if self.stacked is not None:
             index = torch.from_numpy(self.rng.choice(self.count, size=min(size, self.count), replace=False)).to(self.device)
-            return index, {k: v[index] for k, v in self.stacked.items()}
+            return index, {k: v.index_select(0, index) for k, v in self.stacked.items()}
         part = self.parts[int(self.rng.integers(len(self.parts)))]
         return None, {k: v.to(self.device) for k, v in part.items()}
 
