@@ -39,7 +39,6 @@ import onnx
 import onnx2torch
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from onnx2torch.node_converters import registry
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
@@ -48,6 +47,7 @@ from torch import Tensor, fx
 
 from . import torch_ops as ops
 from .errors import ModelError
+from .tensor_store import tensor_array
 
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
@@ -426,7 +426,7 @@ def _set_outputs(gm: fx.GraphModule, names: Sequence[str], initializers: dict[st
     nodes = onnx_names(gm)
     for name in names:
         if name not in nodes and name in initializers:
-            nodes[name] = _constant_node(gm, name, torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()))
+            nodes[name] = _constant_node(gm, name, torch.from_numpy(tensor_array(initializers[name]).copy()))
     _replace_output(gm.graph, [nodes[name] for name in names], names, always_tuple=False)
     gm.recompile()
 

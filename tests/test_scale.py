@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx.external_data_helper import uses_external_data
 
-from eptq_onnx import model_io, quantize, runtime, validate
+from eptq_onnx import model_io, quantize, runtime, tensor_store, validate
 from models import zoo
 from tests.helpers import init_only
 
@@ -22,16 +22,24 @@ def _run(path: Path, feeds: dict) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
-def test_over_the_limit_paths_round_trip_external_data(tmp_path: Path, calib_for, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("in_store", [False, True], ids=["in-memory", "tensor-store"])
+def test_over_the_limit_paths_round_trip_external_data(tmp_path: Path, calib_for, monkeypatch: pytest.MonkeyPatch,
+                                                       in_store: bool) -> None:
+    """With lowered limits a small model takes a big model's paths; ``in_store``: also the
+    tensor store's (weights on disk, onnxruntime reading them from there). Same model as without."""
     model = zoo.residual_cnn()
     source = tmp_path / "in" / "model.onnx"
     source.parent.mkdir()
     onnx.save_model(model, source, save_as_external_data=True, location="model.weights", size_threshold=0)
     calib = calib_for(model, 8)
     expected = quantize(source, calib, init_only(), output=tmp_path / "small.onnx", progress=False)
+    assert expected.store is None
 
-    for module, name in ((model_io, "EXTERNAL_DATA_THRESHOLD"), (runtime, "PROTOBUF_LIMIT"), (validate, "PROTOBUF_LIMIT"),
-                         (model_io, "EXTERNAL_TENSOR_MIN_BYTES")):
+    limits = [(model_io, "EXTERNAL_DATA_THRESHOLD"), (runtime, "PROTOBUF_LIMIT"), (validate, "PROTOBUF_LIMIT"),
+              (model_io, "EXTERNAL_TENSOR_MIN_BYTES")]
+    if in_store:
+        limits += [(tensor_store, "LARGE_MODEL_BYTES"), (tensor_store, "MIN_TENSOR_BYTES")]
+    for module, name in limits:
         monkeypatch.setattr(module, name, 100)
     out = tmp_path / "out" / "model_q.onnx"
     out.parent.mkdir()
@@ -40,7 +48,12 @@ def test_over_the_limit_paths_round_trip_external_data(tmp_path: Path, calib_for
     assert sorted(p.name for p in out.parent.iterdir()) == ["model_q.onnx", "model_q.onnx.data"]
     written = onnx.load(out, load_external_data=False)
     assert any(uses_external_data(t) for t in written.graph.initializer)
-    assert result.model.SerializeToString() == expected.model.SerializeToString()
+    assert (result.store is not None) == in_store
+    if in_store:
+        assert any(uses_external_data(t) for t in result.model.graph.initializer)
+        assert all(uses_external_data(t) for t in result.state.float_model.graph.initializer if len(t.dims) == 4)
+    held = tensor_store.inlined(result.model)
+    assert held.SerializeToString() == expected.model.SerializeToString()
     feeds = zoo.sample_inputs(model, 3, seed=5)
     np.testing.assert_array_equal(_run(out, feeds), _run(tmp_path / "small.onnx", feeds))
 
