@@ -44,7 +44,7 @@ def channels_first(w: np.ndarray, axis: int) -> np.ndarray:
     """View a weight as [channels, everything else]."""
     if w.ndim == 0:
         return w.reshape(1, 1).astype(np.float32)
-    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32, copy=False)
 
 
 def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:

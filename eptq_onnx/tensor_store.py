@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 # Models with more tensor data than this keep their large tensors in a store (tests lower it).
-LARGE_MODEL_BYTES = 1 << 30
+LARGE_MODEL_BYTES = 256 << 20
 # Tensors smaller than this stay inline in a store-backed model (shape constants, scales, ...).
 MIN_TENSOR_BYTES = 1024
 # Tensor offsets in the store's file are multiples of this (onnxruntime maps them page-aligned).

@@ -47,7 +47,7 @@ from torch import Tensor, fx
 
 from . import torch_ops as ops
 from .errors import ModelError
-from .tensor_store import tensor_array
+from .tensor_store import inlined, store_of, tensor_array
 
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
@@ -402,7 +402,10 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = onnx2torch.convert(_for_onnx2torch(model), attach_onnx_mapping=True)
+            # a store-backed (large) model's weights come into memory: the twin holds them as parameters
+            held = inlined(model) if store_of(model) is not None else model
+            gm = onnx2torch.convert(_for_onnx2torch(held), attach_onnx_mapping=True)
+            del held
     except Exception as err:  # noqa: BLE001 - converters raise NotImplementedError, KeyError, ValueError, ...
         raise ModelError(f"cannot convert to torch: {' '.join(str(err).split()) or type(err).__name__}") from err
     initializers = {t.name: t for t in model.graph.initializer}
