@@ -17,8 +17,8 @@ from google.protobuf.message import EncodeError
 from google.protobuf.message import Error as ProtobufError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-from .errors import ModelError, UsageError
 from . import tensor_store
+from .errors import ModelError, UsageError
 from .tensor_store import TensorStore, external_bytes, inlined, store_of, stored_chunks
 from .tensor_store import model_tensors as _model_tensors
 

@@ -13,6 +13,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import model_io
 from .errors import ModelError
+from .tensor_store import store_of
 
 MIN_OPSET = 11
 QDQ_MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
@@ -38,7 +39,7 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference where the model fits in one protobuf)."""
     try:
-        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD or model_io.store_of(model):
+        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD or store_of(model):
             _check_large(model)
         else:
             onnx.checker.check_model(model, full_check=True)

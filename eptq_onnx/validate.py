@@ -19,10 +19,11 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet
 from .errors import ValidationError
 from .fake_quant import fake_quant_name
-from .model_io import model_path, serialized_size, store_of
+from .model_io import model_path, serialized_size
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
+from .tensor_store import store_of
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
 FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
