@@ -17,6 +17,7 @@ from onnx import helper, numpy_helper
 from .qdq_writer import quantize_biases, rewire
 from .qpoints import QuantPlan
 from .quantizers import ActParams
+from .tensor_store import store_of
 from .weights import WeightQuant
 
 SUFFIX = "_fake_quant"
@@ -45,10 +46,14 @@ def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str,
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
+    store = store_of(out)
     for tensor in graph.initializer:
         if tensor.name in weights:
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name].dequantized().astype(dtype), tensor.name))
+            dequantized = numpy_helper.from_array(weights[tensor.name].dequantized().astype(dtype), tensor.name)
+            if store is not None:  # one dequantized weight in memory at a time
+                store.keep(dequantized)
+            tensor.CopyFrom(dequantized)
     if quantize_bias:
         _dequantized_biases(out, plan, weights, acts)
     types = _elem_np_types(graph)

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .tensor_store import tensor_array
+
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -41,7 +43,7 @@ class _Graph:
 
     def constant(self, name: str) -> np.ndarray | None:
         tensor = self.constants.get(name)
-        return None if tensor is None else numpy_helper.to_array(tensor)
+        return None if tensor is None else tensor_array(tensor)
 
     def only_used_by_one(self, name: str) -> bool:
         return self.uses[name] == 1 and name not in self.outputs

@@ -1,12 +1,15 @@
 """Reading and writing ONNX files: clear errors on bad input, atomic writes, loadable IR versions."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import onnx
 import onnxruntime as ort
@@ -14,7 +17,10 @@ from google.protobuf.message import EncodeError
 from google.protobuf.message import Error as ProtobufError
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from . import tensor_store
 from .errors import ModelError, UsageError
+from .tensor_store import TensorStore, external_bytes, inlined, store_of, stored_chunks
+from .tensor_store import model_tensors as _model_tensors
 
 # Serialized size above which save_model moves tensor data to "<out>.data" (protobuf's limit is
 # 2 GiB; keep a margin for the graph itself). Tests lower it to exercise that path.
@@ -72,12 +78,12 @@ def ir_version_for(opset: int) -> int:
 
 
 def serialized_size(model: onnx.ModelProto) -> int:
-    """The model's protobuf size in bytes; over 2 GB (where protobuf refuses to say) the sum of its
-    tensor data, which is then at least that large."""
+    """The model's protobuf size in bytes with its external (tensor store) data counted as inline;
+    over 2 GB (where protobuf refuses to say) the sum of its tensor data, which is then at least that large."""
     try:
-        return model.ByteSize()
+        return model.ByteSize() + external_bytes(model)
     except EncodeError:
-        return sum(len(t.raw_data) for t in _model_tensors(model))
+        return sum(len(t.raw_data) for t in _model_tensors(model)) + external_bytes(model)
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -88,35 +94,15 @@ def default_opset(model: onnx.ModelProto) -> int:
     raise ModelError("the model imports no default-domain (ai.onnx) opset: re-export it")
 
 
-def _node_tensors(nodes: Iterable[onnx.NodeProto]) -> Iterator[onnx.TensorProto]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _graph_tensors(attr.g)
-            for subgraph in attr.graphs:
-                yield from _graph_tensors(subgraph)
-
-
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    yield from graph.initializer
-    yield from _node_tensors(graph.node)
-
-
-def _model_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in a model: initializers and tensor attributes, subgraphs included."""
-    yield from _graph_tensors(model.graph)
-    for function in model.functions:
-        yield from _node_tensors(function.node)
-
-
 # ---------------------------------------------------------------- loading
 
 
-def load_model(path: str | Path) -> onnx.ModelProto:
-    """Read an ONNX file and its external data (looked up next to the file)."""
+def load_model(path: str | Path, store: Optional[TensorStore] = None) -> onnx.ModelProto:
+    """Read an ONNX file and its external data (looked up next to the file).
+
+    With a ``store``, a model with more than LARGE_MODEL_BYTES of tensor data keeps its large
+    tensors there (copied from its external data file piece by piece) instead of in memory.
+    """
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
@@ -128,21 +114,44 @@ def load_model(path: str | Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: cannot read ({err.strerror or err})") from err
     if not model.HasField("graph") or not model.opset_import or not model.graph.output:
         raise ModelError(f"{path}: not an ONNX model (no graph, outputs or opset)")
+    external = _check_external_files(model, path)
+    data_bytes = path.stat().st_size + sum(_data_bytes(t, path.parent) for t in external)
+    if store is not None and data_bytes > tensor_store.LARGE_MODEL_BYTES:
+        return _load_into_store(model, path, external, store)
     _load_external_data(model, path)
     return model
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    base_dir = path.parent
-    for tensor in _model_tensors(model):
-        if not uses_external_data(tensor):
-            continue
+def _check_external_files(model: onnx.ModelProto, path: Path) -> list[onnx.TensorProto]:
+    """The model's external tensors; ModelError when a data file is missing."""
+    external = [t for t in _model_tensors(model) if uses_external_data(t)]
+    for tensor in external:
         location = ExternalDataInfo(tensor).location
-        if not (base_dir / location).is_file():
+        if not (path.parent / location).is_file():
             raise ModelError(
                 f"{path}: external data file {location!r} (tensor {tensor.name!r}) is missing: "
                 f"put it next to the model"
             )
+    return external
+
+
+def _data_bytes(tensor: onnx.TensorProto, base_dir: Path) -> int:
+    info = ExternalDataInfo(tensor)
+    return info.length or max((base_dir / info.location).stat().st_size - (info.offset or 0), 0)
+
+
+def _load_into_store(model: onnx.ModelProto, path: Path, external: list[onnx.TensorProto],
+                     store: TensorStore) -> onnx.ModelProto:
+    try:
+        for tensor in external:
+            store.adopt(tensor, path.parent)
+    except OSError as err:
+        raise ModelError(f"{path}: cannot read its external data ({err.strerror or err})") from err
+    return store.held(model)
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base_dir = path.parent
     try:
         onnx.load_external_data_for_model(model, str(base_dir))
     except EncodeError as err:
@@ -173,7 +182,7 @@ def save_model(model: onnx.ModelProto, path: str | Path, *, force: bool = False)
         if external:
             _save_external(model, path, data_path)
         else:
-            _write_atomic(path, [model.SerializeToString()])
+            _write_atomic(path, [(inlined(model) if store_of(model) else model).SerializeToString()])
     except OSError as err:
         raise UsageError(f"cannot write {path}: {err.strerror or err}") from err
     except EncodeError as err:
@@ -239,6 +248,21 @@ def _large_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 @contextmanager
+def model_path(model: onnx.ModelProto) -> Iterator[Path]:
+    """A file of ``model`` for onnxruntime or the checker: next to its tensor store's data when it
+    is store-backed (nothing copied), else a temporary copy with external data."""
+    store = store_of(model)
+    if store is not None:
+        with store.model_file(model) as path:
+            yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="eptq-model-") as folder:
+        path = Path(folder) / "model.onnx"
+        save_with_external_data(model, path)
+        yield path
+
+
+@contextmanager
 def large_tensors_detached(model: onnx.ModelProto) -> Iterator[None]:
     """Within the block the model's large tensors are external references (to no file), so the
     model serializes small (for shape inference, which needs no weight values); restored after."""
@@ -247,32 +271,50 @@ def large_tensors_detached(model: onnx.ModelProto) -> Iterator[None]:
 
 
 def _save_external(model: onnx.ModelProto, path: Path, data_path: Path) -> None:
-    """Write the large tensors to data_path, the rest to path; the model is left unchanged."""
-    tensors = _large_tensors(model)
+    """Write the large tensors (inline or in a tensor store) to data_path, the rest to path, tensor
+    by tensor; the model is left unchanged."""
+    tensors = _large_tensors(model) + [t for t in _model_tensors(model) if uses_external_data(t)]
     with _temp_file(data_path) as data_temp, _temp_file(path) as model_temp:
         with _externalized(tensors, data_path.name) as chunks:
-            _write_file(data_temp, chunks)
+            _write_file(data_temp, itertools.chain.from_iterable(chunks))
             _write_file(model_temp, [model.SerializeToString()])
         os.replace(data_temp, data_path)
         os.replace(model_temp, path)
 
 
 @contextmanager
-def _externalized(tensors: list[onnx.TensorProto], location: str) -> Iterator[list[bytes]]:
-    """Temporarily point tensors at consecutive ranges of one data file; yields their bytes."""
-    chunks = [tensor.raw_data for tensor in tensors]
+def _externalized(tensors: list[onnx.TensorProto], location: str) -> Iterator[list[Iterable[bytes]]]:
+    """Temporarily point tensors (inline or store-backed) at consecutive ranges of one data file;
+    yields their data, each tensor's in pieces."""
+    saved: list[Optional[list[tuple[str, str]]]] = []  # store references to restore (None: inline)
+    data: list[Iterable[bytes]] = []
     offset = 0
     try:
-        for tensor, raw in zip(tensors, chunks):
+        for tensor in tensors:
+            if uses_external_data(tensor):
+                saved.append([(e.key, e.value) for e in tensor.external_data])
+                data.append(stored_chunks(tensor))
+                length = ExternalDataInfo(tensor).length
+            else:
+                saved.append(None)
+                data.append([tensor.raw_data])
+                length = len(data[-1][0])
             tensor.ClearField("raw_data")
+            tensor.ClearField("external_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", offset), ("length", len(raw))):
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, str(value)
-            offset += len(raw)
-        yield chunks
+            offset += length
+        yield data
     finally:
-        for tensor, raw in zip(tensors, chunks):
+        for tensor, entries, pieces in zip(tensors, saved, data):
             tensor.ClearField("external_data")
             tensor.ClearField("data_location")
-            tensor.raw_data = raw
+            if entries is None:
+                tensor.raw_data = pieces[0]  # type: ignore[index]
+                continue
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in entries:
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value

@@ -6,9 +6,6 @@ Graph input and output names, their order and their dynamic dimensions are kept.
 """
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import version_converter
@@ -16,6 +13,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import model_io
 from .errors import ModelError
+from .tensor_store import store_of
 
 MIN_OPSET = 11
 QDQ_MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
@@ -41,7 +39,7 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference where the model fits in one protobuf)."""
     try:
-        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD:
+        if model_io.serialized_size(model) > model_io.EXTERNAL_DATA_THRESHOLD or store_of(model):
             _check_large(model)
         else:
             onnx.checker.check_model(model, full_check=True)
@@ -50,10 +48,8 @@ def _check(model: onnx.ModelProto) -> None:
 
 
 def _check_large(model: onnx.ModelProto) -> None:
-    """Models over 2 GB can only be checked from a file (with external data), without full check."""
-    with tempfile.TemporaryDirectory(prefix="eptq-check-") as folder:
-        path = Path(folder) / "model.onnx"
-        model_io.save_model(model, path)
+    """Models over 2 GB (or in a tensor store) are checked from a file with external data, without full check."""
+    with model_io.model_path(model) as path:
         onnx.checker.check_model(str(path), full_check=False)
 
 

@@ -13,7 +13,6 @@ from typing import Callable, Dict, Iterator, Optional, Union
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from tqdm import tqdm
 
 from .calib_data import CalibrationSet, input_specs
@@ -35,6 +34,7 @@ from .quantizers import ActParams, sqnr_db
 from .report import Report, TensorEntry
 from .runtime import make_session
 from .targets import get_target
+from .tensor_store import TensorStore, tensor_array
 from .validate import validate
 from .weights import WeightQuant, init_weights
 
@@ -58,6 +58,9 @@ class QuantizeResult:
     report: Report
     output_path: Optional[Path] = None
     state: Optional[QuantState] = None
+    # where the large tensors of a large model's ``model`` and ``state`` are (tensor_store): kept
+    # alive with the result; None when the model was held in memory
+    store: Optional[TensorStore] = None
 
 
 class _Timer:
@@ -162,13 +165,16 @@ def quantize(
         check_report_path(Path(report_path))
     report = Report(input=str(input_path or "<ModelProto>"), output=str(output_path) if output_path else None, config=asdict(config))
     timer = _Timer(report)
+    store = TensorStore()  # stays empty unless the model has more than tensor_store.LARGE_MODEL_BYTES
 
     with timer.stage("load"):
-        original = load_model(input_path) if input_path is not None else model
+        original = load_model(input_path, store) if input_path is not None else store.hold(model)
         assert isinstance(original, onnx.ModelProto)
         report.sizes_bytes["input"] = input_path.stat().st_size if input_path else serialized_size(original)
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
+        if store.used:  # folded batch norms: new weights
+            float_model = store.held(float_model)
         check_onnxruntime_loads(float_model)
     with timer.stage("quantization points"):
         plan = build_plan(float_model, config.quantize_outputs, get_target(config.target).fusible)
@@ -246,7 +252,10 @@ def quantize(
     if plots_dir is not None:
         write_plots(report, Path(plots_dir))
     state = QuantState(float_model=quantized_model, plan=plan, weights=weights, acts=acts, config=config)
-    return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state)
+    if not store.used:
+        store.close()
+    return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state,
+                          store=store if store.used else None)
 
 
 def _logger(progress: bool) -> Callable[[str], None]:
@@ -285,7 +294,7 @@ def _tensor_entries(
     ops = {p.weight: p.op_type for p in plan.weights}
     entries = []
     for name, wq in weights.items():
-        w = numpy_helper.to_array(initializers[name]).astype(np.float32)
+        w = tensor_array(initializers[name]).astype(np.float32, copy=False)
         entries.append(
             TensorEntry(name, ops[name], "weight", wq.bits, wq.scale.tolist(), 0, sqnr_db(w, wq.dequantized()), storage.get(name, ""))
         )

@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .quantizers import ActParams
 from .qpoints import QuantPlan
 from .targets import TARGETS, Target
+from .tensor_store import store_of, tensor_array
 from .weights import WeightQuant
 
 INT32_MAX = 2**31 - 1
@@ -75,6 +76,7 @@ class _Builder:
         self.model = model
         self.initializers: List[TensorProto] = []
         self.names = {n.name for n in model.graph.node}
+        self.store = store_of(model)  # new large constants of a store-backed model go there
 
     def node_name(self, base: str) -> str:
         name, i = base, 1
@@ -86,6 +88,8 @@ class _Builder:
 
     def constant(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(array, name))
+        if self.store is not None:
+            self.store.keep(self.initializers[-1])
         return name
 
     def dequantize(self, tensor: str, codes: str, scale: str, zero_point: str, axis: Optional[int]) -> onnx.NodeProto:
@@ -254,7 +258,7 @@ def quantize_biases(
         if group is None or point.weight not in weights:
             left_float.append(point.bias)
             continue
-        bias = numpy_helper.to_array(initializers[point.bias]).astype(np.float32)
+        bias = tensor_array(initializers[point.bias]).astype(np.float32)
         scale = (np.float32(acts[group.id].scale) * weights[point.weight].scale).astype(np.float32)
         if scale.shape != bias.shape:
             left_float.append(point.bias)

@@ -20,9 +20,9 @@ from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .ops import WeightRule, is_known, op_info, resolve_role
+from .tensor_store import tensor_array
 
 FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
 OUTPUT_ROLES = frozenset(("weighted", "act_matmul", "join", "normalize", "activation"))
@@ -200,7 +200,7 @@ def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
         return False
     for name in node.input:
         if name in index.constants and index.constants[name].data_type in FLOAT_TYPES:
-            c = np.abs(numpy_helper.to_array(index.constants[name]).astype(np.float64))
+            c = np.abs(tensor_array(index.constants[name]).astype(np.float64))
             if c.size > 1 and (c.min() == 0 or c.max() / c.min() > UNEVEN_SCALE_RATIO):
                 return True
     return False

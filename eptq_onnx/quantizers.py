@@ -13,6 +13,7 @@ import numpy as np
 
 COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
 FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
+SCALE_BLOCK_BYTES = 8 << 20  # larger weights get their steps searched block by block
 
 
 def int_range(bits: int, signed: bool) -> Tuple[int, int]:
@@ -43,7 +44,7 @@ def channels_first(w: np.ndarray, axis: int) -> np.ndarray:
     """View a weight as [channels, everything else]."""
     if w.ndim == 0:
         return w.reshape(1, 1).astype(np.float32)
-    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32)
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32, copy=False)
 
 
 def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
@@ -88,32 +89,46 @@ def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse", inpu
     error is that of the layer's output on ``inputs`` ([samples, groups, K], see
     ``_output_error``) when given, else that of the weight itself.
     Channels that are all zero get the median step of the others (so int32 bias scales stay sane).
+    Weights over SCALE_BLOCK_BYTES are searched in blocks of whole groups of channels (each
+    channel's step is its own: the same steps, with temporaries of one block's size).
     """
-    qmin, qmax = int_range(bits, signed=True)
-    w2 = channels_first(w, axis)
-    maxabs = np.abs(w2).max(axis=1)
-    live = maxabs > 0
-    if method == "mse":
-        error = _output_error(inputs) if inputs is not None else _weight_error
-        best_alpha = np.ones_like(maxabs)
-        best_err = np.full(maxabs.shape, np.inf)
-        for grid in (COARSE_GRID, None):
-            alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
-                np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
-            ]
-            for alpha in alphas:
-                scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
-                err = error(w2, scale, qmin, qmax)
-                better = err < best_err
-                best_err = np.where(better, err, best_err)
-                best_alpha = np.where(better, alpha, best_alpha)
-        scale = best_alpha * maxabs / qmax
-    elif method == "minmax":
-        scale = maxabs / qmax
-    else:
+    if method not in ("mse", "minmax"):
         raise ValueError(f"unknown weight scale method {method!r}")
+    w2 = channels_first(w, axis)
+    groups = inputs.shape[1] if inputs is not None else 1
+    per_group = len(w2) // groups
+    rows = max(1, SCALE_BLOCK_BYTES // max(w2[0].nbytes * per_group, 1)) * per_group
+    parts = []
+    for start in range(0, len(w2), rows):
+        block_inputs = None if inputs is None else inputs[:, start // per_group:(start + rows) // per_group]
+        parts.append(_channel_steps(w2[start:start + rows], bits, method, block_inputs))
+    scale = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    live = scale > 0
     fill = float(np.median(scale[live])) if live.any() else 1.0
     return np.where(live, scale, fill).astype(np.float32)
+
+
+def _channel_steps(w2: np.ndarray, bits: int, method: str, inputs: Optional[np.ndarray]) -> np.ndarray:
+    """The steps of ``weight_scales`` for channels-first ``w2`` (0 for all-zero channels)."""
+    qmin, qmax = int_range(bits, signed=True)
+    maxabs = np.abs(w2).max(axis=1)
+    if method == "minmax":
+        return maxabs / qmax
+    live = maxabs > 0
+    error = _output_error(inputs) if inputs is not None else _weight_error
+    best_alpha = np.ones_like(maxabs)
+    best_err = np.full(maxabs.shape, np.inf)
+    for grid in (COARSE_GRID, None):
+        alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
+            np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
+        ]
+        for alpha in alphas:
+            scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
+            err = error(w2, scale, qmin, qmax)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_alpha = np.where(better, alpha, best_alpha)
+    return best_alpha * maxabs / qmax
 
 
 @dataclass(frozen=True)

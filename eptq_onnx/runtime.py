@@ -1,15 +1,14 @@
 """onnxruntime sessions for the float and quantized models, including models over 2 GB."""
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model_io import save_with_external_data, serialized_size
+from .model_io import model_path, serialized_size
+from .tensor_store import store_of
 
 PROTOBUF_LIMIT = 2**31 - 2**20  # leave room for the protobuf envelope
 # Batches that return every intermediate tensor (calibration, validation) are cut so that one
@@ -39,7 +38,9 @@ def make_session(
 ) -> ort.InferenceSession:
     """A CPU session of ``model``; optimizations all on, or all off for a reference run.
 
-    Models too large for one protobuf go through a temporary file with external data.
+    Store-backed models (tensor_store) are read from a file next to their store, their weights
+    memory-mapped and not prepacked (a copy); other models too large for one protobuf go through
+    a temporary file with external data.
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -53,12 +54,13 @@ def make_session(
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
     providers = ["CPUExecutionProvider"]
-    if serialized_size(model) < PROTOBUF_LIMIT:
+    stored = store_of(model) is not None
+    if not stored and serialized_size(model) < PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="eptq-ort-") as tmp:
-        path = os.path.join(tmp, "model.onnx")
-        save_with_external_data(model, path)
-        return ort.InferenceSession(path, opts, providers=providers)
+    if stored:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    with model_path(model) as path:
+        return ort.InferenceSession(str(path), opts, providers=providers)
 
 
 def run(session: ort.InferenceSession, feeds: Dict[str, np.ndarray], names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:

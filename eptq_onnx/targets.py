@@ -13,7 +13,8 @@ from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from .tensor_store import tensor_array
 
 ActType = Tuple[int, bool]  # (bits, signed)
 ACT_TYPE_NAMES = {(8, False): "uint8", (8, True): "int8", (16, False): "uint16", (16, True): "int16"}
@@ -110,7 +111,7 @@ def violations(model: onnx.ModelProto, target: Target) -> List[str]:
             act = ACT_ELEM_TYPES.get(zp.data_type)
             if act not in target.act_types:
                 found.append(f"activation {node.input[0]}: {ACT_TYPE_NAMES.get(act, zp.data_type)} not read by {target.name}")
-            elif act[1] and np.any(numpy_helper.to_array(zp) != 0):
+            elif act[1] and np.any(tensor_array(zp) != 0):
                 found.append(f"activation {node.input[0]}: signed with a non-zero zero point")
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
@@ -125,6 +126,6 @@ def violations(model: onnx.ModelProto, target: Target) -> List[str]:
                              f"not read by {target.name} for {op}")
             if int(np.prod(scale.dims)) > 1 and not target.per_channel(op):
                 found.append(f"weight {node.input[0]} of {op}: per-channel, {target.name} takes per-tensor")
-        if np.any(numpy_helper.to_array(zp).astype(np.int64) != 0):
+        if np.any(tensor_array(zp).astype(np.int64) != 0):
             found.append(f"weight {node.input[0]}: non-zero zero point")
     return found

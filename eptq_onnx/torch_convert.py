@@ -39,7 +39,6 @@ import onnx
 import onnx2torch
 import torch
 import torch.nn.functional as F
-from onnx import numpy_helper
 from onnx2torch.node_converters import registry
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
@@ -48,6 +47,7 @@ from torch import Tensor, fx
 
 from . import torch_ops as ops
 from .errors import ModelError
+from .tensor_store import inlined, store_of, tensor_array
 
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
@@ -402,7 +402,10 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            gm = onnx2torch.convert(_for_onnx2torch(model), attach_onnx_mapping=True)
+            # a store-backed (large) model's weights come into memory: the twin holds them as parameters
+            held = inlined(model) if store_of(model) is not None else model
+            gm = onnx2torch.convert(_for_onnx2torch(held), attach_onnx_mapping=True)
+            del held
     except Exception as err:  # noqa: BLE001 - converters raise NotImplementedError, KeyError, ValueError, ...
         raise ModelError(f"cannot convert to torch: {' '.join(str(err).split()) or type(err).__name__}") from err
     initializers = {t.name: t for t in model.graph.initializer}
@@ -426,7 +429,7 @@ def _set_outputs(gm: fx.GraphModule, names: Sequence[str], initializers: dict[st
     nodes = onnx_names(gm)
     for name in names:
         if name not in nodes and name in initializers:
-            nodes[name] = _constant_node(gm, name, torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()))
+            nodes[name] = _constant_node(gm, name, torch.from_numpy(tensor_array(initializers[name]).copy()))
     _replace_output(gm.graph, [nodes[name] for name in names], names, always_tuple=False)
     gm.recompile()
 

@@ -19,10 +19,11 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet
 from .errors import ValidationError
 from .fake_quant import fake_quant_name
-from .model_io import save_with_external_data, serialized_size
+from .model_io import model_path, serialized_size
 from .qpoints import QuantPlan
 from .quantizers import sqnr_db
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
+from .tensor_store import store_of
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
 FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
@@ -80,13 +81,11 @@ def _has_int2_weights(model: onnx.ModelProto) -> bool:
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker full check (shape inference included); ValidationError with its first line."""
     try:
-        if serialized_size(model) < PROTOBUF_LIMIT:
+        if serialized_size(model) < PROTOBUF_LIMIT and store_of(model) is None:
             onnx.checker.check_model(model, full_check=True)
         else:
-            with tempfile.TemporaryDirectory(prefix="eptq-check-") as tmp:
-                path = os.path.join(tmp, "model.onnx")
-                save_with_external_data(model, path)
-                onnx.checker.check_model(path, full_check=True)
+            with model_path(model) as path:
+                onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # checker raises several exception types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValidationError(f"the written model fails onnx.checker: {first}") from exc
@@ -94,6 +93,8 @@ def check_model(model: onnx.ModelProto) -> None:
 
 def count_fused(model: onnx.ModelProto, config: Dict[str, str]) -> Dict[str, int]:
     """Op types of onnxruntime's optimized graph (extended level: where QDQ fusion happens)."""
+    if store_of(model) is not None:  # the optimized copy's weights go to a file, not into memory
+        config = {**config, "session.optimized_model_external_initializers_file_name": "optimized.onnx.data"}
     with tempfile.TemporaryDirectory(prefix="eptq-opt-") as tmp:
         path = os.path.join(tmp, "optimized.onnx")
         make_session(model, optimize=True, config=config, optimized_path=path)
@@ -140,7 +141,9 @@ def validate(
     except Exception as exc:
         raise ValidationError(f"onnxruntime cannot load the quantized model: {_first_line(exc)}") from exc
     fq_names = {t: (t if t in out_names else fake_quant_name(t)) for t in checked}
-    fq_sess = make_session(with_outputs(reference, fq_names.values()), optimize=False) if reference is not None else None
+    # a store-backed (large) model: the float and reference sessions map their weights one after the other
+    split = store_of(float_model) is not None
+    fq_sess = _reference_session(reference, fq_names) if reference is not None and not split else None
 
     outputs = defaultdict(_Accumulator)
     agreement = defaultdict(_Accumulator)
@@ -148,12 +151,10 @@ def validate(
     divergence = defaultdict(_Accumulator)
     # two sets of tapped tensors are alive at once: the QDQ model's and the float or reference one's
     batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
-    total = calib.num_batches(batch_size, limit=samples)
-    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
-                      leave=False):
+    pairs = (checked, fq_names, qdq_checked)
+    for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
         result.samples += len(next(iter(feeds.values())))
         try:
-            r = run(ref_sess, feeds)
             o = run(opt_sess, feeds, out_names)
         except Exception as exc:
             raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
@@ -167,10 +168,12 @@ def validate(
             tensors[root].add(f[root], r[qname])
         del f
         if fq_sess is not None:
-            q = run(fq_sess, feeds)
-            for t in checked:
-                divergence[t].add(q[fq_names[t]], r[qdq_checked[t]])
-            del q
+            _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
+    if reference is not None and split:
+        del float_sess, opt_sess
+        fq_sess = _reference_session(reference, fq_names)
+        for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
+            _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
     _check_divergence(divergence, checked)
     for name in out_names:
         result.output_sqnr_db[name] = outputs[name].sqnr
@@ -187,6 +190,28 @@ def validate(
     result.fused_linear_ops = sum(result.fused_op_types.values())
     result.linear_ops = sum(1 for n in float_model.graph.node if n.op_type in LINEAR_OPS)
     return result
+
+
+def _reference_session(reference: onnx.ModelProto, fq_names: Dict[str, str]):
+    return make_session(with_outputs(reference, fq_names.values()), optimize=False)
+
+
+def _qdq_batches(session, calib: CalibrationSet, batch_size: int, samples: int, progress: bool):
+    """(feeds, every output of the unoptimized QDQ session) per validation batch."""
+    total = calib.num_batches(batch_size, limit=samples)
+    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
+                      leave=False):
+        try:
+            r = run(session, feeds)
+        except Exception as exc:
+            raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
+        yield feeds, r
+
+
+def _add_divergence(divergence: Dict[str, _Accumulator], q: Dict[str, np.ndarray], r: Dict[str, np.ndarray],
+                    checked: List[str], fq_names: Dict[str, str], qdq_checked: Dict[str, str]) -> None:
+    for t in checked:
+        divergence[t].add(q[fq_names[t]], r[qdq_checked[t]])
 
 
 def _first_line(exc: BaseException) -> str:

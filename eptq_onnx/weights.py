@@ -6,11 +6,11 @@ from typing import Dict, Optional
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .qpoints import QuantPlan
 from .quantizers import broadcast_scale, int_range, quantize, weight_scales
 from .targets import TARGETS, Target
+from .tensor_store import tensor_array
 
 
 @dataclass
@@ -67,7 +67,7 @@ def init_weights(
     for point in plan.weights:
         if point.weight in result:
             continue
-        w = numpy_helper.to_array(initializers[point.weight]).astype(np.float32)
+        w = tensor_array(initializers[point.weight]).astype(np.float32, copy=False)
         inputs = (layer_inputs or {}).get(point.weight)
         result[point.weight] = quantize_weight(
             point.weight, w, point.axis, bits, "minmax" if method == "minmax" else "mse", inputs,
