@@ -144,12 +144,12 @@ def run_eptq(
         loss_weights = mean_one(hessian.normalized)
     else:
         loss_weights = dict.fromkeys(names, 1.0)
-    feeds = list(calib.batches())
-    check = feeds[: max(1, config.validation_samples // max(1, len(next(iter(feeds[0].values())))))]
+    check = list(calib.batches(limit=max(1, config.validation_samples)))
     twin.student.to(options.device)
     twin.teacher.to(options.device)
     before = tensor_sqnr(twin, check, names, options.device)
-    result = optimize(twin, feeds, loss_weights, options, progress=progress, log=log, started_at=started_at)
+    # streamed: the optimization's stacked tensors are the only copy of the calibration set in memory
+    result = optimize(twin, calib.batches(), loss_weights, options, progress=progress, log=log, started_at=started_at)
     after = tensor_sqnr(twin, check, names, options.device)
     twin.student.to("cpu")
     outputs = [o.name for o in model.graph.output if o.name in before]

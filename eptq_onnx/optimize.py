@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -50,7 +50,10 @@ class OptimizeResult:
 class Batches:
     """Random minibatches of the calibration samples, kept in memory as tensors."""
 
-    def __init__(self, feeds: Sequence[Dict[str, np.ndarray]], device: str, seed: int) -> None:
+    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]], device: str, seed: int) -> None:
+        """``feeds`` is read once; pass a generator (e.g. ``CalibrationSet.batches()``) so that the
+        stacked tensors are the only copy of the samples that stays in memory."""
+        feeds = list(feeds)
         shapes = {tuple((k, v.shape[1:]) for k, v in sorted(f.items())) for f in feeds}
         self.device = device
         self.rng = np.random.default_rng(seed)
@@ -338,7 +341,7 @@ def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptio
 
 def optimize(
     twin: Twin,
-    feeds: Sequence[Dict[str, np.ndarray]],
+    feeds: Iterable[Dict[str, np.ndarray]],
     loss_weights: Dict[str, float],
     options: OptimizeOptions,
     progress: bool = True,
@@ -347,6 +350,7 @@ def optimize(
 ) -> OptimizeResult:
     """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode.
 
+    ``feeds``: the calibration batches, read once (a generator keeps only the stacked copy in memory).
     ``started_at`` (``time.perf_counter()`` at the start of the run) makes the time budget cover
     the whole run rather than the optimization alone.
 

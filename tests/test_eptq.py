@@ -77,6 +77,18 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
     torch.testing.assert_close(torch.cat([q.rounding.reshape(-1) for q in quantizers]), bank.v.detach())
 
 
+def test_batches_read_a_generator_once_like_a_list() -> None:
+    """Streamed calibration batches (a generator, read once) stack to the same tensors as a list."""
+    from eptq_onnx.optimize import Batches
+
+    model = zoo.mlp()
+    feeds = [zoo.sample_inputs(model, 4, seed=s) for s in range(3)]
+    listed, streamed = Batches(feeds, "cpu", 0), Batches((f for f in feeds), "cpu", 0)
+    assert streamed.count == listed.count == 12
+    for name, tensor in listed.tensors().items():
+        assert torch.equal(streamed.tensors()[name], tensor)
+
+
 def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     """The one-matrix loss over the teacher cache is Eq. 6's sum of weighted per-tensor MSEs."""
     from eptq_onnx.eptq import loss_tensors
