@@ -145,6 +145,10 @@ class TeacherCache:
         """The rows of the given samples, in float32."""
         return self.matrix.index_select(0, index).float()
 
+    def split(self, rows: Tensor) -> Tuple[Tensor, ...]:
+        """``get``'s rows as one [samples, elements] view per tensor, in ``names`` order."""
+        return torch.split(rows, self.widths, dim=1)
+
     def nbytes(self) -> int:
         return self.matrix.numel() * self.matrix.element_size()
 
@@ -248,8 +252,7 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
 class Objective:
     """Eq. 6 on one batch.
 
-    With the teacher cache the reconstruction term is one weighted sum of squares over the
-    flattened loss tensors (the same value as the per-tensor means, weighted, in a few ops);
+    With the teacher cache a step gathers the teacher's rows of every loss tensor with one op;
     with a rounding bank the regularizer is one op chain over every weight.
     """
 
@@ -261,15 +264,6 @@ class Objective:
         self.options = options
         self.cache = cache
         self.bank = bank
-        self._columns: Dict[int, Tensor] = {}
-
-    def column_weights(self, rows: int) -> Tensor:
-        """Weight of every column of the cache matrix: w_i / (elements of tensor i in ``rows`` samples)."""
-        assert self.cache is not None and self.cache.names == self.names
-        if rows not in self._columns:
-            parts = [torch.full((width,), self.weights[n] / (width * rows)) for n, width in zip(self.cache.names, self.cache.widths)]
-            self._columns[rows] = torch.cat(parts).to(self.cache.matrix.device)
-        return self._columns[rows]
 
     def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
         """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
@@ -280,12 +274,15 @@ class Objective:
                 wfq.refresh()
         index, feeds = batch
         if self.cache is not None and index is not None:
+            assert self.cache.names == self.names
+            rows = self.cache.get(index)
+            target = dict(zip(self.names, self.cache.split(rows)))
             _, student = self.twin.student.run(feeds, self.names)
-            diff = flatten_rows([student[n] for n in self.names]) - self.cache.get(index)
-            return torch.mv(diff * diff, self.column_weights(len(index))).sum()
-        with torch.no_grad():
-            _, target = self.twin.teacher.run(feeds, self.names)
-        _, student = self.twin.student.run(feeds, self.names)
+            student = {n: student[n].reshape(len(rows), -1) for n in self.names}
+        else:
+            with torch.no_grad():
+                _, target = self.twin.teacher.run(feeds, self.names)
+            _, student = self.twin.student.run(feeds, self.names)
         terms = [self.weights[n] * F.mse_loss(student[n], target[n]) for n in self.names]
         return torch.stack(terms).sum()
 

@@ -90,7 +90,7 @@ def test_batches_read_a_generator_once_like_a_list() -> None:
 
 
 def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
-    """The one-matrix loss over the teacher cache is Eq. 6's sum of weighted per-tensor MSEs."""
+    """Eq. 6 against the teacher cache's rows equals Eq. 6 against the teacher run on the fly."""
     from eptq_onnx.eptq import loss_tensors
     from eptq_onnx.optimize import Batches, Objective, TeacherCache, _start_rounding
 
