@@ -183,7 +183,7 @@ class EptqOptimizer:
     def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> None:
         rounding, others = _parameter_groups(twin, options, bank)
         self.rounding = torch.optim.RAdam(rounding, foreach=True)
-        self.others = torch.optim.Adam(others, foreach=True) if others else None
+        self.others = _adam(others) if others else None
 
     def _all(self) -> List[torch.optim.Optimizer]:
         return [self.rounding] + ([self.others] if self.others is not None else [])
@@ -203,6 +203,14 @@ class EptqOptimizer:
         self.rounding.load_state_dict(state["rounding"])
         if self.others is not None:
             self.others.load_state_dict(state["others"])
+
+
+def _adam(groups: List[dict]) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one call for all tensors) where this torch has it for the device."""
+    try:
+        return torch.optim.Adam(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(groups, foreach=True)
 
 
 def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> Tuple[List[dict], List[dict]]:
@@ -363,6 +371,8 @@ def optimize(
     bank = RoundingBank(list(twin.weight_quant.values()))
     twin.student.add_module(BANK, bank)  # so that checkpoints hold V
     optimizer = EptqOptimizer(twin, options, bank)
+    for bias_quant in twin.bias_quant.values():
+        bias_quant.fix_step()  # after the parameter groups: a learned step is not fixed
     batches = Batches(feeds, options.device, options.seed)
     objective = Objective(twin, loss_weights, options, bank=bank)
     cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
@@ -393,6 +403,8 @@ def optimize(
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
     bank.write_back()
     delattr(twin.student, BANK)
+    for bias_quant in twin.bias_quant.values():
+        bias_quant.fixed_step = None
     for wfq in twin.weight_quant.values():
         wfq.mode, wfq.h = "hard", None
     for p in twin.student.parameters():

@@ -248,7 +248,16 @@ class BiasFakeQuant(nn.Module):
         super().__init__()
         # plain references: these modules belong to the graph and the weighted op already
         self._refs = (act, weight)
+        self.fixed_step: Optional[Tensor] = None  # the grid step while training with fixed steps (fix_step)
         self.enabled = True
+
+    def fix_step(self) -> None:
+        """Compute the grid step once for a training run in which neither step is learned (None otherwise)."""
+        act, weight = self._refs
+        self.fixed_step = None
+        if not (act.factor.requires_grad or weight.factor.requires_grad):
+            with torch.no_grad():
+                self.fixed_step = act.scale * weight.scale
 
     @property
     def act(self) -> ActFakeQuant:
@@ -258,6 +267,8 @@ class BiasFakeQuant(nn.Module):
     def forward(self, b: Tensor) -> Tensor:
         if not self.enabled:
             return b
+        if torch.is_grad_enabled() and self.fixed_step is not None:
+            return RoundToGrid.apply(b, self.fixed_step)
         act, weight = self._refs
         scale = act.scale * weight.scale
         if torch.is_grad_enabled() and not (act.factor.requires_grad or weight.factor.requires_grad):
