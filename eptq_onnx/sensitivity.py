@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -29,6 +29,7 @@ from .calib_data import CalibrationSet
 from .config import QuantConfig
 from .errors import ModelError
 from .eptq import compute_lfh, loss_tensors, mean_one
+from .hessian import LFHResult
 from .qpoints import GraphIndex, QuantPlan
 from .quantizers import ActParams
 from .torch_ops import WeightedOp
@@ -53,6 +54,19 @@ class SensitivityResult:
     lfh: Dict[str, float] = field(default_factory=dict)  # normalized LFH per probed tensor (when computed)
     layer_tensor: Dict[str, str] = field(default_factory=dict)  # weight -> the probed tensor after its op
     untracked: List[str] = field(default_factory=list)  # weights without a quantizer in the twin (not measured)
+    # the LFH of the float model at eptq.loss_tensors and the forward/backward yardstick, for run_eptq to reuse
+    hessian: Optional[Tuple[LFHResult, float]] = None
+
+    def restricted(self, widths: Iterable[int]) -> "SensitivityResult":
+        """The same measurements for a subset of the measured widths with the same widest one (every
+        other weight sat at the widest width while one was measured, so the values do not change)."""
+        keep = set(widths)
+        measured = {b for row in self.table.values() for b in row}
+        if not keep <= measured or max(keep) != max(measured, default=max(keep)):
+            raise ValueError(f"widths {sorted(keep)} are not a subset of the measured {sorted(measured)} with the same widest")
+        table = {n: {b: v for b, v in row.items() if b in keep} for n, row in self.table.items()}
+        pairs = {k: {bb: v for bb, v in t.items() if set(bb) <= keep} for k, t in self.pairs.items()}
+        return replace(self, table=table, pairs=pairs)
 
 
 def weight_sizes(model: onnx.ModelProto, plan: QuantPlan) -> Dict[str, int]:
@@ -207,11 +221,14 @@ def measure_sensitivity(
     twin.teacher.to(device)
     twin.student.to(device)
     lfh: Dict[str, float] = {}
+    hessian = None
     if metric == "lfh" or not evaluate:
-        lfh = compute_lfh(twin, calib, probed, config, progress)[0].normalized
+        hessian = compute_lfh(twin, calib, probed, config, progress)
+        lfh = hessian[0].normalized
     outputs = {o.name for o in model.graph.output}
     weights = mean_one(lfh) if metric == "lfh" else {n: float(n in outputs) for n in probed}
-    result = SensitivityResult({}, 0.0, metric, 0, 0, 0.0, 0.0, lfh=lfh, layer_tensor=layer_tensors(model, plan, probed))
+    result = SensitivityResult({}, 0.0, metric, 0, 0, 0.0, 0.0, lfh=lfh, layer_tensor=layer_tensors(model, plan, probed),
+                               hessian=hessian)
     if not evaluate:
         result.seconds = time.perf_counter() - start
         return result
