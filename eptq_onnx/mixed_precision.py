@@ -40,9 +40,13 @@ def choose_bits(
     else:
         importance = {n: sens.lfh.get(sens.layer_tensor.get(n, ""), 0.0) for n in sizes}
         allocation = rank_allocation(importance, sizes, options.bit_options, budget)
+    measured = sens.joint(allocation.bits) if sens.joint is not None and options.search == "ilp" else None
+    sens.joint = None  # releases the twin and the cached teacher tensors before the next stage
     if allocation.status in (TIME_LIMIT_BEST, TIME_LIMIT_NONE):
         report.warn(f"FALLBACK: bit-width ILP stopped at its {options.time_limit_s:g} s limit (--ilp-time-limit): {allocation.status}")
     report.mixed_precision = _summary(options, plan, sizes, sens, allocation)
+    report.mixed_precision["sensitivity"].update(
+        predicted_distance=sens.predicted(allocation.bits) if sens.table else None, measured_distance=measured)
     log(f"mixed precision: {allocation.memory_bytes:.0f} of {budget:.0f} bytes of weight memory "
         f"({report.mixed_precision['average_bits']:.2f} bits per weight), search {allocation.status}")
     return {n: candidates[allocation.bits[n]][n] for n in sizes}, sens

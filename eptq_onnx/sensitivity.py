@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -56,6 +56,14 @@ class SensitivityResult:
     untracked: List[str] = field(default_factory=list)  # weights without a quantizer in the twin (not measured)
     # the LFH of the float model at eptq.loss_tensors and the forward/backward yardstick, for run_eptq to reuse
     hessian: Optional[Tuple[LFHResult, float]] = None
+    # the measured distance of a whole allocation {weight: bits} (one more evaluation); None when not measured
+    joint: Optional[Callable[[Mapping[str, int]], float]] = field(default=None, repr=False, compare=False)
+
+    def predicted(self, bits: Mapping[str, int]) -> float:
+        """The distance of an allocation under the additive model the ILP assumes:
+        base + sum_l (s(l, b_l) - base) (+ the pair terms that apply)."""
+        total = self.base + sum(self.table[n][b] - self.base for n, b in bits.items() if n in self.table)
+        return total + sum(t.get((bits[a], bits[c]), 0.0) for (a, c), t in self.pairs.items())
 
     def restricted(self, widths: Iterable[int]) -> "SensitivityResult":
         """The same measurements for a subset of the measured widths with the same widest one (every
@@ -264,5 +272,6 @@ def measure_sensitivity(
                 bar.update()
     bar.close()
     result.evaluations, result.eval_seconds = probe.evaluations, probe.seconds
+    result.joint = lambda bits: probe.distance({n: quantizer(n, b) for n, b in bits.items() if b != widest and n in probe.modules})
     result.seconds = time.perf_counter() - start
     return result

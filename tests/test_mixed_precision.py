@@ -312,3 +312,26 @@ def test_eptq_reuses_the_search_lfh(cnn_files, monkeypatch) -> None:
     for name, wq in fresh.state.weights.items():
         np.testing.assert_array_equal(reused.state.weights[name].codes, wq.codes)
         np.testing.assert_array_equal(reused.state.weights[name].scale, wq.scale)
+
+
+def test_joint_distance_of_an_allocation_against_the_additive_prediction(cnn_state) -> None:
+    """With one weight below the widest width the additive model is exact (the same measurement); with
+    every weight at 2 bits the measured distance differs from the prediction."""
+    state, candidates, calib, inputs = cnn_state
+    sens = measure_sensitivity(inputs, samples=8, progress=False)
+    widest = dict.fromkeys(sens.table, 8)
+    first = next(iter(sens.table))
+    assert sens.joint(widest) == pytest.approx(sens.base, rel=1e-9)
+    one = {**widest, first: 2}
+    assert sens.joint(one) == pytest.approx(sens.table[first][2], rel=1e-9) == pytest.approx(sens.predicted(one), rel=1e-9)
+    low = dict.fromkeys(sens.table, 2)
+    assert sens.predicted(low) == pytest.approx(sens.base + sum(r[2] - sens.base for r in sens.table.values()))
+    assert sens.joint(low) != pytest.approx(sens.predicted(low), rel=1e-3)
+
+
+def test_report_has_the_predicted_and_measured_distance_of_the_pick(cnn_files) -> None:
+    folder, model, calib = cnn_files
+    config = QuantConfig(optimize=OptimizeOptions(iters=0, hessian_samples=2, hessian_draws=3),
+                         mixed=MixedPrecisionOptions(avg_weight_bits=4.0, samples=8))
+    sens = quantize(model, calib, config, progress=False).report.mixed_precision["sensitivity"]
+    assert sens["measured_distance"] > sens["base_distance"] and sens["predicted_distance"] > sens["base_distance"]
