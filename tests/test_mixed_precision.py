@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.calib_data import CalibrationSet, input_specs
@@ -26,6 +27,7 @@ from eptq_onnx.cli import main
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
 from eptq_onnx.errors import UsageError
 from eptq_onnx.qdq_writer import write_qdq
+from eptq_onnx.report import print_summary
 from eptq_onnx.runtime import make_session, run
 from eptq_onnx.sensitivity import SearchInputs, measure_sensitivity, neighbour_pairs, weight_sizes
 from eptq_onnx.validate import INT2_FUSION_OFF
@@ -333,5 +335,9 @@ def test_report_has_the_predicted_and_measured_distance_of_the_pick(cnn_files) -
     folder, model, calib = cnn_files
     config = QuantConfig(optimize=OptimizeOptions(iters=0, hessian_samples=2, hessian_draws=3),
                          mixed=MixedPrecisionOptions(avg_weight_bits=4.0, samples=8))
-    sens = quantize(model, calib, config, progress=False).report.mixed_precision["sensitivity"]
+    report = quantize(model, calib, config, progress=False).report
+    sens = report.mixed_precision["sensitivity"]
     assert sens["measured_distance"] > sens["base_distance"] and sens["predicted_distance"] > sens["base_distance"]
+    console = Console(record=True, width=400)
+    print_summary(report, console)
+    assert f"predicted {sens['predicted_distance']:.4g}, measured {sens['measured_distance']:.4g}" in console.export_text()
