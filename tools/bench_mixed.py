@@ -47,7 +47,7 @@ from bench import BENCHMARKS, LOADS, Score, Scorer, _command, _cpu_model, _git_s
 
 from eptq_onnx import QuantConfig, mixed_precision, quantize  # noqa: E402
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions  # noqa: E402
-from eptq_onnx.sensitivity import SearchInputs, SensitivityResult, measure_sensitivity, weight_sizes  # noqa: E402
+from eptq_onnx.sensitivity import Pair, SearchInputs, SensitivityResult, measure_sensitivity, weight_sizes  # noqa: E402
 from eptq_onnx.validate import INT2_FUSION_OFF  # noqa: E402
 
 DEFAULT_MODELS = ("demo", "digits_vit")
@@ -150,7 +150,7 @@ class SensitivityCache:
     def __init__(self) -> None:
         self.measurements: List[Measurement] = []
 
-    def __call__(self, inputs: SearchInputs, *, metric: str = "lfh", samples: int = 32, pairs=None,
+    def __call__(self, inputs: SearchInputs, *, metric: str = "lfh", samples: int = 32, pairs: Optional[Sequence[Pair]] = None,
                  evaluate: bool = True, progress: bool = True) -> SensitivityResult:
         widths = set(inputs.candidates)
         for m in self.measurements:
