@@ -32,3 +32,11 @@ def test_bench_mixed_rows_cache_and_acceptance_on_the_mlp(tmp_path: Path) -> Non
     assert len(lines) == 2 and all("uniform W4" in line for line in lines)
     text = bench_mixed.render([(bench_mixed.BENCHMARKS["mlp"], scorer.score(model), rows, cache.measurements)], "x", 1.0)
     assert f"| {wide.label} |" in text and "rows that reused it" in text
+
+
+def test_bench_mixed_eptq_row_says_what_the_optimization_did(tmp_path: Path) -> None:
+    model, calib, data = bench_mixed.BENCHMARKS["mlp"].prepare(tmp_path, 8)
+    scorer = bench_mixed.Int2Scorer(model, data)
+    row = bench_mixed.run_one(bench_mixed.Setting("uniform W4", uniform_bits=4), 2, model, calib, scorer, tmp_path / "u.onnx")
+    assert row.error is None and row.eptq.startswith("2 steps"), (row.error, row.eptq)
+    assert f"| {row.eptq} |" in bench_mixed._row(row)
