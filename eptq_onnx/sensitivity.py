@@ -12,6 +12,10 @@ computed once and cached; each (l, b) swaps l's fixed round-to-nearest quantizer
 student and runs one no-grad forward pass over the subset (batched). With ``pairs`` the joint
 distance of neighbouring weighted layers is measured too, giving the interaction terms
 I(l, b, l', b') = joint - s(l, b) - s(l', b') + base (base: every weight at the widest width).
+
+The result also measures a whole allocation in place (``joint``: one more evaluation) against the
+additive model the ILP assumes (``predicted``), keeps the LFH for the EPTQ stage (``hessian``), and
+serves any subset of its widths with the same widest one (``restricted``).
 """
 from __future__ import annotations
 

@@ -40,3 +40,15 @@ def test_bench_mixed_eptq_row_says_what_the_optimization_did(tmp_path: Path) -> 
     row = bench_mixed.run_one(bench_mixed.Setting("uniform W4", uniform_bits=4), 2, model, calib, scorer, tmp_path / "u.onnx")
     assert row.error is None and row.eptq.startswith("2 steps"), (row.error, row.eptq)
     assert f"| {row.eptq} |" in bench_mixed._row(row)
+
+
+def test_acceptance_explains_a_loss_after_eptq_with_the_zero_step_rows() -> None:
+    from tools.bench_mixed import Result, Score, Setting, acceptance
+
+    uniform, mixed = Setting("uniform W4", uniform_bits=4), Setting("MP", budget=4.0)
+    rows = [Result(uniform, 0, Score(18.0, 0.95), avg_bits=4.0), Result(mixed, 0, Score(19.0, 0.96), avg_bits=3.9),
+            Result(uniform, 10, Score(21.0, 0.97), avg_bits=4.0), Result(mixed, 10, Score(20.0, 0.96), avg_bits=3.9)]
+    lines = acceptance(rows, "m")
+    assert lines[0].startswith("- PASS m, 0 steps") and lines[1].startswith("- **FAIL** m, 10 steps")
+    assert "MP 96.0% (19.00 dB) vs uniform 95.0% (18.00 dB)" in lines[1] and "+1.00 dB and uniform by +3.00 dB" in lines[1]
+    assert "not the allocation, reversed the order" in lines[1]

@@ -306,8 +306,22 @@ def acceptance(results: Sequence[Result], name: str) -> List[str]:
                      f"MP {_widths(r.setting.options)} top-1 {_top1(r.score)} ({r.score.sqnr_db:.2f} dB, {r.histogram}) vs "
                      f"uniform W{uniform.setting.uniform_bits} {_top1(uniform.score)} ({uniform.score.sqnr_db:.2f} dB)"
                      + _images(r, uniform) + (f"; EPTQ: MP {r.eptq}, uniform {uniform.eptq}" if r.iters else "")
-                     + ("" if ok else _why(r, uniform)))
+                     + ("" if ok else _why(r, uniform) if not r.iters else _why_after_eptq(results, r, uniform)))
     return lines
+
+
+def _why_after_eptq(results: Sequence[Result], r: Result, uniform: Result) -> str:
+    """Why the ILP's pick lost to uniform after EPTQ: the same two allocations without it, and what the
+    optimization changed in each."""
+    r0, u0 = (next((x for x in results if x.iters == 0 and x.setting == row.setting and x.score), None) for row in (r, uniform))
+    if r0 is None or u0 is None or r0.score is None or u0.score is None or r.score is None or uniform.score is None:
+        return ""
+    text = (f"; without EPTQ the same widths scored MP {_top1(r0.score)} ({r0.score.sqnr_db:.2f} dB) vs uniform "
+            f"{_top1(u0.score)} ({u0.score.sqnr_db:.2f} dB); the {r.iters} steps moved MP by "
+            f"{r.score.sqnr_db - r0.score.sqnr_db:+.2f} dB and uniform by {uniform.score.sqnr_db - u0.score.sqnr_db:+.2f} dB")
+    if (r0.score.top1 or 0) >= (u0.score.top1 or 0):
+        text += ": the short optimization, not the allocation, reversed the order"
+    return text
 
 
 def pairwise_lines(results: Sequence[Result], name: str) -> List[str]:
