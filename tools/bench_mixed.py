@@ -372,7 +372,8 @@ def _cost_lines(measurements: Sequence[Measurement]) -> List[str]:
     return lines
 
 
-def render(models, command: str, elapsed: float) -> str:
+def render(models, command: str, elapsed: float, git: Optional[str] = None) -> str:
+    """The markdown file; ``git``: the commit the run started from (the file itself changes during the run)."""
     lines = [
         "# Benchmarks: mixed precision (accuracy vs weight memory)",
         "",
@@ -380,7 +381,7 @@ def render(models, command: str, elapsed: float) -> str:
         "",
         f"    {command}",
         "",
-        f"- total run time {elapsed / 60:.1f} min on {_cpu_model()}, {os.cpu_count()} CPUs; git {_git_state()}",
+        f"- total run time {elapsed / 60:.1f} min on {_cpu_model()}, {os.cpu_count()} CPUs; git {git or _git_state()}",
         *([load_line(LOADS)] if LOADS else []),
         "- times (`search s`, `total s`, the sensitivity cost) were measured on a machine shared with other jobs: "
         "compare them within this file only",
@@ -435,7 +436,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     eptq_models = [n for n in args.eptq_models.split(",") if n]
     eptq_budgets = [float(b) for b in args.eptq_budgets.split(",") if b]
     _quiet()
-    start = time.perf_counter()
+    start, git = time.perf_counter(), _git_state()
     models = []
     for name in names:
         _log(f"{name} ...")
@@ -444,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             models.append(bench_model(name, iters_list, budgets, eptq_budgets, Path(tmp)))
         # written after every model, so that an interrupted run keeps what it measured
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(render(models, _command([sys.argv[0], *argv]), time.perf_counter() - start) + "\n")
+        args.out.write_text(render(models, _command([sys.argv[0], *argv]), time.perf_counter() - start, git) + "\n")
         _log(f"wrote {args.out} ({name} done) at {time.perf_counter() - start:.0f} s")
     return 0
 
