@@ -125,10 +125,13 @@ def run_eptq(
     progress: bool = True,
     log: Callable[[str], None] = print,
     started_at: Optional[float] = None,
+    lfh: Optional[Tuple[LFHResult, float]] = None,
 ) -> EptqOutcome:
     """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7).
 
     ``started_at``: ``time.perf_counter()`` at the start of the run, from which the time budget counts.
+    ``lfh``: ``compute_lfh``'s result for this float model and configuration, computed earlier (by the
+    mixed-precision search); used instead of a second computation when its tensors are this run's.
     """
     options = config.optimize
     names = loss_tensors(model, plan)
@@ -140,7 +143,8 @@ def run_eptq(
         raise TwinUnavailable(str(exc)) from exc
     hessian, fb_seconds = None, 0.0
     if options.weighting == "lfh":
-        hessian, fb_seconds = compute_lfh(twin, calib, names, config, progress)
+        reuse = lfh is not None and set(lfh[0].traces) == set(names)
+        hessian, fb_seconds = lfh if reuse else compute_lfh(twin, calib, names, config, progress)  # type: ignore[misc]
         loss_weights = mean_one(hessian.normalized)
     else:
         loss_weights = dict.fromkeys(names, 1.0)

@@ -4,7 +4,7 @@ candidates, ready for the EPTQ optimization.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from .bit_allocation import TIME_LIMIT_BEST, TIME_LIMIT_NONE, Allocation, check_budget, rank_allocation, resolve_budget, solve_ilp
 from .config import MixedPrecisionOptions
@@ -16,8 +16,9 @@ from .weights import WeightQuant
 
 def choose_bits(
     inputs: SearchInputs, report: Report, progress: bool = True, log: Callable[[str], None] = print
-) -> Dict[str, WeightQuant]:
-    """Every weight at the width the search chose (its MSE-initialized quantizer at that width).
+) -> Tuple[Dict[str, WeightQuant], SensitivityResult]:
+    """Every weight at the width the search chose (its MSE-initialized quantizer at that width), and
+    the measured sensitivities (whose LFH the EPTQ stage reuses).
 
     Fills ``report.mixed_precision``. Raises UsageError for an infeasible budget (before any
     sensitivity is measured) and ModelError when the model has no torch twin.
@@ -39,12 +40,16 @@ def choose_bits(
     else:
         importance = {n: sens.lfh.get(sens.layer_tensor.get(n, ""), 0.0) for n in sizes}
         allocation = rank_allocation(importance, sizes, options.bit_options, budget)
+    measured = sens.joint(allocation.bits) if sens.joint is not None and options.search == "ilp" else None
+    sens.joint = None  # releases the twin and the cached teacher tensors before the next stage
     if allocation.status in (TIME_LIMIT_BEST, TIME_LIMIT_NONE):
         report.warn(f"FALLBACK: bit-width ILP stopped at its {options.time_limit_s:g} s limit (--ilp-time-limit): {allocation.status}")
     report.mixed_precision = _summary(options, plan, sizes, sens, allocation)
+    report.mixed_precision["sensitivity"].update(
+        predicted_distance=sens.predicted(allocation.bits) if sens.table else None, measured_distance=measured)
     log(f"mixed precision: {allocation.memory_bytes:.0f} of {budget:.0f} bytes of weight memory "
         f"({report.mixed_precision['average_bits']:.2f} bits per weight), search {allocation.status}")
-    return {n: candidates[allocation.bits[n]][n] for n in sizes}
+    return {n: candidates[allocation.bits[n]][n] for n in sizes}, sens
 
 
 def _summary(options: MixedPrecisionOptions, plan: QuantPlan, sizes: Mapping[str, int], sens: SensitivityResult,

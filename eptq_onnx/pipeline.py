@@ -196,10 +196,12 @@ def quantize(
         acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)
         for note in range_notes:
             report.warn(note)
+    lfh = None  # the search's LFH of float_model, reused by the EPTQ stage
     if config.mixed is not None:
         with timer.stage("mixed precision"):
             inputs = SearchInputs(float_model, plan, candidates, acts, calib_set, config)
-            weights = choose_bits(inputs, report, progress, _logger(progress))
+            weights, sensitivity = choose_bits(inputs, report, progress, _logger(progress))
+            lfh = sensitivity.hessian
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
         report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
@@ -208,7 +210,7 @@ def quantize(
         with timer.stage("eptq"):
             try:
                 outcome = run_eptq(float_model, plan, weights, acts, calib_set, config, progress, log=_logger(progress),
-                                   started_at=started_at)
+                                   started_at=started_at, lfh=lfh)
             except TwinUnavailable as exc:
                 report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
             else:

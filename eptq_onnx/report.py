@@ -105,6 +105,8 @@ def _print_mixed(mixed: Dict[str, Any], console: Console) -> None:
         f"search {mixed['status']} in {mixed['solver_seconds']:.2f} s; sensitivity: {sens['evaluations']} "
         f"evaluations on {sens['samples']} samples ({sens['metric']}), {sens['seconds']:.1f} s"
         + (f"; greedy top-up: {len(mixed['greedy_upgrades'])} upgrades" if mixed["greedy_upgrades"] else "")
+        + (f"; distance of the pick: predicted {sens['predicted_distance']:.4g}, measured {sens['measured_distance']:.4g}"
+           if sens.get("measured_distance") is not None else "")
     )
 
 

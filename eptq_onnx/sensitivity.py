@@ -12,13 +12,17 @@ computed once and cached; each (l, b) swaps l's fixed round-to-nearest quantizer
 student and runs one no-grad forward pass over the subset (batched). With ``pairs`` the joint
 distance of neighbouring weighted layers is measured too, giving the interaction terms
 I(l, b, l', b') = joint - s(l, b) - s(l', b') + base (base: every weight at the widest width).
+
+The result also measures a whole allocation in place (``joint``: one more evaluation) against the
+additive model the ILP assumes (``predicted``), keeps the LFH for the EPTQ stage (``hessian``), and
+serves any subset of its widths with the same widest one (``restricted``).
 """
 from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -29,6 +33,7 @@ from .calib_data import CalibrationSet
 from .config import QuantConfig
 from .errors import ModelError
 from .eptq import compute_lfh, loss_tensors, mean_one
+from .hessian import LFHResult
 from .qpoints import GraphIndex, QuantPlan
 from .quantizers import ActParams
 from .torch_ops import WeightedOp
@@ -53,6 +58,27 @@ class SensitivityResult:
     lfh: Dict[str, float] = field(default_factory=dict)  # normalized LFH per probed tensor (when computed)
     layer_tensor: Dict[str, str] = field(default_factory=dict)  # weight -> the probed tensor after its op
     untracked: List[str] = field(default_factory=list)  # weights without a quantizer in the twin (not measured)
+    # the LFH of the float model at eptq.loss_tensors and the forward/backward yardstick, for run_eptq to reuse
+    hessian: Optional[Tuple[LFHResult, float]] = None
+    # the measured distance of a whole allocation {weight: bits} (one more evaluation); None when not measured
+    joint: Optional[Callable[[Mapping[str, int]], float]] = field(default=None, repr=False, compare=False)
+
+    def predicted(self, bits: Mapping[str, int]) -> float:
+        """The distance of an allocation under the additive model the ILP assumes:
+        base + sum_l (s(l, b_l) - base) (+ the pair terms that apply)."""
+        total = self.base + sum(self.table[n][b] - self.base for n, b in bits.items() if n in self.table)
+        return total + sum(t.get((bits[a], bits[c]), 0.0) for (a, c), t in self.pairs.items())
+
+    def restricted(self, widths: Iterable[int]) -> "SensitivityResult":
+        """The same measurements for a subset of the measured widths with the same widest one (every
+        other weight sat at the widest width while one was measured, so the values do not change)."""
+        keep = set(widths)
+        measured = {b for row in self.table.values() for b in row}
+        if not keep <= measured or max(keep) != max(measured, default=max(keep)):
+            raise ValueError(f"widths {sorted(keep)} are not a subset of the measured {sorted(measured)} with the same widest")
+        table = {n: {b: v for b, v in row.items() if b in keep} for n, row in self.table.items()}
+        pairs = {k: {bb: v for bb, v in t.items() if set(bb) <= keep} for k, t in self.pairs.items()}
+        return replace(self, table=table, pairs=pairs)
 
 
 def weight_sizes(model: onnx.ModelProto, plan: QuantPlan) -> Dict[str, int]:
@@ -207,11 +233,14 @@ def measure_sensitivity(
     twin.teacher.to(device)
     twin.student.to(device)
     lfh: Dict[str, float] = {}
+    hessian = None
     if metric == "lfh" or not evaluate:
-        lfh = compute_lfh(twin, calib, probed, config, progress)[0].normalized
+        hessian = compute_lfh(twin, calib, probed, config, progress)
+        lfh = hessian[0].normalized
     outputs = {o.name for o in model.graph.output}
     weights = mean_one(lfh) if metric == "lfh" else {n: float(n in outputs) for n in probed}
-    result = SensitivityResult({}, 0.0, metric, 0, 0, 0.0, 0.0, lfh=lfh, layer_tensor=layer_tensors(model, plan, probed))
+    result = SensitivityResult({}, 0.0, metric, 0, 0, 0.0, 0.0, lfh=lfh, layer_tensor=layer_tensors(model, plan, probed),
+                               hessian=hessian)
     if not evaluate:
         result.seconds = time.perf_counter() - start
         return result
@@ -247,5 +276,6 @@ def measure_sensitivity(
                 bar.update()
     bar.close()
     result.evaluations, result.eval_seconds = probe.evaluations, probe.seconds
+    result.joint = lambda bits: probe.distance({n: quantizer(n, b) for n, b in bits.items() if b != widest and n in probe.modules})
     result.seconds = time.perf_counter() - start
     return result

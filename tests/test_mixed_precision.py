@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from rich.console import Console
 
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.calib_data import CalibrationSet, input_specs
@@ -26,6 +27,7 @@ from eptq_onnx.cli import main
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
 from eptq_onnx.errors import UsageError
 from eptq_onnx.qdq_writer import write_qdq
+from eptq_onnx.report import print_summary
 from eptq_onnx.runtime import make_session, run
 from eptq_onnx.sensitivity import SearchInputs, measure_sensitivity, neighbour_pairs, weight_sizes
 from eptq_onnx.validate import INT2_FUSION_OFF
@@ -262,3 +264,80 @@ def test_cli_pairwise_adds_the_measured_pairs_to_the_report(cnn_files) -> None:
     layers = len(mixed["layers"])
     assert mixed["sensitivity"]["evaluations"] == 1 + 2 * layers + 4 * len(pairs)
     assert mixed["memory_bytes"] <= mixed["budget_bytes"]
+
+
+def test_restricted_sensitivities_equal_a_measurement_at_fewer_widths(cnn_state) -> None:
+    """Sensitivities measured once over {2, 4, 8} serve a search over {2, 8} (the bench reuses them across
+    budgets and option sets): the same numbers as measuring {2, 8} alone."""
+    state, candidates, calib, inputs = cnn_state
+    pairs = neighbour_pairs(state.float_model, state.plan)[:1]
+    full = measure_sensitivity(inputs, metric="output", samples=8, pairs=pairs, progress=False)
+    fewer = SearchInputs(state.float_model, state.plan, {b: candidates[b] for b in (2, 8)}, state.acts, calib, state.config)
+    alone = measure_sensitivity(fewer, metric="output", samples=8, pairs=pairs, progress=False)
+    sub = full.restricted((2, 8))
+    assert set(b for row in sub.table.values() for b in row) == {2, 8}
+    for name, row in alone.table.items():
+        assert sub.table[name] == pytest.approx(row, rel=1e-9, abs=1e-12), name
+    assert set(sub.pairs[pairs[0]]) == {(2, 2)}
+    assert sub.pairs[pairs[0]][2, 2] == pytest.approx(alone.pairs[pairs[0]][2, 2], rel=1e-6, abs=1e-12)
+    assert set(full.table[next(iter(full.table))]) == {2, 4, 8}  # the original is untouched
+    with pytest.raises(ValueError, match="not a subset"):
+        full.restricted((2, 4))  # a different widest width changes what the other weights sat at
+
+
+def test_eptq_reuses_the_search_lfh(cnn_files, monkeypatch) -> None:
+    """MP + EPTQ computes the Label-Free Hessian once (in the search); the EPTQ stage's result is the
+    one it would have computed itself."""
+    from eptq_onnx import eptq, pipeline, sensitivity
+
+    folder, model, calib = cnn_files
+    config = QuantConfig(optimize=OptimizeOptions(iters=4, hessian_samples=2, hessian_draws=3, batch_size=8,
+                                                  discard_if_worse=False),
+                         mixed=MixedPrecisionOptions(avg_weight_bits=4.0, samples=8))
+    calls = []
+    original = eptq.compute_lfh
+
+    def counted(*args, **kwargs):
+        calls.append(args[2])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(eptq, "compute_lfh", counted)
+    monkeypatch.setattr(sensitivity, "compute_lfh", counted)
+    reused = quantize(model, calib, config, progress=False)
+    assert len(calls) == 1  # the search's; run_eptq took it over
+    run_eptq = pipeline.run_eptq
+    monkeypatch.setattr(pipeline, "run_eptq", lambda *a, lfh=None, **k: run_eptq(*a, **k))  # no hand-over
+    fresh = quantize(model, calib, config, progress=False)
+    assert len(calls) == 3 and calls[1] == calls[2]  # search and EPTQ each computed it, at the same tensors
+    assert reused.report.hessian["traces"] == fresh.report.hessian["traces"]
+    assert reused.report.optimization["loss_weights"] == fresh.report.optimization["loss_weights"]
+    for name, wq in fresh.state.weights.items():
+        np.testing.assert_array_equal(reused.state.weights[name].codes, wq.codes)
+        np.testing.assert_array_equal(reused.state.weights[name].scale, wq.scale)
+
+
+def test_joint_distance_of_an_allocation_against_the_additive_prediction(cnn_state) -> None:
+    """With one weight below the widest width the additive model is exact (the same measurement); with
+    every weight at 2 bits the measured distance differs from the prediction."""
+    state, candidates, calib, inputs = cnn_state
+    sens = measure_sensitivity(inputs, samples=8, progress=False)
+    widest = dict.fromkeys(sens.table, 8)
+    first = next(iter(sens.table))
+    assert sens.joint(widest) == pytest.approx(sens.base, rel=1e-9)
+    one = {**widest, first: 2}
+    assert sens.joint(one) == pytest.approx(sens.table[first][2], rel=1e-9) == pytest.approx(sens.predicted(one), rel=1e-9)
+    low = dict.fromkeys(sens.table, 2)
+    assert sens.predicted(low) == pytest.approx(sens.base + sum(r[2] - sens.base for r in sens.table.values()))
+    assert sens.joint(low) != pytest.approx(sens.predicted(low), rel=1e-3)
+
+
+def test_report_has_the_predicted_and_measured_distance_of_the_pick(cnn_files) -> None:
+    folder, model, calib = cnn_files
+    config = QuantConfig(optimize=OptimizeOptions(iters=0, hessian_samples=2, hessian_draws=3),
+                         mixed=MixedPrecisionOptions(avg_weight_bits=4.0, samples=8))
+    report = quantize(model, calib, config, progress=False).report
+    sens = report.mixed_precision["sensitivity"]
+    assert sens["measured_distance"] > sens["base_distance"] and sens["predicted_distance"] > sens["base_distance"]
+    console = Console(record=True, width=400)
+    print_summary(report, console)
+    assert f"predicted {sens['predicted_distance']:.4g}, measured {sens['measured_distance']:.4g}" in console.export_text()

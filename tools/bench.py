@@ -822,6 +822,15 @@ def _version(module: str) -> str:
         return "not installed"
 
 
+def load_line(load: Sequence[float]) -> str:
+    """The header line on the machine's load during a run (from the load averages _log collected)."""
+    text = f"- 1-minute load average at start / highest / end: {load[0]:.1f} / {max(load):.1f} / {load[-1]:.1f}"
+    if max(load) > (os.cpu_count() or 1):
+        text += (" (above the CPU count: other processes competed for the CPUs during part of the run, and the "
+                 "times measured then are inflated, EPTQ's several-fold)")
+    return text
+
+
 def _git_state() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
@@ -973,11 +982,7 @@ def render(
         f"onnx {onnx.__version__}, torch {_version('torch')} ({torch.get_num_threads()} threads), numpy {np.__version__}",
     ]
     if load:
-        text = f"- 1-minute load average at start / highest / end: {load[0]:.1f} / {max(load):.1f} / {load[-1]:.1f}"
-        if max(load) > (os.cpu_count() or 1):
-            text += (" (above the CPU count: other processes competed for the CPUs during part of the run, and the "
-                     "times measured then are inflated, EPTQ's several-fold)")
-        lines.append(text)
+        lines.append(load_line(load))
     if sources is not None and sources[0] != sources[1]:
         lines.append(f"- **WARNING: eptq_onnx's sources changed during this run** (digest {sources[0]} at the start, "
                      f"{sources[1]} at the end): rows may come from different versions; run it again")
