@@ -80,7 +80,9 @@ LATENCY_WARMUP = 10
 ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear accept INT4
 DEMO_DIR = ROOT / "models" / "demo"
 VIT_DIR = ROOT / "models" / "digits_vit"
-SECTIONS = ("zoo", "eptq", "terms", "lfh", "step")
+SECTIONS = ("zoo", "eptq", "seeds", "terms", "lfh", "step")
+SEED_MODEL, SEED_BITS, EXTRA_SEEDS = "demo", 4, (1, 2)  # seeds section: seed 0 is the EPTQ section's run
+WEIGHTINGS = ("uniform", "lfh")
 DEFAULT_EPTQ_ITERS = 2000
 DEFAULT_EPTQ_CALIB_SAMPLES = 256  # every bundled calibration sample of the demo and the digits ViT
 EPTQ_MODELS = ("demo", "digits_vit")
@@ -150,6 +152,7 @@ class Ours:
     iters: int = 0
     weighting: str = "lfh"
     target: str = "ort-cpu"
+    seed: int = 0
 
     def __call__(self, model: Path, calib: Path, samples: int, bits: int, output: Path) -> Optional[Outcome]:
         config = QuantConfig(
@@ -159,7 +162,7 @@ class Ours:
             weight_init=self.weight_init,  # type: ignore[arg-type]
             calib_method=self.calib_method,  # type: ignore[arg-type]
             calib=CalibOptions(num_samples=samples),
-            optimize=OptimizeOptions(iters=self.iters, weighting=self.weighting),  # type: ignore[arg-type]
+            optimize=OptimizeOptions(iters=self.iters, weighting=self.weighting, seed=self.seed),  # type: ignore[arg-type]
         )
         result = quantize(model, calib, config, output=output, force=True, progress=False)
         optimization = result.report.optimization or {}
@@ -255,6 +258,61 @@ def eptq_methods(iters: int) -> Tuple[Method, ...]:
         Method("EPTQ-LFH", Ours("output-mse", "mse", iters, "lfh")),
         ort_static(CalibrationMethod.MinMax),
     )
+
+
+def seed_methods(iters: int) -> Tuple[Method, ...]:
+    """EPTQ with uniform and LFH weights under the extra seeds (minibatch order, nothing else)."""
+    return tuple(Method(f"EPTQ-{w} seed {seed}", Ours("output-mse", "mse", iters, w, seed=seed))
+                 for w in WEIGHTINGS for seed in EXTRA_SEEDS)
+
+
+def seed_scores(eptq: Sequence[ModelResult], seeds: Optional[ModelResult]) -> Dict[str, List[Tuple[int, Score]]]:
+    """Per weighting, (seed, score) of every run of the seed model at SEED_BITS: seed 0 from the EPTQ section."""
+    found: Dict[str, List[Tuple[int, Score]]] = {w: [] for w in WEIGHTINGS}
+    base = next((r for r in eptq if r.benchmark.name == SEED_MODEL), None)
+    for w in WEIGHTINGS:
+        label = "EPTQ-LFH" if w == "lfh" else "EPTQ-uniform"
+        rows = [(0, base.find(label, SEED_BITS) if base else None)]
+        rows += [(seed, seeds.find(f"EPTQ-{w} seed {seed}", SEED_BITS) if seeds else None) for seed in EXTRA_SEEDS]
+        found[w] = [(seed, row.score) for seed, row in rows if row is not None and row.score is not None]
+    return found
+
+
+def _seed_table(scores: Dict[str, List[Tuple[int, Score]]]) -> List[str]:
+    seeds = (0, *EXTRA_SEEDS)
+    head = ["weighting", *(f"seed {s}: SQNR dB / top-1 %" for s in seeds), "mean SQNR (dB)", "min-max (dB)", "mean top-1 (%)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w, runs in scores.items():
+        by_seed = dict(runs)
+        cells = [w] + [f"{by_seed[s].sqnr_db:.2f} / {_percent(by_seed[s].top1)}" if s in by_seed else "—" for s in seeds]
+        sqnrs = [sc.sqnr_db for _, sc in runs]
+        top1 = [sc.top1 for _, sc in runs if sc.top1 is not None]
+        cells += [_fmt(float(np.mean(sqnrs)) if sqnrs else None, ".2f"),
+                  f"{min(sqnrs):.2f}-{max(sqnrs):.2f}" if sqnrs else "—",
+                  _percent(float(np.mean(top1)) if top1 else None)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_acceptance(scores: Dict[str, List[Tuple[int, Score]]]) -> List[Tuple[bool, str]]:
+    """(d, over seeds) EPTQ-LFH's mean output SQNR and top-1 over the seeds not below EPTQ-uniform's."""
+    lfh, uni = scores.get("lfh", []), scores.get("uniform", [])
+    label = f"(d, {1 + len(EXTRA_SEEDS)} seeds) {SEED_MODEL} W{SEED_BITS}A8 EPTQ-LFH not worse than EPTQ-uniform on the mean"
+    if len(lfh) != 1 + len(EXTRA_SEEDS) or len(uni) != len(lfh):
+        return [(False, f"{label}: runs missing ({len(lfh)} LFH, {len(uni)} uniform)")]
+    mean = lambda runs, key: float(np.mean([key(sc) for _, sc in runs]))  # noqa: E731
+    sqnr_l, sqnr_u = mean(lfh, lambda sc: sc.sqnr_db), mean(uni, lambda sc: sc.sqnr_db)
+    top_l, top_u = mean(lfh, lambda sc: sc.top1 or 0.0), mean(uni, lambda sc: sc.top1 or 0.0)
+    return [(sqnr_l >= sqnr_u and top_l >= top_u,
+             f"{label}: SQNR {sqnr_l:.2f} vs {sqnr_u:.2f} dB, top-1 {100 * top_l:.2f} vs {100 * top_u:.2f} %")]
+
+
+SEEDS_READING = """## Seed spread: EPTQ at W{bits}A8 on {model} under {n} seeds ({iters} steps)
+
+The seed sets the minibatch order only (same data, same init); seed 0 is the EPTQ section's run.
+The min-max column is how far one run's outcome moves with it: a comparison between weightings
+from single runs (the EPTQ section) is only meaningful beyond that spread; the mean over the
+seeds is the comparison to read."""
 
 
 # --------------------------------------------------------------------------- models and scoring
@@ -960,6 +1018,7 @@ def render(
     sections: Sequence[str] = ("zoo",),
     eptq: Sequence[ModelResult] = (),
     terms: Optional[Dict[str, TermsResult]] = None,
+    seeds: Optional[ModelResult] = None,
     costs: Sequence[Cost] = (),
     eptq_iters: int = DEFAULT_EPTQ_ITERS,
     eptq_calib_samples: int = DEFAULT_EPTQ_CALIB_SAMPLES,
@@ -994,13 +1053,18 @@ def render(
               "[mixed precision](BENCHMARKS_MIXED.md) (`tools/bench_mixed.py`), [zoo of architecture families, "
               "exporters, traps and targets](BENCHMARKS_ZOO.md) (`tools/bench_breadth.py`), [calibration memory at "
               "scale](BENCHMARKS_SCALE.md) (`tools/bench_scale.py`)."]
-    checks = acceptance(results) + eptq_acceptance(eptq) + (step_acceptance(costs) if "step" in sections else [])
+    spread = seed_scores(eptq, seeds) if "seeds" in sections else {}
+    checks = (acceptance(results) + eptq_acceptance(eptq) + (seed_acceptance(spread) if spread else [])
+              + (step_acceptance(costs) if "step" in sections else []))
     lines += ["", "## Acceptance checks", ""]
     lines += [f"- {'PASS' if ok else '**FAIL**'} {text}" for ok, text in checks]
     if "eptq" in sections:
         lines += ["", f"## EPTQ at W4A8 and W3A8 ({eptq_iters} steps)"]
         for result in eptq:
             lines += ["", f"### {result.benchmark.name}", "", result.benchmark.description + ".", "", *_eptq_table(result)]
+    if spread:
+        lines += ["", SEEDS_READING.format(bits=SEED_BITS, model=SEED_MODEL, n=1 + len(EXTRA_SEEDS), iters=eptq_iters),
+                  "", *_seed_table(spread)]
     if terms:
         lines += ["", TERMS_READING.format(bits=TERMS_BITS, calib=calib_samples).rstrip()]
         for name, result in terms.items():
@@ -1064,6 +1128,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-eptq-{name}-") as tmp:
                 eptq.append(bench_model(BENCHMARKS[name], Path(tmp), args.eptq_calib_samples, eptq_methods(args.eptq_iters),
                                         EPTQ_BITS, isolate=True, latency=False))
+    seeds: Optional[ModelResult] = None
+    if "seeds" in sections:
+        _log(f"seeds: {SEED_MODEL} ...")
+        with tempfile.TemporaryDirectory(prefix="bench-seeds-") as tmp:
+            seeds = bench_model(BENCHMARKS[SEED_MODEL], Path(tmp), args.eptq_calib_samples, seed_methods(args.eptq_iters),
+                                (SEED_BITS,), isolate=True, latency=False)
     terms: Dict[str, TermsResult] = {}
     if "terms" in sections:
         for name in EPTQ_MODELS:
@@ -1087,7 +1157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 results.append(bench_model(BENCHMARKS[name], Path(tmp), args.calib_samples))
     text = render(
         results, _command([sys.argv[0], *argv]), args.calib_samples, time.perf_counter() - start, sections=sections,
-        eptq=eptq, terms=terms, costs=costs, eptq_iters=args.eptq_iters, eptq_calib_samples=args.eptq_calib_samples,
+        eptq=eptq, terms=terms, seeds=seeds, costs=costs, eptq_iters=args.eptq_iters, eptq_calib_samples=args.eptq_calib_samples,
         load=[*LOADS, os.getloadavg()[0]], sources=(sources_start, _source_digest()),
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
