@@ -36,6 +36,20 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return _infer_shapes(model)
 
 
+def constant_only_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes (other than Constant) that compute from constants only: what constant
+    folding would have removed (nodes in topological order)."""
+    known = {init.name for init in model.graph.initializer} | {""}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
+            known.update(node.output)
+        elif node.input and all(name in known for name in node.input):
+            known.update(node.output)
+            found.append(node.name or node.output[0])
+    return found
+
+
 def _check(model: onnx.ModelProto) -> None:
     """onnx.checker (with shape inference where the model fits in one protobuf)."""
     try:

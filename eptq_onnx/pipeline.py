@@ -26,7 +26,7 @@ from .layer_inputs import collect_layer_inputs
 from .mixed_precision import choose_bits
 from .sensitivity import SearchInputs
 from .model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
-from .normalize import normalize_model, upgrade_opset
+from .normalize import constant_only_nodes, normalize_model, upgrade_opset
 from .plots import write_plots
 from .qdq_writer import required_opset, write_qdq
 from .qpoints import QuantPlan, build_plan
@@ -175,6 +175,11 @@ def quantize(
         float_model, config = _prepare(original, config, report)
         if store.used:  # folded batch norms: new weights
             float_model = store.held(float_model)
+            unfolded = constant_only_nodes(float_model)
+            if unfolded:
+                shown = ", ".join(unfolded[:5]) + (f" and {len(unfolded) - 5} more" if len(unfolded) > 5 else "")
+                report.warn(f"large model: {len(unfolded)} node(s) computing from constants only were not folded "
+                            f"(their tensors are in the tensor store; they run as they are): {shown}")
         check_onnxruntime_loads(float_model)
     with timer.stage("quantization points"):
         plan = build_plan(float_model, config.quantize_outputs, get_target(config.target).fusible)

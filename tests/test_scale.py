@@ -74,6 +74,35 @@ def test_tensor_store_model_runs_eptq_like_in_memory(tmp_path: Path, calib_for, 
     assert tensor_store.inlined(result.model).SerializeToString() == expected.model.SerializeToString()
 
 
+def _transposed_weight_model() -> onnx.ModelProto:
+    """x [N,16] @ Transpose(W) -> Relu: Transpose(W) computes from a constant only (folding removes it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32), "w")
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="transpose_w"),
+             helper.make_node("MatMul", ["x", "wt"], ["m"], name="matmul"), helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], initializer=[w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("in_store", [False, True], ids=["in-memory", "tensor-store"])
+def test_constants_left_unfolded_in_the_store_path_are_reported(calib_for, monkeypatch: pytest.MonkeyPatch,
+                                                                in_store: bool) -> None:
+    """A large model's constant subgraphs that read a stored weight are not folded: the report says so."""
+    model = _transposed_weight_model()
+    calib = calib_for(model, 4)
+    if in_store:
+        for name in ("LARGE_MODEL_BYTES", "MIN_TENSOR_BYTES"):
+            monkeypatch.setattr(tensor_store, name, 100)
+    result = quantize(model, calib, init_only(), progress=False)
+    notes = [w for w in result.report.warnings if "not folded" in w]
+    if in_store:
+        assert len(notes) == 1 and "transpose_w" in notes[0]
+    else:
+        assert notes == [] and all(n.op_type != "Transpose" for n in result.state.float_model.graph.node)
+
+
 @pytest.mark.slow
 def test_model_over_2gb_is_read_quantized_and_written(tmp_path: Path) -> None:
     """A model with more than 2 GB of weights (external data): quantized W8, written, run by onnxruntime.
