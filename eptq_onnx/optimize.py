@@ -100,7 +100,7 @@ def cache_budget_bytes(device: str) -> int:
 
 
 CACHE_MAX_BYTES = 2 << 30
-FP16_MAX = 60000.0  # below float16's 65504: larger values are cached in float32
+FP16_MAX = 60000.0  # below float16's 65504: with a larger value a float16 cache is not built
 
 
 class TeacherCache:
@@ -255,11 +255,11 @@ class Objective:
     """Eq. 6 on one batch.
 
     With the teacher cache a step gathers the teacher's rows of every loss tensor with one op;
-    with a rounding bank the regularizer is one op chain over every weight.
+    the rounding bank makes h(V) and the regularizer one op chain over every weight.
     """
 
-    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions,
-                 cache: Optional[TeacherCache] = None, bank: Optional[RoundingBank] = None) -> None:
+    def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions, bank: RoundingBank,
+                 cache: Optional[TeacherCache] = None) -> None:
         self.twin = twin
         self.names = [n for n, w in weights.items() if w > 0]
         self.weights = weights
@@ -269,11 +269,7 @@ class Objective:
 
     def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
         """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
-        if self.bank is not None:
-            self.bank.refresh()
-        else:
-            for wfq in self.twin.weight_quant.values():
-                wfq.refresh()
+        self.bank.refresh()
         index, feeds = batch
         if self.cache is not None and index is not None:
             assert self.cache.names == self.names
@@ -292,11 +288,7 @@ class Objective:
         """The mean rounding regularizer over every weight (zero during the warm-up)."""
         if beta is None:
             return torch.zeros(())
-        if self.bank is not None:
-            return self.bank.regularizer(beta)
-        total = sum(wfq.regularizer(beta) for wfq in self.twin.weight_quant.values())
-        count = sum(wfq.codes.numel() for wfq in self.twin.weight_quant.values())
-        return total / max(1, count)  # type: ignore[return-value]
+        return self.bank.regularizer(beta)
 
 
 BANK = "eptq_rounding_bank"  # the student's submodule holding every V while it trains
@@ -368,7 +360,7 @@ def optimize(
     for bias_quant in twin.bias_quant.values():
         bias_quant.fix_step()  # after the parameter groups: a learned step is not fixed
     batches = Batches(feeds, options.device, options.seed)
-    objective = Objective(twin, loss_weights, options, bank=bank)
+    objective = Objective(twin, loss_weights, options, bank)
     cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
     objective.cache = cache
     checkpoint = None

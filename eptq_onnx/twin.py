@@ -126,7 +126,7 @@ class WeightFakeQuant(nn.Module):
         # range, both also premultiplied by s, so a soft step is one addcmul
         for name in ("floor_base", "room", "floor_scaled", "room_scaled"):
             self.register_buffer(name, None)
-        self.h: Optional[Tensor] = None  # h(V) of the current step (refresh), shared by forward and regularizer
+        self.h: Optional[Tensor] = None  # h(V) of the current step, set by RoundingBank.refresh while training
         self.mode = "fixed"
         self.enabled = True
 
@@ -153,11 +153,6 @@ class WeightFakeQuant(nn.Module):
             self.floor_base = torch.clamp(floor, self.qmin, self.qmax)
             self.room = ((floor >= self.qmin) & (floor < self.qmax)).to(floor.dtype)
             self.floor_scaled, self.room_scaled = self.floor_base * s, self.room * s
-
-    def refresh(self) -> None:
-        """Compute h(V) once for this step (forward and regularizer read it); call after every update."""
-        assert self.rounding is not None
-        self.h = rectified_sigmoid(self.rounding)
 
     def _h(self) -> Tensor:
         assert self.rounding is not None
@@ -267,10 +262,8 @@ class BiasFakeQuant(nn.Module):
     def forward(self, b: Tensor) -> Tensor:
         if not self.enabled:
             return b
-        if torch.is_grad_enabled() and self.fixed_step is not None:
-            return RoundToGrid.apply(b, self.fixed_step)
         act, weight = self._refs
-        scale = act.scale * weight.scale
+        scale = self.fixed_step if self.fixed_step is not None else act.scale * weight.scale
         if torch.is_grad_enabled() and not (act.factor.requires_grad or weight.factor.requires_grad):
             return RoundToGrid.apply(b, scale)
         return torch.clamp(round_ste(b / scale), -INT32_MAX, INT32_MAX) * scale

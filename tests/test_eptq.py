@@ -77,6 +77,15 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
     torch.testing.assert_close(torch.cat([q.rounding.reshape(-1) for q in quantizers]), bank.v.detach())
 
 
+def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
+    """The torch twin of ``model``'s MSE-initialized W8A8 state, tapped at EPTQ's loss tensors."""
+    from eptq_onnx.eptq import loss_tensors
+
+    state = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False).state
+    names = loss_tensors(state.float_model, state.plan)
+    return build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names), names
+
+
 def test_batches_read_a_generator_once_like_a_list() -> None:
     """Streamed calibration batches (a generator, read once) stack to the same tensors as a list."""
     from eptq_onnx.optimize import Batches
@@ -91,19 +100,16 @@ def test_batches_read_a_generator_once_like_a_list() -> None:
 
 def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     """Eq. 6 against the teacher cache's rows equals Eq. 6 against the teacher run on the fly."""
-    from eptq_onnx.eptq import loss_tensors
     from eptq_onnx.optimize import Batches, Objective, TeacherCache, _start_rounding
 
     model = zoo.residual_cnn()
-    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False)
-    state = result.state
-    names = loss_tensors(state.float_model, state.plan)
-    twin = build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names)
+    twin, names = _initialized_twin(model, calib_for)
     _start_rounding(twin, fixed_scale=True)
+    bank = RoundingBank(list(twin.weight_quant.values()))
     batches = Batches([zoo.sample_inputs(model, 16, seed=3)], "cpu", 0)
     weights = {n: 0.5 + i for i, n in enumerate(names)}
-    plain = Objective(twin, weights, OptimizeOptions())
-    cached = Objective(twin, weights, OptimizeOptions(), cache=TeacherCache.build(twin, names, batches, 8, budget=2**30))
+    plain = Objective(twin, weights, OptimizeOptions(), bank)
+    cached = Objective(twin, weights, OptimizeOptions(), bank, cache=TeacherCache.build(twin, names, batches, 8, budget=2**30))
     assert cached.cache is not None
     batch = batches.sample(6)
     with torch.no_grad():
@@ -292,15 +298,10 @@ def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, e
 
 
 def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
-    from eptq_onnx.calib_data import CalibrationSet, input_specs
-    from eptq_onnx.eptq import loss_tensors
     from eptq_onnx.optimize import Batches, TeacherCache
 
     model = zoo.mlp()
-    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False)
-    state = result.state
-    names = loss_tensors(state.float_model, state.plan)
-    twin = build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names)
+    twin, names = _initialized_twin(model, calib_for)
     feeds = [zoo.sample_inputs(model, 16, seed=3)]
     batches = Batches(feeds, "cpu", 0)
     elements = sum(twin.teacher.run(to_tensors(zoo.sample_inputs(model, 1, seed=3)), names)[1][n].numel() for n in names) * 16
