@@ -25,12 +25,13 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, LoopState, deferred_stops, fingerprint, restore
 from .config import OptimizeOptions
+from .training_kernels import KernelStatus, weighted_mse
+from .training_kernels import load as load_kernels
 from .twin import RoundingBank, Twin
 from .torch_ops import WeightedOp
 
@@ -44,6 +45,8 @@ class OptimizeResult:
     step_seconds: float
     why: str
     teacher: str = ""
+    kernels: str = ""  # which training kernels ran (training_kernels.load)
+    kernels_failed: bool = False  # the fused kernels could not be built: a fallback to report
     curve: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, reconstruction, regularizer)
 
 
@@ -263,6 +266,7 @@ class Objective:
         self.twin = twin
         self.names = [n for n, w in weights.items() if w > 0]
         self.weights = weights
+        self.weight_list = [float(weights[n]) for n in self.names]
         self.options = options
         self.cache = cache
         self.bank = bank
@@ -276,13 +280,11 @@ class Objective:
             rows = self.cache.get(index)
             target = dict(zip(self.names, self.cache.split(rows)))
             _, student = self.twin.student.run(feeds, self.names)
-            student = {n: student[n].reshape(len(rows), -1) for n in self.names}
         else:
             with torch.no_grad():
                 _, target = self.twin.teacher.run(feeds, self.names)
             _, student = self.twin.student.run(feeds, self.names)
-        terms = [self.weights[n] * F.mse_loss(student[n], target[n]) for n in self.names]
-        return torch.stack(terms).sum()
+        return weighted_mse([student[n] for n in self.names], [target[n] for n in self.names], self.weight_list)
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
         """The mean rounding regularizer over every weight (zero during the warm-up)."""
@@ -351,6 +353,8 @@ def optimize(
     """
     torch.manual_seed(options.seed)
     device = torch.device(options.device)
+    status = load_kernels(log) if device.type == "cpu" else KernelStatus(False, "Python kernels (the fused ones are CPU-only)")
+    kernels = status.detail
     twin.teacher.to(device).eval()
     twin.student.to(device).eval()
     _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
@@ -381,7 +385,7 @@ def optimize(
         if cache is not None
         else "teacher run on the fly at every step (its tensors would not fit the cache budget, or are not one row per sample)"
     )
-    log(f"EPTQ: {loop.why}; {teacher}")
+    log(f"EPTQ: {loop.why}; {teacher}; {kernels}")
     deadline = None
     if options.iters is None:  # a time budget: the loop re-plans once from its own step times
         origin = started_at if started_at is not None else time.perf_counter()
@@ -396,7 +400,7 @@ def optimize(
     for p in twin.student.parameters():
         p.requires_grad_(False)
     return OptimizeResult(iters=loop.iters, seconds=loop.seconds, step_seconds=loop.step_seconds, why=loop.why,
-                          teacher=teacher, curve=list(loop.curve))
+                          teacher=teacher, kernels=kernels, kernels_failed=status.failed, curve=list(loop.curve))
 
 
 REPLAN_MIN_STEPS = 5  # steps timed in the loop before it may re-plan

@@ -277,12 +277,15 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
         "seconds": round(opt.seconds, 3),
         "step_seconds": round(opt.step_seconds, 5),
         "why": opt.why,
+        "kernels": opt.kernels,
         "loss_weights": outcome.loss_weights,
         "curve": opt.curve,
         "sqnr_before_db": outcome.sqnr_before,
         "sqnr_after_db": outcome.sqnr_after,
         "kept_init": outcome.kept_init,
     }
+    if opt.kernels_failed:
+        report.warn(f"FALLBACK: EPTQ trained with the slower {opt.kernels}")
     if outcome.hessian is not None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}

@@ -147,7 +147,7 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         _print_mixed(report.mixed_precision, console)
     if report.optimization:
         o = report.optimization
-        console.print(f"EPTQ: {o['iters']} steps in {o['seconds']:.0f} s ({o['why']})")
+        console.print(f"EPTQ: {o['iters']} steps in {o['seconds']:.0f} s ({o['why']}; {o.get('kernels', '')})")
     sizes = report.sizes_bytes
     if sizes.get("output"):
         console.print(f"size: {sizes['input'] / 1e6:.2f} MB -> {sizes['output'] / 1e6:.2f} MB")

@@ -24,34 +24,13 @@ from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .torch_convert import input_names, onnx_names, output_names, to_torch
 from .torch_ops import WeightedOp
+from .training_kernels import clipped_round
 from .weights import WeightQuant
 
 
 def round_ste(x: Tensor) -> Tensor:
     """Round half to even forward, identity gradient backward (straight-through estimator)."""
     return x + (torch.round(x) - x).detach()
-
-
-class ClippedRound(torch.autograd.Function):
-    """Fake quantization with a fixed step for training: clip to the grid's range, round to the
-    grid, straight-through gradient inside the range and zero outside (one fused backward kernel).
-
-    4 passes forward, 1 backward: 4-5x faster than the autograd composition or torch's
-    fake_quantize kernel. Multiplies by 1 / s where onnxruntime divides by s, so a value within
-    an ulp of a rounding tie may land on the other code: evaluation (no grad) uses the exact path.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float, zero_point: float, qmin: int, qmax: int) -> Tensor:  # type: ignore[override]
-        low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
-        ctx.save_for_backward(x)
-        ctx.bounds = (low, high)
-        return torch.clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None, None, None, None
 
 
 class ActFakeQuant(nn.Module):
@@ -79,7 +58,7 @@ class ActFakeQuant(nn.Module):
         if not self.enabled:
             return x
         if torch.is_grad_enabled() and not self.factor.requires_grad and x.is_floating_point():
-            return ClippedRound.apply(x, *self.fixed_step, self.qmin, self.qmax)
+            return clipped_round(x, *self.fixed_step, self.qmin, self.qmax)
         scale = self.scale
         return (self.codes(x) - self.zero_point) * scale
 

@@ -1,0 +1,176 @@
+"""The two hot operations of an EPTQ training step, with fused CPU kernels where they can be built.
+
+``clipped_round``: an activation fake quantizer with a fixed step (forward: clip, scale, round,
+rescale; backward: the straight-through gradient inside the grid's range). ``weighted_mse``: the
+reconstruction loss, sum_i w_i * mean((z~_i - z_i)^2) over every loss tensor.
+
+On a small model a step is dominated by per-op overhead, not arithmetic: in Python each fake
+quantizer is 4 elementwise ops and a Python autograd node, each loss term 3-4 ops and 2 nodes.
+The C++ kernels in ``csrc/training_kernels.cpp`` make each one call with its autograd node in
+C++, and one pass forward and one backward over tensors of up to 64K elements (larger ones take
+ATen's multi-threaded ops, where per-op overhead does not matter); docs/BENCHMARKS.md has the step
+cost with and without them. They are compiled with torch's extension builder the first time a run
+needs them (about 30 s with a C++ compiler; cached per machine and torch version) and used for
+float32 tensors on the CPU. Without a compiler, on CUDA or with ``EPTQ_ONNX_NO_FUSED_KERNELS=1``
+the Python reference below runs instead: the same arithmetic, slower.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "training_kernels.cpp"
+DISABLE_ENV = "EPTQ_ONNX_NO_FUSED_KERNELS"
+BUILD_NAME = "eptq_onnx_training_kernels"
+
+
+class ClippedRound(torch.autograd.Function):
+    """Fake quantization with a fixed step for training (the Python reference of the fused kernel):
+    clip to the grid's range, round to the grid, straight-through gradient inside the range and
+    zero outside (one fused backward kernel).
+
+    Multiplies by 1 / s where onnxruntime divides by s, so a value within an ulp of a rounding tie
+    may land on the other code: evaluation (no grad) uses the exact path.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float, low: float, high: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.bounds = (low, high)
+        return torch.clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, x, *ctx.bounds), None, None, None
+
+
+@dataclass
+class KernelStatus:
+    """Whether the fused kernels are in use, and why not when they are not."""
+
+    fused: bool
+    detail: str
+    failed: bool = False  # the build failed (not disabled on purpose): a fallback the report warns about
+
+
+_ext = None  # the loaded extension module
+_status: Optional[KernelStatus] = None
+
+
+def _fits(x: Tensor) -> bool:
+    return _ext is not None and x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def clipped_round(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: int) -> Tensor:
+    """(clip(round(x / s) + z, qmin, qmax) - z) * s with a straight-through gradient inside the range."""
+    low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    if _fits(x):
+        return _ext.clipped_round(x, scale, low, high)  # type: ignore[union-attr]
+    return ClippedRound.apply(x, scale, low, high)
+
+
+def weighted_mse(students: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """sum_i weights[i] * mean((students[i] - targets[i])^2).
+
+    A target holds its student's values row by row: the same shape, or [rows, -1] with rows the
+    student's first dimension (e.g. a column slice of the teacher cache).
+    """
+    if _ext is not None and all(_fits(s) and _fits(t) for s, t in zip(students, targets)):
+        return _ext.weighted_mse(list(students), list(targets), [float(w) for w in weights])
+    return torch.stack([w * F.mse_loss(_rows(s), _rows(t)) for s, t, w in zip(students, targets, weights)]).sum()
+
+
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as a 2-d [first dimension, rest] tensor (a view where it can be)."""
+    return t.reshape(t.shape[0] if t.dim() else 1, -1)
+
+
+def load(log: Callable[[str], None] = print) -> KernelStatus:
+    """Build (the first time on this machine) and load the fused kernels; never raises.
+
+    When they cannot be built the reason is logged as a warning and the Python path stays in use.
+    """
+    global _ext, _status
+    if _status is not None:
+        return _status
+    if os.environ.get(DISABLE_ENV, "").strip() not in ("", "0"):
+        _status = KernelStatus(False, f"Python kernels ({DISABLE_ENV} is set)")
+        return _status
+    try:
+        _ext = _build(log)
+        _status = KernelStatus(True, "fused C++ kernels (CPU)")
+    except Exception as exc:  # a missing compiler, headers or ninja: every failure means the same fallback
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:200]
+        _status = KernelStatus(False, f"Python kernels (the fused C++ kernels could not be built: {reason})", failed=True)
+        log(f"warning: {_status.detail}; CPU training steps run about 2x slower. "
+            f"Install a C++ compiler (g++ or clang) and ninja, or set {DISABLE_ENV}=1 to silence this.")
+    return _status
+
+
+def _build(log: Callable[[str], None]):
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # e.g. "No CUDA runtime is found" on import: we build for the CPU only
+    try:
+        from torch.utils import cpp_extension
+
+        if not _built(cpp_extension):
+            log("EPTQ: compiling the fused training kernels (once per machine and torch version, ~30 s)")
+        with _ninja_on_path():
+            return cpp_extension.load(_build_name(), [str(SOURCE)], extra_cflags=_flags(), verbose=False)
+    finally:
+        quiet.setLevel(level)
+
+
+def _flags() -> List[str]:
+    """-O3, no contraction of a * b + c into one rounding (the kernels must round like torch), and
+    AVX2 on x86 CPUs that have it (a build is per machine, its name says which)."""
+    flags = ["-O3", "-ffp-contract=off"]
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags.append("-mavx2")
+    return flags
+
+
+def _build_name() -> str:
+    return BUILD_NAME + ("_avx2" if "-mavx2" in _flags() else "")
+
+
+def _built(cpp_extension) -> bool:
+    """Whether a build of the kernels is already there (only decides whether to announce one)."""
+    try:  # a private helper of torch's: any failure only means no announcement
+        return any(Path(cpp_extension._get_build_directory(_build_name(), verbose=False)).glob("*.[sp][oy]*"))
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def _ninja_on_path():
+    """Put the ``ninja`` package's binary on PATH while building when none is there (a venv not activated)."""
+    path = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # type: ignore[import-not-found]
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+        except ImportError:
+            pass
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def status() -> Optional[KernelStatus]:
+    """The outcome of ``load`` (None before it ran)."""
+    return _status

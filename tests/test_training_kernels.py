@@ -1,0 +1,130 @@
+"""The fused CPU training kernels against their Python references, and the fallback when they cannot be built."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eptq_onnx import QuantConfig, quantize, training_kernels
+from eptq_onnx.config import OptimizeOptions
+from eptq_onnx.training_kernels import ClippedRound, KernelStatus
+from models import zoo
+
+
+def _extension():  # type: ignore[no-untyped-def]
+    """The built extension; a failed build fails the test where a C++ compiler is on PATH."""
+    status = training_kernels.load(log=lambda message: None)
+    if not status.fused:
+        if status.failed and any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+            pytest.fail(f"a C++ compiler is on PATH but: {status.detail}")
+        pytest.skip(status.detail)
+    return training_kernels._ext
+
+
+def _grid_values(scale: float, zero_point: float) -> torch.Tensor:
+    """Random values over and beyond an 8-bit grid's range, exact rounding ties, and the range ends."""
+    gen = torch.Generator().manual_seed(0)
+    low, high = (0 - zero_point) * scale, (255 - zero_point) * scale
+    ties = (torch.arange(-140, 140, dtype=torch.float32) + 0.5) * scale
+    ends = torch.tensor([low, high, low - scale, high + scale, 0.0, -0.0])
+    wide = (torch.rand(3000, generator=gen) * 1.4 - 0.2) * (high - low) + low
+    return torch.cat([wide, ties, ends])
+
+
+@pytest.mark.parametrize("scale,zero_point", [(0.05, 128.0), (0.0123, 0.0), (3.7, 17.0)])
+def test_fused_clipped_round_equals_the_python_reference(scale: float, zero_point: float) -> None:
+    """Same values forward (ties to even, saturation) and the same straight-through gradient backward."""
+    ext = _extension()
+    low, high = (0 - zero_point) * scale, (255 - zero_point) * scale
+    base = _grid_values(scale, zero_point)
+    middle, large = base.repeat(30), base.repeat(90)  # over the one-pass sizes: ATen's ops, the same arithmetic
+    for x in (base, base[:3000].reshape(10, 20, 15).transpose(0, 2), middle, large):
+        grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+        fused = ext.clipped_round(a, scale, low, high)
+        reference = ClippedRound.apply(b, scale, low, high)
+        assert torch.equal(fused, reference)
+        fused.backward(grad)
+        reference.backward(grad)
+        assert torch.equal(a.grad, b.grad)
+        assert int((a.grad == 0).sum()) > 0 and int((a.grad != 0).sum()) > 0
+
+
+def test_clipped_round_uses_the_kernel_on_float32_cpu_and_python_otherwise() -> None:
+    _extension()
+    x = torch.randn(40, requires_grad=True)
+    assert type(training_kernels.clipped_round(x, 0.1, 0.0, -8, 7).grad_fn).__name__ != "ClippedRoundBackward"
+    y = training_kernels.clipped_round(x.double(), 0.1, 0.0, -8, 7)
+    assert type(y.grad_fn).__name__ == "ClippedRoundBackward" and y.dtype == torch.float64
+
+
+def _loss_inputs():  # type: ignore[no-untyped-def]
+    """Students of several shapes and sizes (one over the one-pass size) and their targets: the
+    teacher cache's column slices and whole tensors."""
+    gen = torch.Generator().manual_seed(2)
+    students = [torch.randn(6, 3, 4, 5, generator=gen), torch.randn(6, 7, generator=gen), torch.randn(6, 2, 9, generator=gen),
+                torch.randn(6, 4, 50, 60, generator=gen)]
+    cache_rows = torch.randn(6, 60 + 7 + 12000, generator=gen)
+    sliced = list(torch.split(cache_rows, [60, 7, 12000], dim=1))
+    targets = sliced[:2] + [torch.randn(6, 2, 9, generator=gen), sliced[2]]
+    return students, targets, [0.5, 2.0, 1.25, 0.75]
+
+
+def test_fused_weighted_mse_equals_the_sum_of_mse_losses(monkeypatch) -> None:
+    """Loss and gradients equal sum_i w_i * F.mse_loss (float rounding apart), targets sliced or whole."""
+    _extension()
+    students, targets, weights = _loss_inputs()
+    a = [s.clone().requires_grad_() for s in students]
+    b = [s.clone().requires_grad_() for s in students]
+    fused = training_kernels.weighted_mse(a, targets, weights)
+    reference = sum(w * F.mse_loss(s, t.reshape(s.shape)) for s, t, w in zip(b, targets, weights))
+    assert type(fused.grad_fn).__name__ != "SumBackward0"
+    assert float(fused.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    fused.backward()
+    reference.backward()
+    for x, y in zip(a, b):
+        assert x.grad.shape == x.shape
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
+    monkeypatch.setattr(training_kernels, "_ext", None)  # the Python path takes the same inputs
+    assert float(training_kernels.weighted_mse(students, targets, weights)) == pytest.approx(float(reference), rel=1e-6)
+
+
+def test_a_failed_build_falls_back_to_python_loudly(monkeypatch, calib_for) -> None:
+    """No compiler: a warning naming the reason, the Python kernels, and a FALLBACK line in the report."""
+    def no_compiler(log):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Error building extension:\nc++: command not found")
+
+    monkeypatch.setattr(training_kernels, "_status", None)
+    monkeypatch.setattr(training_kernels, "_ext", None)
+    monkeypatch.setattr(training_kernels, "_build", no_compiler)
+    monkeypatch.delenv(training_kernels.DISABLE_ENV, raising=False)
+    said: list = []
+    status = training_kernels.load(log=said.append)
+    assert not status.fused and status.failed and "c++: command not found" in status.detail
+    assert len(said) == 1 and said[0].startswith("warning:") and training_kernels.DISABLE_ENV in said[0]
+    assert training_kernels.load(log=said.append) is status and len(said) == 1  # decided once per process
+    model = zoo.mlp()
+    options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8)
+    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=options), progress=False)
+    assert result.report.optimization["kernels"] == status.detail
+    assert any(w.startswith("FALLBACK: EPTQ trained with the slower Python kernels") for w in result.report.warnings)
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setattr(training_kernels, "_status", None)
+    monkeypatch.setattr(training_kernels, "_ext", None)
+    monkeypatch.setenv(training_kernels.DISABLE_ENV, "1")
+    said: list = []
+    assert training_kernels.load(log=said.append) == KernelStatus(False, f"Python kernels ({training_kernels.DISABLE_ENV} is set)")
+    assert said == []
+
+
+def test_pipeline_reports_the_fused_kernels(calib_for) -> None:
+    _extension()
+    model = zoo.residual_cnn()
+    options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8)
+    result = quantize(model, calib_for(model, 16), QuantConfig(optimize=options), progress=False)
+    assert result.report.optimization["kernels"] == "fused C++ kernels (CPU)"
+    assert not any("Python kernels" in w for w in result.report.warnings)
