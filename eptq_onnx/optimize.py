@@ -1,11 +1,12 @@
 """EPTQ: Hessian-weighted, network-wise optimization of rounding and biases (Eq. 6).
 
-L = sum_i w_i * mean((z_i - z~_i)^2) / L_0 + lambda * mean_V f_reg(V)
+L = sum_i w_i * mean((z_i - z~_i)^2) / L_0 + lambda * mean_layers mean_V f_reg(V)
 
 z_i: the float teacher's activation at quantization point i (and the model outputs), z~_i the
 student's; w_i: the log-normalized Label-Free Hessian trace (or uniform), rescaled to average 1;
-L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer, averaged over
-all rounding variables, with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
+L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer, averaged over each
+layer's rounding variables and then over the layers (RoundingBank.regularizer says why per layer),
+with beta annealed from 20 to 2 after a warm-up of 20% of the steps.
 Learned: the rounding variables V (RAdam, 3e-2), biases (Adam, 1e-3), by option per-channel
 weight step multipliers and activation steps (Adam, 1e-3). Biases and steps use Adam, not the
 paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and
@@ -47,6 +48,8 @@ class OptimizeResult:
     teacher: str = ""
     kernels: str = ""  # which training kernels ran (training_kernels.load)
     kernels_failed: bool = False  # the fused kernels could not be built: a fallback to report
+    undecided: Dict[str, int] = field(default_factory=dict)  # per weight: rounding variables still between 0 and 1 at the end
+    rounding_variables: int = 0
     curve: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, reconstruction, regularizer)
 
 
@@ -287,7 +290,7 @@ class Objective:
         return weighted_mse([student[n] for n in self.names], [target[n] for n in self.names], self.weight_list)
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
-        """The mean rounding regularizer over every weight (zero during the warm-up)."""
+        """The rounding regularizer, a mean over layers of per-layer means (zero during the warm-up)."""
         if beta is None:
             return torch.zeros(())
         return self.bank.regularizer(beta)
@@ -391,6 +394,7 @@ def optimize(
         origin = started_at if started_at is not None else time.perf_counter()
         deadline = origin + options.time_budget_min * 60 * (1 - RESERVE)
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
+    undecided = bank.undecided()
     bank.write_back()
     delattr(twin.student, BANK)
     for bias_quant in twin.bias_quant.values():
@@ -400,7 +404,8 @@ def optimize(
     for p in twin.student.parameters():
         p.requires_grad_(False)
     return OptimizeResult(iters=loop.iters, seconds=loop.seconds, step_seconds=loop.step_seconds, why=loop.why,
-                          teacher=teacher, kernels=kernels, kernels_failed=status.failed, curve=list(loop.curve))
+                          teacher=teacher, kernels=kernels, kernels_failed=status.failed, curve=list(loop.curve),
+                          undecided=undecided, rounding_variables=bank.v.numel())
 
 
 REPLAN_MIN_STEPS = 5  # steps timed in the loop before it may re-plan

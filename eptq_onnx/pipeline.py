@@ -270,6 +270,9 @@ def _logger(progress: bool) -> Callable[[str], None]:
     return (lambda message: tqdm.write(message, file=sys.stderr)) if progress else (lambda message: None)
 
 
+UNDECIDED_WARN = 0.001  # of all rounding variables: more left undecided at the end is warned about
+
+
 def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
     opt = outcome.optimization
     report.optimization = {
@@ -278,12 +281,18 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
         "step_seconds": round(opt.step_seconds, 5),
         "why": opt.why,
         "kernels": opt.kernels,
+        "undecided_rounding": opt.undecided,
         "loss_weights": outcome.loss_weights,
         "curve": opt.curve,
         "sqnr_before_db": outcome.sqnr_before,
         "sqnr_after_db": outcome.sqnr_after,
         "kept_init": outcome.kept_init,
     }
+    undecided = sum(opt.undecided.values())
+    if undecided > UNDECIDED_WARN * max(1, opt.rounding_variables):
+        report.warn(f"{undecided} of {opt.rounding_variables} rounding variables were still undecided (0.01 < h < 0.99) "
+                    f"when the optimization stopped (most in {max(opt.undecided, key=opt.undecided.get)}); the hard rounding "
+                    "written to the file then departs from what was trained: give it more steps (--iters, --time-budget)")
     if opt.kernels_failed:
         report.warn(f"FALLBACK: EPTQ trained with the slower {opt.kernels}")
     if outcome.hessian is not None:

@@ -191,6 +191,10 @@ class RoundingBank(nn.Module):
         self.sizes = [v.numel() for v in rounding]  # type: ignore[union-attr]
         flat = [v.detach().reshape(-1) for v in rounding]  # type: ignore[union-attr]
         self.v = nn.Parameter(torch.cat(flat) if flat else torch.zeros(0))
+        # each weight's share in the regularizer: 1 / (layers x its layer's size), so that every
+        # layer weighs the same whatever its size (see ``regularizer``)
+        shares = [torch.full((n,), 1.0 / (len(self.sizes) * n)) for n in self.sizes if n]
+        self.register_buffer("share", torch.cat(shares) if shares else torch.zeros(0), persistent=False)
         self.h: Optional[Tensor] = None
 
     def refresh(self) -> None:
@@ -200,11 +204,23 @@ class RoundingBank(nn.Module):
             q.h = part.view(q.rounding.shape)  # type: ignore[union-attr]
 
     def regularizer(self, beta: float) -> Tensor:
-        """The mean over all weights of 1 - |2 h(V) - 1|^beta."""
+        """The mean over layers of each layer's mean of 1 - |2 h(V) - 1|^beta.
+
+        Per layer, not over all weights at once: with one mean over every weight, a small layer's
+        share of the regularizer is tiny while the loss is most sensitive to it, and its rounding
+        stays undecided (h near 0.5, a value between two grid points that the hard rounding at
+        export then destroys: the demo CNN's 288-weight first layer kept 12 such weights, and its
+        W4A8 output SQNR fell from 34.6 dB soft to 21.1 dB hard).
+        """
         h = self.h if self.h is not None else rectified_sigmoid(self.v)
-        if h.numel() == 0:
-            return h.sum()
-        return (1.0 - torch.abs(2.0 * h - 1.0) ** beta).mean()
+        return ((1.0 - torch.abs(2.0 * h - 1.0) ** beta) * self.share).sum()
+
+    def undecided(self) -> Dict[str, int]:
+        """Per weight: how many rounding variables are neither 0 nor 1 (0.01 < h(V) < 0.99), where any are."""
+        with torch.no_grad():
+            h = rectified_sigmoid(self.v)
+            counts = [int(((part > 0.01) & (part < 0.99)).sum()) for part in torch.split(h, self.sizes)]
+        return {q.name: c for q, c in zip(self._quantizers, counts) if c}
 
     def write_back(self) -> None:
         """Copy V into the quantizers' ``rounding`` parameters (and drop the shared h)."""

@@ -50,8 +50,8 @@ def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -
 
 
 def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
-    """One flat V: the same h(V) per quantizer, the same regularizer (mean over all weights),
-    gradients reaching V, and V copied back into each quantizer."""
+    """One flat V: the same h(V) per quantizer, the regularizer as the mean over layers of each
+    layer's mean, gradients reaching V, and V copied back into each quantizer."""
     rng = np.random.default_rng(1)
     quantizers, weights = [], []
     for i, shape in enumerate([(6, 5), (3, 2, 3, 3), (4,)]):
@@ -61,7 +61,7 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
         quantizers.append(wfq)
         weights.append(torch.from_numpy(w))
     expected_h = [rectified_sigmoid(q.rounding.detach()) for q in quantizers]
-    expected_reg = sum(float(q.regularizer(7.0)) for q in quantizers) / sum(q.codes.numel() for q in quantizers)
+    expected_reg = sum(float(q.regularizer(7.0)) / q.codes.numel() for q in quantizers) / len(quantizers)
     bank = RoundingBank(quantizers)
     bank.refresh()
     for q, h in zip(quantizers, expected_h):
@@ -69,6 +69,10 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
     assert float(bank.regularizer(7.0)) == pytest.approx(expected_reg, rel=1e-5)
     (sum(q(w).sum() for q, w in zip(quantizers, weights)) + bank.regularizer(7.0)).backward()
     assert bank.v.grad is not None and bool((bank.v.grad != 0).any())
+    h = rectified_sigmoid(bank.v.detach())
+    split = torch.split(h, bank.sizes)
+    counts = {q.name: int(((p > 0.01) & (p < 0.99)).sum()) for q, p in zip(quantizers, split)}
+    assert bank.undecided() == {k: v for k, v in counts.items() if v} and sum(counts.values()) > 0
     with torch.no_grad():
         bank.v.add_(0.5)
     bank.write_back()
@@ -336,3 +340,13 @@ def test_bias_updates_stay_bounded_from_the_first_step(calib_for) -> None:
     assert biases
     moved = max(float(np.abs(after[b] - before[b]).max()) for b in biases)
     assert 0 < moved <= 3 * options.lr_bias * 1.01
+
+
+def test_a_run_too_short_to_decide_the_rounding_is_reported(calib_for) -> None:
+    """Rounding variables left between 0 and 1 are counted per weight in the report and warned about."""
+    model = zoo.mlp()
+    options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8, discard_if_worse=False)
+    result = quantize(model, calib_for(model, 16), QuantConfig(weight_bits=4, optimize=options), progress=False)
+    undecided = result.report.optimization["undecided_rounding"]
+    assert undecided and all(count > 0 for count in undecided.values())
+    assert any("rounding variables were still undecided" in w for w in result.report.warnings)
