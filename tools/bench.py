@@ -82,7 +82,7 @@ ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear acce
 DEMO_DIR = ROOT / "models" / "demo"
 VIT_DIR = ROOT / "models" / "digits_vit"
 SECTIONS = ("zoo", "eptq", "seeds", "terms", "lfh", "step")
-SEED_MODEL, SEED_BITS, EXTRA_SEEDS = "demo", 4, (1, 2)  # seeds section: seed 0 is the EPTQ section's run
+EXTRA_SEEDS = (1, 2)  # seeds section (every EPTQ model and width): seed 0 is the EPTQ section's run
 WEIGHTINGS = ("uniform", "lfh")
 DEFAULT_EPTQ_ITERS = 2000
 DEFAULT_EPTQ_CALIB_SAMPLES = 256  # every bundled calibration sample of the demo and the digits ViT
@@ -267,14 +267,13 @@ def seed_methods(iters: int) -> Tuple[Method, ...]:
                  for w in WEIGHTINGS for seed in EXTRA_SEEDS)
 
 
-def seed_scores(eptq: Sequence[ModelResult], seeds: Optional[ModelResult]) -> Dict[str, List[Tuple[int, Score]]]:
-    """Per weighting, (seed, score) of every run of the seed model at SEED_BITS: seed 0 from the EPTQ section."""
+def seed_scores(eptq: Optional[ModelResult], seeds: Optional[ModelResult], bits: int) -> Dict[str, List[Tuple[int, Score]]]:
+    """Per weighting, (seed, score) of every run of one model at ``bits``: seed 0 from the EPTQ section."""
     found: Dict[str, List[Tuple[int, Score]]] = {w: [] for w in WEIGHTINGS}
-    base = next((r for r in eptq if r.benchmark.name == SEED_MODEL), None)
     for w in WEIGHTINGS:
         label = "EPTQ-LFH" if w == "lfh" else "EPTQ-uniform"
-        rows = [(0, base.find(label, SEED_BITS) if base else None)]
-        rows += [(seed, seeds.find(f"EPTQ-{w} seed {seed}", SEED_BITS) if seeds else None) for seed in EXTRA_SEEDS]
+        rows = [(0, eptq.find(label, bits) if eptq else None)]
+        rows += [(seed, seeds.find(f"EPTQ-{w} seed {seed}", bits) if seeds else None) for seed in EXTRA_SEEDS]
         found[w] = [(seed, row.score) for seed, row in rows if row is not None and row.score is not None]
     return found
 
@@ -295,10 +294,10 @@ def _seed_table(scores: Dict[str, List[Tuple[int, Score]]]) -> List[str]:
     return lines
 
 
-def seed_acceptance(scores: Dict[str, List[Tuple[int, Score]]]) -> List[Tuple[bool, str]]:
+def seed_acceptance(name: str, bits: int, scores: Dict[str, List[Tuple[int, Score]]]) -> List[Tuple[bool, str]]:
     """(d, over seeds) EPTQ-LFH's mean output SQNR and top-1 over the seeds not below EPTQ-uniform's."""
     lfh, uni = scores.get("lfh", []), scores.get("uniform", [])
-    label = f"(d, {1 + len(EXTRA_SEEDS)} seeds) {SEED_MODEL} W{SEED_BITS}A8 EPTQ-LFH not worse than EPTQ-uniform on the mean"
+    label = f"(d, {1 + len(EXTRA_SEEDS)} seeds) {name} W{bits}A8 EPTQ-LFH not worse than EPTQ-uniform on the mean"
     if len(lfh) != 1 + len(EXTRA_SEEDS) or len(uni) != len(lfh):
         return [(False, f"{label}: runs missing ({len(lfh)} LFH, {len(uni)} uniform)")]
     mean = lambda runs, key: float(np.mean([key(sc) for _, sc in runs]))  # noqa: E731
@@ -308,7 +307,7 @@ def seed_acceptance(scores: Dict[str, List[Tuple[int, Score]]]) -> List[Tuple[bo
              f"{label}: SQNR {sqnr_l:.2f} vs {sqnr_u:.2f} dB, top-1 {100 * top_l:.2f} vs {100 * top_u:.2f} %")]
 
 
-SEEDS_READING = """## Seed spread: EPTQ at W{bits}A8 on {model} under {n} seeds ({iters} steps)
+SEEDS_READING = """## Seed spread: EPTQ under {n} seeds ({iters} steps)
 
 The seed sets the minibatch order only (same data, same init); seed 0 is the EPTQ section's run.
 The min-max column is how far one run's outcome moves with it: a comparison between weightings
@@ -1046,7 +1045,7 @@ def render(
     sections: Sequence[str] = ("zoo",),
     eptq: Sequence[ModelResult] = (),
     terms: Optional[Dict[str, TermsResult]] = None,
-    seeds: Optional[ModelResult] = None,
+    seeds: Optional[Dict[str, ModelResult]] = None,
     costs: Sequence[Cost] = (),
     eptq_iters: int = DEFAULT_EPTQ_ITERS,
     eptq_calib_samples: int = DEFAULT_EPTQ_CALIB_SAMPLES,
@@ -1081,8 +1080,11 @@ def render(
               "[mixed precision](BENCHMARKS_MIXED.md) (`tools/bench_mixed.py`), [zoo of architecture families, "
               "exporters, traps and targets](BENCHMARKS_ZOO.md) (`tools/bench_breadth.py`), [calibration memory at "
               "scale](BENCHMARKS_SCALE.md) (`tools/bench_scale.py`)."]
-    spread = seed_scores(eptq, seeds) if "seeds" in sections else {}
-    checks = (acceptance(results) + eptq_acceptance(eptq) + (seed_acceptance(spread) if spread else [])
+    by_name = {r.benchmark.name: r for r in eptq}
+    spread = {(name, bits): seed_scores(by_name.get(name), (seeds or {}).get(name), bits)
+              for name in (seeds or {}) for bits in EPTQ_BITS} if "seeds" in sections else {}
+    checks = (acceptance(results) + eptq_acceptance(eptq)
+              + [c for (name, bits), scores in spread.items() for c in seed_acceptance(name, bits, scores)]
               + (step_acceptance(costs) if "step" in sections else []))
     lines += ["", "## Acceptance checks", ""]
     lines += [f"- {'PASS' if ok else '**FAIL**'} {text}" for ok, text in checks]
@@ -1091,8 +1093,9 @@ def render(
         for result in eptq:
             lines += ["", f"### {result.benchmark.name}", "", result.benchmark.description + ".", "", *_eptq_table(result)]
     if spread:
-        lines += ["", SEEDS_READING.format(bits=SEED_BITS, model=SEED_MODEL, n=1 + len(EXTRA_SEEDS), iters=eptq_iters),
-                  "", *_seed_table(spread)]
+        lines += ["", SEEDS_READING.format(n=1 + len(EXTRA_SEEDS), iters=eptq_iters)]
+        for (name, bits), scores in spread.items():
+            lines += ["", f"### {name} W{bits}A8", "", *_seed_table(scores)]
     if terms:
         lines += ["", TERMS_READING.format(bits=TERMS_BITS, calib=calib_samples).rstrip()]
         for name, result in terms.items():
@@ -1156,12 +1159,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with tempfile.TemporaryDirectory(prefix=f"bench-eptq-{name}-") as tmp:
                 eptq.append(bench_model(BENCHMARKS[name], Path(tmp), args.eptq_calib_samples, eptq_methods(args.eptq_iters),
                                         EPTQ_BITS, isolate=True, latency=False))
-    seeds: Optional[ModelResult] = None
+    seeds: Dict[str, ModelResult] = {}
     if "seeds" in sections:
-        _log(f"seeds: {SEED_MODEL} ...")
-        with tempfile.TemporaryDirectory(prefix="bench-seeds-") as tmp:
-            seeds = bench_model(BENCHMARKS[SEED_MODEL], Path(tmp), args.eptq_calib_samples, seed_methods(args.eptq_iters),
-                                (SEED_BITS,), isolate=True, latency=False)
+        for name in EPTQ_MODELS:
+            _log(f"seeds: {name} ...")
+            with tempfile.TemporaryDirectory(prefix=f"bench-seeds-{name}-") as tmp:
+                seeds[name] = bench_model(BENCHMARKS[name], Path(tmp), args.eptq_calib_samples, seed_methods(args.eptq_iters),
+                                          EPTQ_BITS, isolate=True, latency=False)
     terms: Dict[str, TermsResult] = {}
     if "terms" in sections:
         for name in EPTQ_MODELS:
