@@ -7,9 +7,9 @@ reconstruction loss, sum_i w_i * mean((z~_i - z_i)^2) over every loss tensor.
 On a small model a step is dominated by per-op overhead, not arithmetic: in Python each fake
 quantizer is 4 elementwise ops and a Python autograd node, each loss term 3-4 ops and 2 nodes.
 The C++ kernels in ``csrc/training_kernels.cpp`` make each one call with its autograd node in
-C++, and one pass forward and one backward over tensors of up to 64K elements (larger ones take
-ATen's multi-threaded ops, where per-op overhead does not matter); docs/BENCHMARKS.md has the step
-cost with and without them. They are compiled with torch's extension builder the first time a run
+C++, and one vectorized pass forward and one backward over small tensors (up to 256K elements
+forward, 64K backward; larger ones take ATen's multi-threaded ops, where per-op overhead does not
+matter); docs/BENCHMARKS.md has the step cost with and without them. They are compiled with torch's extension builder the first time a run
 needs them (about 30 s with a C++ compiler; cached per machine and torch version) and used for
 float32 tensors on the CPU. Without a compiler, on CUDA or with ``EPTQ_ONNX_NO_FUSED_KERNELS=1``
 the Python reference below runs instead: the same arithmetic, slower.
