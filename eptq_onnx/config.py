@@ -64,9 +64,10 @@ class OptimizeOptions:
     lr_rounding: float = 3e-2
     lr_bias: float = 1e-3
     lr_scale: float = 1e-3
-    # The regularizer is averaged over the rounding variables and the reconstruction divided by
-    # its initial value, so lambda does not depend on model size; 1000 decides every rounding
-    # variable within the annealing even in short (CPU) runs (paper: 0.01 on sums, 20K+ steps).
+    # The regularizer is averaged over each layer's rounding variables, then over the layers, and
+    # the reconstruction divided by its initial value, so lambda does not depend on model size;
+    # 1000 decides every rounding variable within 2000 steps on the bench models (paper: 0.01 on
+    # sums, 20K+ steps); 500 steps at 3 bits leave ~9% undecided on the demo (the report warns).
     reg_lambda: float = 1000.0
     beta_start: float = 20.0
     beta_end: float = 2.0
