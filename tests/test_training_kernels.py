@@ -72,7 +72,7 @@ def _loss_inputs():  # type: ignore[no-untyped-def]
     return students, targets, [0.5, 2.0, 1.25, 0.75]
 
 
-def test_fused_weighted_mse_equals_the_sum_of_mse_losses(monkeypatch) -> None:
+def test_fused_weighted_mse_equals_the_sum_of_mse_losses() -> None:
     """Loss and gradients equal sum_i w_i * F.mse_loss (float rounding apart), targets sliced or whole."""
     _extension()
     students, targets, weights = _loss_inputs()
@@ -87,8 +87,8 @@ def test_fused_weighted_mse_equals_the_sum_of_mse_losses(monkeypatch) -> None:
     for x, y in zip(a, b):
         assert x.grad.shape == x.shape
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-6, atol=1e-9)
-    monkeypatch.setattr(training_kernels, "_ext", None)  # the Python path takes the same inputs
-    assert float(training_kernels.weighted_mse(students, targets, weights)) == pytest.approx(float(reference), rel=1e-6)
+    with training_kernels.python_kernels():  # the Python path takes the same inputs
+        assert float(training_kernels.weighted_mse(students, targets, weights)) == pytest.approx(float(reference), rel=1e-6)
 
 
 def test_a_failed_build_falls_back_to_python_loudly(monkeypatch, calib_for) -> None:

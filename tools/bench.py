@@ -679,17 +679,6 @@ def _mean_step(optimization: Dict) -> Optional[float]:
     return optimization["seconds"] / optimization["iters"] if optimization.get("iters") else None
 
 
-@contextlib.contextmanager
-def python_kernels() -> Iterator[None]:
-    """Train with the Python reference kernels (training_kernels' fallback) inside the block."""
-    saved = training_kernels._ext
-    training_kernels._ext = None
-    try:
-        yield
-    finally:
-        training_kernels._ext = saved
-
-
 def _min(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return b if a is None else a if b is None else min(a, b)
 
@@ -724,7 +713,7 @@ def measure_cost_once(benchmark: Benchmark, workdir: Path, calib_samples: int = 
         cost.fb_s = hessian.get("forward_backward_seconds")
         cost.step_s = _mean_step(optimization)
         cost.kernels = optimization.get("kernels", "")
-        with python_kernels():  # the same steps without the fused kernels (uniform weights: no LFH to wait for)
+        with training_kernels.python_kernels():  # the same steps without the fused kernels (uniform weights: no LFH to wait for)
             plain = replace(options, weighting="uniform")
             again = quantize(float_path, calib, replace(config, optimize=plain), progress=False).report.optimization or {}
         cost.python_step_s = _mean_step(again)

@@ -134,16 +134,12 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
         sum = at::mse_loss(s, t, at::Reduction::Sum).item<double>();
       }
       total += weights[k] * sum / static_cast<double>(std::max<int64_t>(1, s.numel()));
-      saved.push_back(s.detach());  // the values only: no view of an autograd input to replay when unpacked
+      // the values only (no view of an autograd input to replay when unpacked): the student in
+      // its own shape, which its gradient takes, and the target as [rows, cols]
+      saved.push_back(s.view(students[k].sizes()).detach());
       saved.push_back(t.detach());
     }
-    std::vector<int64_t> shapes;  // each student's rank, then its sizes
-    for (const Tensor& s : students) {
-      shapes.push_back(s.dim());
-      for (int64_t size : s.sizes()) shapes.push_back(size);
-    }
     ctx->saved_data["weights"] = weights;
-    ctx->saved_data["shapes"] = shapes;
     ctx->save_for_backward(saved);
     return torch::tensor(static_cast<float>(total));
   }
@@ -151,15 +147,11 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const double g = grads[0].item<double>();
     const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
-    const std::vector<int64_t> shapes = ctx->saved_data["shapes"].toIntVector();
     const variable_list saved = ctx->get_saved_variables();
     variable_list out;
-    size_t at_shape = 0;
     for (size_t k = 0; k < weights.size(); ++k) {
-      const Tensor& s = saved[2 * k];
       const Tensor& t = saved[2 * k + 1];
-      const std::vector<int64_t> sizes(shapes.begin() + at_shape + 1, shapes.begin() + at_shape + 1 + shapes[at_shape]);
-      at_shape += 1 + shapes[at_shape];
+      const Tensor s = saved[2 * k].view({t.size(0), t.size(1)});
       const double factor = 2.0 * weights[k] / static_cast<double>(std::max<int64_t>(1, s.numel())) * g;
       Tensor grad;
       if (s.numel() <= SMALL) {
@@ -173,7 +165,7 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
       } else {
         grad = at::sub(s, t).mul_(factor);
       }
-      out.push_back(grad.view(sizes));
+      out.push_back(grad.view(saved[2 * k].sizes()));
     }
     for (size_t k = 0; k < weights.size(); ++k) out.push_back(Tensor());  // targets
     out.push_back(Tensor());  // weights
