@@ -122,11 +122,14 @@ def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     assert expected > 0 and got == pytest.approx(expected, rel=1e-5)
 
 
-def test_beta_schedule_warmup_then_linear_anneal() -> None:
+def test_beta_schedule_warmup_then_linear_anneal_then_settle() -> None:
     options = OptimizeOptions()
     assert beta_at(0, 100, options) is None and beta_at(19, 100, options) is None
     assert beta_at(20, 100, options) == pytest.approx(20.0)
-    assert beta_at(99, 100, options) == pytest.approx(2.0 + 18.0 / 80.0)
+    assert beta_at(50, 100, options) == pytest.approx(20.0 - 18.0 * 30.0 / 60.0)
+    assert beta_at(80, 100, options) == pytest.approx(2.0) and beta_at(99, 100, options) == pytest.approx(2.0)
+    to_the_end = OptimizeOptions(anneal_end=1.0)  # AdaRound's schedule
+    assert beta_at(99, 100, to_the_end) == pytest.approx(2.0 + 18.0 / 80.0)
 
 
 @pytest.mark.parametrize("weighting", ["lfh", "uniform"])
@@ -219,6 +222,8 @@ def test_bad_optimization_options_are_usage_errors() -> None:
         QuantConfig(optimize=OptimizeOptions(iters=-1))
     with pytest.raises(UsageError):
         QuantConfig(optimize=OptimizeOptions(time_budget_min=0))
+    with pytest.raises(UsageError, match="anneal_end"):
+        QuantConfig(optimize=OptimizeOptions(warmup=0.5, anneal_end=0.4))
 
 
 class _FakeObjective:
