@@ -313,17 +313,23 @@ def resnet50(opset: int = 13) -> onnx.ModelProto:
     return exported(net, (x,), opset=opset, input_names=["input"], output_names=["logits"])
 
 
-def _transformer(opset: int, dynamo: bool) -> onnx.ModelProto:
+def _transformer(opset: int, dynamo: bool, tokens: int = 16, dim: int = 32, heads: int = 2, hidden: int = 64) -> onnx.ModelProto:
     with _seeded(1):
-        net = _TransformerBlock(tokens=16, dim=32, heads=2, hidden=64)
+        net = _TransformerBlock(tokens=tokens, dim=dim, heads=heads, hidden=hidden)
         _perturb_norms(net)
-        x = torch.randn(2, 16, 32)
+        x = torch.randn(2, tokens, dim)
     return exported(net, (x,), opset=opset, dynamo=dynamo, input_names=["tokens"], output_names=["output"])
 
 
 def transformer_block(opset: int = 17, *, dynamo: bool = False) -> onnx.ModelProto:
     """Pre-norm transformer block on [N,16,32]; opset >= 17 keeps LayerNorm as one LayerNormalization op."""
     return _transformer(opset, dynamo)
+
+
+def vit_tiny_block() -> onnx.ModelProto:
+    """The same block at ViT-Tiny's width (dim 192, 3 heads, MLP 768) on [N,65,192] (8x8 patches and a
+    class token): tools/bench.py's step cost at a realistic layer size (not in ZOO: too slow for tests)."""
+    return _transformer(17, dynamo=False, tokens=65, dim=192, heads=3, hidden=768)
 
 
 def transformer_block_decomposed() -> onnx.ModelProto:

@@ -43,3 +43,14 @@ def test_eptq_row_mlp_isolated(tmp_path: Path) -> None:
     assert ort_row.not_applicable == "onnxruntime has no 3-bit type" and ort_row.error is None
     text = bench.render([], "x", 8, 1.0, sections=("eptq",), eptq=[result], eptq_iters=5)
     assert "| EPTQ-LFH | W3A8 |" in text and "n/a: onnxruntime has no 3-bit type" in text
+
+
+def test_seed_acceptance_compares_the_weightings_seed_by_seed() -> None:
+    score = bench.Score
+    runs = {"lfh": [(0, score(25.0, 0.97)), (1, score(26.0, 0.96)), (2, score(24.0, 0.98))],
+            "uniform": [(2, score(24.5, 0.97)), (0, score(24.0, 0.97)), (1, score(26.5, 0.96))]}
+    [(ok, line)] = bench.seed_acceptance("m", 4, runs)
+    assert ok  # mean SQNR 25.0 vs 25.0 dB, top-1 97.0 vs 96.7 %
+    assert "SQNR +1.00 / -0.50 / -0.50 dB" in line and "top-1 +0.0 / +0.0 / +1.0 points" in line
+    runs["lfh"][0] = (0, score(24.9, 0.97))
+    assert not bench.seed_acceptance("m", 4, runs)[0][0]
