@@ -107,7 +107,7 @@ reach the output largely undiminished; uniform weighting keeps them in the loss.
 blind spot, and one way uniform weighting can come out ahead: how the two compare in this run is in the
 (d) lines of the acceptance checks and in the seed tables above.
 """
-STEP_RUNS = 5  # bare-model timings (median), after one warm-up
+STEP_RUNS = 20  # bare-model timings (median), after one warm-up
 COST_STEPS = 50  # optimization steps of a cost run (the mean step time is what it reports)
 COST_REPEATS = 3  # cost runs per model; each time is the minimum over them (one-shot timings, shared CPUs)
 STEP_TARGET = 1.5  # EPTQ step / bare model step
