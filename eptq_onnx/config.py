@@ -72,9 +72,11 @@ class OptimizeOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    # beta reaches beta_end at this fraction of the steps and stays there: the last 20% settle
-    # (AdaRound anneals to the last step; in 500-step runs that left 10% of the demo's rounding
-    # variables undecided at W3 and the written model lost to the MSE init, see README)
+    # beta reaches beta_end settle_steps before the last step (at the latest at anneal_end of the
+    # steps) and stays there while the rounding settles: AdaRound anneals to the last step, which
+    # in 500-step runs left 10% of the demo's rounding variables undecided at W3 and the written
+    # model below the MSE init; RAdam moves V by ~lr per step, so settling takes ~100 steps (README)
+    settle_steps: int = 100
     anneal_end: float = 0.8
     learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (see README)
     learn_act_scales: bool = False
@@ -161,8 +163,9 @@ class QuantConfig:
             raise UsageError(f"--iters {self.optimize.iters} must be 0 (no optimization) or more")
         if self.optimize.time_budget_min <= 0:
             raise UsageError(f"--time-budget {self.optimize.time_budget_min} must be positive (minutes)")
-        if not 0.0 <= self.optimize.warmup < self.optimize.anneal_end <= 1.0:
-            raise UsageError(f"OptimizeOptions: need 0 <= warmup ({self.optimize.warmup}) < anneal_end ({self.optimize.anneal_end}) <= 1")
+        if not 0.0 <= self.optimize.warmup < self.optimize.anneal_end <= 1.0 or self.optimize.settle_steps < 0:
+            raise UsageError(f"OptimizeOptions: need 0 <= warmup ({self.optimize.warmup}) < anneal_end "
+                             f"({self.optimize.anneal_end}) <= 1 and settle_steps ({self.optimize.settle_steps}) >= 0")
         if self.optimize.hessian_samples < 1 or self.optimize.hessian_draws < 1:
             raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:

@@ -128,7 +128,9 @@ def test_beta_schedule_warmup_then_linear_anneal_then_settle() -> None:
     assert beta_at(20, 100, options) == pytest.approx(20.0)
     assert beta_at(50, 100, options) == pytest.approx(20.0 - 18.0 * 30.0 / 60.0)
     assert beta_at(80, 100, options) == pytest.approx(2.0) and beta_at(99, 100, options) == pytest.approx(2.0)
-    to_the_end = OptimizeOptions(anneal_end=1.0)  # AdaRound's schedule
+    # long runs settle for settle_steps (100) only: 2000 steps anneal from 400 to 1900
+    assert beta_at(1150, 2000, options) == pytest.approx(11.0) and beta_at(1900, 2000, options) == pytest.approx(2.0)
+    to_the_end = OptimizeOptions(anneal_end=1.0, settle_steps=0)  # AdaRound's schedule
     assert beta_at(99, 100, to_the_end) == pytest.approx(2.0 + 18.0 / 80.0)
 
 
