@@ -72,7 +72,7 @@ class OptimizeOptions:
     beta_start: float = 20.0
     beta_end: float = 2.0
     warmup: float = 0.2
-    # beta reaches beta_end settle_steps before the last step (at the latest at anneal_end of the
+    # beta reaches beta_end settle_steps before the last step (but not before anneal_end of the
     # steps) and stays there while the rounding settles: AdaRound anneals to the last step, which
     # in 500-step runs left 10% of the demo's rounding variables undecided at W3 and the written
     # model below the MSE init; RAdam moves V by ~lr per step, so settling takes ~100 steps (README)

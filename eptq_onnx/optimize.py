@@ -7,7 +7,7 @@ student's; w_i: the log-normalized Label-Free Hessian trace (or uniform), rescal
 L_0 the initial reconstruction loss (a constant); f_reg: AdaRound's regularizer, averaged over each
 layer's rounding variables and then over the layers (RoundingBank.regularizer says why per layer),
 with beta annealed from 20 to 2 from the end of a warm-up (20% of the steps) to 100 steps before
-the last (at the latest at 80% of the steps), then held while the rounding settles.
+the last (but not before 80% of the steps), then held while the rounding settles.
 Learned: the rounding variables V (RAdam, 3e-2), biases (Adam, 1e-3), by option per-channel
 weight step multipliers and activation steps (Adam, 1e-3). Biases and steps use Adam, not the
 paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and
@@ -251,8 +251,8 @@ def _start_rounding(twin: Twin, fixed_scale: bool) -> None:
 
 def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
     """Annealed beta of the regularizer, or None during the warm-up (no regularizer): linear from
-    beta_start after the warm-up to beta_end ``settle_steps`` before the last step (at the latest
-    at ``anneal_end`` of the steps), then beta_end."""
+    beta_start after the warm-up to beta_end ``settle_steps`` before the last step (but not
+    before ``anneal_end`` of the steps), then beta_end."""
     start = int(options.warmup * total)
     if step < start:
         return None
