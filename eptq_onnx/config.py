@@ -67,7 +67,7 @@ class OptimizeOptions:
     # The regularizer is averaged over each layer's rounding variables, then over the layers, and
     # the reconstruction divided by its initial value, so lambda does not depend on model size;
     # 1000 decides every rounding variable within 2000 steps on the bench models (paper: 0.01 on
-    # sums, 20K+ steps), and within 500 with anneal_end below (the report warns where some are left).
+    # sums, 20K+ steps), and within 500 with the settle phase below (the report warns where some are left).
     reg_lambda: float = 1000.0
     beta_start: float = 20.0
     beta_end: float = 2.0
