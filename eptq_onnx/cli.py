@@ -150,6 +150,9 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               help="Most Hutchinson draws per sample (stops early on convergence).")
 @click.option("--hessian-distribution", type=click.Choice(["gaussian", "rademacher"]), default="gaussian",
               show_default=True, help="Distribution of the Hutchinson vectors.")
+@click.option("--hessian-trace", type=click.Choice(["channel", "element"]), default="channel", show_default=True,
+              help="LFH of errors equal across each channel's positions (pixels, tokens), as rounded weights make "
+              "them, or independent per element (the paper's trace).")
 @click.option("--opt-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batch size of the optimization.")
 @click.option("--learn-act-scales", is_flag=True, help="Also learn activation step sizes (default: fixed after calibration).")
@@ -188,7 +191,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
-         hessian_samples: int, hessian_draws: int, hessian_distribution: str, opt_batch_size: int,
+         hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
          learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], mixed_precision: bool,
          bit_options: str, weight_memory: Optional[str], avg_weight_bits: Optional[float], sensitivity_metric: str,
          sensitivity_samples: int, pairwise: bool, ilp_time_limit: float, bit_search: str, plots_dir: Optional[Path], validation_samples: int,
@@ -247,6 +250,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 hessian_samples=hessian_samples,
                 hessian_draws=hessian_draws,
                 hessian_distribution=hessian_distribution,  # type: ignore[arg-type]
+                hessian_trace=hessian_trace,  # type: ignore[arg-type]
                 batch_size=opt_batch_size,
                 learn_act_scales=learn_act_scales,
                 learn_weight_scales=learn_weight_scales,

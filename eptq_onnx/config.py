@@ -11,6 +11,7 @@ CalibMethod = Literal["minmax", "percentile", "mse"]
 WeightInit = Literal["output-mse", "mse", "minmax"]
 Weighting = Literal["lfh", "uniform"]
 HessianDistribution = Literal["gaussian", "rademacher"]
+HessianTrace = Literal["channel", "element"]
 WeightStorage = Literal["native", "int8"]
 Layout = Literal["nchw", "nhwc"]
 SensitivityMetric = Literal["lfh", "output"]
@@ -54,7 +55,10 @@ class OptimizeOptions:
     ``iters`` 0 skips the optimization (the MSE-initialized model); None picks as many steps as
     fit ``time_budget_min`` (at most ``max_iters``): minutes for the whole run, counted from its
     start, 10% kept for validation and writing. ``weighting``: ``lfh`` (Label-Free Hessian,
-    the paper) or ``uniform`` (Table 1 ablation).
+    the paper) or ``uniform`` (Table 1 ablation). ``hessian_trace``: ``channel`` sums the Hutchinson
+    gradient over each tensor's position axes before squaring (errors equal across a channel's
+    positions, as rounded weights make them; our deviation, README) or ``element`` (the paper's
+    trace: independent errors).
     """
 
     iters: Optional[int] = None  # None: as many as fit time_budget_min, at most max_iters
@@ -92,6 +96,7 @@ class OptimizeOptions:
     hessian_samples: int = 16
     hessian_draws: int = 50
     hessian_distribution: HessianDistribution = "gaussian"
+    hessian_trace: HessianTrace = "channel"  # deviation from the paper ("element"): README, BENCHMARKS.md
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,8 @@ class QuantConfig:
                              f"({self.optimize.anneal_end}) <= 1 and settle_steps ({self.optimize.settle_steps}) >= 0")
         if self.optimize.hessian_samples < 1 or self.optimize.hessian_draws < 1:
             raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
+        if self.optimize.hessian_trace not in ("channel", "element"):
+            raise UsageError(f"--hessian-trace {self.optimize.hessian_trace!r}: choose channel or element")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
         self._check_target()

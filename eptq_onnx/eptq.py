@@ -19,6 +19,7 @@ from .calib_data import CalibrationSet
 from .config import QuantConfig
 from .errors import ModelError
 from .hessian import LFHResult, label_free_hessian
+from .layout import position_axes
 from .optimize import OptimizeResult, optimize, tensor_sqnr
 from .qpoints import QuantPlan
 from .quantizers import ActParams
@@ -73,11 +74,15 @@ def _forward_backward_seconds(twin: Twin, sample: Dict[str, torch.Tensor]) -> fl
     return time.perf_counter() - start
 
 
-def compute_lfh(twin: Twin, calib: CalibrationSet, names: List[str], config: QuantConfig, progress: bool) -> Tuple[LFHResult, float]:
-    """Label-Free Hessian of the teacher at ``names``, over the first calibration samples, one at a time."""
+def compute_lfh(
+    model: onnx.ModelProto, twin: Twin, calib: CalibrationSet, names: List[str], config: QuantConfig, progress: bool
+) -> Tuple[LFHResult, float]:
+    """Label-Free Hessian of the teacher (``model``'s twin) at ``names``, over the first calibration
+    samples, one at a time; with ``hessian_trace='channel'`` summed over each tensor's position axes."""
     options = config.optimize
     device = options.device
     samples = [to_tensors(f, device) for f in calib.batches(batch_size=1, limit=options.hessian_samples)]
+    layout = position_axes(model, names) if options.hessian_trace == "channel" else None
     twin.teacher.to(device)
     result = label_free_hessian(
         lambda feeds: twin.teacher.run(feeds, names),
@@ -86,7 +91,9 @@ def compute_lfh(twin: Twin, calib: CalibrationSet, names: List[str], config: Qua
         distribution=options.hessian_distribution,
         seed=options.seed,
         progress=progress,
+        position_axes=layout.axes if layout else None,
     )
+    result.unknown_axes = layout.unknown if layout else []
     return result, _forward_backward_seconds(twin, samples[0])
 
 
@@ -144,7 +151,7 @@ def run_eptq(
     hessian, fb_seconds = None, 0.0
     if options.weighting == "lfh":
         reuse = lfh is not None and set(lfh[0].traces) == set(names)
-        hessian, fb_seconds = lfh if reuse else compute_lfh(twin, calib, names, config, progress)  # type: ignore[misc]
+        hessian, fb_seconds = lfh if reuse else compute_lfh(model, twin, calib, names, config, progress)  # type: ignore[misc]
         loss_weights = mean_one(hessian.normalized)
     else:
         loss_weights = dict.fromkeys(names, 1.0)

@@ -8,6 +8,15 @@ where f(x) is every output of the model flattened and concatenated (d_o elements
 Hutchinson draw is one backward pass that serves all probed tensors at once. The traces are
 then log-normalized to [0, 1] to weight the distillation loss.
 
+The trace is the output's sensitivity to errors that are independent from element to element.
+With ``position_axes`` the gradient is first summed over each tensor's position axes (the axes
+along which one layer's weights act, ``layout.position_axes``), which estimates instead
+
+    c * mean_x E_v sum_k ( sum_p (d(v^T f(x)) / d z_i)_{k,p} )^2  =  c * mean_x Tr(S^T J^T J S),
+
+S summing the positions p of every channel k: the sensitivity to errors that are equal at all
+positions of a channel, as rounded weights make them (our deviation from the paper, README).
+
 This module knows nothing of ONNX: it takes a ``Forward`` callable that runs the model on one
 feed dict and returns its outputs and the probed intermediate tensors.
 """
@@ -15,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -37,6 +46,8 @@ class LFHResult:
     draws: int  # Hutchinson draws used on one sample (max over samples)
     samples: int
     seconds: float
+    position_axes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # summed before squaring (channel trace)
+    unknown_axes: List[str] = field(default_factory=list)  # the caller could not tell their axes (elementwise)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +81,7 @@ def label_free_hessian(
     distribution: str = "gaussian",
     seed: int = 0,
     progress: bool = True,
+    position_axes: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> LFHResult:
     """Estimate Tr(H_z) of every tensor ``forward`` probes, averaged over ``samples`` (Algorithm 2).
 
@@ -89,6 +101,7 @@ def label_free_hessian(
     start = time.perf_counter()
     totals: Optional[torch.Tensor] = None
     names: List[str] = []
+    sums = dict(position_axes or {})
     count = most_draws = 0
     bar = tqdm(samples, desc="Label-Free Hessian", unit="sample", disable=not progress, leave=False)
     for feed in bar:
@@ -99,7 +112,8 @@ def label_free_hessian(
                 totals = torch.zeros(len(names), dtype=torch.float64)
             elif list(tensors) != names:
                 raise ValueError(f"forward probed {sorted(tensors)} on sample {count}, but {sorted(names)} before")
-            estimate, draws = _sample_trace(outputs, [tensors[n] for n in names], generator, max_draws, min_draws, tol, distribution)
+            probed = [(tensors[n], _checked_axes(n, tensors[n], sums.get(n, ()))) for n in names]
+            estimate, draws = _sample_trace(outputs, probed, generator, max_draws, min_draws, tol, distribution)
         del outputs, tensors
         totals += estimate
         count += 1
@@ -108,7 +122,8 @@ def label_free_hessian(
     if totals is None:
         raise ValueError("label_free_hessian needs at least one sample")
     traces = {name: float(t) for name, t in zip(names, totals / count)}
-    return LFHResult(traces, log_normalize(traces), most_draws, count, time.perf_counter() - start)
+    summed = {name: tuple(sums[name]) for name in names if sums.get(name)}
+    return LFHResult(traces, log_normalize(traces), most_draws, count, time.perf_counter() - start, summed)
 
 
 def _check_args(max_draws: int, min_draws: int, tol: float, distribution: str) -> None:
@@ -120,6 +135,12 @@ def _check_args(max_draws: int, min_draws: int, tol: float, distribution: str) -
         raise ValueError(f"tol must be >= 0, got {tol}")
 
 
+def _checked_axes(name: str, tensor: torch.Tensor, axes: Sequence[int]) -> Tuple[int, ...]:
+    if any(not 0 < a < tensor.dim() for a in axes):
+        raise ValueError(f"position axes {tuple(axes)} of {name} do not fit its shape {tuple(tensor.shape)} (axis 0 is the batch)")
+    return tuple(axes)
+
+
 def _requiring_grad(feed: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The feed with its floating-point tensors as fresh leaves that require grad."""
     return {k: v.detach().requires_grad_(True) if v.is_floating_point() else v for k, v in feed.items()}
@@ -127,16 +148,16 @@ def _requiring_grad(feed: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 def _sample_trace(
     outputs: Sequence[torch.Tensor],
-    tensors: Sequence[torch.Tensor],
+    tensors: Sequence[Tuple[torch.Tensor, Tuple[int, ...]]],
     generator: torch.Generator,
     max_draws: int,
     min_draws: int,
     tol: float,
     distribution: str,
 ) -> Tuple[torch.Tensor, int]:
-    """c * E_v ||d(v^T f)/dz||^2 for every tensor on one sample, and the number of draws used."""
+    """c * E_v ||S^T d(v^T f)/dz||^2 for every (tensor, axes S sums) on one sample, and the number of draws used."""
     outs = [o for o in outputs if o.is_floating_point() and o.requires_grad]
-    live = [i for i, t in enumerate(tensors) if t.requires_grad]
+    live = [i for i, (t, _) in enumerate(tensors) if t.requires_grad]
     mean = torch.zeros(len(tensors), dtype=torch.float64)
     if not outs or not live:
         return mean, 0
@@ -160,19 +181,20 @@ def _draw(size: int, generator: torch.Generator, distribution: str) -> torch.Ten
     return torch.randint(0, 2, (size,), generator=generator).mul_(2).sub_(1).float()
 
 
-def _squared_norms(outs: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], v: torch.Tensor) -> torch.Tensor:
-    """||d(v^T f)/dz||^2 for every tensor, from one backward pass (float64, on CPU)."""
+def _squared_norms(outs: Sequence[torch.Tensor], tensors: Sequence[Tuple[torch.Tensor, Tuple[int, ...]]], v: torch.Tensor) -> torch.Tensor:
+    """||S^T d(v^T f)/dz||^2 for every (tensor, axes S sums), from one backward pass (float64, on CPU)."""
     pieces = v.split([o.numel() for o in outs])
     projection = sum((p.to(o.device, o.dtype).view_as(o) * o).sum() for p, o in zip(pieces, outs))
-    grads = torch.autograd.grad(projection, list(tensors), retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(projection, [t for t, _ in tensors], retain_graph=True, allow_unused=True)
     device = outs[0].device
-    return torch.stack([_square_sum(g, device) for g in grads]).cpu()
+    return torch.stack([_square_sum(g, axes, device) for g, (_, axes) in zip(grads, tensors)]).cpu()
 
 
-def _square_sum(g: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _square_sum(g: Optional[torch.Tensor], axes: Tuple[int, ...], device: torch.device) -> torch.Tensor:
     if g is None:
         return torch.zeros((), dtype=torch.float64, device=device)
-    return g.detach().double().pow(2).sum().to(device)
+    g = g.detach().double()
+    return (g.sum(dim=axes) if axes else g).pow(2).sum().to(device)
 
 
 def _converged(previous: torch.Tensor, current: torch.Tensor, tol: float) -> bool:

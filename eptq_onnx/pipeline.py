@@ -20,6 +20,7 @@ from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError
 from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
+from .hessian import LFHResult
 from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
@@ -207,6 +208,8 @@ def quantize(
             inputs = SearchInputs(float_model, plan, candidates, acts, calib_set, config)
             weights, sensitivity = choose_bits(inputs, report, progress, _logger(progress))
             lfh = sensitivity.hessian
+            if lfh is not None:
+                warn_unknown_axes(report, lfh[0])
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
         report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
@@ -298,6 +301,16 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
     if outcome.hessian is not None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
+        warn_unknown_axes(report, outcome.hessian)
+
+
+def warn_unknown_axes(report: Report, hessian: LFHResult) -> None:
+    """Say which tensors the channel-correlated LFH had to treat elementwise (their layout unknown)."""
+    unknown = hessian.unknown_axes
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        report.warn(f"LFH (--hessian-trace channel): the position axes of {len(unknown)} tensor(s) are unknown (no "
+                    f"layout rule for the op that makes them); they take the paper's elementwise trace: {shown}")
 
 
 def _tensor_entries(

@@ -48,7 +48,9 @@ class Report:
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
-        self.warnings.append(message)
+        """Add a warning (once: stages that share a result may each report it)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def to_dict(self) -> Dict[str, Any]:
         return _jsonable(asdict(self))

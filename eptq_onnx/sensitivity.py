@@ -235,7 +235,7 @@ def measure_sensitivity(
     lfh: Dict[str, float] = {}
     hessian = None
     if metric == "lfh" or not evaluate:
-        hessian = compute_lfh(twin, calib, probed, config, progress)
+        hessian = compute_lfh(model, twin, calib, probed, config, progress)
         lfh = hessian[0].normalized
     outputs = {o.name for o in model.graph.output}
     weights = mean_one(lfh) if metric == "lfh" else {n: float(n in outputs) for n in probed}

@@ -198,6 +198,32 @@ def test_cli_optimization_writes_report_and_plots(tmp_path: Path, calib_for) -> 
         assert (plots / name).stat().st_size > 1000
 
 
+def test_hessian_trace_option_sums_positions_of_each_channel(tmp_path: Path, calib_for) -> None:
+    """--hessian-trace channel (default) sums the Hutchinson gradient over each tensor's position axes:
+    right before the global average pool that is exactly 64x the paper's elementwise trace (8x8
+    positions, the same draws); --hessian-trace element is the paper's."""
+    import onnx
+
+    model = zoo.residual_cnn()
+    src = tmp_path / "cnn.onnx"
+    onnx.save(model, src)
+    calib = calib_for(model, 8)
+    pooled = next(n.input[0] for n in model.graph.node if n.op_type == "GlobalAveragePool")
+    reports = {}
+    for trace in ("channel", "element"):
+        report = tmp_path / f"{trace}.json"
+        args = [str(src), str(tmp_path / f"{trace}.onnx"), "--calib", str(calib), "--iters", "2", "--hessian-samples", "2",
+                "--hessian-draws", "3", "--opt-batch-size", "4", "--report", str(report), "-q"]
+        result = CliRunner().invoke(main, args + (["--hessian-trace", "element"] if trace == "element" else []))
+        assert result.exit_code == 0, result.output
+        reports[trace] = json.loads(report.read_text())["hessian"]
+    channel, element = reports["channel"], reports["element"]
+    assert element["position_axes"] == {} and channel["position_axes"][pooled] == [2, 3]
+    assert channel["unknown_axes"] == [] and set(channel["position_axes"]) < set(channel["traces"])  # not the pooled/logits
+    assert channel["traces"][pooled] == pytest.approx(64 * element["traces"][pooled], rel=1e-6)
+    assert channel["normalized"] != element["normalized"]
+
+
 def test_interrupt_during_optimization_writes_nothing(tmp_path: Path, calib_for, monkeypatch) -> None:
     import onnx
 
@@ -226,6 +252,8 @@ def test_bad_optimization_options_are_usage_errors() -> None:
         QuantConfig(optimize=OptimizeOptions(time_budget_min=0))
     with pytest.raises(UsageError, match="anneal_end"):
         QuantConfig(optimize=OptimizeOptions(warmup=0.5, anneal_end=0.4))
+    with pytest.raises(UsageError, match="hessian-trace"):
+        QuantConfig(optimize=OptimizeOptions(hessian_trace="diagonal"))  # type: ignore[arg-type]
 
 
 class _FakeObjective:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -85,11 +85,13 @@ class Exact:
     stderr: float  # standard error of the M-draw Hutchinson estimate of ``trace``
 
 
-def exact_traces(forward: Forward, samples: List[Dict[str, torch.Tensor]], distribution: str, draws: int) -> Dict[str, Exact]:
+def exact_traces(forward: Forward, samples: List[Dict[str, torch.Tensor]], distribution: str, draws: int,
+                 position_axes: Optional[Dict[str, tuple]] = None) -> Dict[str, Exact]:
     """c * Tr(J_z^T J_z) by one backward pass per output component, and the estimator's standard error.
 
     With A = J J^T (d_o x d_o), one draw of ||v^T J||^2 has variance 2 ||A||_F^2 (Gaussian) or
-    2 (||A||_F^2 - sum_k A_kk^2) (Rademacher).
+    2 (||A||_F^2 - sum_k A_kk^2) (Rademacher). With ``position_axes``, J is first multiplied by S, the
+    matrix summing the named axes of z (the channel-correlated trace Tr(S^T J^T J S)).
     """
     sums: Dict[str, List[float]] = {}
     for feed in samples:
@@ -99,6 +101,9 @@ def exact_traces(forward: Forward, samples: List[Dict[str, torch.Tensor]], distr
         rows = [torch.autograd.grad(flat[k], list(tensors.values()), retain_graph=True, allow_unused=True) for k in range(flat.numel())]
         for j, name in enumerate(tensors):
             jac = torch.stack([_flat_grad(row[j], tensors[name]) for row in rows]).double()
+            axes = (position_axes or {}).get(name)
+            if axes:  # J S: the rows of J as tensors of z's shape, summed over the axes
+                jac = jac.view(len(rows), *tensors[name].shape).sum(dim=[a + 1 for a in axes]).reshape(len(rows), -1)
             gram = jac @ jac.T
             variance = 2 * (gram.square().sum() - (gram.diagonal().square().sum() if distribution == "rademacher" else 0))
             total = sums.setdefault(name, [0.0, 0.0])
@@ -136,6 +141,48 @@ def test_matches_exact_jacobian_trace(case: str, distribution: str) -> None:
             assert result.traces[a] > result.traces[b], (a, b)
         elif exact[b].trace > 3 * exact[a].trace:
             assert result.traces[b] > result.traces[a], (a, b)
+
+
+CNN_CHANNEL_AXES = {"0": (2, 3), "1": (2, 3), "2": (2, 3), "3": (2, 3)}  # "5" (the Linear) has none
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_channel_trace_matches_exact_summed_jacobian(distribution: str) -> None:
+    """With position axes the estimate is c * Tr(S^T J^T J S), S summing each channel's positions."""
+    torch.manual_seed(0)
+    forward, shape = CASES["cnn"]()
+    samples = feeds(shape, 3)
+    exact = exact_traces(forward, samples, distribution, DRAWS, CNN_CHANNEL_AXES)
+    elementwise = exact_traces(forward, samples, distribution, DRAWS)
+    result = label_free_hessian(forward, samples, max_draws=DRAWS, tol=0.0, distribution=distribution, progress=False,
+                                position_axes=CNN_CHANNEL_AXES)
+    assert result.position_axes == CNN_CHANNEL_AXES
+    for name, ex in exact.items():
+        error = abs(result.traces[name] - ex.trace)
+        print(f"{distribution} {name}: exact {ex.trace:.4g} (elementwise {elementwise[name].trace:.4g}) lfh {result.traces[name]:.4g}")
+        assert error <= SIGMAS * ex.stderr + 1e-9 * ex.trace, name
+    assert exact["5"].trace == pytest.approx(elementwise["5"].trace)  # no positions: the same trace
+    # not vacuous: the summed trace differs from the elementwise one (by ~20% here, the gradient's signs
+    # varying over positions; before a global pool it is P times larger, the next test)
+    assert sum(abs(exact[n].trace / elementwise[n].trace - 1) > 0.1 for n in CNN_CHANNEL_AXES) >= 2
+
+
+def test_channel_trace_before_global_average_pool_is_positions_times_elementwise() -> None:
+    """Before a global average pool d(v^T f)/dz is the same at every position of a channel, so the
+    summed trace is exactly P times the elementwise one (P positions), draw by draw."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    forward, samples = sequential_forward(net, [0]), feeds((1, 8, 8), 2)
+    element = label_free_hessian(forward, samples, tol=0.0, max_draws=12, progress=False)
+    summed = label_free_hessian(forward, samples, tol=0.0, max_draws=12, progress=False, position_axes={"0": (2, 3)})
+    assert summed.traces["0"] == pytest.approx(36 * element.traces["0"], rel=1e-9)
+
+
+def test_position_axes_must_fit_the_tensor() -> None:
+    forward, shape = CASES["cnn"]()
+    for axes in ({"0": (0,)}, {"5": (2,)}, {"0": (4,)}):
+        with pytest.raises(ValueError, match="position axes"):
+            label_free_hessian(forward, feeds(shape, 1), progress=False, position_axes=axes)
 
 
 def test_mlp_case_spans_more_than_3x() -> None:
@@ -201,7 +248,7 @@ def test_result_to_dict_and_bad_arguments() -> None:
     forward, shape = CASES["mlp"]()
     result = label_free_hessian(forward, feeds(shape, 1), max_draws=12, progress=False)
     assert isinstance(result, LFHResult)
-    assert set(result.to_dict()) == {"traces", "normalized", "draws", "samples", "seconds"}
+    assert set(result.to_dict()) == {"traces", "normalized", "draws", "samples", "seconds", "position_axes", "unknown_axes"}
     for kwargs in ({"distribution": "uniform"}, {"max_draws": 0}, {"tol": -1.0}):
         with pytest.raises(ValueError):
             label_free_hessian(forward, feeds(shape, 1), progress=False, **kwargs)

@@ -298,7 +298,7 @@ def test_eptq_reuses_the_search_lfh(cnn_files, monkeypatch) -> None:
     original = eptq.compute_lfh
 
     def counted(*args, **kwargs):
-        calls.append(args[2])
+        calls.append(args[3])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(eptq, "compute_lfh", counted)

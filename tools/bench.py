@@ -83,7 +83,12 @@ DEMO_DIR = ROOT / "models" / "demo"
 VIT_DIR = ROOT / "models" / "digits_vit"
 SECTIONS = ("zoo", "eptq", "seeds", "terms", "lfh", "step")
 EXTRA_SEEDS = (1, 2)  # seeds section (every EPTQ model and width): seed 0 is the EPTQ section's run
-WEIGHTINGS = ("uniform", "lfh")
+# loss weightings of the EPTQ and seeds sections: key -> (row label, OptimizeOptions weighting, hessian_trace)
+WEIGHTINGS = {
+    "uniform": ("EPTQ-uniform", "uniform", "channel"),
+    "lfh-element": ("EPTQ-LFH-element", "lfh", "element"),  # the paper's trace
+    "lfh": ("EPTQ-LFH", "lfh", "channel"),  # the default
+}
 DEFAULT_EPTQ_ITERS = 2000
 DEFAULT_EPTQ_CALIB_SAMPLES = 256  # every bundled calibration sample of the demo and the digits ViT
 EPTQ_MODELS = ("demo", "digits_vit")
@@ -91,20 +96,22 @@ EPTQ_BITS = (4, 3)
 COST_MODELS = ("demo", "digits_vit", "residual_cnn", "transformer_block", "mlp_mixer_block", "vit_tiny_block")
 COST_WEIGHT_BITS = 4
 TERMS_BITS = 4
-TERMS_READING = """## Where LFH and uniform weighting differ: the loss terms at the MSE init (W{bits}A8)
+TERMS_READING = """## Where the weightings differ: the loss terms at the MSE init (W{bits}A8)
 
 Per loss tensor of EPTQ (Eq. 6) on {calib} calibration samples, from `tools/loss_terms.py`: its size, its
 SQNR at the MSE init, its Label-Free Hessian trace and weight (log-normalized, rescaled to mean 1, the
-least sensitive tensor gets 0 as in the paper), and its share of the initial loss under LFH and under
-uniform weights. The trace is the output's sensitivity to *independent* per-element errors; quantization
-errors are correlated across the positions of a channel (the same rounded weights act everywhere).
-Behind an averaging op over N positions (GlobalAveragePool, mean over tokens) the trace is N times
-smaller than after it, but correlated errors do not average away: the averaging table compares the
-error power that survives the op (measured) with what independent errors would leave (1/N, which is also
-the LFH trace ratio). Where the measured ratio is far above 1/N, LFH gives the tensors before the
-averaging (often the least accurate ones, deep in the network) little or no weight while their errors
-reach the output largely undiminished; uniform weighting keeps them in the loss. That is the trace's
-blind spot, and one way uniform weighting can come out ahead: how the two compare in this run is in the
+least sensitive tensor gets 0 as in the paper) under the paper's elementwise trace and the default
+channel-correlated one, and its share of the initial loss under each and under uniform weights. The
+paper's trace is the output's sensitivity to *independent* per-element errors; quantization errors are
+correlated across the positions of a channel (the same rounded weights act everywhere). Behind an
+averaging op over N positions (GlobalAveragePool, mean over tokens) the elementwise trace is N times
+smaller than after it (1/N in the averaging table), but correlated errors do not average away: the
+averaging table compares the error power that survives the op (measured) with both traces' ratios.
+Where the measured ratio is far above 1/N the paper's LFH gives the tensors before the averaging (often
+the least accurate ones, deep in the network) little weight while their errors reach the output
+largely undiminished: the blind spot through which uniform weighting came out ahead of it. The channel
+trace sums the gradient over the positions first (ratio 1: errors equal at every position), so it
+errs on the other side where errors are only partly correlated; how the weightings compare is in the
 (d) lines of the acceptance checks and in the seed tables above.
 """
 STEP_RUNS = 20  # bare-model timings (median), after one warm-up
@@ -153,6 +160,7 @@ class Ours:
     weighting: str = "lfh"
     target: str = "ort-cpu"
     seed: int = 0
+    hessian_trace: str = "channel"
 
     def __call__(self, model: Path, calib: Path, samples: int, bits: int, output: Path) -> Optional[Outcome]:
         config = QuantConfig(
@@ -162,7 +170,8 @@ class Ours:
             weight_init=self.weight_init,  # type: ignore[arg-type]
             calib_method=self.calib_method,  # type: ignore[arg-type]
             calib=CalibOptions(num_samples=samples),
-            optimize=OptimizeOptions(iters=self.iters, weighting=self.weighting, seed=self.seed),  # type: ignore[arg-type]
+            optimize=OptimizeOptions(iters=self.iters, weighting=self.weighting, seed=self.seed,  # type: ignore[arg-type]
+                                     hessian_trace=self.hessian_trace),  # type: ignore[arg-type]
         )
         result = quantize(model, calib, config, output=output, force=True, progress=False)
         optimization = result.report.optimization or {}
@@ -249,30 +258,33 @@ METHODS: Tuple[Method, ...] = (
 )
 
 
+def _weighted(iters: int, key: str, seed: int = 0) -> Ours:
+    _, weighting, trace = WEIGHTINGS[key]
+    return Ours("output-mse", "mse", iters, weighting, seed=seed, hessian_trace=trace)
+
+
 def eptq_methods(iters: int) -> Tuple[Method, ...]:
-    """The EPTQ section's methods: RTN, the MSE init, EPTQ with uniform and LFH weights, ORT MinMax."""
+    """The EPTQ section's methods: RTN, the MSE init, EPTQ under each weighting, ORT MinMax."""
     return (
         Method("RTN", Ours("minmax", "minmax")),
         Method("MSE init", Ours("output-mse", "mse")),
-        Method("EPTQ-uniform", Ours("output-mse", "mse", iters, "uniform")),
-        Method("EPTQ-LFH", Ours("output-mse", "mse", iters, "lfh")),
+        *(Method(label, _weighted(iters, key)) for key, (label, _, _) in WEIGHTINGS.items()),
         ort_static(CalibrationMethod.MinMax),
     )
 
 
 def seed_methods(iters: int) -> Tuple[Method, ...]:
-    """EPTQ with uniform and LFH weights under the extra seeds (minibatch order, nothing else)."""
-    return tuple(Method(f"EPTQ-{w} seed {seed}", Ours("output-mse", "mse", iters, w, seed=seed))
-                 for w in WEIGHTINGS for seed in EXTRA_SEEDS)
+    """EPTQ under each weighting and the extra seeds (minibatch order, nothing else)."""
+    return tuple(Method(f"{label} seed {seed}", _weighted(iters, key, seed))
+                 for key, (label, _, _) in WEIGHTINGS.items() for seed in EXTRA_SEEDS)
 
 
 def seed_scores(eptq: Optional[ModelResult], seeds: Optional[ModelResult], bits: int) -> Dict[str, List[Tuple[int, Score]]]:
     """Per weighting, (seed, score) of every run of one model at ``bits``: seed 0 from the EPTQ section."""
     found: Dict[str, List[Tuple[int, Score]]] = {w: [] for w in WEIGHTINGS}
-    for w in WEIGHTINGS:
-        label = "EPTQ-LFH" if w == "lfh" else "EPTQ-uniform"
+    for w, (label, _, _) in WEIGHTINGS.items():
         rows = [(0, eptq.find(label, bits) if eptq else None)]
-        rows += [(seed, seeds.find(f"EPTQ-{w} seed {seed}", bits) if seeds else None) for seed in EXTRA_SEEDS]
+        rows += [(seed, seeds.find(f"{label} seed {seed}", bits) if seeds else None) for seed in EXTRA_SEEDS]
         found[w] = [(seed, row.score) for seed, row in rows if row is not None and row.score is not None]
     return found
 
@@ -283,7 +295,7 @@ def _seed_table(scores: Dict[str, List[Tuple[int, Score]]]) -> List[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w, runs in scores.items():
         by_seed = dict(runs)
-        cells = [w] + [f"{by_seed[s].sqnr_db:.2f} / {_percent(by_seed[s].top1)}" if s in by_seed else "—" for s in seeds]
+        cells = [WEIGHTINGS[w][0] if w in WEIGHTINGS else w] + [f"{by_seed[s].sqnr_db:.2f} / {_percent(by_seed[s].top1)}" if s in by_seed else "—" for s in seeds]
         sqnrs = [sc.sqnr_db for _, sc in runs]
         top1 = [sc.top1 for _, sc in runs if sc.top1 is not None]
         cells += [_fmt(float(np.mean(sqnrs)) if sqnrs else None, ".2f"),
@@ -953,9 +965,12 @@ EPTQ_READING = """\
 - Methods (all eptq_onnx, A8 asymmetric per-tensor activations, per-channel symmetric weights):
   **RTN** round-to-nearest with min/max ranges (`weight_init="minmax"`, `calib_method="minmax"`, no
   optimization); **MSE init** the default step init (output-MSE weight steps, histogram-MSE activation
-  steps), no optimization; **EPTQ-uniform** / **EPTQ-LFH** the MSE init followed by {iters} EPTQ steps
-  (batch 32, the defaults of `OptimizeOptions` otherwise) with uniform loss weights or with the
-  log-normalized Label-Free Hessian traces (16 samples, at most 50 draws); **ORT MinMax** onnxruntime
+  steps), no optimization; **EPTQ-uniform** / **EPTQ-LFH-element** / **EPTQ-LFH** the MSE init followed
+  by {iters} EPTQ steps (batch 32, the defaults of `OptimizeOptions` otherwise) with uniform loss weights,
+  with the log-normalized Label-Free Hessian traces of the paper (`hessian_trace="element"`: errors
+  independent per element), or with the channel-correlated LFH, the tool's default
+  (`hessian_trace="channel"`: the Hutchinson gradient summed over each channel's positions before
+  squaring), LFH on 16 samples with at most 50 draws; **ORT MinMax** onnxruntime
   `quantize_static` as in the zoo section (QInt4 weights at W4; no 3-bit type exists in onnxruntime).
   Calibration: the first {calib} samples of the model's bundled calibration folder, for every method.
 - **top-1 / agree / SQNR**: on the 500 labelled test images, never used for calibration; agree is how
@@ -996,8 +1011,7 @@ COST_READING = """\
 - **vit_tiny_block** is transformer_block at ViT-Tiny's width (65 tokens, dim 192, 3 heads, MLP 768):
   the same ops on 30-50x larger tensors. The small blocks' steps (a few ms bare) are dominated by
   per-op overhead: the student adds an op (and an autograd node) for every activation fake quantizer,
-  weight and bias quantizer, tap and loss term (~900 dispatches per step on digits_vit against ~450
-  for the bare model), each costing about the same whatever the tensor's size; at a realistic width
+  weight and bias quantizer, tap and loss term, each costing about the same whatever the tensor's size; at a realistic width
   the arithmetic dominates and the ratio falls.
 """
 

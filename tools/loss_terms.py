@@ -1,10 +1,12 @@
 """What each quantization point contributes to EPTQ's loss at the MSE init, under LFH and uniform weights.
 
-Explains why Label-Free Hessian weighting can lose to uniform weighting: the trace of the
-Hessian is the sensitivity to *independent* per-element errors, while quantization errors are
-correlated across the positions of a channel. Behind an averaging op (GlobalAveragePool,
-ReduceMean) over N positions the trace is N times smaller than at its output, but correlated
-errors do not average away, so LFH underweights the tensors before it.
+Explains why the paper's Label-Free Hessian weighting can lose to uniform weighting, and what the
+channel-correlated trace (``--hessian-trace channel``, the default) changes: the paper's trace is
+the sensitivity to *independent* per-element errors, while quantization errors are correlated
+across the positions of a channel. Behind an averaging op (GlobalAveragePool, ReduceMean) over N
+positions the elementwise trace is N times smaller than at its output, but correlated errors do
+not average away, so the paper's LFH underweights the tensors before it; the channel trace sums
+the gradient over the positions before squaring and follows the error that survives.
 
 Usage: ``.venv/bin/python tools/loss_terms.py MODEL.onnx CALIB_DIR [--bits 4] [--samples 64]``
 prints the markdown tables that tools/bench.py's ``terms`` section puts into docs/BENCHMARKS.md.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -30,6 +32,7 @@ from eptq_onnx.eptq import compute_lfh, loss_tensors, mean_one  # noqa: E402
 from eptq_onnx.twin import build_twin, to_tensors  # noqa: E402
 
 AVERAGING_OPS = ("GlobalAveragePool", "ReduceMean")
+TRACES = ("element", "channel")  # --hessian-trace: the paper's, ours
 
 
 @dataclass
@@ -39,12 +42,13 @@ class Term:
     name: str
     elements: int  # per sample
     sqnr_db: float
-    trace: float
-    weight: float  # LFH weight, mean 1 over the tensors
+    traces: Dict[str, float]  # per --hessian-trace (element, channel)
+    weights: Dict[str, float]  # LFH weight per --hessian-trace, mean 1 over the tensors
     mse: float
 
-    def share(self, total: float, weighted: bool) -> float:
-        return 100.0 * (self.weight if weighted else 1.0) * self.mse / total
+    def share(self, total: float, trace: Optional[str]) -> float:
+        """Percent of the initial loss under LFH with ``trace``, or under uniform weights (None)."""
+        return 100.0 * (self.weights[trace] if trace else 1.0) * self.mse / total
 
 
 @dataclass
@@ -56,7 +60,7 @@ class Averaging:
     tensor_out: str
     positions: int
     measured: float  # error power at the output / at the input
-    trace_ratio: float  # LFH trace at the input / at the output (1 / positions for independent errors)
+    trace_ratio: Dict[str, float]  # LFH trace at the input / at the output, per --hessian-trace
 
 
 @dataclass
@@ -64,8 +68,9 @@ class TermsResult:
     terms: List[Term]
     averaging: List[Averaging]
 
-    def totals(self) -> tuple[float, float]:
-        return sum(t.weight * t.mse for t in self.terms), sum(t.mse for t in self.terms)
+    def total(self, trace: Optional[str]) -> float:
+        """The initial loss under LFH with ``trace``, or under uniform weights (None)."""
+        return sum((t.weights[trace] if trace else 1.0) * t.mse for t in self.terms)
 
 
 def loss_terms(model: Path, calib: Path, bits: int = 4, samples: int = 64) -> TermsResult:
@@ -76,8 +81,9 @@ def loss_terms(model: Path, calib: Path, bits: int = 4, samples: int = 64) -> Te
     names = loss_tensors(state.float_model, state.plan)
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts, taps=names)
     calib_set = CalibrationSet(calib, input_specs(state.float_model), CalibOptions(num_samples=samples))
-    lfh, _ = compute_lfh(twin, calib_set, names, config, progress=False)
-    weights = mean_one(lfh.normalized)
+    lfh = {trace: compute_lfh(state.float_model, twin, calib_set, names, replace(config, optimize=OptimizeOptions(
+        iters=0, hessian_trace=trace)), progress=False)[0] for trace in TRACES}
+    weights = {trace: mean_one(result.normalized) for trace, result in lfh.items()}
     feeds = to_tensors(next(calib_set.batches(batch_size=samples)))
     with torch.no_grad():
         _, teacher = twin.teacher.run(feeds, names)
@@ -85,7 +91,7 @@ def loss_terms(model: Path, calib: Path, bits: int = 4, samples: int = 64) -> Te
     mse = {n: float((teacher[n] - student[n]).double().pow(2).mean()) for n in names}
     terms = [
         Term(n, teacher[n][0].numel(), 10 * math.log10(float(teacher[n].double().pow(2).mean()) / max(mse[n], 1e-30)),
-             lfh.traces[n], weights[n], mse[n])
+             {t: lfh[t].traces[n] for t in TRACES}, {t: weights[t][n] for t in TRACES}, mse[n])
         for n in names
     ]
     averaging = []
@@ -94,7 +100,7 @@ def loss_terms(model: Path, calib: Path, bits: int = 4, samples: int = 64) -> Te
             src, dst = node.input[0], node.output[0]
             positions = teacher[src][0].numel() // max(1, teacher[dst][0].numel())
             averaging.append(Averaging(node.op_type, src, dst, positions, mse[dst] / max(mse[src], 1e-30),
-                                       lfh.traces[src] / max(lfh.traces[dst], 1e-30)))
+                                       {t: lfh[t].traces[src] / max(lfh[t].traces[dst], 1e-30) for t in TRACES}))
     return TermsResult(terms, averaging)
 
 
@@ -104,19 +110,23 @@ def _short(name: str, width: int = 48) -> str:
 
 def terms_markdown(result: TermsResult) -> List[str]:
     """The per-tensor table and the averaging check, as markdown lines."""
-    weighted, uniform = result.totals()
+    totals = {trace: result.total(trace) for trace in (*TRACES, None)}
     lines = [
-        "| tensor | elements | SQNR at init (dB) | LFH trace | LFH weight | share of the loss, LFH (%) | share, uniform (%) |",
-        "|---|---|---|---|---|---|---|",
+        "| tensor | elements | SQNR at init (dB) | LFH trace: element / channel | LFH weight: element / channel | "
+        "share of the loss (%): LFH element / LFH channel / uniform |",
+        "|---|---|---|---|---|---|",
     ]
     for t in result.terms:
-        lines.append(f"| `{_short(t.name)}` | {t.elements} | {t.sqnr_db:.1f} | {t.trace:.3g} | {t.weight:.2f} | "
-                     f"{t.share(weighted, True):.1f} | {t.share(uniform, False):.1f} |")
+        traces = " / ".join(f"{t.traces[k]:.3g}" for k in TRACES)
+        weights = " / ".join(f"{t.weights[k]:.2f}" for k in TRACES)
+        shares = " / ".join(f"{t.share(totals[k], k):.1f}" for k in (*TRACES, None))
+        lines.append(f"| `{_short(t.name)}` | {t.elements} | {t.sqnr_db:.1f} | {traces} | {weights} | {shares} |")
     if result.averaging:
-        lines += ["", "| averaging op | positions N | error power out / in (measured) | LFH trace in / out | "
-                      "independent errors would give |", "|---|---|---|---|---|"]
+        lines += ["", "| averaging op | positions N | error power out / in (measured) | LFH trace in / out: element / "
+                      "channel | independent errors would give |", "|---|---|---|---|---|"]
         for a in result.averaging:
-            lines.append(f"| {a.op} `{_short(a.tensor_out, 32)}` | {a.positions} | {a.measured:.4f} | {a.trace_ratio:.4f} | "
+            ratios = " / ".join(f"{a.trace_ratio[k]:.4f}" for k in TRACES)
+            lines.append(f"| {a.op} `{_short(a.tensor_out, 32)}` | {a.positions} | {a.measured:.4f} | {ratios} | "
                          f"{1 / a.positions:.4f} |")
     return lines
 
