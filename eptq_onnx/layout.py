@@ -18,7 +18,7 @@ size 1 are dropped. Where no rule applies the axes are unknown (None).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import onnx
 from onnx import numpy_helper
@@ -209,8 +209,3 @@ def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
         if attr.name == name:
             return int(attr.i)
     return default
-
-
-def describe(axes: Sequence[int]) -> str:
-    """'axes 2, 3' / 'no position axis' for reports."""
-    return "axes " + ", ".join(str(a) for a in axes) if axes else "no position axis"
