@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .ops import int_attr
 from .tensor_store import tensor_array
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -170,7 +171,7 @@ def _fold_conv_transpose(index: _Graph, conv: onnx.NodeProto, affine: _Affine) -
     if found is None:
         return False
     weight, bias = found
-    group = _int_attr(conv, "group", 1)
+    group = int_attr(conv, "group", 1)
     cin, cout_per_group = weight.shape[:2]
     if cin % group or group * cout_per_group != affine.scale.size:
         return False
@@ -186,7 +187,7 @@ def _fold_gemm(index: _Graph, gemm: onnx.NodeProto, affine: _Affine) -> bool:
     if found is None:
         return False
     weight, bias = found
-    n_axis = 0 if _int_attr(gemm, "transB", 0) else 1
+    n_axis = 0 if int_attr(gemm, "transB", 0) else 1
     if weight.ndim != 2 or weight.shape[n_axis] != affine.scale.size:
         return False
     beta = _float_attr(gemm, "beta", 1.0)
@@ -235,10 +236,6 @@ def _scale_axis(array: np.ndarray, scale: np.ndarray, axis: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _float_attr(node: onnx.NodeProto, name: str, default: float) -> float:

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import onnx
-from onnx import numpy_helper
+
+from .ops import int_attr
+from .tensor_store import tensor_array
 
 Dim = Union[int, str, None]
 Axes = Optional[Tuple[int, ...]]  # None: unknown
@@ -145,12 +147,12 @@ def _reduced(node: onnx.NodeProto, before: Axes, in_shape: Optional[List[Dim]], 
         if listed is None:
             return None  # axes computed at run time
     if not listed:
-        if _int_attr(node, "noop_with_empty_axes", 0):
+        if int_attr(node, "noop_with_empty_axes", 0):
             return before
         listed = list(range(rank))
     reduced = {a % rank for a in listed}
     kept = [a for a in before if a not in reduced]
-    if _int_attr(node, "keepdims", 1):
+    if int_attr(node, "keepdims", 1):
         return tuple(kept)
     return tuple(a - sum(1 for r in reduced if r < a) for a in kept)
 
@@ -191,7 +193,7 @@ class _Constants:
         tensors += [(n.output[0], a.t) for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
         self.weights: Set[str] = {name for name, _ in tensors}
         self.ints: Dict[str, List[int]] = {
-            name: [int(v) for v in numpy_helper.to_array(t).reshape(-1)]
+            name: [int(v) for v in tensor_array(t).reshape(-1)]
             for name, t in tensors
             if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1
         }
@@ -202,10 +204,3 @@ def _int_list(node: onnx.NodeProto, name: str) -> Optional[List[int]]:
         if attr.name == name:
             return list(attr.ints)
     return None
-
-
-def _int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(attr.i)
-    return default

@@ -26,7 +26,8 @@ Role = str  # one of the ROLES below
 ROLES = ("weighted", "act_matmul", "join", "normalize", "activation", "elementwise", "data", "float")
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+def int_attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    """The integer attribute ``name`` of ``node``, or ``default`` when it is absent."""
     for a in node.attribute:
         if a.name == name:
             return int(onnx.helper.get_attribute_value(a))
@@ -50,7 +51,7 @@ class OpInfo:
 
 
 def _gemm_axis(node: onnx.NodeProto, rank: int) -> int:
-    return 0 if _attr(node, "transB", 0) else 1
+    return 0 if int_attr(node, "transB", 0) else 1
 
 
 def _matmul_b_axis(node: onnx.NodeProto, rank: int) -> int:

@@ -295,7 +295,7 @@ def _seed_table(scores: Dict[str, List[Tuple[int, Score]]]) -> List[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for w, runs in scores.items():
         by_seed = dict(runs)
-        cells = [WEIGHTINGS[w][0] if w in WEIGHTINGS else w] + [f"{by_seed[s].sqnr_db:.2f} / {_percent(by_seed[s].top1)}" if s in by_seed else "—" for s in seeds]
+        cells = [WEIGHTINGS[w][0]] + [f"{by_seed[s].sqnr_db:.2f} / {_percent(by_seed[s].top1)}" if s in by_seed else "—" for s in seeds]
         sqnrs = [sc.sqnr_db for _, sc in runs]
         top1 = [sc.top1 for _, sc in runs if sc.top1 is not None]
         cells += [_fmt(float(np.mean(sqnrs)) if sqnrs else None, ".2f"),
