@@ -34,7 +34,7 @@ from .checkpoint import Checkpoint, LoopState, deferred_stops, fingerprint, rest
 from .config import OptimizeOptions
 from .training_kernels import KernelStatus, weighted_mse
 from .training_kernels import load as load_kernels
-from .twin import RoundingBank, Twin
+from .twin import BiasBank, RoundingBank, Twin
 from .torch_ops import WeightedOp
 
 
@@ -114,8 +114,8 @@ class TeacherCache:
     """The teacher's tensors at the loss points for every stacked calibration sample, as one
     matrix: a row per sample, the tensors flattened side by side (in ``names`` order).
 
-    Computed once when it fits ``budget`` bytes: in float32 when that fits (a step then gathers
-    its rows with one op), else in float16 when every value fits float16's range (rounding error
+    Computed once when it fits ``budget`` bytes: in float32 when that fits (the fused loss then
+    reads a step's rows in place, the Python one gathers them with one op), else in float16 when every value fits float16's range (rounding error
     ~1e-3 relative); otherwise ``build`` returns None and the teacher runs at every step.
     """
 
@@ -123,6 +123,7 @@ class TeacherCache:
         self.matrix = matrix
         self.names = list(names)
         self.widths = list(widths)  # elements per sample of each tensor
+        self.views: Optional[Tuple[Tensor, ...]] = None  # split(matrix), made once
 
     @classmethod
     def build(cls, twin: Twin, names: Sequence[str], batches: Batches, chunk: int, budget: int) -> Optional["TeacherCache"]:
@@ -153,8 +154,17 @@ class TeacherCache:
         return self.matrix.index_select(0, index).float()
 
     def split(self, rows: Tensor) -> Tuple[Tensor, ...]:
-        """``get``'s rows as one [samples, elements] view per tensor, in ``names`` order."""
+        """``get``'s rows (or the whole matrix) as one [samples, elements] view per tensor, in ``names`` order."""
         return torch.split(rows, self.widths, dim=1)
+
+    def targets(self, index: Tensor) -> Tuple[Sequence[Tensor], Optional[Tensor]]:
+        """The targets of the given samples for ``weighted_mse``: float32 views of every row and
+        the index (the loss reads the rows in place), or the gathered rows in float32 and None."""
+        if self.matrix.dtype == torch.float32:
+            if self.views is None:
+                self.views = self.split(self.matrix)
+            return self.views, index
+        return self.split(self.get(index)), None
 
     def nbytes(self) -> int:
         return self.matrix.numel() * self.matrix.element_size()
@@ -187,8 +197,8 @@ class EptqOptimizer:
     """RAdam for the rounding variables (paper), Adam for biases and step multipliers (bounded
     updates from the first step); one object to step, zero and checkpoint."""
 
-    def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> None:
-        rounding, others = _parameter_groups(twin, options, bank)
+    def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank, biases: Optional[BiasBank] = None) -> None:
+        rounding, others = _parameter_groups(twin, options, bank, biases)
         self.rounding = torch.optim.RAdam(rounding, foreach=True)
         # foreach, not the fused kernel: its ulp-level differences in the bias updates moved the demo's
         # W4A8 EPTQ-LFH run (seed 0, 2000 steps) from 25.7 to 19.1 dB (docs/BENCHMARKS.md, seed spread)
@@ -214,13 +224,15 @@ class EptqOptimizer:
             self.others.load_state_dict(state["others"])
 
 
-def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank) -> Tuple[List[dict], List[dict]]:
-    """The learnable tensors of the student: (rounding group, groups of steps and biases); everything else frozen."""
+def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
+                      biases: Optional[BiasBank] = None) -> Tuple[List[dict], List[dict]]:
+    """The learnable tensors of the student: (rounding group, groups of steps and biases); everything
+    else frozen. With a bias bank its flat tensor stands for every bias."""
     for module in (twin.teacher, twin.student):
         for p in module.parameters():
             p.requires_grad_(False)
     bank.v.requires_grad_(True)
-    scales, biases = [], []
+    scales = []
     for wfq in twin.weight_quant.values():
         if options.learn_weight_scales:
             wfq.factor.requires_grad_(True)
@@ -229,16 +241,17 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank) 
         for fq in twin.act_quant.values():
             fq.factor.requires_grad_(True)
             scales.append(fq.factor)
+    learned_biases: List[Tensor] = []
     if options.learn_biases:
-        for module in twin.student.modules():
-            if isinstance(module, WeightedOp) and module.bias is not None:
-                module.bias.requires_grad_(True)
-                biases.append(module.bias)
+        learned_biases = [biases.b] if biases is not None else [
+            m.bias for m in twin.student.modules() if isinstance(m, WeightedOp) and m.bias is not None]
+        for b in learned_biases:
+            b.requires_grad_(True)
     others = []
     if scales:
         others.append({"params": scales, "lr": options.lr_scale})
-    if biases:
-        others.append({"params": biases, "lr": options.lr_bias})
+    if learned_biases:
+        others.append({"params": learned_biases, "lr": options.lr_bias})
     return [{"params": [bank.v], "lr": options.lr_rounding}], others
 
 
@@ -264,12 +277,13 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
 class Objective:
     """Eq. 6 on one batch.
 
-    With the teacher cache a step gathers the teacher's rows of every loss tensor with one op;
-    the rounding bank makes h(V) and the regularizer one op chain over every weight.
+    With the teacher cache a step reads (or gathers) the teacher's rows of every loss tensor;
+    the rounding bank makes h(V), the soft weights and the regularizer one op chain over every
+    weight, the bias bank the biases' rounding one op over every bias.
     """
 
     def __init__(self, twin: Twin, weights: Dict[str, float], options: OptimizeOptions, bank: RoundingBank,
-                 cache: Optional[TeacherCache] = None) -> None:
+                 cache: Optional[TeacherCache] = None, biases: Optional[BiasBank] = None) -> None:
         self.twin = twin
         self.names = [n for n, w in weights.items() if w > 0]
         self.weights = weights
@@ -277,20 +291,22 @@ class Objective:
         self.options = options
         self.cache = cache
         self.bank = bank
+        self.biases = biases
 
     def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
         """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
         self.bank.refresh()
+        if self.biases is not None:
+            self.biases.refresh()
         index, feeds = batch
         if self.cache is not None and index is not None:
             assert self.cache.names == self.names
-            rows = self.cache.get(index)
-            target = dict(zip(self.names, self.cache.split(rows)))
+            targets, rows = self.cache.targets(index)
             _, student = self.twin.student.run(feeds, self.names)
-        else:
-            with torch.no_grad():
-                _, target = self.twin.teacher.run(feeds, self.names)
-            _, student = self.twin.student.run(feeds, self.names)
+            return weighted_mse([student[n] for n in self.names], targets, self.weight_list, rows)
+        with torch.no_grad():
+            _, target = self.twin.teacher.run(feeds, self.names)
+        _, student = self.twin.student.run(feeds, self.names)
         return weighted_mse([student[n] for n in self.names], [target[n] for n in self.names], self.weight_list)
 
     def regularizer(self, beta: Optional[float]) -> Tensor:
@@ -301,6 +317,7 @@ class Objective:
 
 
 BANK = "eptq_rounding_bank"  # the student's submodule holding every V while it trains
+BIAS_BANK = "eptq_bias_bank"  # ... and every bias
 RESERVE = 0.1  # of the time budget, kept for what follows the optimization (validation, writing)
 STEP_OVERHEAD = 1.1  # the optimizer update and bookkeeping the timing passes leave out
 
@@ -367,11 +384,12 @@ def optimize(
     _start_rounding(twin, fixed_scale=not options.learn_weight_scales)
     bank = RoundingBank(list(twin.weight_quant.values()))
     twin.student.add_module(BANK, bank)  # so that checkpoints hold V
-    optimizer = EptqOptimizer(twin, options, bank)
-    for bias_quant in twin.bias_quant.values():
-        bias_quant.fix_step()  # after the parameter groups: a learned step is not fixed
+    biases = BiasBank([m for m in twin.student.modules() if isinstance(m, WeightedOp)])
+    twin.student.add_module(BIAS_BANK, biases)  # ... and the biases
+    optimizer = EptqOptimizer(twin, options, bank, biases)
+    biases.fix_steps()  # after the parameter groups: a learned step is not fixed
     batches = Batches(feeds, options.device, options.seed)
-    objective = Objective(twin, loss_weights, options, bank)
+    objective = Objective(twin, loss_weights, options, bank, biases=biases)
     cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
     objective.cache = cache
     checkpoint = None
@@ -400,9 +418,9 @@ def optimize(
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
     undecided = bank.undecided()
     bank.write_back()
+    biases.write_back()
     delattr(twin.student, BANK)
-    for bias_quant in twin.bias_quant.values():
-        bias_quant.fixed_step = None
+    delattr(twin.student, BIAS_BANK)
     for wfq in twin.weight_quant.values():
         wfq.mode, wfq.h = "hard", None
     for p in twin.student.parameters():

@@ -42,6 +42,7 @@ class WeightedOp(nn.Module):
         self.bias_name = bias_name if bias is not None else None
         self.register_module("weight_quant", None)
         self.register_module("bias_quant", None)
+        self.trained_bias: Optional[Tensor] = None  # set while a twin.BiasBank trains the bias: used as it is
 
     def effective_weight(self) -> Tensor:
         """The weight the op computes with: ``weight_quant(weight)`` when a quantizer is set."""
@@ -49,6 +50,8 @@ class WeightedOp(nn.Module):
 
     def effective_bias(self) -> Optional[Tensor]:
         """The bias the op computes with (``bias_quant(bias)`` when set), or None."""
+        if self.trained_bias is not None:
+            return self.trained_bias
         if self.bias is None or self.bias_quant is None:
             return self.bias
         return self.bias_quant(self.bias)

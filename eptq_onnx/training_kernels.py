@@ -80,14 +80,19 @@ def clipped_round(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: i
     return ClippedRound.apply(x, scale, low, high)
 
 
-def weighted_mse(students: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+def weighted_mse(students: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float],
+                 rows: Optional[Tensor] = None) -> Tensor:
     """sum_i weights[i] * mean((students[i] - targets[i])^2).
 
     A target holds its student's values row by row: the same shape, or [rows, -1] with rows the
-    student's first dimension (e.g. a column slice of the teacher cache).
+    student's first dimension (e.g. a column slice of the teacher cache). With ``rows`` (indices)
+    student row r is compared with target row rows[r]: the targets then hold every cached sample
+    and the fused kernel reads the rows in place (no gathered copy).
     """
     if _ext is not None and all(_fits(s) and _fits(t) for s, t in zip(students, targets)):
-        return _ext.weighted_mse(list(students), list(targets), [float(w) for w in weights])
+        return _ext.weighted_mse(list(students), list(targets), [float(w) for w in weights], rows)
+    if rows is not None:
+        targets = [t.index_select(0, rows) for t in targets]
     return torch.stack([w * F.mse_loss(_rows(s), _rows(t)) for s, t, w in zip(students, targets, weights)]).sum()
 
 

@@ -106,6 +106,7 @@ class WeightFakeQuant(nn.Module):
         for name in ("floor_base", "room", "floor_scaled", "room_scaled"):
             self.register_buffer(name, None)
         self.h: Optional[Tensor] = None  # h(V) of the current step, set by RoundingBank.refresh while training
+        self.soft: Optional[Tensor] = None  # the soft weight of the current step, set by RoundingBank.refresh
         self.mode = "fixed"
         self.enabled = True
 
@@ -156,6 +157,8 @@ class WeightFakeQuant(nn.Module):
             return w
         if self.mode == "fixed":
             return self.codes * self.channel_scale()
+        if self.mode == "soft" and self.soft is not None:
+            return self.soft
         if self.mode == "soft" and self.floor_scaled is not None and self.room_scaled is not None:
             return torch.addcmul(self.floor_scaled, self._h(), self.room_scaled)
         return self.rounded(w, hard=self.mode == "hard") * self.channel_scale()
@@ -179,8 +182,10 @@ class RoundingBank(nn.Module):
 
     One h(V), one regularizer and one optimizer update then cover every weight, instead of one
     chain of small ops per layer (whose per-op overhead dominates a step on small models). The
-    quantizers read their part of h(V) as a view; ``write_back`` copies V into their own
-    ``rounding`` parameters when training stops.
+    quantizers read their part of h(V) as a view; with fixed steps (``start_rounding(...,
+    fixed_scale=True)`` on every quantizer) also their soft weight, computed for all of them by
+    one addcmul (element for element what each quantizer's own computes). ``write_back`` copies V
+    into their own ``rounding`` parameters when training stops.
     """
 
     def __init__(self, quantizers: Sequence[WeightFakeQuant]) -> None:
@@ -195,13 +200,23 @@ class RoundingBank(nn.Module):
         # layer weighs the same whatever its size (see ``regularizer``)
         shares = [torch.full((n,), 1.0 / (len(self.sizes) * n)) for n in self.sizes if n]
         self.register_buffer("share", torch.cat(shares) if shares else torch.zeros(0), persistent=False)
+        fixed = bool(self._quantizers) and all(q.floor_scaled is not None for q in self._quantizers)
+        for name in ("floor_scaled", "room_scaled"):
+            flat = torch.cat([getattr(q, name).reshape(-1) for q in self._quantizers]) if fixed else None
+            self.register_buffer(name, flat, persistent=False)
         self.h: Optional[Tensor] = None
 
     def refresh(self) -> None:
-        """h(V) for this step, handed to every quantizer as a view; call after every update."""
+        """h(V) for this step (and the soft weights, with fixed steps), handed to every quantizer
+        as views; call after every update."""
         self.h = rectified_sigmoid(self.v)
-        for q, part in zip(self._quantizers, torch.split(self.h, self.sizes)):
+        parts = torch.split(self.h, self.sizes)
+        soft = [None] * len(parts)
+        if self.floor_scaled is not None:
+            soft = torch.split(torch.addcmul(self.floor_scaled, self.h, self.room_scaled), self.sizes)
+        for q, part, weight in zip(self._quantizers, parts, soft):
             q.h = part.view(q.rounding.shape)  # type: ignore[union-attr]
+            q.soft = None if weight is None else weight.view(q.rounding.shape)  # type: ignore[union-attr]
 
     def regularizer(self, beta: float) -> Tensor:
         """The mean over layers of each layer's mean of 1 - |2 h(V) - 1|^beta.
@@ -227,7 +242,7 @@ class RoundingBank(nn.Module):
         with torch.no_grad():
             for q, part in zip(self._quantizers, torch.split(self.v, self.sizes)):
                 q.rounding.copy_(part.view_as(q.rounding))  # type: ignore[union-attr]
-                q.h = None
+                q.h = q.soft = None
         self.h = None
 
 
@@ -238,42 +253,101 @@ class BiasFakeQuant(nn.Module):
         super().__init__()
         # plain references: these modules belong to the graph and the weighted op already
         self._refs = (act, weight)
-        self.fixed_step: Optional[Tensor] = None  # the grid step while training with fixed steps (fix_step)
         self.enabled = True
-
-    def fix_step(self) -> None:
-        """Compute the grid step once for a training run in which neither step is learned (None otherwise)."""
-        act, weight = self._refs
-        self.fixed_step = None
-        if not (act.factor.requires_grad or weight.factor.requires_grad):
-            with torch.no_grad():
-                self.fixed_step = act.scale * weight.scale
 
     @property
     def act(self) -> ActFakeQuant:
         """The quantizer of the layer's input activation (its step is one factor of the bias step)."""
         return self._refs[0]
 
+    def learned_step(self) -> bool:
+        """Whether the grid step changes while training (either of its factors is learned)."""
+        act, weight = self._refs
+        return bool(act.factor.requires_grad or weight.factor.requires_grad)
+
+    def step(self) -> Tensor:
+        """The grid step: activation step x weight step (per channel where the weight's is)."""
+        act, weight = self._refs
+        return act.scale * weight.scale
+
     def forward(self, b: Tensor) -> Tensor:
         if not self.enabled:
             return b
-        act, weight = self._refs
-        scale = self.fixed_step if self.fixed_step is not None else act.scale * weight.scale
-        if torch.is_grad_enabled() and not (act.factor.requires_grad or weight.factor.requires_grad):
-            return RoundToGrid.apply(b, scale)
-        return torch.clamp(round_ste(b / scale), -INT32_MAX, INT32_MAX) * scale
+        return round_bias(b, self.step(), fixed=not self.learned_step())
+
+
+def round_bias(b: Tensor, step: Tensor, fixed: bool) -> Tensor:
+    """int32 codes of ``b`` on the grid ``step``, x step; straight-through gradient to ``b`` (and,
+    when not ``fixed``, to the step) while grad is enabled."""
+    if fixed and torch.is_grad_enabled():
+        return RoundToGrid.apply(b, step)
+    return torch.clamp(round_ste(b / step), -INT32_MAX, INT32_MAX) * step
 
 
 class RoundToGrid(torch.autograd.Function):
     """int32 bias codes x step with a fixed step, straight-through gradient (one node in the graph)."""
 
     @staticmethod
-    def forward(ctx, b: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.clamp(torch.round(b / scale), -INT32_MAX, INT32_MAX) * scale
+    def forward(ctx, b: Tensor, step: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.clamp(torch.round(b / step), -INT32_MAX, INT32_MAX) * step
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         return grad, None
+
+
+class BiasBank(nn.Module):
+    """The biases of many weighted ops as one flat parameter, for training: one int32 rounding
+    and one optimizer update for all of them (per layer, each is a Python autograd node and an
+    optimizer tensor, whose overhead dominated a step on small models).
+
+    Each op computes with its part, as a view (``WeightedOp.trained_bias``): rounded to its int32
+    grid where the op has a bias quantizer, as it is elsewhere; element for element what the op's
+    own quantizer computes. ``write_back`` copies the trained values into the ops' ``bias``.
+    """
+
+    def __init__(self, ops: Sequence[WeightedOp]) -> None:
+        super().__init__()
+        self._ops = tuple(op for op in ops if op.bias is not None)
+        self.sizes = [op.bias.numel() for op in self._ops]  # type: ignore[union-attr]
+        flat = [op.bias.detach().reshape(-1) for op in self._ops]  # type: ignore[union-attr]
+        self.b = nn.Parameter(torch.cat(flat) if flat else torch.zeros(0))
+        quantizers = [op.bias_quant if isinstance(op.bias_quant, BiasFakeQuant) and op.bias_quant.enabled else None
+                      for op in self._ops]
+        self._quantizers = tuple(quantizers)
+        self.rounded = all(q is not None for q in quantizers)  # else a mask picks the rounded ones
+        self.register_buffer("mask", torch.cat([torch.full((n,), q is not None) for n, q in zip(self.sizes, quantizers)])
+                             if flat else torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.register_buffer("fixed_step", None, persistent=False)  # see fix_steps
+
+    def fix_steps(self) -> None:
+        """Compute the grid steps once for a training run in which no step is learned (call when
+        the learned parameters are chosen; until then every refresh computes them)."""
+        learned = any(q is not None and q.learned_step() for q in self._quantizers)
+        with torch.no_grad():
+            self.fixed_step = None if learned else self._step()
+
+    def _step(self) -> Tensor:
+        """Every element's grid step, flat (1 where the bias is not rounded)."""
+        parts = [torch.ones(n) if q is None else q.step().expand(op.bias.shape).reshape(-1)  # type: ignore[union-attr]
+                 for n, q, op in zip(self.sizes, self._quantizers, self._ops)]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def refresh(self) -> None:
+        """This step's biases, handed to every op as views; call after every update."""
+        fixed = self.fixed_step is not None
+        values = round_bias(self.b, self.fixed_step if fixed else self._step(), fixed=fixed)
+        if not self.rounded:
+            values = torch.where(self.mask, values, self.b)
+        for op, part in zip(self._ops, torch.split(values, self.sizes)):
+            op.trained_bias = part.view(op.bias.shape)  # type: ignore[union-attr]
+
+    def write_back(self) -> None:
+        """Copy the trained biases into the ops' ``bias`` parameters (and drop the views)."""
+        with torch.no_grad():
+            for op, part in zip(self._ops, torch.split(self.b, self.sizes)):
+                op.bias.copy_(part.view_as(op.bias))  # type: ignore[union-attr]
+                op.trained_bias = None
 
 
 class TapStore:

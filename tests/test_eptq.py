@@ -81,6 +81,60 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
     torch.testing.assert_close(torch.cat([q.rounding.reshape(-1) for q in quantizers]), bank.v.detach())
 
 
+def test_rounding_bank_soft_weights_equal_each_quantizers_own() -> None:
+    """With fixed steps the bank's one addcmul gives every quantizer exactly its own soft weight,
+    and gradients through the views reach V."""
+    rng = np.random.default_rng(4)
+    quantizers, weights = [], []
+    for i, shape in enumerate([(5, 3), (4, 2, 3, 3), (7,)]):
+        w = rng.normal(0, 0.1, shape).astype(np.float32)
+        wfq = WeightFakeQuant(quantize_weight(f"w{i}", w, 0, 3, "minmax"))
+        wfq.start_rounding(torch.from_numpy(w), fixed_scale=True)
+        quantizers.append(wfq)
+        weights.append(torch.from_numpy(w))
+    with torch.no_grad():
+        own = [q(w) for q, w in zip(quantizers, weights)]  # before the bank: each quantizer's addcmul
+    bank = RoundingBank(quantizers)
+    bank.refresh()
+    for q, w, expected in zip(quantizers, weights, own):
+        assert q.soft is not None and torch.equal(q(w), expected)
+    sum(q(w).square().sum() for q, w in zip(quantizers, weights)).backward()
+    assert bank.v.grad is not None and bool((bank.v.grad != 0).any())
+    bank.write_back()
+    assert all(q.soft is None for q in quantizers)
+
+
+def test_bias_bank_rounds_like_the_bias_quantizers_and_writes_back(calib_for) -> None:
+    """The bank's biases equal what each op's own bias quantizer computes (int32 grid, element for
+    element), gradients reach the one flat tensor, and write_back puts the trained values into the ops."""
+    from eptq_onnx.torch_ops import WeightedOp
+    from eptq_onnx.twin import BiasBank
+
+    model = zoo.residual_cnn()
+    twin, names = _initialized_twin(model, calib_for)
+    ops = [m for m in twin.student.modules() if isinstance(m, WeightedOp) and m.bias is not None]
+    assert ops and all(op.bias_quant is not None for op in ops)
+    with torch.no_grad():
+        for op in ops:  # values off the int32 grid, so that rounding shows
+            op.bias.add_(torch.linspace(-0.3, 0.3, op.bias.numel()).view_as(op.bias) * 1e-3)
+        own = [op.effective_bias().clone() for op in ops]
+    bank = BiasBank(ops)
+    bank.fix_steps()
+    bank.refresh()
+    for op, expected in zip(ops, own):
+        assert torch.equal(op.effective_bias(), expected)
+    assert not torch.equal(own[0], ops[0].bias.detach())  # the grid rounds
+    bank.b.requires_grad_(True)
+    sum(op.effective_bias().sum() * (i + 1) for i, op in enumerate(ops)).backward()
+    assert torch.equal(bank.b.grad, torch.cat([torch.full((op.bias.numel(),), float(i + 1)) for i, op in enumerate(ops)]))
+    with torch.no_grad():
+        bank.b.add_(0.25)
+    bank.write_back()
+    for op, expected in zip(ops, own):
+        assert op.trained_bias is None
+    torch.testing.assert_close(torch.cat([op.bias.detach().reshape(-1) for op in ops]), bank.b.detach())
+
+
 def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
     """The torch twin of ``model``'s MSE-initialized W8A8 state, tapped at EPTQ's loss tensors."""
     from eptq_onnx.eptq import loss_tensors

@@ -91,6 +91,30 @@ def test_fused_weighted_mse_equals_the_sum_of_mse_losses() -> None:
         assert float(training_kernels.weighted_mse(students, targets, weights)) == pytest.approx(float(reference), rel=1e-6)
 
 
+def test_weighted_mse_reads_indexed_rows_like_a_gathered_copy() -> None:
+    """With ``rows`` the targets hold every cached sample: loss and gradients equal those against the
+    gathered rows, fused (read in place) and in Python."""
+    _extension()
+    students, targets, weights = _loss_inputs()
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.tensor([4, 0, 5, 2, 2, 1])
+    wide = [torch.cat([t.reshape(6, -1), torch.randn(3, t[0].numel(), generator=gen)])[torch.tensor([3, 4, 5, 0, 1, 2, 6, 7, 8])]
+            for t in targets]  # 9 cached samples; row i of the 6 gathered ones is at i+3 (i < 3) or i-3
+    index = torch.tensor([[3, 4, 5, 0, 1, 2][r] for r in rows.tolist()])
+    gathered = [w[index] for w in wide]
+    for kernels in (training_kernels.python_kernels, None):
+        with kernels() if kernels else torch.enable_grad():
+            a = [s.clone().requires_grad_() for s in students]
+            b = [s.clone().requires_grad_() for s in students]
+            indexed = training_kernels.weighted_mse(a, wide, weights, index)
+            plain = training_kernels.weighted_mse(b, gathered, weights)
+            assert float(indexed.detach()) == float(plain.detach())
+            indexed.backward()
+            plain.backward()
+            for x, y in zip(a, b):
+                assert torch.equal(x.grad, y.grad)
+
+
 def test_a_failed_build_falls_back_to_python_loudly(monkeypatch, calib_for) -> None:
     """No compiler: a warning naming the reason, the Python kernels, and a FALLBACK line in the report."""
     def no_compiler(log):  # type: ignore[no-untyped-def]

@@ -105,33 +105,43 @@ struct ClippedRoundFn : public torch::autograd::Function<ClippedRoundFn> {
 };
 
 // A student as [rows, cols] (rows: its first dimension) and its target in the same form: a target
-// may be a column slice of a wider matrix (the teacher cache's rows) or the teacher's own tensor.
-std::pair<Tensor, Tensor> as_rows(const Tensor& student, const Tensor& target, size_t k) {
+// may be a column slice of a wider matrix (the teacher cache) or the teacher's own tensor. With
+// an index, student row r is compared with target row index[r] (the target: every cached sample).
+std::pair<Tensor, Tensor> as_rows(const Tensor& student, const Tensor& target, const Tensor& index, size_t k) {
   Tensor s = student.contiguous();
   const int64_t rows = s.dim() > 0 ? s.size(0) : 1, cols = rows > 0 ? s.numel() / rows : 0;
   s = s.view({rows, cols});
-  Tensor t = target.dim() == 2 ? target : target.reshape({rows, cols});
-  TORCH_CHECK(t.size(0) == rows && t.size(1) == cols, "weighted_mse: tensor ", k, ": the target's shape differs");
+  Tensor t = target.dim() == 2 ? target : target.reshape({index.defined() ? -1 : rows, cols});
+  TORCH_CHECK(t.size(1) == cols && (index.defined() ? index.numel() == rows : t.size(0) == rows),
+              "weighted_mse: tensor ", k, ": the target's shape differs");
   if (cols > 1 && t.stride(1) != 1) t = t.contiguous();
   return {s, t};
 }
 
-// sum_k weights[k] * mean((students[k] - targets[k])^2); the backward pass returns each
-// student's gradient in its own shape
+// The target's row for student row r.
+inline int64_t target_row(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
+
+// sum_k weights[k] * mean((students[k] - targets[k][index])^2) (all target rows in order without
+// an index); the backward pass returns each student's gradient in its own shape
 struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
-  static Tensor forward(AutogradContext* ctx, at::TensorList students, at::TensorList targets, std::vector<double> weights) {
+  static Tensor forward(AutogradContext* ctx, at::TensorList students, at::TensorList targets, std::vector<double> weights,
+                        const std::optional<Tensor>& index_in) {
     TORCH_CHECK(students.size() == targets.size() && students.size() == weights.size(), "weighted_mse: lists of different lengths");
+    const Tensor index = index_in.has_value() ? index_in->to(at::kLong).contiguous() : Tensor();
+    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     double total = 0.0;
     variable_list saved;
     for (size_t k = 0; k < students.size(); ++k) {
-      auto [s, t] = as_rows(students[k], targets[k], k);
+      auto [s, t] = as_rows(students[k], targets[k], index, k);
       double sum = 0.0;
       if (s.numel() <= SMALL) {
         const float* sp = s.data_ptr<float>();
         const float* tp = t.data_ptr<float>();
-        for (int64_t r = 0; r < s.size(0); ++r) sum += row_squared_error(sp + r * s.size(1), tp + r * t.stride(0), s.size(1));
+        for (int64_t r = 0; r < s.size(0); ++r) {
+          sum += row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1));
+        }
       } else {
-        sum = at::mse_loss(s, t, at::Reduction::Sum).item<double>();
+        sum = at::mse_loss(s, index.defined() ? t.index_select(0, index) : t, at::Reduction::Sum).item<double>();
       }
       total += weights[k] * sum / static_cast<double>(std::max<int64_t>(1, s.numel()));
       // the values only (no view of an autograd input to replay when unpacked): the student in
@@ -139,7 +149,9 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
       saved.push_back(s.view(students[k].sizes()).detach());
       saved.push_back(t.detach());
     }
+    saved.push_back(index.defined() ? index : at::empty({0}, at::kLong));
     ctx->saved_data["weights"] = weights;
+    ctx->saved_data["indexed"] = index.defined();
     ctx->save_for_backward(saved);
     return torch::tensor(static_cast<float>(total));
   }
@@ -148,10 +160,12 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
     const double g = grads[0].item<double>();
     const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
     const variable_list saved = ctx->get_saved_variables();
+    const Tensor index = ctx->saved_data["indexed"].toBool() ? saved.back() : Tensor();
+    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     variable_list out;
     for (size_t k = 0; k < weights.size(); ++k) {
       const Tensor& t = saved[2 * k + 1];
-      const Tensor s = saved[2 * k].view({t.size(0), t.size(1)});
+      const Tensor s = saved[2 * k].view({index.defined() ? index.numel() : t.size(0), t.size(1)});
       const double factor = 2.0 * weights[k] / static_cast<double>(std::max<int64_t>(1, s.numel())) * g;
       Tensor grad;
       if (s.numel() <= SMALL) {
@@ -160,15 +174,17 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
         const float* tp = t.data_ptr<float>();
         float* gp = grad.data_ptr<float>();
         for (int64_t r = 0; r < s.size(0); ++r) {
-          scaled_difference_loop(sp + r * s.size(1), tp + r * t.stride(0), gp + r * s.size(1), s.size(1), static_cast<float>(factor));
+          scaled_difference_loop(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), gp + r * s.size(1), s.size(1),
+                                 static_cast<float>(factor));
         }
       } else {
-        grad = at::sub(s, t).mul_(factor);
+        grad = at::sub(s, index.defined() ? t.index_select(0, index) : t).mul_(factor);
       }
       out.push_back(grad.view(saved[2 * k].sizes()));
     }
     for (size_t k = 0; k < weights.size(); ++k) out.push_back(Tensor());  // targets
     out.push_back(Tensor());  // weights
+    out.push_back(Tensor());  // index
     return out;
   }
 };
@@ -179,11 +195,13 @@ Tensor clipped_round(const Tensor& x, double scale, double low, double high) {
   return ClippedRoundFn::apply(x, scale, low, high);
 }
 
-Tensor weighted_mse(const std::vector<Tensor>& students, const std::vector<Tensor>& targets, const std::vector<double>& weights) {
-  return WeightedMseFn::apply(at::TensorList(students), at::TensorList(targets), weights);
+Tensor weighted_mse(const std::vector<Tensor>& students, const std::vector<Tensor>& targets, const std::vector<double>& weights,
+                    const std::optional<Tensor>& index) {
+  return WeightedMseFn::apply(at::TensorList(students), at::TensorList(targets), weights, index);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("clipped_round", &clipped_round, "Fake quantization with a fixed step and a straight-through gradient (float32, CPU)");
-  m.def("weighted_mse", &weighted_mse, "sum of weights[k] * mean((students[k] - targets[k])^2) (float32, CPU)");
+  m.def("weighted_mse", &weighted_mse, "sum of weights[k] * mean((students[k] - targets[k][index])^2) (float32, CPU)",
+        py::arg("students"), py::arg("targets"), py::arg("weights"), py::arg("index") = py::none());
 }
