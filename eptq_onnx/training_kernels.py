@@ -23,7 +23,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,11 @@ _ext = None  # the loaded extension module
 _status: Optional[KernelStatus] = None
 
 
+def kernel_ext():
+    """The loaded extension module, or None (not built, disabled, or inside ``python_kernels``)."""
+    return _ext
+
+
 def _fits(x: Tensor) -> bool:
     return _ext is not None and x.device.type == "cpu" and x.dtype == torch.float32
 
@@ -81,8 +86,8 @@ def clipped_round(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: i
 
 
 def weighted_mse(students: Sequence[Tensor], targets: Sequence[Tensor], weights: Sequence[float],
-                 rows: Optional[Tensor] = None) -> Tensor:
-    """sum_i weights[i] * mean((students[i] - targets[i])^2).
+                 rows: Optional[Tensor] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """sum_i weights[i] * mean((students[i] - targets[i])^2), summed in float64 and returned as ``dtype``.
 
     A target holds its student's values row by row: the same shape, or [rows, -1] with rows the
     student's first dimension (e.g. a column slice of the teacher cache). With ``rows`` (indices)
@@ -90,10 +95,22 @@ def weighted_mse(students: Sequence[Tensor], targets: Sequence[Tensor], weights:
     and the fused kernel reads the rows in place (no gathered copy).
     """
     if _ext is not None and all(_fits(s) and _fits(t) for s, t in zip(students, targets)):
-        return _ext.weighted_mse(list(students), list(targets), [float(w) for w in weights], rows)
+        return _ext.weighted_mse(list(students), list(targets), [float(w) for w in weights], rows).to(dtype)
     if rows is not None:
         targets = [t.index_select(0, rows) for t in targets]
-    return torch.stack([w * F.mse_loss(_rows(s), _rows(t)) for s, t, w in zip(students, targets, weights)]).sum()
+    terms = [w * F.mse_loss(_rows(s), _rows(t)) for s, t, w in zip(students, targets, weights)]
+    return torch.stack(terms).double().sum().to(dtype) if terms else torch.zeros((), dtype=dtype)
+
+
+def quant_tap_loss(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: int, target: Tensor, weight: float,
+                   rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``clipped_round(x, ...)`` and x's loss term ``weighted_mse([x], [target], [weight], rows,
+    torch.float64)`` in one node (fused: one pass forward, one backward)."""
+    low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    if _fits(x) and _fits(target):
+        y, loss = _ext.quant_tap_loss(x, target, rows, float(weight), scale, low, high)  # type: ignore[union-attr]
+        return y, loss
+    return ClippedRound.apply(x, scale, low, high), weighted_mse([x], [target], [weight], rows, torch.float64)
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .torch_convert import input_names, onnx_names, output_names, to_torch
 from .torch_ops import WeightedOp
-from .training_kernels import clipped_round
+from .training_kernels import clipped_round, quant_tap_loss
 from .weights import WeightQuant
 
 
@@ -54,10 +54,14 @@ class ActFakeQuant(nn.Module):
         """The integer codes onnxruntime's QuantizeLinear produces (as floats)."""
         return torch.clamp(round_ste(x / self.scale) + self.zero_point, self.qmin, self.qmax)
 
+    def trains_fixed(self, x: Tensor) -> bool:
+        """Whether ``x`` takes the training path with a fixed step (``clipped_round``)."""
+        return self.enabled and torch.is_grad_enabled() and not self.factor.requires_grad and x.is_floating_point()
+
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled:
             return x
-        if torch.is_grad_enabled() and not self.factor.requires_grad and x.is_floating_point():
+        if self.trains_fixed(x):
             return clipped_round(x, *self.fixed_step, self.qmin, self.qmax)
         scale = self.scale
         return (self.codes(x) - self.zero_point) * scale
@@ -351,11 +355,15 @@ class BiasBank(nn.Module):
 
 
 class TapStore:
-    """Where taps put the tensors they see during one forward pass."""
+    """Where taps put the tensors they see during one forward pass, and, while training, the loss
+    targets of the taps that compute their loss term themselves (``QuantTap``)."""
 
     def __init__(self) -> None:
         self.values: Dict[str, Tensor] = {}
         self.active: Optional[set] = None  # names to record; None records nothing
+        self.targets: Dict[str, tuple] = {}  # name -> (target, weight) while training
+        self.rows: Optional[Tensor] = None  # the targets' rows of this batch (None: the targets are the batch's)
+        self.losses: List[Tensor] = []  # float64 loss terms the fused taps computed in this pass
 
     def record(self, names: Optional[Sequence[str]]) -> None:
         self.values = {}
@@ -377,6 +385,29 @@ class Tap(nn.Module):
         return x
 
 
+class QuantTap(Tap):
+    """A tap and the fake quantizer that reads it, as one module: ``quantizer(tap(x))``.
+
+    While training with a fixed step, a tap with a loss target in the store computes the fake
+    quantization and its loss term in one fused node (``quant_tap_loss``) and adds the term to
+    ``store.losses`` instead of recording ``x``; the two are one pass over ``x`` forward and one
+    backward, where separately they are three ops each way.
+    """
+
+    def __init__(self, name: str, store: TapStore, quantizer: ActFakeQuant) -> None:
+        super().__init__(name, store)
+        self._quantizer = (quantizer,)  # a plain reference: the module belongs to the graph already
+
+    def forward(self, x: Tensor) -> Tensor:
+        store, quantizer = self._store[0], self._quantizer[0]
+        target = store.targets.get(self.tensor_name)
+        if target is None or not quantizer.trains_fixed(x):
+            return quantizer(super().forward(x))
+        y, loss = quant_tap_loss(x, *quantizer.fixed_step, quantizer.qmin, quantizer.qmax, target[0], target[1], store.rows)
+        store.losses.append(loss)
+        return y
+
+
 def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str, keep_outputs: bool) -> fx.Node:
     """Insert ``call_module(target)`` after ``node`` and let every user read it.
 
@@ -389,6 +420,20 @@ def _insert_after(gm: fx.GraphModule, node: fx.Node, target: str, keep_outputs: 
         new = gm.graph.call_module(target, (node,))
     node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and not (keep_outputs and user.op == "output"))
     return new
+
+
+def _fuse_quantizer(gm: fx.GraphModule, tap: fx.Node) -> None:
+    """Where the tap's one reader is a fake quantizer, make the two one ``QuantTap`` (same node name)."""
+    users = list(tap.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return
+    quantizer = gm.get_submodule(users[0].target)
+    if not isinstance(quantizer, ActFakeQuant):
+        return
+    old = gm.get_submodule(tap.target)
+    gm.add_submodule(tap.target, QuantTap(old.tensor_name, old._store[0], quantizer))
+    users[0].replace_all_uses_with(tap)
+    gm.graph.erase_node(users[0])
 
 
 class TwinModule(nn.Module):
@@ -404,7 +449,8 @@ class TwinModule(nn.Module):
         for i, name in enumerate(taps):
             target = f"eptq_tap_{i}"
             gm.add_submodule(target, Tap(name, self.store))
-            _insert_after(gm, nodes[name], target, keep_outputs=False)
+            tap = _insert_after(gm, nodes[name], target, keep_outputs=False)
+            _fuse_quantizer(gm, tap)
         gm.recompile()
 
     def forward(self, feeds: Dict[str, Tensor], record: Optional[Sequence[str]] = None) -> List[Tensor]:
@@ -418,6 +464,20 @@ class TwinModule(nn.Module):
         outputs = self.forward(feeds, record)
         values, self.store.values = self.store.values, {}
         return outputs, values
+
+    def run_loss(self, feeds: Dict[str, Tensor], targets: Dict[str, tuple], rows: Optional[Tensor] = None) -> tuple[List[Tensor], Dict[str, Tensor]]:
+        """One training forward pass with loss ``targets`` (name -> (target, weight), target rows
+        ``rows`` of this batch, None: in order): the loss terms the fused taps computed (float64)
+        and the tensors of every other target, recorded for the caller's loss."""
+        store = self.store
+        store.targets, store.rows, store.losses = targets, rows, []
+        try:
+            self.forward(feeds, list(targets))
+        finally:
+            store.targets, store.rows = {}, None
+        losses, store.losses = store.losses, []
+        values, store.values = store.values, {}
+        return losses, values
 
 
 @dataclass

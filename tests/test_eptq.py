@@ -174,6 +174,24 @@ def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
         expected = float(plain.reconstruction(batch))
         got = float(cached.reconstruction(batch))
     assert expected > 0 and got == pytest.approx(expected, rel=1e-5)
+    # with grad, most terms come from the taps fused with their fake quantizer: the same loss and
+    # gradient as the recorded tensors' weighted_mse
+    from eptq_onnx.training_kernels import weighted_mse
+    from eptq_onnx.twin import QuantTap
+
+    assert sum(isinstance(m, QuantTap) for m in twin.student.modules()) >= len(names) // 2
+    fused = cached.reconstruction(batch)
+    fused.backward()
+    fused_grad = bank.v.grad.clone()
+    bank.v.grad = None
+    with torch.no_grad():
+        _, teacher = twin.teacher.run(batch[1], names)
+    bank.refresh()
+    _, student = twin.student.run(batch[1], names)
+    separate = weighted_mse([student[n] for n in names], [teacher[n] for n in names], [weights[n] for n in names])
+    separate.backward()
+    assert float(fused) == pytest.approx(float(separate), rel=1e-6)
+    torch.testing.assert_close(fused_grad, bank.v.grad, rtol=1e-5, atol=1e-12)
 
 
 def test_beta_schedule_warmup_then_linear_anneal_then_settle() -> None:

@@ -1,6 +1,7 @@
 """The fused CPU training kernels against their Python references, and the fallback when they cannot be built."""
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -113,6 +114,67 @@ def test_weighted_mse_reads_indexed_rows_like_a_gathered_copy() -> None:
             plain.backward()
             for x, y in zip(a, b):
                 assert torch.equal(x.grad, y.grad)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_quant_tap_loss_is_the_fake_quantizer_and_its_loss_term_in_one_node(indexed: bool) -> None:
+    """Forward: clipped_round's values and weighted_mse's term; backward: exactly the sum of the two
+    separate gradients (as the autograd engine adds them), also with only one of them flowing."""
+    _extension()
+    gen = torch.Generator().manual_seed(5)
+    scale, zero_point, qmin, qmax = 0.05, 3.0, -128, 127
+    for shape in ((6, 4, 5), (6, 40, 300)):  # one-pass and ATen sizes
+        x = torch.randn(*shape, generator=gen) * 4
+        cache = torch.randn(9, x[0].numel(), generator=gen)
+        rows = torch.tensor([8, 0, 3, 3, 1, 5]) if indexed else None
+        target = cache if indexed else cache[:6].reshape(shape)
+        grad_y = torch.randn(*shape, generator=gen)
+        for flows in ("both", "y", "loss"):
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            y, loss = training_kernels.quant_tap_loss(a, scale, zero_point, qmin, qmax, target, 0.7, rows)
+            y_ref = training_kernels.clipped_round(b, scale, zero_point, qmin, qmax)
+            loss_ref = training_kernels.weighted_mse([b], [target], [0.7], rows, torch.float64)
+            assert torch.equal(y, y_ref) and loss.dtype == torch.float64 and float(loss) == float(loss_ref)
+            outs = {"both": (y, loss), "y": (y,), "loss": (loss,)}[flows]
+            refs = {"both": (y_ref, loss_ref), "y": (y_ref,), "loss": (loss_ref,)}[flows]
+            grads = {"both": (grad_y, torch.tensor(1.5, dtype=torch.float64)), "y": (grad_y,), "loss": (torch.tensor(1.5, dtype=torch.float64),)}[flows]
+            torch.autograd.backward(outs, grads)
+            torch.autograd.backward(refs, grads)
+            assert torch.equal(a.grad, b.grad), (shape, flows)
+
+
+@pytest.mark.parametrize("rectified", [True, False])
+def test_fused_updates_are_torch_optims_radam_and_adam_bit_for_bit(rectified: bool) -> None:
+    """300 updates (through RAdam's switch to the rectified step), a parameter without a gradient,
+    and a state_dict torch.optim loads to go on identically."""
+    from eptq_onnx.optimize import FusedUpdates
+
+    _extension()
+    gen = torch.Generator().manual_seed(6)
+    start = [torch.randn(1000, generator=gen), torch.randn(7, generator=gen), torch.randn(3, generator=gen)]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    groups = lambda ps: [{"params": ps[:2], "lr": 3e-2}, {"params": ps[2:], "lr": 1e-3}]  # noqa: E731
+    fused = FusedUpdates(groups(ours), rectified=rectified)
+    cls = torch.optim.RAdam if rectified else torch.optim.Adam
+    reference = cls(groups(theirs), foreach=True)
+    for step in range(300):
+        grads = [torch.randn(t.shape, generator=gen) * (3.0 if step % 11 == 0 else 0.01) for t in start]
+        for i, (p, q) in enumerate(zip(ours, theirs)):
+            p.grad = q.grad = None if (i == 1 and step < 5) else grads[i].clone()
+        fused.step()
+        reference.step()
+        for p, q in zip(ours, theirs):
+            assert torch.equal(p.detach(), q.detach()), step
+    again = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    resumed = cls(groups(again), foreach=True)
+    resumed.load_state_dict(copy.deepcopy(fused.state_dict()))  # as a checkpoint file holds it
+    for p, q in zip(ours, again):
+        p.grad = q.grad = torch.ones_like(p)
+    fused.step()
+    resumed.step()
+    for p, q in zip(ours, again):
+        assert torch.equal(p.detach(), q.detach())
 
 
 def test_a_failed_build_falls_back_to_python_loudly(monkeypatch, calib_for) -> None:
