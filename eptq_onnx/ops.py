@@ -83,6 +83,7 @@ OP_TABLE: Dict[str, OpInfo] = {}
 OP_TABLE.update({op: OpInfo("activation") for op in _ACTIVATIONS})
 OP_TABLE.update({op: OpInfo("elementwise") for op in _ELEMENTWISE})
 OP_TABLE.update({op: OpInfo("data", note="shares its input's quantization") for op in _DATA})
+DATA_OPS = frozenset(_DATA)  # ops that only move, select or copy their input's values (Pad adds its constant)
 OP_TABLE.update({op: OpInfo("normalize") for op in _NORMALIZE})
 OP_TABLE.update(
     {

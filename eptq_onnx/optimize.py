@@ -298,7 +298,7 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
             scales.append(fq.factor)
     learned_biases: List[Tensor] = []
     if options.learn_biases:
-        learned_biases = [biases.b] if biases is not None else [
+        learned_biases = ([biases.b] if biases.b.numel() else []) if biases is not None else [
             m.bias for m in twin.student.modules() if isinstance(m, WeightedOp) and m.bias is not None]
         for b in learned_biases:
             b.requires_grad_(True)

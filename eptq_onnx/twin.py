@@ -23,6 +23,7 @@ from .qdq_writer import INT32_MAX
 from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .torch_convert import input_names, onnx_names, output_names, to_torch
+from .ops import DATA_OPS
 from .torch_ops import WeightedOp
 from .training_kernels import clipped_round, quant_tap_loss
 from .weights import WeightQuant
@@ -65,6 +66,29 @@ class ActFakeQuant(nn.Module):
             return clipped_round(x, *self.fixed_step, self.qmin, self.qmax)
         scale = self.scale
         return (self.codes(x) - self.zero_point) * scale
+
+
+class OnGridFakeQuant(nn.Module):
+    """The group's fake quantizer after a data-movement op whose input is on the same grid already
+    (a Reshape, Transpose, Slice, MaxPool... of a quantized tensor).
+
+    While training with a fixed step it is the identity: the values are on the grid, so fake
+    quantization would return them unchanged and only cost a pass each way; its straight-through
+    gradient is the one of the quantizer before (which clipped them). Otherwise it is the quantizer.
+    """
+
+    def __init__(self, quantizer: ActFakeQuant) -> None:
+        super().__init__()
+        self._quantizer = (quantizer,)  # a plain reference: the module belongs to the graph already
+
+    def forward(self, x: Tensor) -> Tensor:
+        quantizer = self._quantizer[0]
+        return x if quantizer.trains_fixed(x) else quantizer(x)
+
+
+# data-movement ops whose outputs hold only values of their input (Pad adds its constant, which
+# need not be on the grid)
+ON_GRID_OPS = frozenset(op for op in DATA_OPS if op != "Pad")
 
 
 def _channel_shape(rank: int, axis: int) -> List[int]:
@@ -516,13 +540,20 @@ def build_twin(
     graph_outputs = set(output_names(student_gm))
 
     nodes = onnx_names(student_gm)
+    producers = {out: node for node in model.graph.node for out in node.output}
     for g in plan.groups:
         fq = ActFakeQuant(acts[g.id])
         target = f"eptq_act_{g.id}"
         student_gm.add_submodule(target, fq)
         twin.act_quant[g.id] = fq
         for tensor in g.tensors:
-            _insert_after(student_gm, nodes[tensor], target, keep_outputs=tensor in graph_outputs and not quantize_outputs)
+            module = target
+            producer = producers.get(tensor)
+            if (tensor not in g.roots and producer is not None and producer.op_type in ON_GRID_OPS
+                    and producer.input and producer.input[0] in g.tensors):
+                module = f"eptq_on_grid_{sum(1 for _ in student_gm.named_children())}"
+                student_gm.add_submodule(module, OnGridFakeQuant(fq))
+            _insert_after(student_gm, nodes[tensor], module, keep_outputs=tensor in graph_outputs and not quantize_outputs)
     group_of = plan.group_of()
     points = {p.weight: p for p in plan.weights}
     for module in student_gm.modules():

@@ -135,6 +135,27 @@ def test_bias_bank_rounds_like_the_bias_quantizers_and_writes_back(calib_for) ->
     torch.testing.assert_close(torch.cat([op.bias.detach().reshape(-1) for op in ops]), bank.b.detach())
 
 
+def test_on_grid_quantizers_are_the_identity_only_while_training(calib_for) -> None:
+    """After a data-movement op of a quantized tensor (here the attention heads' Reshape and
+    Transpose) the group's quantizer returns on-grid values unchanged: while training with a fixed
+    step it is skipped (identity, gradient passing), otherwise it is the quantizer."""
+    from eptq_onnx.twin import OnGridFakeQuant
+
+    twin, _ = _initialized_twin(zoo.transformer_block(), calib_for)
+    on_grid = [m for m in twin.student.modules() if isinstance(m, OnGridFakeQuant)]
+    assert on_grid
+    quantizer = on_grid[0]._quantizer[0]
+    step, zero = quantizer.fixed_step
+    codes = torch.randint(quantizer.qmin, quantizer.qmax + 1, (4, 30)).float()
+    x = ((codes - zero) * step).requires_grad_()
+    y = on_grid[0](x)
+    assert y is x  # training, fixed step: skipped
+    with torch.no_grad():
+        assert torch.equal(on_grid[0](x), quantizer(x)) and torch.equal(quantizer(x), x)  # the values are on the grid
+        off = x + step / 3
+        assert torch.equal(on_grid[0](off), quantizer(off)) and not torch.equal(on_grid[0](off), off)
+
+
 def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
     """The torch twin of ``model``'s MSE-initialized W8A8 state, tapped at EPTQ's loss tensors."""
     from eptq_onnx.eptq import loss_tensors
