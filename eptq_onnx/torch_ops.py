@@ -45,8 +45,13 @@ class WeightedOp(nn.Module):
         self.trained_bias: Optional[Tensor] = None  # set while a twin.BiasBank trains the bias: used as it is
 
     def effective_weight(self) -> Tensor:
-        """The weight the op computes with: ``weight_quant(weight)`` when a quantizer is set."""
-        return self.weight if self.weight_quant is None else self.weight_quant(self.weight)
+        """The weight the op computes with: ``weight_quant(weight)`` when a quantizer is set (its
+        ``soft`` weight as it is while a rounding bank trains it: no module call per step)."""
+        quantizer = self.weight_quant
+        if quantizer is None:
+            return self.weight
+        soft = getattr(quantizer, "soft", None)
+        return soft if soft is not None and quantizer.enabled else quantizer(self.weight)
 
     def effective_bias(self) -> Optional[Tensor]:
         """The bias the op computes with (``bias_quant(bias)`` when set), or None."""

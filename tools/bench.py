@@ -1010,9 +1010,13 @@ COST_READING = """\
   {runs} after one warm-up. The ratio is what the fake quantization, taps and loss add.
 - **vit_tiny_block** is transformer_block at ViT-Tiny's width (65 tokens, dim 192, 3 heads, MLP 768):
   the same ops on 30-50x larger tensors. The small blocks' steps (a few ms bare) are dominated by
-  per-op overhead: the student adds an op (and an autograd node) for every activation fake quantizer,
-  weight and bias quantizer, tap and loss term, each costing about the same whatever the tensor's size; at a realistic width
-  the arithmetic dominates and the ratio falls.
+  per-op overhead and passes over memory, which the loop keeps down: each loss tensor's tap and the
+  fake quantizer after it are one fused node (quantization and loss term in one pass forward, one
+  backward, reading the teacher cache's rows in place); a quantizer after a Reshape/Transpose of an
+  already quantized tensor is skipped while training (its values are on the grid); all rounding
+  variables, soft weights and biases are one flat tensor each (one op chain, one optimizer update, run
+  in C++ with torch.optim's arithmetic). What remains per step is the regularizer, the soft-weight
+  chain and a fused node per loss tensor; at a realistic width the arithmetic dominates and the ratio falls.
 """
 
 READING = """\
