@@ -226,8 +226,9 @@ class RoundingBank(nn.Module):
         self.v = nn.Parameter(torch.cat(flat) if flat else torch.zeros(0))
         # each weight's share in the regularizer: 1 / (layers x its layer's size), so that every
         # layer weighs the same whatever its size (see ``regularizer``)
-        shares = [torch.full((n,), 1.0 / (len(self.sizes) * n)) for n in self.sizes if n]
-        self.register_buffer("share", torch.cat(shares) if shares else torch.zeros(0), persistent=False)
+        device = self.v.device  # the quantizers' (the bank is made after the student moved to its device)
+        shares = [torch.full((n,), 1.0 / (len(self.sizes) * n), device=device) for n in self.sizes if n]
+        self.register_buffer("share", torch.cat(shares) if shares else torch.zeros(0, device=device), persistent=False)
         fixed = bool(self._quantizers) and all(q.floor_scaled is not None for q in self._quantizers)
         for name in ("floor_scaled", "room_scaled"):
             flat = torch.cat([getattr(q, name).reshape(-1) for q in self._quantizers]) if fixed else None
@@ -344,8 +345,9 @@ class BiasBank(nn.Module):
                       for op in self._ops]
         self._quantizers = tuple(quantizers)
         self.rounded = all(q is not None for q in quantizers)  # else a mask picks the rounded ones
-        self.register_buffer("mask", torch.cat([torch.full((n,), q is not None) for n, q in zip(self.sizes, quantizers)])
-                             if flat else torch.zeros(0, dtype=torch.bool), persistent=False)
+        device = self.b.device
+        self.register_buffer("mask", torch.cat([torch.full((n,), q is not None, device=device) for n, q in zip(self.sizes, quantizers)])
+                             if flat else torch.zeros(0, dtype=torch.bool, device=device), persistent=False)
         self.register_buffer("fixed_step", None, persistent=False)  # see fix_steps
 
     def fix_steps(self) -> None:
@@ -357,9 +359,9 @@ class BiasBank(nn.Module):
 
     def _step(self) -> Tensor:
         """Every element's grid step, flat (1 where the bias is not rounded)."""
-        parts = [torch.ones(n) if q is None else q.step().expand(op.bias.shape).reshape(-1)  # type: ignore[union-attr]
+        parts = [torch.ones(n, device=self.b.device) if q is None else q.step().expand(op.bias.shape).reshape(-1)  # type: ignore[union-attr]
                  for n, q, op in zip(self.sizes, self._quantizers, self._ops)]
-        return torch.cat(parts) if parts else torch.zeros(0)
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.b.device)
 
     def refresh(self) -> None:
         """This step's biases, handed to every op as views; call after every update."""
