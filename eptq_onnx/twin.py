@@ -19,11 +19,11 @@ import onnx
 import torch
 from torch import Tensor, fx, nn
 
+from .ops import DATA_OPS
 from .qdq_writer import INT32_MAX
 from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .torch_convert import input_names, onnx_names, output_names, to_torch
-from .ops import DATA_OPS
 from .torch_ops import WeightedOp
 from .training_kernels import clipped_round, quant_tap_loss
 from .weights import WeightQuant
