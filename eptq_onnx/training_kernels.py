@@ -77,9 +77,14 @@ def _fits(x: Tensor) -> bool:
     return _ext is not None and x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def _grid_range(scale: float, zero_point: float, qmin: int, qmax: int) -> Tuple[float, float]:
+    """The lowest and highest value of the grid: (qmin - z) * s and (qmax - z) * s."""
+    return (qmin - zero_point) * scale, (qmax - zero_point) * scale
+
+
 def clipped_round(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: int) -> Tensor:
     """(clip(round(x / s) + z, qmin, qmax) - z) * s with a straight-through gradient inside the range."""
-    low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    low, high = _grid_range(scale, zero_point, qmin, qmax)
     if _fits(x):
         return _ext.clipped_round(x, scale, low, high)  # type: ignore[union-attr]
     return ClippedRound.apply(x, scale, low, high)
@@ -106,7 +111,7 @@ def quant_tap_loss(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: 
                    rows: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``clipped_round(x, ...)`` and x's loss term ``weighted_mse([x], [target], [weight], rows,
     torch.float64)`` in one node (fused: one pass forward, one backward)."""
-    low, high = (qmin - zero_point) * scale, (qmax - zero_point) * scale
+    low, high = _grid_range(scale, zero_point, qmin, qmax)
     if _fits(x) and _fits(target):
         y, loss = _ext.quant_tap_loss(x, target, rows, float(weight), scale, low, high)  # type: ignore[union-attr]
         return y, loss

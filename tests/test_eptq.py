@@ -49,17 +49,24 @@ def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -
     np.testing.assert_array_equal(exported.codes.astype(np.float32), hard_codes.numpy())
 
 
-def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
-    """One flat V: the same h(V) per quantizer, the regularizer as the mean over layers of each
-    layer's mean, gradients reaching V, and V copied back into each quantizer."""
-    rng = np.random.default_rng(1)
+def _learned_rounding_quantizers(seed: int, shapes, bits: int):  # type: ignore[no-untyped-def]
+    """Weight quantizers (min/max steps, axis 0) of random weights of the given shapes, switched to
+    learned rounding with fixed steps; and the weights."""
+    rng = np.random.default_rng(seed)
     quantizers, weights = [], []
-    for i, shape in enumerate([(6, 5), (3, 2, 3, 3), (4,)]):
+    for i, shape in enumerate(shapes):
         w = rng.normal(0, 0.1, shape).astype(np.float32)
-        wfq = WeightFakeQuant(quantize_weight(f"w{i}", w, 0, 4, "minmax"))
+        wfq = WeightFakeQuant(quantize_weight(f"w{i}", w, 0, bits, "minmax"))
         wfq.start_rounding(torch.from_numpy(w), fixed_scale=True)
         quantizers.append(wfq)
         weights.append(torch.from_numpy(w))
+    return quantizers, weights
+
+
+def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
+    """One flat V: the same h(V) per quantizer, the regularizer as the mean over layers of each
+    layer's mean, gradients reaching V, and V copied back into each quantizer."""
+    quantizers, weights = _learned_rounding_quantizers(1, [(6, 5), (3, 2, 3, 3), (4,)], bits=4)
     expected_h = [rectified_sigmoid(q.rounding.detach()) for q in quantizers]
     expected_reg = sum(float(q.regularizer(7.0)) / q.codes.numel() for q in quantizers) / len(quantizers)
     bank = RoundingBank(quantizers)
@@ -84,14 +91,7 @@ def test_rounding_bank_is_the_per_layer_rounding_in_one_tensor() -> None:
 def test_rounding_bank_soft_weights_equal_each_quantizers_own() -> None:
     """With fixed steps the bank's one addcmul gives every quantizer exactly its own soft weight,
     and gradients through the views reach V."""
-    rng = np.random.default_rng(4)
-    quantizers, weights = [], []
-    for i, shape in enumerate([(5, 3), (4, 2, 3, 3), (7,)]):
-        w = rng.normal(0, 0.1, shape).astype(np.float32)
-        wfq = WeightFakeQuant(quantize_weight(f"w{i}", w, 0, 3, "minmax"))
-        wfq.start_rounding(torch.from_numpy(w), fixed_scale=True)
-        quantizers.append(wfq)
-        weights.append(torch.from_numpy(w))
+    quantizers, weights = _learned_rounding_quantizers(4, [(5, 3), (4, 2, 3, 3), (7,)], bits=3)
     with torch.no_grad():
         own = [q(w) for q, w in zip(quantizers, weights)]  # before the bank: each quantizer's addcmul
     bank = RoundingBank(quantizers)

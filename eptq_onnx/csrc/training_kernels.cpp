@@ -77,20 +77,26 @@ void scaled_difference_loop(const float* __restrict a, const float* __restrict b
 
 bool small(const Tensor& t, int64_t limit = SMALL) { return t.numel() <= limit && t.is_contiguous(); }
 
-// clamp(x, low, high) * (1 / scale), rounded half to even, * scale; gradient: the incoming one
-// where low < x < high, else 0 (torch's clamp followed by hardtanh_backward)
+// clamp(x, low, high) * (1 / scale), rounded half to even, * scale: one pass over a small tensor,
+// ATen's ops over a large one
+Tensor clipped_round_values(const Tensor& x, double scale, double low, double high) {
+  if (!small(x, SMALL_FORWARD)) {
+    return at::clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale);
+  }
+  Tensor y = at::empty_like(x);
+  clipped_round_loop(x.data_ptr<float>(), y.data_ptr<float>(), x.numel(), static_cast<float>(low), static_cast<float>(high),
+                     static_cast<float>(1.0 / scale), static_cast<float>(scale));
+  return y;
+}
+
+// clipped_round_values forward; gradient: the incoming one where low < x < high, else 0 (torch's
+// clamp followed by hardtanh_backward)
 struct ClippedRoundFn : public torch::autograd::Function<ClippedRoundFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, double scale, double low, double high) {
     ctx->save_for_backward({x});
     ctx->saved_data["low"] = low;
     ctx->saved_data["high"] = high;
-    if (!small(x, SMALL_FORWARD)) {
-      return at::clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale);
-    }
-    Tensor y = at::empty_like(x);
-    clipped_round_loop(x.data_ptr<float>(), y.data_ptr<float>(), x.numel(), static_cast<float>(low),
-                       static_cast<float>(high), static_cast<float>(1.0 / scale), static_cast<float>(scale));
-    return y;
+    return clipped_round_values(x, scale, low, high);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -124,29 +130,53 @@ std::pair<Tensor, Tensor> as_rows(const Tensor& student, const Tensor& target, c
 // The target's row for student row r.
 inline int64_t target_row(const int64_t* index, int64_t r) { return index != nullptr ? index[r] : r; }
 
+// The optional row index as a contiguous int64 tensor (undefined without one), and its data.
+Tensor row_index(const std::optional<Tensor>& index) {
+  return index.has_value() ? index->to(at::kLong).contiguous() : Tensor();
+}
+const int64_t* index_data(const Tensor& index) { return index.defined() ? index.data_ptr<int64_t>() : nullptr; }
+
+// The target's rows of this batch as one tensor (a gathered copy with an index): for ATen's ops.
+Tensor batch_rows(const Tensor& t, const Tensor& index) { return index.defined() ? t.index_select(0, index) : t; }
+
+// sum((s - t)^2) over a student [rows, cols] and its target rows, in double.
+double squared_error_sum(const Tensor& s, const Tensor& t, const Tensor& index) {
+  if (!small(s)) return at::mse_loss(s, batch_rows(t, index), at::Reduction::Sum).item<double>();
+  const int64_t* ip = index_data(index);
+  const float* sp = s.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  double sum = 0.0;
+  for (int64_t r = 0; r < s.size(0); ++r) sum += row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1));
+  return sum;
+}
+
+// (s - t) * factor over a student [rows, cols] and its target rows: a loss term's gradient.
+Tensor scaled_difference(const Tensor& s, const Tensor& t, const Tensor& index, double factor) {
+  if (!small(s)) return at::sub(s, batch_rows(t, index)).mul_(factor);
+  const int64_t* ip = index_data(index);
+  Tensor grad = at::empty_like(s);
+  const float* sp = s.data_ptr<float>();
+  const float* tp = t.data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
+  for (int64_t r = 0; r < s.size(0); ++r) {
+    scaled_difference_loop(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), gp + r * s.size(1), s.size(1),
+                           static_cast<float>(factor));
+  }
+  return grad;
+}
+
 // sum_k weights[k] * mean((students[k] - targets[k][index])^2) (all target rows in order without
 // an index); the backward pass returns each student's gradient in its own shape
 struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
   static Tensor forward(AutogradContext* ctx, at::TensorList students, at::TensorList targets, std::vector<double> weights,
                         const std::optional<Tensor>& index_in) {
     TORCH_CHECK(students.size() == targets.size() && students.size() == weights.size(), "weighted_mse: lists of different lengths");
-    const Tensor index = index_in.has_value() ? index_in->to(at::kLong).contiguous() : Tensor();
-    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+    const Tensor index = row_index(index_in);
     double total = 0.0;
     variable_list saved;
     for (size_t k = 0; k < students.size(); ++k) {
       auto [s, t] = as_rows(students[k], targets[k], index, k);
-      double sum = 0.0;
-      if (s.numel() <= SMALL) {
-        const float* sp = s.data_ptr<float>();
-        const float* tp = t.data_ptr<float>();
-        for (int64_t r = 0; r < s.size(0); ++r) {
-          sum += row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1));
-        }
-      } else {
-        sum = at::mse_loss(s, index.defined() ? t.index_select(0, index) : t, at::Reduction::Sum).item<double>();
-      }
-      total += weights[k] * sum / static_cast<double>(std::max<int64_t>(1, s.numel()));
+      total += weights[k] * squared_error_sum(s, t, index) / static_cast<double>(std::max<int64_t>(1, s.numel()));
       // the values only (no view of an autograd input to replay when unpacked): the student in
       // its own shape, which its gradient takes, and the target as [rows, cols]
       saved.push_back(s.view(students[k].sizes()).detach());
@@ -164,26 +194,12 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
     const std::vector<double> weights = ctx->saved_data["weights"].toDoubleVector();
     const variable_list saved = ctx->get_saved_variables();
     const Tensor index = ctx->saved_data["indexed"].toBool() ? saved.back() : Tensor();
-    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     variable_list out;
     for (size_t k = 0; k < weights.size(); ++k) {
       const Tensor& t = saved[2 * k + 1];
       const Tensor s = saved[2 * k].view({index.defined() ? index.numel() : t.size(0), t.size(1)});
       const double factor = 2.0 * weights[k] / static_cast<double>(std::max<int64_t>(1, s.numel())) * g;
-      Tensor grad;
-      if (s.numel() <= SMALL) {
-        grad = at::empty_like(s);
-        const float* sp = s.data_ptr<float>();
-        const float* tp = t.data_ptr<float>();
-        float* gp = grad.data_ptr<float>();
-        for (int64_t r = 0; r < s.size(0); ++r) {
-          scaled_difference_loop(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), gp + r * s.size(1), s.size(1),
-                                 static_cast<float>(factor));
-        }
-      } else {
-        grad = at::sub(s, index.defined() ? t.index_select(0, index) : t).mul_(factor);
-      }
-      out.push_back(grad.view(saved[2 * k].sizes()));
+      out.push_back(scaled_difference(s, t, index, factor).view(saved[2 * k].sizes()));
     }
     for (size_t k = 0; k < weights.size(); ++k) out.push_back(Tensor());  // targets
     out.push_back(Tensor());  // weights
@@ -224,26 +240,10 @@ void quant_tap_backward_rows(const Tensor& s, const Tensor& t, const int64_t* ip
 struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& target, const std::optional<Tensor>& index_in,
                                double weight, double scale, double low, double high) {
-    const Tensor index = index_in.has_value() ? index_in->to(at::kLong).contiguous() : Tensor();
-    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
+    const Tensor index = row_index(index_in);
     auto [s, t] = as_rows(x, target, index, 0);
-    Tensor y;
-    double sum = 0.0;
-    if (small(s, SMALL_FORWARD)) {
-      y = at::empty_like(s);
-      clipped_round_loop(s.data_ptr<float>(), y.data_ptr<float>(), s.numel(), static_cast<float>(low), static_cast<float>(high),
-                         static_cast<float>(1.0 / scale), static_cast<float>(scale));
-      y = y.view(x.sizes());
-    } else {
-      y = at::clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale);
-    }
-    if (small(s)) {
-      const float* sp = s.data_ptr<float>();
-      const float* tp = t.data_ptr<float>();
-      for (int64_t r = 0; r < s.size(0); ++r) sum += row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1));
-    } else {
-      sum = at::mse_loss(s, index.defined() ? t.index_select(0, index) : t, at::Reduction::Sum).item<double>();
-    }
+    const Tensor y = clipped_round_values(s, scale, low, high).view(x.sizes());
+    const double sum = squared_error_sum(s, t, index);
     ctx->save_for_backward({s.detach(), t.detach(), index.defined() ? index : at::empty({0}, at::kLong)});
     ctx->saved_data["indexed"] = index.defined();
     ctx->saved_data["weight"] = weight;
@@ -258,7 +258,6 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
     const Tensor& s = saved[0];
     const Tensor& t = saved[1];
     const Tensor index = ctx->saved_data["indexed"].toBool() ? saved[2] : Tensor();
-    const int64_t* ip = index.defined() ? index.data_ptr<int64_t>() : nullptr;
     const double low = ctx->saved_data["low"].toDouble(), high = ctx->saved_data["high"].toDouble();
     const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
     const bool has_y = grads[0].defined(), has_loss = grads[1].defined();
@@ -269,11 +268,11 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
     if (small(s)) {
       out = at::empty_like(s);
       const Tensor g = has_y ? grads[0].contiguous() : Tensor();
-      quant_tap_backward_rows(s, t, ip, has_y ? g.data_ptr<float>() : nullptr, has_loss, out.data_ptr<float>(),
+      quant_tap_backward_rows(s, t, index_data(index), has_y ? g.data_ptr<float>() : nullptr, has_loss, out.data_ptr<float>(),
                               static_cast<float>(low), static_cast<float>(high), static_cast<float>(factor));
     } else {
       Tensor fq = has_y ? at::hardtanh_backward(grads[0].reshape(s.sizes()), s, low, high) : Tensor();
-      Tensor loss = has_loss ? at::sub(s, index.defined() ? t.index_select(0, index) : t).mul_(factor) : Tensor();
+      Tensor loss = has_loss ? scaled_difference(s, t, index, factor) : Tensor();
       out = !has_loss ? fq : !has_y ? loss : fq.add_(loss);
       if (!out.defined()) out = at::zeros_like(s);
     }
