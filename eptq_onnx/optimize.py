@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .checkpoint import Checkpoint, LoopState, deferred_stops, fingerprint, restore
 from .config import OptimizeOptions
-from .training_kernels import KernelStatus, kernel_ext, weighted_mse
+from .training_kernels import KernelStatus, kernel_ext, sum_terms, weighted_mse
 from .training_kernels import load as load_kernels
 from .twin import BiasBank, RoundingBank, Twin
 from .torch_ops import WeightedOp
@@ -348,9 +348,11 @@ class Objective:
         self.bank = bank
         self.biases = biases
 
-    def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
-        """The weighted reconstruction error of one batch; starts a step (h(V) computed once)."""
-        self.bank.refresh()
+    def losses(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]], beta: Optional[float]) -> Tuple[Tensor, Tensor]:
+        """Eq. 6's two terms on one batch: the weighted reconstruction error and the rounding
+        regularizer, a mean over layers of per-layer means (zero during the warm-up, beta None).
+        Starts a step: the soft weights and the regularizer are computed once, together."""
+        reg = self.bank.refresh(beta)
         if self.biases is not None:
             self.biases.refresh()
         index, feeds = batch
@@ -367,13 +369,11 @@ class Objective:
         if rest:
             losses.append(weighted_mse([values[self.names[i]] for i in rest], [targets[i] for i in rest],
                                        [self.weight_list[i] for i in rest], rows, torch.float64))
-        return torch.stack(losses).sum().float()
+        return sum_terms(losses), reg
 
-    def regularizer(self, beta: Optional[float]) -> Tensor:
-        """The rounding regularizer, a mean over layers of per-layer means (zero during the warm-up)."""
-        if beta is None:
-            return torch.zeros(())
-        return self.bank.regularizer(beta)
+    def reconstruction(self, batch: Tuple[Optional[Tensor], Dict[str, Tensor]]) -> Tensor:
+        """The weighted reconstruction error of one batch (``losses`` without the regularizer)."""
+        return self.losses(batch, None)[0]
 
 
 BANK = "eptq_rounding_bank"  # the student's submodule holding every V while it trains
@@ -395,8 +395,8 @@ def _choose_iters(objective: Objective, batches: Batches, options: OptimizeOptio
     times, losses = [], []
     for _ in range(2):
         start = time.perf_counter()
-        recon = objective.reconstruction(batches.sample(options.batch_size))
-        (recon + objective.regularizer(options.beta_start)).backward()
+        recon, reg = objective.losses(batches.sample(options.batch_size), options.beta_start)
+        (recon + reg).backward()
         times.append(time.perf_counter() - start)
         losses.append(float(recon.detach()))
     step = min(times)
@@ -547,8 +547,7 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
         while loop.step < loop.iters and not stop:
             step = loop.step
             beta = beta_at(step, loop.iters, options)
-            recon = objective.reconstruction(batches.sample(options.batch_size))
-            reg = objective.regularizer(beta)
+            recon, reg = objective.losses(batches.sample(options.batch_size), beta)
             loss = recon / loop.loss_scale + options.reg_lambda * reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

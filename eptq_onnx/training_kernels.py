@@ -1,8 +1,10 @@
-"""The two hot operations of an EPTQ training step, with fused CPU kernels where they can be built.
+"""The hot operations of an EPTQ training step, with fused CPU kernels where they can be built.
 
 ``clipped_round``: an activation fake quantizer with a fixed step (forward: clip, scale, round,
 rescale; backward: the straight-through gradient inside the grid's range). ``weighted_mse``: the
-reconstruction loss, sum_i w_i * mean((z~_i - z_i)^2) over every loss tensor.
+reconstruction loss, sum_i w_i * mean((z~_i - z_i)^2) over every loss tensor; ``quant_tap_loss``
+both for one tensor; ``sum_terms`` their sum. ``soft_rounding``: every weight's AdaRound soft
+weight and the rounding regularizer. ``round_to_grid``: the biases on their int32 grids.
 
 On a small model a step is dominated by per-op overhead, not arithmetic: in Python each fake
 quantizer is 4 elementwise ops and a Python autograd node, each loss term 3-4 ops and 2 nodes.
@@ -23,7 +25,7 @@ import platform
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +120,64 @@ def quant_tap_loss(x: Tensor, scale: float, zero_point: float, qmin: int, qmax: 
     return ClippedRound.apply(x, scale, low, high), weighted_mse([x], [target], [weight], rows, torch.float64)
 
 
+def sum_terms(terms: Sequence[Tensor]) -> Tensor:
+    """The sum of float64 0-d loss terms, as float32 (one node with the fused kernels)."""
+    if _ext is not None and terms and all(t.device.type == "cpu" for t in terms):
+        return _ext.sum_terms(list(terms))
+    return torch.stack(list(terms)).sum().float() if terms else torch.zeros(())
+
+
+class RoundToGrid(torch.autograd.Function):
+    """clamp(round(b / step), -limit, limit) x step with a fixed step, straight-through gradient to b
+    (the Python reference of ``round_to_grid``'s kernel)."""
+
+    @staticmethod
+    def forward(ctx, b: Tensor, step: Tensor, limit: float) -> Tensor:  # type: ignore[override]
+        return torch.clamp(torch.round(b / step), -limit, limit) * step
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad, None, None
+
+
+def round_to_grid(b: Tensor, step: Tensor, limit: float) -> Tensor:
+    """``b`` rounded to the grid ``step`` with codes clamped to +-limit, x step; the gradient
+    passes straight through to ``b`` (the step is fixed)."""
+    if _fits(b) and _fits(step):
+        return _ext.round_to_grid(b, step, float(limit))  # type: ignore[union-attr]
+    return RoundToGrid.apply(b, step, float(limit))
+
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rounding_regularizer(h: Tensor, share: Union[Tensor, float], beta: float) -> Tensor:
+    """sum(share * (1 - |2h - 1|^beta)): zero where every h is 0 or 1."""
+    return ((1.0 - torch.abs(2.0 * h - 1.0) ** beta) * share).sum()
+
+
+def soft_rounding(v: Tensor, floor_scaled: Tensor, room_scaled: Tensor, share: Tensor,
+                  beta: Optional[float]) -> Tuple[Tensor, Tensor]:
+    """AdaRound's soft weights ``floor_scaled + h(V) * room_scaled`` and the rounding regularizer
+    ``rounding_regularizer(h(V), share, beta)`` (zero without a beta), of flat tensors of one size.
+
+    Fused: one node whose forward also evaluates both derivatives with respect to V, instead of a
+    chain of about 20 small ops and nodes forward and backward (the sigmoid and the power still
+    run as torch's vectorized ops). Equal to the Python path up to float rounding.
+    """
+    if all(_fits(t) and t.is_contiguous() for t in (v, floor_scaled, room_scaled, share)):
+        soft, reg = _ext.soft_rounding(v, floor_scaled, room_scaled, share, beta, ZETA - GAMMA, GAMMA)  # type: ignore[union-attr]
+        return soft, reg
+    h = rectified_sigmoid(v)
+    reg = rounding_regularizer(h, share, beta) if beta is not None else torch.zeros((), device=v.device)
+    return torch.addcmul(floor_scaled, h, room_scaled), reg
+
+
 def _rows(t: Tensor) -> Tensor:
     """``t`` as a 2-d [first dimension, rest] tensor (a view where it can be)."""
     return t.reshape(t.shape[0] if t.dim() else 1, -1)
@@ -161,9 +221,10 @@ def _build(log: Callable[[str], None]):
 
 
 def _flags() -> List[str]:
-    """-O3, no contraction of a * b + c into one rounding (the kernels must round like torch), and
-    AVX2 on x86 CPUs that have it (a build is per machine, its name says which)."""
-    flags = ["-O3", "-ffp-contract=off"]
+    """-O3, no contraction of a * b + c into one rounding (the kernels must round like torch), no
+    floating-point traps (so that loops with selects vectorize; no value changes), and AVX2 on x86
+    CPUs that have it (a build is per machine, its name says which)."""
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags.append("-mavx2")
     return flags

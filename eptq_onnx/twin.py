@@ -25,7 +25,16 @@ from .qpoints import QuantPlan
 from .quantizers import ActParams
 from .torch_convert import input_names, onnx_names, output_names, to_torch
 from .torch_ops import WeightedOp
-from .training_kernels import clipped_round, quant_tap_loss
+from .training_kernels import (
+    GAMMA,
+    ZETA,
+    clipped_round,
+    quant_tap_loss,
+    rectified_sigmoid,
+    round_to_grid,
+    rounding_regularizer,
+    soft_rounding,
+)
 from .weights import WeightQuant
 
 
@@ -96,14 +105,6 @@ def _channel_shape(rank: int, axis: int) -> List[int]:
     if rank:
         shape[axis] = -1
     return shape
-
-
-ZETA, GAMMA = 1.1, -0.1  # AdaRound's rectified sigmoid stretch
-
-
-def rectified_sigmoid(v: Tensor) -> Tensor:
-    """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1)."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
@@ -178,7 +179,7 @@ class WeightFakeQuant(nn.Module):
 
     def regularizer(self, beta: float) -> Tensor:
         """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1."""
-        return (1.0 - torch.abs(2.0 * self._h() - 1.0) ** beta).sum()
+        return rounding_regularizer(self._h(), 1.0, beta)
 
     def forward(self, w: Tensor) -> Tensor:
         if not self.enabled:
@@ -209,11 +210,12 @@ class RoundingBank(nn.Module):
     """The AdaRound variables V of many weight quantizers as one flat parameter, for training.
 
     One h(V), one regularizer and one optimizer update then cover every weight, instead of one
-    chain of small ops per layer (whose per-op overhead dominates a step on small models). The
-    quantizers read their part of h(V) as a view; with fixed steps (``start_rounding(...,
-    fixed_scale=True)`` on every quantizer) also their soft weight, computed for all of them by
-    one addcmul (element for element what each quantizer's own computes). ``write_back`` copies V
-    into their own ``rounding`` parameters when training stops.
+    chain of small ops per layer (whose per-op overhead dominates a step on small models). With
+    fixed steps (``start_rounding(..., fixed_scale=True)`` on every quantizer) the quantizers read
+    their soft weights as views, computed for all of them with the regularizer in one fused node
+    (what each quantizer's own addcmul computes, up to float rounding in the sigmoid); with learned
+    steps they read their part of h(V). ``write_back`` copies V into their own ``rounding``
+    parameters when training stops.
     """
 
     def __init__(self, quantizers: Sequence[WeightFakeQuant]) -> None:
@@ -235,17 +237,21 @@ class RoundingBank(nn.Module):
             self.register_buffer(name, flat, persistent=False)
         self.h: Optional[Tensor] = None
 
-    def refresh(self) -> None:
-        """h(V) for this step (and the soft weights, with fixed steps), handed to every quantizer
-        as views; call after every update."""
+    def refresh(self, beta: Optional[float] = None) -> Tensor:
+        """Start a step (call after every update): hand every quantizer its soft weight as a view
+        (with fixed steps; else its part of h(V)), and return the regularizer for ``beta`` (see
+        ``regularizer``; zero for None, the warm-up). With fixed steps both come from one fused
+        node (``training_kernels.soft_rounding``)."""
+        if self.floor_scaled is not None and self.room_scaled is not None:
+            soft, reg = soft_rounding(self.v, self.floor_scaled, self.room_scaled, self.share, beta)
+            self.h = None
+            for q, weight in zip(self._quantizers, torch.split(soft, self.sizes)):
+                q.h, q.soft = None, weight.view(q.rounding.shape)  # type: ignore[union-attr]
+            return reg
         self.h = rectified_sigmoid(self.v)
-        parts = torch.split(self.h, self.sizes)
-        soft = [None] * len(parts)
-        if self.floor_scaled is not None:
-            soft = torch.split(torch.addcmul(self.floor_scaled, self.h, self.room_scaled), self.sizes)
-        for q, part, weight in zip(self._quantizers, parts, soft):
-            q.h = part.view(q.rounding.shape)  # type: ignore[union-attr]
-            q.soft = None if weight is None else weight.view(q.rounding.shape)  # type: ignore[union-attr]
+        for q, part in zip(self._quantizers, torch.split(self.h, self.sizes)):
+            q.h, q.soft = part.view(q.rounding.shape), None  # type: ignore[union-attr]
+        return self.regularizer(beta) if beta is not None else torch.zeros((), device=self.v.device)
 
     def regularizer(self, beta: float) -> Tensor:
         """The mean over layers of each layer's mean of 1 - |2 h(V) - 1|^beta.
@@ -256,8 +262,7 @@ class RoundingBank(nn.Module):
         export then destroys: the demo CNN's 288-weight first layer kept 12 such weights, and its
         W4A8 output SQNR fell from 34.6 dB soft to 21.1 dB hard).
         """
-        h = self.h if self.h is not None else rectified_sigmoid(self.v)
-        return ((1.0 - torch.abs(2.0 * h - 1.0) ** beta) * self.share).sum()
+        return rounding_regularizer(self.h if self.h is not None else rectified_sigmoid(self.v), self.share, beta)
 
     def undecided(self) -> Dict[str, int]:
         """Per weight: how many rounding variables are neither 0 nor 1 (0.01 < h(V) < 0.99), where any are."""
@@ -309,20 +314,8 @@ def round_bias(b: Tensor, step: Tensor, fixed: bool) -> Tensor:
     """int32 codes of ``b`` on the grid ``step``, x step; straight-through gradient to ``b`` (and,
     when not ``fixed``, to the step) while grad is enabled."""
     if fixed and torch.is_grad_enabled():
-        return RoundToGrid.apply(b, step)
+        return round_to_grid(b, step, INT32_MAX)
     return torch.clamp(round_ste(b / step), -INT32_MAX, INT32_MAX) * step
-
-
-class RoundToGrid(torch.autograd.Function):
-    """int32 bias codes x step with a fixed step, straight-through gradient (one node in the graph)."""
-
-    @staticmethod
-    def forward(ctx, b: Tensor, step: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.clamp(torch.round(b / step), -INT32_MAX, INT32_MAX) * step
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        return grad, None
 
 
 class BiasBank(nn.Module):

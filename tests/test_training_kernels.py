@@ -143,6 +143,65 @@ def test_quant_tap_loss_is_the_fake_quantizer_and_its_loss_term_in_one_node(inde
             assert torch.equal(a.grad, b.grad), (shape, flows)
 
 
+@pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
+def test_soft_rounding_is_the_python_chain_in_one_node(beta) -> None:  # type: ignore[no-untyped-def]
+    """Soft weights, regularizer and the gradient reaching V (from both, and from each alone) as
+    the Python ops compute them, up to float rounding; over the one-thread size and ATen's tasks,
+    with V saturating h at 0 and 1 and exactly 0.5."""
+    _extension()
+    gen = torch.Generator().manual_seed(3)
+    for n in (1000, 100_003):
+        v = torch.cat([torch.randn(n - 4, generator=gen) * 3, torch.tensor([-20.0, 20.0, 0.0, 2.3979])])
+        floor = torch.randint(-8, 7, (n,), generator=gen).float() * 0.01
+        room = (torch.rand(n, generator=gen) > 0.1).float() * 0.01
+        share = torch.rand(n, generator=gen) / n
+        grad_soft = torch.randn(n, generator=gen)
+        for flows in ("both", "soft", "reg"):
+            a, b = v.clone().requires_grad_(), v.clone().requires_grad_()
+            soft, reg = training_kernels.soft_rounding(a, floor, room, share, beta)
+            assert soft.grad_fn is not None and type(soft.grad_fn).__name__ not in ("AddcmulBackward0",)
+            with training_kernels.python_kernels():
+                soft_ref, reg_ref = training_kernels.soft_rounding(b, floor, room, share, beta)
+            torch.testing.assert_close(soft, soft_ref, rtol=0, atol=1e-8)
+            assert reg.dtype == torch.float32 and reg.dim() == 0
+            torch.testing.assert_close(reg, reg_ref, rtol=1e-5, atol=0)
+            if beta is None:
+                assert float(reg.detach()) == 0.0 and not reg.requires_grad
+                if flows != "soft":
+                    continue
+            outs = {"both": (soft, reg), "soft": (soft,), "reg": (reg,)}[flows]
+            refs = {"both": (soft_ref, reg_ref), "soft": (soft_ref,), "reg": (reg_ref,)}[flows]
+            grads = {"both": (grad_soft, torch.tensor(0.7)), "soft": (grad_soft,), "reg": (torch.tensor(0.7),)}[flows]
+            torch.autograd.backward(outs, grads)
+            torch.autograd.backward(refs, grads)
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
+            assert int((a.grad == 0).sum()) >= 2 and int((a.grad != 0).sum()) > n // 2
+
+
+def test_sum_terms_and_round_to_grid_equal_their_python_references() -> None:
+    """sum_terms: the float64 terms' sum as float32, each term's gradient the sum's. round_to_grid:
+    the same int32-grid values (ties to even, the code limit) and the gradient straight to b."""
+    _extension()
+    gen = torch.Generator().manual_seed(7)
+    terms = [(torch.rand((), generator=gen, dtype=torch.float64) * 10 ** -k).requires_grad_() for k in range(6)]
+    total = training_kernels.sum_terms(terms)
+    assert type(total.grad_fn).__name__ != "ToCopyBackward0" and total.dtype == torch.float32
+    assert float(total.detach()) == float(torch.stack([t.detach() for t in terms]).sum().float())
+    (total * 3.0).backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float64 and float(t.grad) == 3.0 for t in terms)
+    step = torch.rand(40, generator=gen) * 0.01 + 1e-3
+    b = torch.cat([torch.randn(36, generator=gen), step[36:] * torch.tensor([0.5, 2.5, -1.5, 3e9])])
+    a, ref = b.clone().requires_grad_(), b.clone().requires_grad_()
+    fused = training_kernels.round_to_grid(a, step, 2**31 - 1)
+    expected = training_kernels.RoundToGrid.apply(ref, step, float(2**31 - 1))
+    assert type(fused.grad_fn).__name__ != "RoundToGridBackward" and torch.equal(fused, expected)
+    assert float(fused[-1] / step[-1]) == pytest.approx(2**31, rel=1e-6)  # clamped to the code limit
+    grad = torch.randn(40, generator=gen)
+    fused.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(a.grad, grad) and torch.equal(ref.grad, grad)
+
+
 @pytest.mark.parametrize("rectified", [True, False])
 def test_fused_updates_are_torch_optims_radam_and_adam_bit_for_bit(rectified: bool) -> None:
     """300 updates (through RAdam's switch to the rectified step), a parameter without a gradient,

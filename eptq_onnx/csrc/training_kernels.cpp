@@ -10,10 +10,12 @@
 // (float rounding) and the sign of a rounded zero (+0 where torch may give -0).
 //
 // No OpenMP here: the small tensors run on the calling thread, the large ones in ATen's pool.
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -51,28 +53,44 @@ void pass_inside_loop(const float* __restrict x, const float* __restrict g, floa
   for (int64_t i = 0; i < n; ++i) out[i] = ((x[i] > lo) & (x[i] < hi)) ? g[i] : 0.0f;
 }
 
-// Sum over a row of (a - b)^2, in 8 lanes so that the compiler vectorizes it.
-double row_squared_error(const float* __restrict a, const float* __restrict b, int64_t cols) {
-  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Adds a row's squared differences (a - b)^2 to LANES partial sums, as long as whole groups of
+// LANES go, and returns the sum of the rest in double. The compiler keeps the partial sums in 4
+// vector registers: with one, each add would wait for the one before (4x slower).
+constexpr int LANES = 32;
+
+double add_row_squared_error(const float* __restrict a, const float* __restrict b, int64_t cols, float* __restrict lanes) {
+  float lane[LANES];
+  std::copy(lanes, lanes + LANES, lane);
   int64_t c = 0;
-  for (; c + 8 <= cols; c += 8) {
-    for (int j = 0; j < 8; ++j) {
+  for (; c + LANES <= cols; c += LANES) {
+    for (int j = 0; j < LANES; ++j) {
       const float e = a[c + j] - b[c + j];
       lane[j] += e * e;
     }
   }
-  double sum = 0.0;
+  std::copy(lane, lane + LANES, lanes);
+  double rest = 0.0;
   for (; c < cols; ++c) {
     const float e = a[c] - b[c];
-    sum += static_cast<double>(e) * e;
+    rest += static_cast<double>(e) * e;
   }
-  for (int j = 0; j < 8; ++j) sum += lane[j];
-  return sum;
+  return rest;
 }
 
 void scaled_difference_loop(const float* __restrict a, const float* __restrict b, float* __restrict out, int64_t cols,
                             float factor) {
   for (int64_t c = 0; c < cols; ++c) out[c] = (a[c] - b[c]) * factor;
+}
+
+// A 0-d CPU tensor holding value (cheaper than torch::tensor or at::scalar_tensor: no dispatch)
+Tensor scalar(double value, at::ScalarType dtype) {
+  Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
+  if (dtype == at::kDouble) {
+    *out.data_ptr<double>() = value;
+  } else {
+    *out.data_ptr<float>() = static_cast<float>(value);
+  }
+  return out;
 }
 
 bool small(const Tensor& t, int64_t limit = SMALL) { return t.numel() <= limit && t.is_contiguous(); }
@@ -145,8 +163,12 @@ double squared_error_sum(const Tensor& s, const Tensor& t, const Tensor& index) 
   const int64_t* ip = index_data(index);
   const float* sp = s.data_ptr<float>();
   const float* tp = t.data_ptr<float>();
+  float lanes[LANES] = {};
   double sum = 0.0;
-  for (int64_t r = 0; r < s.size(0); ++r) sum += row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1));
+  for (int64_t r = 0; r < s.size(0); ++r) {
+    sum += add_row_squared_error(sp + r * s.size(1), tp + target_row(ip, r) * t.stride(0), s.size(1), lanes);
+  }
+  for (int j = 0; j < LANES; ++j) sum += lanes[j];
   return sum;
 }
 
@@ -186,7 +208,7 @@ struct WeightedMseFn : public torch::autograd::Function<WeightedMseFn> {
     ctx->saved_data["weights"] = weights;
     ctx->saved_data["indexed"] = index.defined();
     ctx->save_for_backward(saved);
-    return torch::tensor(total, at::kDouble);  // the caller rounds the sum of all terms to float32
+    return scalar(total, at::kDouble);  // the caller rounds the sum of all terms to float32
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -242,7 +264,7 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
                                double weight, double scale, double low, double high) {
     const Tensor index = row_index(index_in);
     auto [s, t] = as_rows(x, target, index, 0);
-    const Tensor y = clipped_round_values(s, scale, low, high).view(x.sizes());
+    const Tensor y = clipped_round_values(x.is_contiguous() ? x : s, scale, low, high).view(x.sizes());  // no view when x is contiguous
     const double sum = squared_error_sum(s, t, index);
     ctx->save_for_backward({s.detach(), t.detach(), index.defined() ? index : at::empty({0}, at::kLong)});
     ctx->saved_data["indexed"] = index.defined();
@@ -250,7 +272,7 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
     ctx->saved_data["low"] = low;
     ctx->saved_data["high"] = high;
     ctx->saved_data["sizes"] = x.sizes().vec();
-    return {y, torch::tensor(weight * sum / static_cast<double>(std::max<int64_t>(1, s.numel())), at::kDouble)};
+    return {y, scalar(weight * sum / static_cast<double>(std::max<int64_t>(1, s.numel())), at::kDouble)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -280,6 +302,144 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
   }
 };
 
+// AdaRound's soft weights and rounding regularizer over the flat V of every weight (the rounding
+// bank), with s = sigmoid(V), h = clamp(s * stretch + shift, 0, 1) and t = 2h - 1:
+//   soft = floor + h * room                      (floor, room: each weight's clip(floor(w / step)) and
+//                                                 where rounding up stays in range, both times step)
+//   reg  = sum(share * (1 - |t|^beta))           (share: each weight's weight in the regularizer)
+// One node: forward computes both and each one's derivative with respect to V (dsoft/dV, dreg/dV:
+// the chain torch differentiates, evaluated once), backward is grad_soft * dsoft/dV + grad_reg *
+// dreg/dV. torch's sigmoid and pow (vectorized) do the transcendental parts.
+constexpr int64_t GRAIN = 32768;  // elements per task of ATen's thread pool
+
+// dh/dV at s = sigmoid(V), pre = s * stretch + shift: stretch * s * (1 - s) where 0 <= pre <= 1
+// (torch's clamp passes the gradient at the ends), else 0; without branches, so that loops vectorize
+inline float rectified_slope(float s, float pre, float stretch) {
+  return stretch * ((1.0f - s) * s) * static_cast<float>((pre >= 0.0f) & (pre <= 1.0f));
+}
+
+template <bool WITH_U>
+void soft_weights_loop(const float* __restrict s, const float* __restrict floor, const float* __restrict room,
+                       float* __restrict soft, float* __restrict dsoft, float* __restrict u, int64_t n, float stretch,
+                       float shift, float negligible) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float pre = s[i] * stretch + shift;
+    float h = pre > 0.0f ? pre : 0.0f;
+    h = h < 1.0f ? h : 1.0f;
+    soft[i] = floor[i] + h * room[i];
+    dsoft[i] = room[i] * rectified_slope(s[i], pre, stretch);
+    if (WITH_U) {
+      const float t = 2.0f * h - 1.0f;
+      const float a = t < 0.0f ? -t : t;
+      u[i] = a < negligible ? 0.0f : a;
+    }
+  }
+}
+
+// sum(share * (1 - p)) with p = u^beta, and dreg/dV = share * (-beta u^(beta - 1)) * sign(t) * 2 * dh/dV
+float regularizer_loop(const float* __restrict s, const float* __restrict u, const float* __restrict p,
+                       const float* __restrict share, float* __restrict dreg, int64_t n, float stretch, float shift,
+                       float beta) {
+  float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  auto one = [&](int64_t k) {
+    const float pre = s[k] * stretch + shift;
+    float h = pre > 0.0f ? pre : 0.0f;
+    h = h < 1.0f ? h : 1.0f;
+    const float sign = static_cast<float>(h > 0.5f) - static_cast<float>(h < 0.5f);
+    const float power = p[k] / (u[k] > 0.0f ? u[k] : 1.0f);  // u^(beta - 1) (beta > 1: 0 where u is)
+    dreg[k] = share[k] * (-2.0f * beta) * power * sign * rectified_slope(s[k], pre, stretch);
+    return share[k] * (1.0f - p[k]);
+  };
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) lane[j] += one(i + j);
+  }
+  float total = 0.0f;
+  for (; i < n; ++i) total += one(i);
+  for (int j = 0; j < 8; ++j) total += lane[j];
+  return total;
+}
+
+struct SoftRoundingFn : public torch::autograd::Function<SoftRoundingFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& v, const Tensor& floor, const Tensor& room, const Tensor& share,
+                               std::optional<double> beta, double stretch, double shift) {
+    const int64_t n = v.numel();
+    for (const Tensor* t : {&v, &floor, &room, &share}) {
+      TORCH_CHECK(t->numel() == n && t->is_contiguous() && t->scalar_type() == at::kFloat, "soft_rounding: flat float32 tensors of one size");
+    }
+    const Tensor s = at::sigmoid(v);
+    Tensor soft = at::empty_like(v), dsoft = at::empty_like(v);
+    Tensor u = beta ? at::empty_like(v) : Tensor();
+    const float st = static_cast<float>(stretch), sh = static_cast<float>(shift);
+    // |2h - 1| below which its beta-th power (< 1e-30) is taken as 0: no subnormal numbers, which
+    // make pow many times slower (h near 0.5 at high beta)
+    const float negligible = beta ? static_cast<float>(std::pow(1e-30, 1.0 / *beta)) : 0.0f;
+    const float *sp = s.data_ptr<float>(), *fp = floor.data_ptr<float>(), *rp = room.data_ptr<float>();
+    float *softp = soft.data_ptr<float>(), *dsp = dsoft.data_ptr<float>(), *up = beta ? u.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, GRAIN, [&](int64_t b, int64_t e) {
+      if (up != nullptr) {
+        soft_weights_loop<true>(sp + b, fp + b, rp + b, softp + b, dsp + b, up + b, e - b, st, sh, negligible);
+      } else {
+        soft_weights_loop<false>(sp + b, fp + b, rp + b, softp + b, dsp + b, nullptr, e - b, st, sh, negligible);
+      }
+    });
+    Tensor reg = at::zeros({}, v.options()), dreg = at::empty({0}, v.options());
+    if (beta) {
+      const Tensor p = at::pow(u, *beta);
+      dreg = at::empty_like(v);
+      const float* pp = p.data_ptr<float>();
+      const float* sharep = share.data_ptr<float>();
+      float* drp = dreg.data_ptr<float>();
+      const float b = static_cast<float>(*beta);
+      const double total = at::parallel_reduce(
+          0, n, GRAIN, 0.0,
+          [&](int64_t lo, int64_t hi, double acc) {
+            return acc + regularizer_loop(sp + lo, up + lo, pp + lo, sharep + lo, drp + lo, hi - lo, st, sh, b);
+          },
+          std::plus<double>());
+      reg.fill_(total);
+    } else {
+      ctx->mark_non_differentiable({reg});  // a zero, like the Python path's
+    }
+    ctx->save_for_backward({dsoft, dreg});
+    ctx->saved_data["regularized"] = beta.has_value();
+    return {soft, reg};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    Tensor out = grads[0].defined() ? at::mul(saved[0], grads[0]) : at::zeros_like(saved[0]);
+    if (ctx->saved_data["regularized"].toBool() && grads[1].defined()) out.add_(saved[1], grads[1].item<double>());
+    return {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// The sum of float64 0-d loss terms, as float32 (the step's reconstruction loss): one node instead
+// of stacking the terms, summing and converting (each term's gradient is the sum's, in float64).
+struct SumTermsFn : public torch::autograd::Function<SumTermsFn> {
+  static Tensor forward(AutogradContext* ctx, at::TensorList terms) {
+    double total = 0.0;
+    for (const Tensor& t : terms) total += t.item<double>();
+    ctx->saved_data["count"] = static_cast<int64_t>(terms.size());
+    return scalar(total, at::kFloat);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor g = grads[0].to(at::kDouble);
+    return variable_list(static_cast<size_t>(ctx->saved_data["count"].toInt()), g);
+  }
+};
+
+// clamp(round(b / step), -limit, limit) * step (an int32 bias grid) with a straight-through
+// gradient to b and none to the fixed step; ATen's ops in their Python order (equal values).
+struct RoundToGridFn : public torch::autograd::Function<RoundToGridFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& b, const Tensor& step, double limit) {
+    return at::clamp(at::round(b / step), -limit, limit) * step;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) { return {grads[0], Tensor(), Tensor()}; }
+};
+
 }  // namespace
 
 Tensor clipped_round(const Tensor& x, double scale, double low, double high) {
@@ -295,6 +455,15 @@ std::vector<Tensor> quant_tap_loss(const Tensor& x, const Tensor& target, const 
                                    double scale, double low, double high) {
   return QuantTapLossFn::apply(x, target, index, weight, scale, low, high);
 }
+
+std::vector<Tensor> soft_rounding(const Tensor& v, const Tensor& floor, const Tensor& room, const Tensor& share,
+                                  std::optional<double> beta, double stretch, double shift) {
+  return SoftRoundingFn::apply(v, floor, room, share, beta, stretch, shift);
+}
+
+Tensor sum_terms(const std::vector<Tensor>& terms) { return SumTermsFn::apply(at::TensorList(terms)); }
+
+Tensor round_to_grid(const Tensor& b, const Tensor& step, double limit) { return RoundToGridFn::apply(b, step, limit); }
 
 // One update of torch.optim.RAdam / Adam (defaults: no weight decay, amsgrad or maximize) on one
 // tensor: the ATen ops torch.optim's foreach implementation runs on a CPU tensor, in its order,
@@ -337,6 +506,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("students"), py::arg("targets"), py::arg("weights"), py::arg("index") = py::none());
   m.def("radam_update", &radam_update, "one torch.optim.RAdam update of one tensor (bit-identical)");
   m.def("adam_update", &adam_update, "one torch.optim.Adam update of one tensor (bit-identical)");
+  m.def("soft_rounding", &soft_rounding,
+        "(floor + h(V) * room, sum(share * (1 - |2 h(V) - 1|^beta))) in one node, h the rectified sigmoid (float32, CPU)",
+        py::arg("v"), py::arg("floor"), py::arg("room"), py::arg("share"), py::arg("beta"), py::arg("stretch"), py::arg("shift"));
+  m.def("sum_terms", &sum_terms, "the sum of float64 0-d loss terms, as float32, in one node");
+  m.def("round_to_grid", &round_to_grid, "clamp(round(b / step), -limit, limit) * step, straight-through gradient to b");
   m.def("quant_tap_loss", &quant_tap_loss,
         "(clipped_round(x), weight * mean((x - target[index])^2) as float64) in one node (float32, CPU)",
         py::arg("x"), py::arg("target"), py::arg("index"), py::arg("weight"), py::arg("scale"), py::arg("low"), py::arg("high"));
