@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -161,21 +162,25 @@ def rounding_regularizer(h: Tensor, share: Union[Tensor, float], beta: float) ->
     return ((1.0 - torch.abs(2.0 * h - 1.0) ** beta) * share).sum()
 
 
-def soft_rounding(v: Tensor, floor_scaled: Tensor, room_scaled: Tensor, share: Tensor,
-                  beta: Optional[float]) -> Tuple[Tensor, Tensor]:
-    """AdaRound's soft weights ``floor_scaled + h(V) * room_scaled`` and the rounding regularizer
-    ``rounding_regularizer(h(V), share, beta)`` (zero without a beta), of flat tensors of one size.
+def soft_rounding(v: Tensor, floor_scaled: Tensor, room_scaled: Tensor, share: Tensor, beta: Optional[float],
+                  shapes: Sequence[Sequence[int]]) -> Tuple[List[Tensor], Tensor]:
+    """AdaRound's soft weights ``floor_scaled + h(V) * room_scaled`` (flat tensors of one size),
+    split into the weights' ``shapes``, and the rounding regularizer ``rounding_regularizer(h(V),
+    share, beta)`` (zero without a beta).
 
     Fused: one node whose forward also evaluates both derivatives with respect to V, instead of a
-    chain of about 20 small ops and nodes forward and backward (the sigmoid and the power still
-    run as torch's vectorized ops). Equal to the Python path up to float rounding.
+    chain of about 20 small ops and nodes forward and backward, and a split and a view per weight
+    (the sigmoid and the power still run as torch's vectorized ops). Equal to the Python path up
+    to float rounding.
     """
     if all(_fits(t) and t.is_contiguous() for t in (v, floor_scaled, room_scaled, share)):
-        soft, reg = _ext.soft_rounding(v, floor_scaled, room_scaled, share, beta, ZETA - GAMMA, GAMMA)  # type: ignore[union-attr]
+        *soft, reg = _ext.soft_rounding(v, floor_scaled, room_scaled, share, beta, ZETA - GAMMA, GAMMA,  # type: ignore[union-attr]
+                                        [list(s) for s in shapes])
         return soft, reg
     h = rectified_sigmoid(v)
     reg = rounding_regularizer(h, share, beta) if beta is not None else torch.zeros((), device=v.device)
-    return torch.addcmul(floor_scaled, h, room_scaled), reg
+    parts = torch.split(torch.addcmul(floor_scaled, h, room_scaled), [math.prod(s) for s in shapes])
+    return [part.view(shape) for part, shape in zip(parts, shapes)], reg
 
 
 def _rows(t: Tensor) -> Tensor:

@@ -224,6 +224,7 @@ class RoundingBank(nn.Module):
         rounding = [q.rounding for q in self._quantizers]
         assert all(v is not None for v in rounding), "start_rounding first"
         self.sizes = [v.numel() for v in rounding]  # type: ignore[union-attr]
+        self.shapes = [tuple(v.shape) for v in rounding]  # type: ignore[union-attr]
         flat = [v.detach().reshape(-1) for v in rounding]  # type: ignore[union-attr]
         self.v = nn.Parameter(torch.cat(flat) if flat else torch.zeros(0))
         # each weight's share in the regularizer: 1 / (layers x its layer's size), so that every
@@ -243,10 +244,10 @@ class RoundingBank(nn.Module):
         ``regularizer``; zero for None, the warm-up). With fixed steps both come from one fused
         node (``training_kernels.soft_rounding``)."""
         if self.floor_scaled is not None and self.room_scaled is not None:
-            soft, reg = soft_rounding(self.v, self.floor_scaled, self.room_scaled, self.share, beta)
+            soft, reg = soft_rounding(self.v, self.floor_scaled, self.room_scaled, self.share, beta, self.shapes)
             self.h = None
-            for q, weight in zip(self._quantizers, torch.split(soft, self.sizes)):
-                q.h, q.soft = None, weight.view(q.rounding.shape)  # type: ignore[union-attr]
+            for q, weight in zip(self._quantizers, soft):
+                q.h, q.soft = None, weight
             return reg
         self.h = rectified_sigmoid(self.v)
         for q, part in zip(self._quantizers, torch.split(self.h, self.sizes)):

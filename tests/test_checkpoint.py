@@ -22,17 +22,17 @@ def _config(checkpoint: Path | None, seed: int = 0) -> QuantConfig:
 
 
 def _count_steps(monkeypatch: pytest.MonkeyPatch, signal_at: int = 0, signum: int = signal.SIGINT) -> dict:
-    """Count reconstruction calls (timing passes + steps); deliver ``signum`` during call ``signal_at``."""
-    original = Objective.reconstruction
+    """Count loss evaluations (timing passes + steps); deliver ``signum`` during call ``signal_at``."""
+    original = Objective.losses
     calls = {"n": 0}
 
-    def reconstruction(self, batch):  # type: ignore[no-untyped-def]
+    def losses(self, batch, beta):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == signal_at:
             os.kill(os.getpid(), signum)
-        return original(self, batch)
+        return original(self, batch, beta)
 
-    monkeypatch.setattr(Objective, "reconstruction", reconstruction)
+    monkeypatch.setattr(Objective, "losses", losses)
     return calls
 
 

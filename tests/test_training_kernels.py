@@ -145,37 +145,45 @@ def test_quant_tap_loss_is_the_fake_quantizer_and_its_loss_term_in_one_node(inde
 
 @pytest.mark.parametrize("beta", [None, 20.0, 7.3, 2.0])
 def test_soft_rounding_is_the_python_chain_in_one_node(beta) -> None:  # type: ignore[no-untyped-def]
-    """Soft weights, regularizer and the gradient reaching V (from both, and from each alone) as
-    the Python ops compute them, up to float rounding; over the one-thread size and ATen's tasks,
-    with V saturating h at 0 and 1 and exactly 0.5."""
+    """Soft weights (in each weight's shape), regularizer and the gradient reaching V (from both,
+    from each alone, and with a weight unused) as the Python ops compute them, up to float
+    rounding; over the one-thread size and ATen's tasks, with V saturating h at 0 and 1 and
+    exactly 0.5."""
     _extension()
     gen = torch.Generator().manual_seed(3)
     for n in (1000, 100_003):
+        shapes = [(n - 80,), (4, 2, 3, 3), (1, 0), (2, 2, 2)]
         v = torch.cat([torch.randn(n - 4, generator=gen) * 3, torch.tensor([-20.0, 20.0, 0.0, 2.3979])])
         floor = torch.randint(-8, 7, (n,), generator=gen).float() * 0.01
         room = (torch.rand(n, generator=gen) > 0.1).float() * 0.01
         share = torch.rand(n, generator=gen) / n
-        grad_soft = torch.randn(n, generator=gen)
-        for flows in ("both", "soft", "reg"):
+        grads_soft = [torch.randn(s, generator=gen) for s in shapes]
+        for flows in ("both", "soft", "reg", "one weight"):
             a, b = v.clone().requires_grad_(), v.clone().requires_grad_()
-            soft, reg = training_kernels.soft_rounding(a, floor, room, share, beta)
-            assert soft.grad_fn is not None and type(soft.grad_fn).__name__ not in ("AddcmulBackward0",)
+            soft, reg = training_kernels.soft_rounding(a, floor, room, share, beta, shapes)
+            assert type(soft[0].grad_fn).__name__ not in ("ViewBackward0", "SplitWithSizesBackward0")
             with training_kernels.python_kernels():
-                soft_ref, reg_ref = training_kernels.soft_rounding(b, floor, room, share, beta)
-            torch.testing.assert_close(soft, soft_ref, rtol=0, atol=1e-8)
+                soft_ref, reg_ref = training_kernels.soft_rounding(b, floor, room, share, beta, shapes)
+            assert [tuple(t.shape) for t in soft] == shapes
+            for fused, reference in zip(soft, soft_ref):
+                torch.testing.assert_close(fused, reference, rtol=0, atol=1e-8)
             assert reg.dtype == torch.float32 and reg.dim() == 0
             torch.testing.assert_close(reg, reg_ref, rtol=1e-5, atol=0)
             if beta is None:
                 assert float(reg.detach()) == 0.0 and not reg.requires_grad
-                if flows != "soft":
+                if flows in ("both", "reg"):
                     continue
-            outs = {"both": (soft, reg), "soft": (soft,), "reg": (reg,)}[flows]
-            refs = {"both": (soft_ref, reg_ref), "soft": (soft_ref,), "reg": (reg_ref,)}[flows]
-            grads = {"both": (grad_soft, torch.tensor(0.7)), "soft": (grad_soft,), "reg": (torch.tensor(0.7),)}[flows]
-            torch.autograd.backward(outs, grads)
-            torch.autograd.backward(refs, grads)
+            used = {"both": [0, 1, 3], "soft": [0, 1, 3], "reg": [], "one weight": [1]}[flows]
+            with_reg = flows in ("both", "reg", "one weight") and beta is not None
+            for outs, (s_list, r) in ((a, (soft, reg)), (b, (soft_ref, reg_ref))):
+                tensors = [s_list[i] for i in used] + ([r] if with_reg else [])
+                grads = [grads_soft[i] for i in used] + ([torch.tensor(0.7)] if with_reg else [])
+                torch.autograd.backward(tensors, grads)
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-9)
-            assert int((a.grad == 0).sum()) >= 2 and int((a.grad != 0).sum()) > n // 2
+            if 0 in used or with_reg:
+                assert int((a.grad == 0).sum()) >= 2 and int((a.grad != 0).sum()) > n // 2
+            else:  # only the second weight's part of V has a gradient
+                assert bool((a.grad[n - 80 : n - 8] != 0).any()) and not bool(torch.cat([a.grad[: n - 80], a.grad[n - 8 :]]).any())
 
 
 def test_sum_terms_and_round_to_grid_equal_their_python_references() -> None:

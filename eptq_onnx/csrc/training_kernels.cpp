@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -360,13 +361,30 @@ float regularizer_loop(const float* __restrict s, const float* __restrict u, con
   return total;
 }
 
+// dsoft * g + r * dreg (G: with a soft-weight gradient g, R: with a regularizer gradient r)
+template <bool G, bool R>
+void rounding_gradient_loop(const float* __restrict dsoft, const float* __restrict g, const float* __restrict dreg, float r,
+                            float* __restrict out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float value = 0.0f;
+    if (G) value = dsoft[i] * g[i];
+    if (R) value = value + r * dreg[i];
+    out[i] = value;
+  }
+}
+
+// Returns each weight's soft weight in its shape (views of one buffer: no split and view nodes)
+// and the regularizer; backward writes V's gradient in one pass per weight.
 struct SoftRoundingFn : public torch::autograd::Function<SoftRoundingFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& v, const Tensor& floor, const Tensor& room, const Tensor& share,
-                               std::optional<double> beta, double stretch, double shift) {
+                               std::optional<double> beta, double stretch, double shift, std::vector<std::vector<int64_t>> shapes) {
     const int64_t n = v.numel();
     for (const Tensor* t : {&v, &floor, &room, &share}) {
       TORCH_CHECK(t->numel() == n && t->is_contiguous() && t->scalar_type() == at::kFloat, "soft_rounding: flat float32 tensors of one size");
     }
+    std::vector<int64_t> sizes;
+    for (const auto& shape : shapes) sizes.push_back(c10::multiply_integers(shape));
+    TORCH_CHECK(std::accumulate(sizes.begin(), sizes.end(), int64_t{0}) == n, "soft_rounding: the shapes do not add up to V");
     const Tensor s = at::sigmoid(v);
     Tensor soft = at::empty_like(v), dsoft = at::empty_like(v);
     Tensor u = beta ? at::empty_like(v) : Tensor();
@@ -403,14 +421,42 @@ struct SoftRoundingFn : public torch::autograd::Function<SoftRoundingFn> {
     }
     ctx->save_for_backward({dsoft, dreg});
     ctx->saved_data["regularized"] = beta.has_value();
-    return {soft, reg};
+    ctx->saved_data["sizes"] = sizes;
+    variable_list out;
+    int64_t offset = 0;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      out.push_back(soft.narrow(0, offset, sizes[i]).view(shapes[i]));
+      offset += sizes[i];
+    }
+    out.push_back(reg);
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    Tensor out = grads[0].defined() ? at::mul(saved[0], grads[0]) : at::zeros_like(saved[0]);
-    if (ctx->saved_data["regularized"].toBool() && grads[1].defined()) out.add_(saved[1], grads[1].item<double>());
-    return {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor& dsoft = saved[0];
+    const Tensor& dreg = saved[1];
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const bool with_reg = ctx->saved_data["regularized"].toBool() && grads.back().defined();
+    const float r = with_reg ? static_cast<float>(grads.back().item<double>()) : 0.0f;
+    Tensor out = at::empty_like(dsoft);
+    const float* dp = dsoft.data_ptr<float>();
+    const float* drp = with_reg ? dreg.data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    int64_t offset = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      const Tensor g = grads[i].defined() ? grads[i].contiguous() : Tensor();
+      const float* gp = g.defined() ? g.data_ptr<float>() : nullptr;
+      at::parallel_for(offset, offset + sizes[i], GRAIN, [&](int64_t b, int64_t e) {
+        const float* gb = gp != nullptr ? gp + (b - offset) : nullptr;
+        if (gb != nullptr && drp != nullptr) rounding_gradient_loop<true, true>(dp + b, gb, drp + b, r, op + b, e - b);
+        else if (gb != nullptr) rounding_gradient_loop<true, false>(dp + b, gb, nullptr, r, op + b, e - b);
+        else if (drp != nullptr) rounding_gradient_loop<false, true>(dp + b, nullptr, drp + b, r, op + b, e - b);
+        else std::fill(op + b, op + e, 0.0f);
+      });
+      offset += sizes[i];
+    }
+    return {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -457,8 +503,9 @@ std::vector<Tensor> quant_tap_loss(const Tensor& x, const Tensor& target, const 
 }
 
 std::vector<Tensor> soft_rounding(const Tensor& v, const Tensor& floor, const Tensor& room, const Tensor& share,
-                                  std::optional<double> beta, double stretch, double shift) {
-  return SoftRoundingFn::apply(v, floor, room, share, beta, stretch, shift);
+                                  std::optional<double> beta, double stretch, double shift,
+                                  const std::vector<std::vector<int64_t>>& shapes) {
+  return SoftRoundingFn::apply(v, floor, room, share, beta, stretch, shift, shapes);
 }
 
 Tensor sum_terms(const std::vector<Tensor>& terms) { return SumTermsFn::apply(at::TensorList(terms)); }
@@ -507,8 +554,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("radam_update", &radam_update, "one torch.optim.RAdam update of one tensor (bit-identical)");
   m.def("adam_update", &adam_update, "one torch.optim.Adam update of one tensor (bit-identical)");
   m.def("soft_rounding", &soft_rounding,
-        "(floor + h(V) * room, sum(share * (1 - |2 h(V) - 1|^beta))) in one node, h the rectified sigmoid (float32, CPU)",
-        py::arg("v"), py::arg("floor"), py::arg("room"), py::arg("share"), py::arg("beta"), py::arg("stretch"), py::arg("shift"));
+        "[floor + h(V) * room, split into the given shapes..., sum(share * (1 - |2 h(V) - 1|^beta))] in one node, "
+        "h the rectified sigmoid (float32, CPU)",
+        py::arg("v"), py::arg("floor"), py::arg("room"), py::arg("share"), py::arg("beta"), py::arg("stretch"), py::arg("shift"),
+        py::arg("shapes"));
   m.def("sum_terms", &sum_terms, "the sum of float64 0-d loss terms, as float32, in one node");
   m.def("round_to_grid", &round_to_grid, "clamp(round(b / step), -limit, limit) * step, straight-through gradient to b");
   m.def("quant_tap_loss", &quant_tap_loss,
