@@ -213,7 +213,7 @@ class RoundingBank(nn.Module):
     chain of small ops per layer (whose per-op overhead dominates a step on small models). With
     fixed steps (``start_rounding(..., fixed_scale=True)`` on every quantizer) the quantizers read
     their soft weights as views, computed for all of them with the regularizer in one fused node
-    (what each quantizer's own addcmul computes, up to float rounding in the sigmoid); with learned
+    (what each quantizer's own addcmul computes, up to float rounding); with learned
     steps they read their part of h(V). ``write_back`` copies V into their own ``rounding``
     parameters when training stops.
     """

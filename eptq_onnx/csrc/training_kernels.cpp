@@ -7,7 +7,9 @@
 // (multi-threaded) ops, where the per-op overhead no longer matters. Either way the results
 // equal the Python reference (training_kernels.ClippedRound, the sum of weighted F.mse_loss
 // terms): the same float32 operations in the same order, but for the loss's summation order
-// (float rounding) and the sign of a rounded zero (+0 where torch may give -0).
+// (float rounding) and the sign of a rounded zero (+0 where torch may give -0). The soft weights
+// and the rounding regularizer (SoftRoundingFn) equal the Python chain up to float rounding
+// (torch's addcmul contracts floor + h * room into one rounding, and sums differ in order).
 //
 // No OpenMP here: the small tensors run on the calling thread, the large ones in ATen's pool.
 #include <ATen/Parallel.h>
