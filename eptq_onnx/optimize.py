@@ -247,7 +247,7 @@ class EptqOptimizer:
     updates from the first step); one object to step, zero and checkpoint. On the CPU with the
     fused kernels the updates run there (FusedUpdates, the same numbers), else in torch.optim."""
 
-    def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank, biases: Optional[BiasBank] = None) -> None:
+    def __init__(self, twin: Twin, options: OptimizeOptions, bank: RoundingBank, biases: BiasBank) -> None:
         rounding, others = _parameter_groups(twin, options, bank, biases)
         params = [p for g in rounding + others for p in g["params"]]
         if kernel_ext() is not None and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params):
@@ -280,9 +280,9 @@ class EptqOptimizer:
 
 
 def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
-                      biases: Optional[BiasBank] = None) -> Tuple[List[dict], List[dict]]:
+                      biases: BiasBank) -> Tuple[List[dict], List[dict]]:
     """The learnable tensors of the student: (rounding group, groups of steps and biases); everything
-    else frozen. With a bias bank its flat tensor stands for every bias."""
+    else frozen. The bias bank's flat tensor stands for every bias."""
     for module in (twin.teacher, twin.student):
         for p in module.parameters():
             p.requires_grad_(False)
@@ -296,12 +296,9 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
         for fq in twin.act_quant.values():
             fq.factor.requires_grad_(True)
             scales.append(fq.factor)
-    learned_biases: List[Tensor] = []
-    if options.learn_biases:
-        learned_biases = ([biases.b] if biases.b.numel() else []) if biases is not None else [
-            m.bias for m in twin.student.modules() if isinstance(m, WeightedOp) and m.bias is not None]
-        for b in learned_biases:
-            b.requires_grad_(True)
+    learned_biases = [biases.b] if options.learn_biases and biases.b.numel() else []
+    for b in learned_biases:
+        b.requires_grad_(True)
     others = []
     if scales:
         others.append({"params": scales, "lr": options.lr_scale})

@@ -250,8 +250,8 @@ class RoundingBank(nn.Module):
                 q.h, q.soft = None, weight
             return reg
         self.h = rectified_sigmoid(self.v)
-        for q, part in zip(self._quantizers, torch.split(self.h, self.sizes)):
-            q.h, q.soft = part.view(q.rounding.shape), None  # type: ignore[union-attr]
+        for q, part, shape in zip(self._quantizers, torch.split(self.h, self.sizes), self.shapes):
+            q.h, q.soft = part.view(shape), None
         return self.regularizer(beta) if beta is not None else torch.zeros((), device=self.v.device)
 
     def regularizer(self, beta: float) -> Tensor:

@@ -315,6 +315,14 @@ struct QuantTapLossFn : public torch::autograd::Function<QuantTapLossFn> {
 // dreg/dV. torch's sigmoid and pow (vectorized) do the transcendental parts.
 constexpr int64_t GRAIN = 32768;  // elements per task of ATen's thread pool
 
+// h = clamp(pre, 0, 1) with pre = s * stretch + shift, s = sigmoid(V) (pre is also written out,
+// for rectified_slope)
+inline float rectified(float s, float stretch, float shift, float& pre) {
+  pre = s * stretch + shift;
+  const float h = pre > 0.0f ? pre : 0.0f;
+  return h < 1.0f ? h : 1.0f;
+}
+
 // dh/dV at s = sigmoid(V), pre = s * stretch + shift: stretch * s * (1 - s) where 0 <= pre <= 1
 // (torch's clamp passes the gradient at the ends), else 0; without branches, so that loops vectorize
 inline float rectified_slope(float s, float pre, float stretch) {
@@ -326,9 +334,8 @@ void soft_weights_loop(const float* __restrict s, const float* __restrict floor,
                        float* __restrict soft, float* __restrict dsoft, float* __restrict u, int64_t n, float stretch,
                        float shift, float negligible) {
   for (int64_t i = 0; i < n; ++i) {
-    const float pre = s[i] * stretch + shift;
-    float h = pre > 0.0f ? pre : 0.0f;
-    h = h < 1.0f ? h : 1.0f;
+    float pre;
+    const float h = rectified(s[i], stretch, shift, pre);
     soft[i] = floor[i] + h * room[i];
     dsoft[i] = room[i] * rectified_slope(s[i], pre, stretch);
     if (WITH_U) {
@@ -346,9 +353,8 @@ float regularizer_loop(const float* __restrict s, const float* __restrict u, con
   float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   auto one = [&](int64_t k) {
-    const float pre = s[k] * stretch + shift;
-    float h = pre > 0.0f ? pre : 0.0f;
-    h = h < 1.0f ? h : 1.0f;
+    float pre;
+    const float h = rectified(s[k], stretch, shift, pre);
     const float sign = static_cast<float>(h > 0.5f) - static_cast<float>(h < 0.5f);
     const float power = p[k] / (u[k] > 0.0f ? u[k] : 1.0f);  // u^(beta - 1) (beta > 1: 0 where u is)
     dreg[k] = share[k] * (-2.0f * beta) * power * sign * rectified_slope(s[k], pre, stretch);
