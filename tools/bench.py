@@ -1014,9 +1014,10 @@ COST_READING = """\
   fake quantizer after it are one fused node (quantization and loss term in one pass forward, one
   backward, reading the teacher cache's rows in place); a quantizer after a Reshape/Transpose of an
   already quantized tensor is skipped while training (its values are on the grid); all rounding
-  variables, soft weights and biases are one flat tensor each (one op chain, one optimizer update, run
-  in C++ with torch.optim's arithmetic). What remains per step is the regularizer, the soft-weight
-  chain and a fused node per loss tensor; at a realistic width the arithmetic dominates and the ratio falls.
+  variables and biases are one flat tensor each (one optimizer update each, run in C++ with
+  torch.optim's arithmetic), and one fused node computes every soft weight and the regularizer. What
+  remains per step is a fused node per loss tensor, the regularizer's power and a module call per
+  fake quantizer; at a realistic width the arithmetic dominates and the ratio falls.
 """
 
 READING = """\
