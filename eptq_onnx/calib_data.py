@@ -2,15 +2,22 @@
 read as feed dicts, batch by batch.
 
 Files are taken in natural name order (``2.npy`` before ``10.npy``); subfolders, hidden files and
-other extensions are ignored. A file holds one sample (arrays without the batch dim) or a batch
-(arrays with it). The folder is checked up front from the array headers alone; the data itself is
-read, cast and checked (NaN/Inf, integer range) file by file while batches are produced.
+other extensions are ignored. The folder is checked up front from the array headers alone; the data
+itself is read, cast and checked (NaN/Inf, integer range) file by file while batches are produced.
+
+Dim 0 is a batch dim when every input has one, declared dynamic or of the one size that the inputs
+fixing it share (1 may stand beside dynamic dims). Then a file holds one sample (arrays without the
+batch dim) or a batch (arrays with it, all of the same length), and samples are cut and joined into
+batches. Otherwise (sequence models, recurrent state: inputs of different lengths along dim 0, a
+scalar input, different fixed sizes), and as soon as one file holds arrays of different lengths
+along dim 0, each file is one whole feed with the ranks of the model inputs, fed as it is: never
+split, never joined with another file, one feed counting as one sample.
 """
 from __future__ import annotations
 
 import re
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator, Mapping, Sequence
 
@@ -41,10 +48,16 @@ class InputSpec:
     name: str
     dtype: np.dtype  # numpy dtype the model expects
     shape: Shape  # None for dynamic / symbolic dims
+    symbols: tuple[str | None, ...] = field(default=(), compare=False)  # dim_param of each dim (None: unnamed)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         object.__setattr__(self, "shape", tuple(self.shape))
+        object.__setattr__(self, "symbols", tuple(self.symbols))
+
+    def symbol(self, axis: int) -> str | None:
+        """The name the model gives dim ``axis`` (dims named alike are equal), None when unnamed or fixed."""
+        return self.symbols[axis] if axis < len(self.symbols) and self.shape[axis] is None else None
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -67,12 +80,14 @@ def _input_spec(info: onnx.ValueInfoProto) -> InputSpec:
     if not tensor.HasField("shape"):
         raise ModelError(f"model input {info.name!r} declares no shape: re-export the model with input shapes")
     shape = tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None for dim in tensor.shape.dim)
-    return InputSpec(info.name, dtype, shape)
+    symbols = tuple(dim.dim_param or None for dim in tensor.shape.dim)
+    return InputSpec(info.name, dtype, shape, symbols)
 
 
-def _format_shape(shape: Sequence[int | None]) -> str:
-    """``[?, 3, 224, 224]``: the shape with '?' for dynamic dims."""
-    return "[" + ", ".join("?" if dim is None else str(dim) for dim in shape) + "]"
+def _format_shape(shape: Sequence[int | None], symbols: Sequence[str | None] = ()) -> str:
+    """``[?, 3, 224, 224]``: the shape with '?' for dynamic dims (or their names, from ``symbols``)."""
+    names = [*symbols, *[None] * (len(shape) - len(symbols))]
+    return "[" + ", ".join((name or "?") if dim is None else str(dim) for dim, name in zip(shape, names)) + "]"
 
 
 def _describe_inputs(specs: Sequence[InputSpec]) -> str:
@@ -196,22 +211,54 @@ class _Layout:
     batched: bool  # the array carries the batch dim
 
 
-def _sample_layout(path: Path, spec: InputSpec, shape: tuple[int, ...]) -> _Layout:
-    """One sample (rank = input rank - 1) or a batch (rank = input rank) with matching fixed dims."""
+def _sample_layout(spec: InputSpec, shape: tuple[int, ...]) -> _Layout | None:
+    """One sample (rank = input rank - 1) or a batch (rank = input rank) with matching fixed dims;
+    None when the array is neither."""
     rank = len(spec.shape)
-    layout: _Layout | None
     if len(shape) == rank - 1:
         layout = _Layout(1, shape, batched=False)
     elif len(shape) == rank:
         layout = _Layout(shape[0], shape[1:], batched=True)
     else:
-        layout = None
-    if layout is None or any(want not in (None, got) for want, got in zip(spec.shape[1:], layout.sample_shape)):
+        return None
+    return layout if _fits(spec.shape[1:], layout.sample_shape) else None
+
+
+def _fits(declared: Sequence[int | None], shape: Sequence[int]) -> bool:
+    """Whether ``shape`` has the rank of ``declared`` and its fixed dims."""
+    return len(declared) == len(shape) and all(want in (None, got) for want, got in zip(declared, shape))
+
+
+def _feed_shape(path: Path, spec: InputSpec, shape: tuple[int, ...], omittable: bool) -> tuple[int, ...]:
+    """The shape an array is fed with as (part of) one whole feed: as stored, or with a dim 0 of 1
+    when the model has a batch dim (``omittable``) and the array leaves it out; CalibrationError
+    when that shape does not fit the input."""
+    full = (1, *shape) if omittable and len(shape) == len(spec.shape) - 1 else shape
+    if not _fits(spec.shape, full):
+        hint = "the first dim is the batch and may be left out" if omittable else "the model has no batch dim"
         raise CalibrationError(
             f"{path}: input {spec.name!r} has shape {_format_shape(shape)} but the model expects "
-            f"{_format_shape(spec.shape)} ('?' is any size; the first dim is the batch and may be left out)"
+            f"{_format_shape(spec.shape)} ('?' is any size; {hint})"
         )
-    return layout
+    return full
+
+
+def _check_named_dims(path: Path, specs: Sequence[InputSpec], stored: Mapping[str, tuple[int, ...]],
+                      fed: Mapping[str, tuple[int, ...]]) -> None:
+    """CalibrationError when dims that the model names alike (one dim_param) differ in size."""
+    seen: dict[str, tuple[int, str]] = {}  # name -> (size, the input it was first seen in)
+    for spec in specs:
+        for axis, size in enumerate(fed[spec.name]):
+            name = spec.symbol(axis)
+            if name is None:
+                continue
+            first_size, first_input = seen.setdefault(name, (size, spec.name))
+            if size != first_size:
+                raise CalibrationError(
+                    f"{path}: input {spec.name!r} has shape {_format_shape(stored[spec.name])} but the model expects "
+                    f"{_format_shape(spec.shape, spec.symbols)} with {name} = {first_size} as in input {first_input!r} "
+                    f"(dims the model names alike must be equal)"
+                )
 
 
 def _match_keys(path: Path, headers: Mapping[str, _ArrayHeader], specs: Sequence[InputSpec]) -> dict[str, str]:
@@ -366,36 +413,61 @@ class _FileEntry:
 
     path: Path
     keys: Mapping[str, str]  # input name -> array key in the file (empty for images)
-    batched: Mapping[str, bool]  # input name -> the array carries the batch dim
+    batched: Mapping[str, bool]  # input name -> the array carries the batch dim (whole feed: the input's rank)
     count: int  # samples in the file
     signature: tuple[tuple[int, ...], ...]  # shape of one sample of each input, in input order
+    whole: bool = False  # one feed as stored: never split, never joined with another file
 
     @property
     def is_image(self) -> bool:
         return self.path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _array_entry(path: Path, specs: Sequence[InputSpec]) -> _FileEntry:
-    """Check an .npy/.npz file's names, dtypes and shapes from its headers."""
+def _array_entry(path: Path, specs: Sequence[InputSpec], batch_dim: bool, samples: bool) -> _FileEntry:
+    """Check an .npy/.npz file's names, dtypes and shapes from its headers.
+
+    With ``samples``, a file whose arrays are samples or batches of one length is read as samples;
+    any other file is one whole feed (``batch_dim``: the model has a batch dim, which arrays may leave out).
+    """
     headers = _read_headers(path)
     keys = _match_keys(path, headers, specs)
-    layouts = {}
+    shapes = {}
     for spec in specs:
         header = headers[keys[spec.name]]
         _check_dtype(path, spec, header.dtype)
-        layouts[spec.name] = _sample_layout(path, spec, header.shape)
-    counts = {layout.count for layout in layouts.values()}
-    if len(counts) > 1:
-        found = ", ".join(f"{name!r}: {layout.count}" for name, layout in layouts.items())
-        raise CalibrationError(
-            f"{path}: arrays hold different sample counts ({found}): every input needs the same number of samples"
-        )
+        shapes[spec.name] = header.shape
+    entry = _samples_entry(path, keys, specs, shapes) if samples else None
+    return entry or _feed_entry(path, keys, specs, shapes, batch_dim)
+
+
+def _samples_entry(path: Path, keys: Mapping[str, str], specs: Sequence[InputSpec],
+                   shapes: Mapping[str, tuple[int, ...]]) -> _FileEntry | None:
+    """The file as samples along the batch dim, or None when its arrays are no samples of one count."""
+    layouts = {spec.name: _sample_layout(spec, shapes[spec.name]) for spec in specs}
+    counts = {layout.count if layout else None for layout in layouts.values()}
+    if None in counts or len(counts) > 1:
+        return None
     return _FileEntry(
         path=path,
         keys=keys,
-        batched={name: layout.batched for name, layout in layouts.items()},
+        batched={name: layout.batched for name, layout in layouts.items() if layout},
         count=counts.pop(),
-        signature=tuple(layouts[spec.name].sample_shape for spec in specs),
+        signature=tuple(layouts[spec.name].sample_shape for spec in specs),  # type: ignore[union-attr]
+    )
+
+
+def _feed_entry(path: Path, keys: Mapping[str, str], specs: Sequence[InputSpec],
+                shapes: Mapping[str, tuple[int, ...]], batch_dim: bool) -> _FileEntry:
+    """The file as one whole feed; CalibrationError naming the first input whose shape contradicts the model."""
+    fed = {spec.name: _feed_shape(path, spec, shapes[spec.name], batch_dim) for spec in specs}
+    _check_named_dims(path, specs, shapes, fed)
+    return _FileEntry(
+        path=path,
+        keys=keys,
+        batched={spec.name: len(shapes[spec.name]) == len(spec.shape) for spec in specs},
+        count=1,
+        signature=tuple(fed[spec.name] for spec in specs),
+        whole=True,
     )
 
 
@@ -504,7 +576,9 @@ class _FileReader:
 
     @staticmethod
     def _take(array: np.ndarray, batched: bool, part: _Part) -> np.ndarray:
-        return array[part.start : part.stop] if batched else array[None]
+        if not batched:
+            return array[None]
+        return array if part.entry.whole else array[part.start : part.stop]
 
 
 # --------------------------------------------------------------------------- public set
@@ -520,22 +594,35 @@ def _check_options(options: CalibOptions) -> None:
 def _check_specs(specs: Sequence[InputSpec]) -> None:
     if not specs:
         raise ModelError("the model has no inputs to feed calibration data to")
-    for spec in specs:
-        if not spec.shape:
-            raise ModelError(
-                f"model input {spec.name!r} is a scalar: calibration needs inputs whose first dim is the batch"
-            )
 
 
-def _fixed_batch_size(specs: Sequence[InputSpec]) -> int | None:
-    """The model's fixed batch dim (dim 0), or None when it is dynamic."""
-    sizes = {spec.shape[0] for spec in specs if spec.shape[0] is not None}
-    if len(sizes) > 1:
-        raise ModelError(
-            f"model inputs have different fixed batch sizes ({_describe_inputs(specs)}): "
-            f"re-export the model with one batch dim"
-        )
-    return sizes.pop() if sizes else None
+@dataclass(frozen=True)
+class _BatchDim:
+    """Dim 0 of every input as the batch dim."""
+
+    fixed: int | None  # its size when an input fixes it (every batch has exactly that size), else None
+    uniform: bool  # every input declares it alike (all dynamic, or all the same size)
+
+
+def _batch_dim(specs: Sequence[InputSpec]) -> _BatchDim | None:
+    """The batch dim the inputs share, or None when they share none.
+
+    They share one when every input has a dim 0, declared dynamic or of the one size that the
+    inputs fixing it agree on; a fixed size beside dynamic dims must be 1 (a batch of one, as a
+    model exported at batch 1 with some inputs made dynamic declares it). Scalar inputs, fixed
+    sizes that differ, or a fixed size > 1 beside dynamic dims (e.g. the state [layers, ...] of a
+    recurrent model beside its [seq, ...] input) mean no batch dim.
+    """
+    if any(not spec.shape for spec in specs):
+        return None
+    sizes = {spec.shape[0] for spec in specs}
+    fixed = sizes - {None}
+    if not fixed:
+        return _BatchDim(None, uniform=True)
+    size = fixed.pop()
+    if fixed or (None in sizes and size != 1):
+        return None
+    return _BatchDim(size, uniform=None not in sizes)
 
 
 class CalibrationSet:
@@ -544,7 +631,9 @@ class CalibrationSet:
     Construction checks the folder cheaply (array headers, image headers) and stops looking once
     enough samples are found; sample values are read and checked only by :meth:`batches`.
     When the model's batch dim is fixed, every batch has exactly that size and samples that cannot
-    fill a whole batch (a short run of one shape, or the tail) are left out.
+    fill a whole batch (a short run of one shape, or the tail) are left out. When the inputs share
+    no batch dim, or a file holds arrays of different lengths along dim 0, every file is one whole
+    feed, yielded alone as it is stored (:attr:`whole_feeds`).
     """
 
     def __init__(self, folder: str | Path, specs: list[InputSpec], options: CalibOptions) -> None:
@@ -553,7 +642,9 @@ class CalibrationSet:
         self._options = options
         _check_options(options)
         _check_specs(self._specs)
-        self._fixed_batch = _fixed_batch_size(self._specs)
+        self._batch = _batch_dim(self._specs)
+        self._fixed_batch = self._batch.fixed if self._batch else None
+        self._samples = self._batch is not None  # files are read as samples (else as whole feeds)
         self._image: _ImageTarget | None = None
         wanted = options.num_samples if options.num_samples is not None else DEFAULT_MAX_SAMPLES
         self._entries, available = self._scan(_list_files(self._folder), wanted)
@@ -572,13 +663,38 @@ class CalibrationSet:
             )
 
     def __len__(self) -> int:
-        """Number of samples that :meth:`batches` uses (without a limit)."""
+        """Number of samples that :meth:`batches` uses (without a limit); a whole feed is one sample."""
         return self._used
 
     @property
     def batch_size(self) -> int:
         """The batch size of the options (a fixed batch dim of the model still wins in ``batches``)."""
         return self._options.batch_size
+
+    @property
+    def whole_feeds(self) -> bool:
+        """Every file is one feed, yielded alone as stored: ``batches`` ignores its batch size."""
+        return not self._samples
+
+    @property
+    def stackable(self) -> bool:
+        """Whether samples of different batches may be stacked along dim 0 into larger batches (as
+        the optimizer's minibatches are): the files are samples and every input declares dim 0 alike."""
+        return self._samples and self._batch is not None and self._batch.uniform
+
+    def samples_in(self, feeds: Mapping[str, np.ndarray]) -> int:
+        """How many samples one feed dict of :meth:`batches` holds (a whole feed: 1)."""
+        return 1 if self.whole_feeds else len(next(iter(feeds.values())))
+
+    def describe(self) -> str:
+        """How the files are read, for the report: ``batched along dim 0`` or why they are whole feeds."""
+        if self._samples:
+            fixed = f" (fixed at {self._fixed_batch})" if self._fixed_batch else ""
+            return f"samples batched along dim 0{fixed}"
+        why = ("the inputs share no batch dim" if self._batch is None
+               else "a file holds arrays of different lengths along dim 0")
+        return (f"each file is one whole feed, run alone as stored ({why}: {_describe_inputs(self._specs)}); "
+                f"{self._used} feeds, each counted as one sample")
 
     def num_batches(self, batch_size: int | None = None, limit: int | None = None) -> int:
         """How many batches :meth:`batches` yields with the same arguments (for progress bars)."""
@@ -588,8 +704,8 @@ class CalibrationSet:
         """Feed dicts {input name: array with batch dim}, in file order, read file by file.
 
         ``batch_size`` defaults to the options' batch size and is ignored when the model's batch dim
-        is fixed; ``limit`` uses only the first ``limit`` samples. Consecutive samples of different
-        shapes go into different batches.
+        is fixed or the files are whole feeds (each yielded alone); ``limit`` uses only the first
+        ``limit`` samples. Consecutive samples of different shapes go into different batches.
         """
         if batch_size is not None and batch_size < 1:
             raise UsageError(f"calibration batch size {batch_size} must be at least 1")
@@ -598,13 +714,20 @@ class CalibrationSet:
         return self._read(self._plan(batch_size, limit))
 
     def _scan(self, files: Sequence[Path], wanted: int) -> tuple[list[_FileEntry], int]:
-        """Check files in order until ``wanted`` samples are found; the entries and their sample count."""
+        """Check files in order until ``wanted`` samples are found; the entries and their sample count.
+
+        The first file that is a whole feed makes every file one: those seen before are checked again as feeds.
+        """
         entries: list[_FileEntry] = []
         available = 0
         for path in files:
             if available >= wanted:
                 break
             entry = self._inspect(path)
+            if entry.whole and self._samples:
+                self._samples = False
+                entries = [self._inspect(seen.path) for seen in entries]
+                available = len(entries)
             entries.append(entry)
             available += entry.count
         return entries, available
@@ -614,11 +737,13 @@ class CalibrationSet:
             if self._image is None:
                 self._image = _image_target(path, self._specs, self._options.image)
             return _image_entry(path, self._specs[0], self._image)
-        return _array_entry(path, self._specs)
+        return _array_entry(path, self._specs, batch_dim=self._batch is not None, samples=self._samples)
 
     def _plan(self, batch_size: int | None, limit: int | None) -> Iterator[list[_Part]]:
-        size = self._fixed_batch or batch_size or self._options.batch_size
         count = self._count if limit is None else min(limit, self._count)
+        if not self._samples:
+            return ([_Part(entry, 0, 1)] for entry in self._entries[:count])
+        size = self._fixed_batch or batch_size or self._options.batch_size
         return _plan(self._entries, count, size, exact=self._fixed_batch is not None)
 
     def _read(self, plan: Iterator[list[_Part]]) -> Iterator[dict[str, np.ndarray]]:

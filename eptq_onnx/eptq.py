@@ -160,7 +160,8 @@ def run_eptq(
     twin.teacher.to(options.device)
     before = tensor_sqnr(twin, check, names, options.device)
     # streamed: the optimization's stacked tensors are the only copy of the calibration set in memory
-    result = optimize(twin, calib.batches(), loss_weights, options, progress=progress, log=log, started_at=started_at)
+    result = optimize(twin, calib.batches(), loss_weights, options, progress=progress, log=log, started_at=started_at,
+                      stack=calib.stackable)
     after = tensor_sqnr(twin, check, names, options.device)
     twin.student.to("cpu")
     outputs = [o.name for o in model.graph.output if o.name in before]

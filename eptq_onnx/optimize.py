@@ -57,20 +57,24 @@ class OptimizeResult:
 class Batches:
     """Random minibatches of the calibration samples, kept in memory as tensors."""
 
-    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]], device: str, seed: int) -> None:
+    def __init__(self, feeds: Iterable[Dict[str, np.ndarray]], device: str, seed: int, stack: bool = True) -> None:
         """``feeds`` is read once; pass a generator (e.g. ``CalibrationSet.batches()``) so that the
-        stacked tensors are the only copy of the samples that stays in memory."""
+        stacked tensors are the only copy of the samples that stays in memory.
+
+        ``stack=False`` (``CalibrationSet.stackable`` is false: the inputs share no batch dim, e.g. a
+        sequence and a recurrent state) keeps every feed whole: a minibatch is one feed, as stored."""
         feeds = list(feeds)
         shapes = {tuple((k, v.shape[1:]) for k, v in sorted(f.items())) for f in feeds}
         self.device = device
         self.rng = np.random.default_rng(seed)
         self.stacked: Optional[Dict[str, Tensor]] = None
-        if len(shapes) == 1:
+        self.whole = not stack
+        if stack and len(shapes) == 1:
             self.stacked = {k: torch.from_numpy(np.concatenate([f[k] for f in feeds])).to(device) for k in feeds[0]}
             self.count = len(next(iter(self.stacked.values())))
-        else:  # samples of different shapes: draw whole stored batches
+        else:  # samples of different shapes, or whole feeds: draw whole stored batches
             self.parts = [{k: torch.from_numpy(v) for k, v in f.items()} for f in feeds]
-            self.count = sum(len(next(iter(f.values()))) for f in feeds)
+            self.count = len(feeds) if self.whole else sum(len(next(iter(f.values()))) for f in feeds)
 
     def sample(self, size: int) -> Tuple[Optional[Tensor], Dict[str, Tensor]]:
         """(indices into the stacked samples or None, the minibatch)."""
@@ -421,10 +425,12 @@ def optimize(
     progress: bool = True,
     log=print,
     started_at: Optional[float] = None,
+    stack: bool = True,
 ) -> OptimizeResult:
     """Run EPTQ on the student; on return every weight quantizer is in hard (exportable) mode.
 
-    ``feeds``: the calibration batches, read once (a generator keeps only the stacked copy in memory).
+    ``feeds``: the calibration batches, read once (a generator keeps only the stacked copy in memory);
+    ``stack=False``: they may not be stacked (whole feeds, see ``Batches``), each step takes one.
     ``started_at`` (``time.perf_counter()`` at the start of the run) makes the time budget cover
     the whole run rather than the optimization alone.
 
@@ -445,7 +451,7 @@ def optimize(
     twin.student.add_module(BIAS_BANK, biases)  # ... and the biases
     optimizer = EptqOptimizer(twin, options, bank, biases)
     biases.fix_steps()  # after the parameter groups: a learned step is not fixed
-    batches = Batches(feeds, options.device, options.seed)
+    batches = Batches(feeds, options.device, options.seed, stack=stack)
     objective = Objective(twin, loss_weights, options, bank, biases=biases)
     cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
     objective.cache = cache
@@ -460,6 +466,9 @@ def optimize(
         log(f"EPTQ: resuming from {checkpoint.path} at step {loop.step} of {loop.iters}")  # type: ignore[union-attr]
     else:
         iters, step_seconds, loss_scale, why = _choose_iters(objective, batches, options, started_at)
+        if batches.whole:
+            why += (f"; the calibration feeds cannot be stacked (the model inputs declare no batch dim alike), so each "
+                    f"step takes one whole feed of the {batches.count} (--opt-batch-size {options.batch_size} does not apply)")
         loop = LoopState(step=0, iters=iters, loss_scale=loss_scale, step_seconds=step_seconds, why=why)
     optimizer.zero_grad(set_to_none=True)
     teacher = (

@@ -192,6 +192,8 @@ def quantize(
     with timer.stage("calibration data"):
         calib_set = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib, input_specs(float_model), config.calib)
         report.calibration_samples = len(calib_set)
+        if calib_set.whole_feeds:
+            report.warn(f"calibration data: {calib_set.describe()}")
     with timer.stage("weight init"):
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
         widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)

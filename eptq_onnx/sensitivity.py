@@ -244,8 +244,10 @@ def measure_sensitivity(
     if not evaluate:
         result.seconds = time.perf_counter() - start
         return result
-    feeds = [to_tensors(f, device) for f in calib.batches(batch_size=min(samples, 64), limit=samples)]
-    result.samples = sum(len(next(iter(f.values()))) for f in feeds)
+    batches = list(calib.batches(batch_size=min(samples, 64), limit=samples))
+    result.samples = sum(calib.samples_in(f) for f in batches)
+    feeds = [to_tensors(f, device) for f in batches]
+    del batches
     probe = DistanceProbe(twin, probed, weights, feeds)
     fixed: Dict[Tuple[str, int], WeightFakeQuant] = {}
 

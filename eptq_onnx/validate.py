@@ -153,7 +153,7 @@ def validate(
     batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
     pairs = (checked, fq_names, qdq_checked)
     for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
-        result.samples += len(next(iter(feeds.values())))
+        result.samples += calib.samples_in(feeds)
         try:
             o = run(opt_sess, feeds, out_names)
         except Exception as exc:

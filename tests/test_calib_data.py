@@ -317,10 +317,13 @@ def test_npz_missing_input(tmp_path: Path) -> None:
     error_of(CalibrationError, lambda: make(tmp_path, SINGLE), str(path), "'x'", "found: 'p', 'q'")
 
 
-def test_npz_different_sample_counts(tmp_path: Path) -> None:
+def test_npz_counts_along_a_named_batch_dim_must_agree(tmp_path: Path) -> None:
+    """Dim 0 named alike ("N") in both inputs: arrays of 2 and 3 rows contradict the model."""
     path = tmp_path / "a.npz"
     np.savez(path, a=rand(2, 3), b=np.zeros((3, 2), np.int64))
-    error_of(CalibrationError, lambda: make(tmp_path, MULTI), str(path), "different sample counts", "'a': 2", "'b': 3")
+    named = [InputSpec(s.name, s.dtype, s.shape, ("N", None)) for s in MULTI]
+    error_of(CalibrationError, lambda: make(tmp_path, named), str(path), "input 'b' has shape [3, 2]",
+             "expects [N, 2] with N = 2 as in input 'a'")
 
 
 @pytest.mark.parametrize("shape", [(3, 5, 4), (2, 3, 4, 5), (4, 4), (1, 1, 3, 4, 4)])
@@ -397,6 +400,134 @@ def test_option_errors(tmp_path: Path) -> None:
 
 def test_model_errors(tmp_path: Path) -> None:
     np.save(tmp_path / "a.npy", rand(3))
-    error_of(ModelError, lambda: make(tmp_path, [InputSpec("s", np.float32, ())]), "'s'", "scalar")
-    different = [InputSpec("a", np.float32, (1, 3)), InputSpec("b", np.int64, (2, 2))]
-    error_of(ModelError, lambda: make(tmp_path, different), "different fixed batch sizes")
+    error_of(ModelError, lambda: make(tmp_path, []), "no inputs")
+
+
+# --------------------------------------------------------------------------- whole feeds
+
+SEQ = InputSpec("input", np.float32, (None, 6), ("sequence_length", None))
+STATE = [InputSpec("h", np.float32, (1, 1, 4)), InputSpec("c", np.float32, (1, 1, 4))]
+STATEFUL = [SEQ, *STATE]  # a recurrent model: a sequence without batch dim, the state of one stream
+
+
+def stateful_file(path: Path, seq: int, seed: int = 0, state: tuple[int, ...] = (1, 1, 4)) -> dict[str, np.ndarray]:
+    arrays = {"input": rand(seq, 6, seed=seed), "h": rand(*state, seed=seed + 100), "c": rand(*state, seed=seed + 200)}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def assert_feeds(batches: list[dict[str, np.ndarray]], expected: list[dict[str, np.ndarray]]) -> None:
+    assert len(batches) == len(expected)
+    for batch, want in zip(batches, expected):
+        assert set(batch) == set(want)
+        for name, array in want.items():
+            np.testing.assert_array_equal(batch[name], array)
+            assert batch[name].dtype == np.float32
+
+
+def test_stateful_files_are_whole_feeds(tmp_path: Path) -> None:
+    """input [seq, 6] beside state [1, 1, 4]: 16 and 1 along dim 0 are no sample counts but one feed."""
+    feeds = [stateful_file(tmp_path / f"{i}.npz", seq, seed=i) for i, seq in enumerate((16, 9, 16))]
+    calib = make(tmp_path, STATEFUL, batch_size=8)
+    assert calib.whole_feeds and not calib.stackable
+    assert len(calib) == 3 and calib.num_batches() == 3 and calib.num_batches(2, limit=2) == 2
+    batches = collect(calib)  # never joined, though two have the same shapes and the batch size is 8
+    assert_feeds(batches, feeds)
+    assert_feeds(collect(calib, batch_size=1, limit=2), feeds[:2])
+    assert [calib.samples_in(b) for b in batches] == [1, 1, 1]
+    assert "whole feed" in calib.describe() and "'h' float32 [1, 1, 4]" in calib.describe()
+
+
+def test_whole_feed_arrays_may_leave_out_a_batch_dim_of_one(tmp_path: Path) -> None:
+    """State stored as [1, 4] ('h' [1, 1, 4] without its leading 1) is fed as [1, 1, 4]."""
+    arrays = {"input": rand(5, 6), "h": rand(1, 4, seed=1), "c": rand(1, 4, seed=2)}
+    np.savez(tmp_path / "0.npz", **arrays)
+    (batch,) = collect(make(tmp_path, STATEFUL))
+    assert batch["input"].shape == (5, 6) and batch["h"].shape == (1, 1, 4)
+    np.testing.assert_array_equal(batch["h"][0], arrays["h"])
+
+
+def test_one_shared_dim_of_one_is_a_batch_of_one(tmp_path: Path) -> None:
+    """Files whose dims 0 agree stay samples; with 'h' fixed at 1 every batch holds one sample,
+    and the optimizer may not stack them (the model declares dim 0 differently per input)."""
+    arrays = [stateful_file(tmp_path / "0.npz", 1), {"input": rand(6), "h": rand(1, 4), "c": rand(1, 4)}]
+    np.savez(tmp_path / "1.npz", **arrays[1])
+    calib = make(tmp_path, STATEFUL, batch_size=8)
+    assert not calib.whole_feeds and not calib.stackable
+    batches = collect(calib)
+    assert [b["input"].shape for b in batches] == [(1, 6), (1, 6)]
+    assert [b["h"].shape for b in batches] == [(1, 1, 4), (1, 1, 4)]
+    assert "batched along dim 0 (fixed at 1)" in calib.describe()
+
+
+def test_a_file_of_unequal_dims_0_makes_every_file_a_feed(tmp_path: Path) -> None:
+    """Every dim 0 dynamic (the state's named as a batch): the first file could be one sample, the
+    second cannot; both are then whole feeds, never joined (joined, h would be [2, 1, 4])."""
+    state = [InputSpec(s.name, s.dtype, (None, 1, 4), ("state_batch", None, None)) for s in STATE]
+    specs = [SEQ, *state]
+    assert make_single(tmp_path / "one", specs).stackable  # a folder of samples alone is batched
+    feeds = [stateful_file(tmp_path / "0.npz", 1), stateful_file(tmp_path / "1.npz", 7, seed=1)]
+    calib = make(tmp_path, specs, batch_size=8)
+    assert calib.whole_feeds and len(calib) == 2
+    assert_feeds(collect(calib), feeds)
+    assert "different lengths along dim 0" in calib.describe()
+
+
+def make_single(folder: Path, specs: list[InputSpec]) -> CalibrationSet:
+    folder.mkdir()
+    for i in range(2):
+        stateful_file(folder / f"{i}.npz", 1, seed=i)
+    return make(folder, specs, batch_size=8)
+
+
+def test_inputs_without_batch_dim_are_fed_whole(tmp_path: Path) -> None:
+    """A scalar input and a two-layer state [2, 1, 4]: no shared batch dim, each file one feed."""
+    specs = [SEQ, InputSpec("h", np.float32, (2, 1, 4)), InputSpec("sr", np.int64, ())]
+    for i, seq in enumerate((2, 2)):
+        np.savez(tmp_path / f"{i}.npz", input=rand(seq, 6, seed=i), h=rand(2, 1, 4), sr=np.array(16000))
+    calib = make(tmp_path, specs, batch_size=4)
+    assert calib.whole_feeds and "share no batch dim" in calib.describe()
+    batches = collect(calib)
+    assert [(b["input"].shape, b["h"].shape, b["sr"].shape) for b in batches] == [((2, 6), (2, 1, 4), ())] * 2
+    assert batches[1]["sr"] == 16000 and batches[1]["sr"].dtype == np.int64
+
+
+def test_num_samples_count_whole_feeds(tmp_path: Path) -> None:
+    for i in range(3):
+        stateful_file(tmp_path / f"{i}.npz", 4 + i, seed=i)
+    assert [b["input"].shape[0] for b in collect(make(tmp_path, STATEFUL, num_samples=2))] == [4, 5]
+    error_of(CalibrationError, lambda: make(tmp_path, STATEFUL, num_samples=5), "asked for 5 samples", "has 3")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "name", "found", "expected"),
+    [
+        ({"h": (1, 1, 5)}, "'h'", "[1, 1, 5]", "[1, 1, 4]"),  # a wrong hidden size
+        ({"h": (2, 1, 4)}, "'h'", "[2, 1, 4]", "[1, 1, 4]"),  # two states for a model of one
+        ({"input": (7, 5)}, "'input'", "[7, 5]", "[?, 6]"),  # a wrong feature count
+        ({"c": (4,)}, "'c'", "[4]", "[1, 1, 4]"),  # a rank the model cannot take
+    ],
+)
+def test_feeds_that_contradict_the_model(tmp_path: Path, arrays: dict, name: str, found: str, expected: str) -> None:
+    stateful_file(tmp_path / "0.npz", 3)
+    shapes = {"input": (7, 6), "h": (1, 1, 4), "c": (1, 1, 4), **arrays}
+    path = tmp_path / "1.npz"
+    np.savez(path, **{key: np.zeros(shape, np.float32) for key, shape in shapes.items()})
+    error_of(CalibrationError, lambda: make(tmp_path, STATEFUL), str(path), f"input {name} has shape {found}",
+             f"the model expects {expected}")
+
+
+def test_feed_check_names_the_file_without_batch_dim(tmp_path: Path) -> None:
+    """Without a shared batch dim no dim may be left out: [1, 4] is no [2, 1, 4] state."""
+    path = tmp_path / "0.npz"
+    np.savez(path, input=rand(3, 6), h=rand(1, 4))
+    specs = [SEQ, InputSpec("h", np.float32, (2, 1, 4))]
+    error_of(CalibrationError, lambda: make(tmp_path, specs), str(path), "'h' has shape [1, 4]", "[2, 1, 4]",
+             "the model has no batch dim")
+
+
+def test_input_specs_read_dim_names() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", 3])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [x])
+    (spec,) = input_specs(helper.make_model(graph))
+    assert spec.symbols == ("seq", None) and spec.symbol(0) == "seq" and spec.symbol(1) is None

@@ -163,6 +163,17 @@ def _missing_input(c: Case) -> list:
     return c.args(calib=folder)
 
 
+def _dims_disagree(c: Case) -> list:
+    """x [N, 8] and m [N, 8] (dim 0 named alike) from a file of 2 and 3 rows."""
+    nodes = [helper.make_node("Add", ["x", "m"], ["s"]), helper.make_node("MatMul", ["s", "W"], ["y"])]
+    model = _model(nodes, [_weight()])
+    model.graph.input.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, ["N", 8]))
+    folder = c.tmp / "bad_calib"
+    folder.mkdir()
+    np.savez(folder / "0.npz", x=np.zeros((2, 8), np.float32), m=np.zeros((3, 8), np.float32))
+    return c.args(c.save(model), folder)
+
+
 def _empty_calib(c: Case) -> list:
     (c.tmp / "empty").mkdir()
     (c.tmp / "empty" / "notes.txt").write_text("no samples here")
@@ -247,6 +258,7 @@ CASES: Dict[str, Callable[[Case], list]] = {
     "calib-nan": lambda c: _bad_calib(c, _nan),
     "calib-inf": lambda c: _bad_calib(c, _inf),
     "calib-missing-input": _missing_input,
+    "calib-dims-disagree": _dims_disagree,
     "calib-too-few": lambda c: c.args(None, None, None, "--num-calib", "20"),
     # bad usage or paths: exit 2
     "output-is-input": lambda c: c.args(out=c.model),
