@@ -20,6 +20,7 @@ The model entries are in tools/corpuslib/models.py.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--out", type=Path, default=ROOT / "docs" / "CORPUS.md")
     run_p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a quantizer run is killed")
     run_p.add_argument("--rss-limit-mb", type=float, default=12000.0, help="RSS at which a quantizer run is killed")
+    run_p.add_argument("--resume", action="store_true",
+                       help="reuse the (model, setting) results of the corpus.json next to --out instead of running them")
     args = parser.parse_args(argv)
     cache = args.cache.expanduser().resolve()
     if cache == ROOT or ROOT in cache.parents:
@@ -81,10 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args.settings)
     missing = {e.name: "not fetched" for e in entries if not (cache / "data" / e.name / "done.json").exists()}
     opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb)
-    results = runner.run(entries, opts)
-    runner.write_docs(results, runner.run_meta(argv, settings, args.time_budget), missing, args.out)
+    meta = runner.run_meta(argv, settings, args.time_budget)
+    previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume else {}
+    results = runner.run(entries, opts, lambda partial: runner.write_docs(partial, meta, missing, args.out), previous)
+    runner.write_docs(results, meta, missing, args.out)
     return 0
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through run_child, which kills the running quantizer
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

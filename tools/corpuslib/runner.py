@@ -15,7 +15,7 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -243,16 +243,20 @@ def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, str(CHILD), str(rss_file), *module_args], cwd=ROOT, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
-        while proc.poll() is None:
-            peak_kb = max(peak_kb, _rss_kb(proc.pid))
-            elapsed = time.perf_counter() - start
-            if elapsed > timeout_s or peak_kb > rss_limit_mb * 1024:
-                killed = (f"killed by the corpus after {elapsed:.0f} s (limit {timeout_s:.0f} s)" if elapsed > timeout_s
-                          else f"killed by the corpus at {peak_kb / 1024:.0f} MB RSS (limit {rss_limit_mb:.0f} MB)")
+        try:
+            while proc.poll() is None:
+                peak_kb = max(peak_kb, _rss_kb(proc.pid))
+                elapsed = time.perf_counter() - start
+                if elapsed > timeout_s or peak_kb > rss_limit_mb * 1024:
+                    killed = (f"killed by the corpus after {elapsed:.0f} s (limit {timeout_s:.0f} s)"
+                              if elapsed > timeout_s else
+                              f"killed by the corpus at {peak_kb / 1024:.0f} MB RSS (limit {rss_limit_mb:.0f} MB)")
+                    break
+                time.sleep(0.2)
+        finally:  # also when the corpus itself is interrupted: never leave a quantizer running
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                break
-            time.sleep(0.2)
     wall = time.perf_counter() - start
     if rss_file.exists() and rss_file.read_text().strip():
         peak_kb = max(peak_kb, int(rss_file.read_text()))
@@ -310,18 +314,48 @@ class RunOptions:
     rss_limit_mb: float = 12000.0
 
 
-def run(entries: Sequence[Entry], opts: RunOptions) -> Dict[str, List[Result]]:
-    """Every setting on every fetched entry; entries without data are reported loudly and skipped."""
+def run(entries: Sequence[Entry], opts: RunOptions, done: Optional[Callable[[Dict[str, List[Result]]], None]] = None,
+        previous: Optional[Dict[tuple, Result]] = None) -> Dict[str, List[Result]]:
+    """Every setting on every fetched entry; entries without data are reported loudly and skipped.
+
+    ``done`` is called with the results so far after each model (the docs are written as the run goes);
+    ``previous`` results, keyed by (model, setting), are reused instead of run again (``--resume``).
+    """
     results: Dict[str, List[Result]] = {}
+    previous = previous or {}
     for entry in entries:
         if not (opts.cache / "data" / entry.name / "done.json").exists():
             log(f"SKIPPED {entry.name}: not fetched (run `tools/corpus.py fetch`)")
             continue
         ctx = context(entry, opts.cache)
-        test = _named(read_feeds(opts.cache / "data" / entry.name / "test"), ctx)
-        ref = run_outputs(ctx.model, test)
-        results[entry.name] = [run_setting(entry, ctx, s, test, ref, opts) for s in opts.settings]
+        test, ref = None, None
+        rows = []
+        for setting in opts.settings:
+            if (entry.name, setting) in previous:
+                log(f"{entry.name} {setting}: reusing the previous run's result")
+                rows.append(previous[(entry.name, setting)])
+                continue
+            if ref is None:
+                test = _named(read_feeds(opts.cache / "data" / entry.name / "test"), ctx)
+                ref = run_outputs(ctx.model, test)
+            rows.append(run_setting(entry, ctx, setting, test, ref, opts))
+        results[entry.name] = rows
+        if done is not None:
+            done(results)
     return results
+
+
+def load_previous(path: Path) -> Dict[tuple, Result]:
+    """The results of an earlier run's corpus.json, keyed by (model, setting) (empty if there is none)."""
+    if not path.exists():
+        return {}
+    out = {}
+    for model in json.loads(path.read_text()).get("models", {}).values():
+        for row in model["results"]:
+            metrics = {k: float(v) for k, v in row.pop("metrics").items()}
+            res = Result(**row, metrics=metrics)
+            out[(res.model, res.setting)] = res
+    return out
 
 
 # ---------------------------------------------------------------- report
