@@ -111,7 +111,7 @@ def test_verdicts_and_report() -> None:
             "settings": ["w8a8", "ort_minmax", "ort_percentile"]}
     text = runner.render(results, meta, {"resemblyzer": "not fetched"})
     assert "**W8A8 thresholds met by 1 of 2 models** (ppocrv5_cls)" in text
-    assert "| ppocrv5_det | PaddlePaddle (paddle2onnx) | f1 (0.95) | fail (5) |" in text
+    assert "| ppocrv5_det | PaddlePaddle (paddle2onnx) | f1 (0.95) | fail (exit 5) |" in text
     assert "error: boom / pipe" in text and "resemblyzer: not fetched" in text
     js = runner.to_json(results, meta, {})
     assert js["models"]["ppocrv5_det"]["results"][0]["rc"] == 5
@@ -126,6 +126,16 @@ def test_feeds_roundtrip(tmp_path: Path) -> None:
     assert np.array_equal(back[0][""], feeds[0]["x"]) and np.array_equal(back[1][""], feeds[1]["x"])
     two = runner.read_feeds(tmp_path / "two")[0]
     assert two["a"].dtype == np.int64 and two["b"].dtype == bool
+
+
+def test_quantize_commands(tmp_path: Path) -> None:
+    ctx = corpus.Ctx(root=tmp_path, model=tmp_path / "m.onnx", cache=tmp_path)
+    w8 = runner.quantize_command("w8a8", ctx, tmp_path / "calib", tmp_path / "o.onnx", 3.0)
+    assert w8[0] == "eptq_onnx.cli" and w8[-6:] == ["--weight-bits", "8", "--act-bits", "8", "--iters", "0"]
+    eptq = runner.quantize_command("eptq", ctx, tmp_path / "calib", tmp_path / "o.onnx", 3.0)
+    assert eptq[-2:] == ["--time-budget", "3"] and "--iters" not in eptq and "--weight-bits" not in eptq
+    ort_cmd = runner.quantize_command("ort_percentile", ctx, tmp_path / "calib", tmp_path / "o.onnx", 3.0)
+    assert ort_cmd[0] == "tools.corpuslib.ort_quant" and ort_cmd[-1] == "Percentile"
 
 
 CACHE = runner.DEFAULT_CACHE

@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = _settings(args.settings)
     missing = {e.name: "not fetched" for e in entries if not (cache / "data" / e.name / "done.json").exists()}
     opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb)
-    meta = runner.run_meta(argv, settings, args.time_budget)
+    meta = runner.run_meta(argv, opts)
     previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume else {}
-    results = runner.run(entries, opts, lambda partial: runner.write_docs(partial, meta, missing, args.out), previous)
-    runner.write_docs(results, meta, missing, args.out)
+    names = [e.name for e in entries]
+
+    def write(partial: dict) -> None:  # models not run yet keep their previous rows (an interrupted --resume loses none)
+        kept = {n: partial.get(n) or [r for (m, _), r in previous.items() if m == n] for n in names}
+        runner.write_docs({n: rows for n, rows in kept.items() if rows}, meta, missing, args.out)
+
+    write(runner.run(entries, opts, write, previous))
     return 0
 
 

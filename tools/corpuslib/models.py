@@ -89,6 +89,7 @@ def score_top1(output: Optional[str] = None) -> Callable:
     """Top-1 agreement of the (stacked) class scores of ``output`` (first output by default)."""
 
     def score(_: Ctx, ref: Outputs, test: Outputs) -> Dict[str, float]:
+        """Top-1 agreement (arg-max of the class scores) with the float model, and the output's SQNR."""
         r = np.concatenate([M.top1(x).ravel() for x in _first(ref, output)])
         t = np.concatenate([M.top1(x).ravel() for x in _first(test, output)])
         return {"top1": M.agreement(r, t), "sqnr_db": _sqnr(ref, test, output)}
@@ -412,7 +413,7 @@ def make_resemblyzer(ctx: Ctx, rng: np.random.Generator, n: int) -> List[Feed]:
 
 def score_embedding(output: str) -> Callable:
     def score(ctx: Ctx, ref: Outputs, test: Outputs) -> Dict[str, float]:
-        """Cosine of the (L2-normalized) embedding vectors."""
+        """Cosine of the (L2-normalized) embedding vectors with the float model's (mean; min and SQNR too)."""
         r = np.concatenate([x.reshape(-1, x.shape[-1]) for x in _first(ref, output)])
         t = np.concatenate([x.reshape(-1, x.shape[-1]) for x in _first(test, output)])
         cos = M.cosine(r, t)

@@ -35,6 +35,9 @@ SETTINGS = (*OURS, *ORT)
 LABELS = {"w8a8": "ours W8A8 --iters 0", "w4a8": "ours W4A8 --iters 0", "eptq": "ours EPTQ W4A8 (default)",
           "ort_minmax": "ORT quantize_static MinMax W8A8", "ort_percentile": "ORT quantize_static Percentile W8A8"}
 
+SHORT = {"w8a8": "ours W8A8", "w4a8": "ours W4A8", "eptq": "ours EPTQ W4A8", "ort_minmax": "ORT MinMax W8A8",
+         "ort_percentile": "ORT Percentile W8A8"}
+
 
 def log(message: str) -> None:
     """A progress line on stderr."""
@@ -426,6 +429,7 @@ def render(results: Dict[str, List[Result]], meta: Dict[str, str], missing: Dict
              "- quantize_static gets the same calibration files (one feed per file), after its recommended "
              "quant_pre_process; models below opset 13 are converted to opset 13 first (its per-channel "
              "DequantizeLinear needs the axis attribute)",
+             f"- limits: {meta.get('limits', '-')}",
              "- wall time and peak RSS are those of the quantizing process (its own VmHWM), on a machine shared "
              "with other jobs: compare ratios within one run, not absolute times.", ""]
     if missing:
@@ -453,16 +457,24 @@ def _metric_doc(entry: Entry) -> str:
     return " ".join(doc.split()).rstrip(".") or entry.metric
 
 
+def _cell(entry: Entry, res: Optional[Result]) -> str:
+    """A summary cell: the metric, or why there is none."""
+    if res is None:
+        return "-"
+    if res.ok:
+        return _fmt(primary(entry, res))
+    return f"fail (exit {res.rc})" if res.rc != 0 else "fail (load/score)"
+
+
 def _summary(results: Dict[str, List[Result]]) -> List[str]:
-    head = "| model | exporter | metric (W8A8 threshold) | " + " | ".join(LABELS[s].replace(" W8A8", "").replace(
-        "ORT quantize_static", "ORT") for s in SETTINGS) + " | meets W8A8 | ours W8A8 >= ORT best |"
+    head = "| model | exporter | metric (W8A8 threshold) | " + " | ".join(SHORT[s] for s in SETTINGS) + \
+        " | meets W8A8 | ours W8A8 >= ORT best |"
     lines = ["## Summary", "", head, "|" + " --- |" * (len(SETTINGS) + 5)]
     meets, beats = [], []
     for name, rows in results.items():
         entry = corpus.BY_NAME[name]
         by = {r.setting: r for r in rows}
-        cells = [("-" if s not in by else _fmt(primary(entry, by[s])) if by[s].ok else f"fail ({by[s].rc})")
-                 for s in SETTINGS]
+        cells = [_cell(entry, by.get(s)) for s in SETTINGS]
         v = verdicts(entry, rows)
         meets += [name] if v["meets_w8a8"] else []
         beats += [name] if v["ours_ge_ort"] else []
@@ -507,7 +519,9 @@ def write_docs(results: Dict[str, List[Result]], meta: Dict[str, str], missing: 
     log(f"wrote {out} and {out.with_name('corpus.json')}")
 
 
-def run_meta(argv: Sequence[str], settings: Sequence[str], budget: float) -> dict:
+def run_meta(argv: Sequence[str], opts: RunOptions) -> dict:
     return {"command": "python tools/corpus.py " + shlex.join(argv), "commit": git_commit(),
             "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-            "time_budget": f"{budget:g}", "settings": list(settings)}
+            "time_budget": f"{opts.time_budget:g}", "settings": list(opts.settings),
+            "limits": f"a quantizer run is killed after {opts.run_timeout:g} s or at {opts.rss_limit_mb:g} MB RSS "
+                      "(the machine is shared)"}
