@@ -143,7 +143,7 @@ CACHE = runner.DEFAULT_CACHE
 
 @pytest.mark.corpus
 @pytest.mark.parametrize("name", [e.name for e in corpus.ENTRIES])
-def test_corpus_w8a8(name: str) -> None:
+def test_corpus_w8a8(name: str, tmp_path: Path) -> None:
     """Ours at W8A8 --iters 0 writes a model that loads and passes onnx.checker, at the issue's threshold."""
     if not (CACHE / "data" / name / "done.json").exists():
         pytest.skip(f"corpus model {name} is not in {CACHE}: run `python tools/corpus.py fetch` first "
@@ -152,9 +152,9 @@ def test_corpus_w8a8(name: str) -> None:
     ctx = runner.context(entry, CACHE)
     test = runner._named(runner.read_feeds(CACHE / "data" / name / "test"), ctx)
     ref = runner.run_outputs(ctx.model, test)
-    res = runner.run_setting(entry, ctx, "w8a8", test, ref, runner.RunOptions(CACHE, ["w8a8"]))
+    res = runner.run_setting(entry, ctx, "w8a8", test, ref, runner.RunOptions(CACHE, ["w8a8"], runs=tmp_path))
     assert res.rc == 0 and not res.error, f"{name}: exit {res.rc}: {res.error}"
-    written = CACHE / "runs" / name / "w8a8" / "model.onnx"
+    written = tmp_path / name / "w8a8" / "model.onnx"
     onnx.checker.check_model(str(written))
     ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
     value, threshold = res.metrics[entry.metric], corpus.THRESHOLDS[entry.task]

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--rss-limit-mb", type=float, default=12000.0, help="RSS at which a quantizer run is killed")
     run_p.add_argument("--resume", action="store_true",
                        help="reuse the (model, setting) results of the corpus.json next to --out instead of running them")
+    run_p.add_argument("--retry-killed", action="store_true",
+                       help="like --resume, but run again the rows the corpus killed (time or memory limit)")
     args = parser.parse_args(argv)
     cache = args.cache.expanduser().resolve()
     if cache == ROOT or ROOT in cache.parents:
@@ -85,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     missing = {e.name: "not fetched" for e in entries if not (cache / "data" / e.name / "done.json").exists()}
     opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb)
     meta = runner.run_meta(argv, opts)
-    previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume else {}
+    previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume or args.retry_killed else {}
+    if args.retry_killed:
+        previous = {k: r for k, r in previous.items() if not r.error.startswith(runner.KILLED)}
     names = [e.name for e in entries]
 
     def write(partial: dict) -> None:  # models not run yet keep their previous rows (an interrupted --resume loses none)
-        kept = {n: partial.get(n) or [r for (m, _), r in previous.items() if m == n] for n in names}
+        kept = {}
+        for n in names:  # this run's rows, then the earlier rows of settings this run does not touch
+            rows = list(partial.get(n, []))
+            done = {r.setting for r in rows} | (set(settings) if n in partial else set())
+            rows += [r for (m, s), r in previous.items() if m == n and s not in done]
+            kept[n] = sorted(rows, key=lambda r: runner.SETTINGS.index(r.setting))
         runner.write_docs({n: rows for n, rows in kept.items() if rows}, meta, missing, args.out)
 
     write(runner.run(entries, opts, write, previous))

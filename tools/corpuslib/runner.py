@@ -32,6 +32,7 @@ OURS = {  # setting -> CLI arguments (the eptq setting gets --time-budget from t
 }
 ORT = {"ort_minmax": "MinMax", "ort_percentile": "Percentile"}
 SETTINGS = (*OURS, *ORT)
+KILLED = "killed by the corpus"
 LABELS = {"w8a8": "ours W8A8 --iters 0", "w4a8": "ours W4A8 --iters 0", "eptq": "ours EPTQ W4A8 (default)",
           "ort_minmax": "ORT quantize_static MinMax W8A8", "ort_percentile": "ORT quantize_static Percentile W8A8"}
 
@@ -236,7 +237,7 @@ def _rss_kb(pid: int) -> int:
 
 def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit_mb: float) -> tuple:
     """Run ``python child.py RSS module args`` from the repository root, polling its RSS; kill it past the
-    time or memory limit. Returns (exit code, wall seconds, peak RSS MB, stderr text)."""
+    time or memory limit. Returns (exit code, wall seconds, peak RSS MB, stderr text or the kill's reason)."""
     rss_file = workdir / "rss.txt"
     rss_file.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -251,9 +252,9 @@ def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit
                 peak_kb = max(peak_kb, _rss_kb(proc.pid))
                 elapsed = time.perf_counter() - start
                 if elapsed > timeout_s or peak_kb > rss_limit_mb * 1024:
-                    killed = (f"killed by the corpus after {elapsed:.0f} s (limit {timeout_s:.0f} s)"
+                    killed = (f"{KILLED} after {elapsed:.0f} s (limit {timeout_s:.0f} s)"
                               if elapsed > timeout_s else
-                              f"killed by the corpus at {peak_kb / 1024:.0f} MB RSS (limit {rss_limit_mb:.0f} MB)")
+                              f"{KILLED} at {peak_kb / 1024:.0f} MB RSS (limit {rss_limit_mb:.0f} MB)")
                     break
                 time.sleep(0.2)
         finally:  # also when the corpus itself is interrupted: never leave a quantizer running
@@ -264,7 +265,7 @@ def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit
     if rss_file.exists() and rss_file.read_text().strip():
         peak_kb = max(peak_kb, int(rss_file.read_text()))
     text = err_path.read_text(errors="replace")
-    return proc.returncode, wall, peak_kb / 1024, (text + "\n" + killed) if killed else text
+    return proc.returncode, wall, peak_kb / 1024, killed or text
 
 
 def run_outputs(model: Path, feeds: Sequence[Feed]) -> Outputs:
@@ -287,7 +288,7 @@ def quantize_command(setting: str, ctx: Ctx, calib: Path, out: Path, budget_min:
 
 def run_setting(entry: Entry, ctx: Ctx, setting: str, test: List[Feed], ref: Outputs, opts: "RunOptions") -> Result:
     """Quantize at one setting in a child process, then score the written model against the float one."""
-    work = opts.cache / "runs" / entry.name / setting
+    work = (opts.runs or opts.cache / "runs") / entry.name / setting
     work.mkdir(parents=True, exist_ok=True)
     out = work / "model.onnx"
     out.unlink(missing_ok=True)
@@ -315,6 +316,7 @@ class RunOptions:
     time_budget: float = 3.0
     run_timeout: float = 1800.0
     rss_limit_mb: float = 12000.0
+    runs: Optional[Path] = None  # where the quantized models go (default: cache/runs)
 
 
 def run(entries: Sequence[Entry], opts: RunOptions, done: Optional[Callable[[Dict[str, List[Result]]], None]] = None,
