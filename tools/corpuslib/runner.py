@@ -272,7 +272,9 @@ def run_outputs(model: Path, feeds: Sequence[Feed]) -> Outputs:
     """The model's outputs on each feed, in onnxruntime with default session options."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 3  # logging only (ddddocr's declared output shape warns on every run)
+    sess = ort.InferenceSession(str(model), quiet, providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
     return [dict(zip(names, sess.run(None, feed))) for feed in feeds]
 
