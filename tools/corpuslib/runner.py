@@ -236,7 +236,7 @@ def _rss_kb(pid: int) -> int:
 
 
 def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit_mb: float) -> tuple:
-    """Run ``python child.py RSS module args`` from the repository root, polling its RSS; kill it past the
+    """Run ``python child.py RSS module args`` in ``workdir`` (onnxruntime leaves temporary files in the cwd), polling its RSS; kill it past the
     time or memory limit. Returns (exit code, wall seconds, peak RSS MB, stderr text or the kill's reason)."""
     rss_file = workdir / "rss.txt"
     rss_file.unlink(missing_ok=True)
@@ -245,7 +245,7 @@ def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit
     start = time.perf_counter()
     peak_kb, killed = 0, ""
     with open(err_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(CHILD), str(rss_file), *module_args], cwd=ROOT, env=env,
+        proc = subprocess.Popen([sys.executable, str(CHILD), str(rss_file), *module_args], cwd=workdir, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             while proc.poll() is None:
