@@ -198,7 +198,8 @@ def quantize(
         inputs = collect_layer_inputs(float_model, plan, calib_set) if config.weight_init == "output-mse" else {}
         widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
         target = get_target(config.target)
-        candidates = {b: init_weights(float_model, plan, b, config.weight_init, inputs, target) for b in widths}
+        candidates = {b: init_weights(float_model, plan, b, config.weight_init, inputs, target, config.act_symmetric)
+                      for b in widths}
         weights = candidates[max(widths)]
     with timer.stage("activation calibration"):
         acts, _, range_notes = calibrate_activations(float_model, plan, calib_set, config, progress)

@@ -71,6 +71,24 @@ TARGETS: Dict[str, Target] = {
     )
 }
 DEFAULT_TARGET = "ort-cpu"
+# onnxruntime's CPU kernels for uint8 activations x int8 weights (QLinearConv, QLinearMatMul, QGemm,
+# MatMulIntegerToFloat: MLAS U8S8 GEMM) multiply with vpmaddubsw on AVX2/AVX-512 CPUs without VNNI,
+# which adds pairs of products into int16 with saturation: 2 x 255 x 127 overflows, 2 x 255 x 64 does
+# not. onnxruntime's own quantizer avoids it with reduce_range (7-bit weights). Every Conv takes the
+# 7-bit range: a Conv of one input channel (weight [C, 1, k, k]) saturated too (demo model, 99.2% -> 50.6%).
+U8S8_GEMM_OPS = frozenset(("Conv", "MatMul", "Gemm"))
+U8S8_SAFE_WEIGHT_BITS = 7
+
+
+def integer_kernel_bits(target: Target, bits: int, op_type: str, act_signed: bool) -> int:
+    """The code width of a ``bits``-bit weight of ``op_type`` that ``target``'s integer kernels compute exactly.
+
+    Under ort-cpu, 8-bit weights that onnxruntime fuses with uint8 activations into a U8S8 GEMM take
+    the 7-bit range (see U8S8_GEMM_OPS); every other weight keeps ``bits``.
+    """
+    if target.name == "ort-cpu" and bits == 8 and not act_signed and op_type in U8S8_GEMM_OPS:
+        return U8S8_SAFE_WEIGHT_BITS
+    return bits
 
 
 def get_target(name: str) -> Target:

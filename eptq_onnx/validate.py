@@ -179,11 +179,13 @@ def validate(
         result.output_sqnr_db[name] = outputs[name].sqnr
         result.output_max_abs_error[name] = outputs[name].max_abs
         result.optimized_agreement_db[name] = agreement[name].sqnr
-        if not np.isfinite(outputs[name].max_abs) or agreement[name].sqnr < MIN_AGREEMENT_DB:
-            raise ValidationError(
-                f"output {name!r}: onnxruntime with and without graph optimizations disagree "
-                f"(SQNR {agreement[name].sqnr:.1f} dB < {MIN_AGREEMENT_DB} dB)"
-            )
+        if not np.isfinite(outputs[name].max_abs):
+            raise ValidationError(f"output {name!r}: the quantized model's output is not finite")
+        if agreement[name].sqnr < MIN_AGREEMENT_DB:  # the model is usable: written, with a loud warning
+            result.notes.append(
+                f"VALIDATION: output {name!r}: onnxruntime with and without graph optimizations disagree "
+                f"(SQNR {agreement[name].sqnr:.1f} dB < {MIN_AGREEMENT_DB} dB): its fused integer kernels compute "
+                "this model differently from the QDQ ops as written; measure the deployed fidelity before shipping")
     result.tensor_sqnr_db = {root: acc.sqnr for root, acc in tensors.items()}
     counts = count_fused(qdq_model, config)
     result.fused_op_types = {k: v for k, v in counts.items() if k in FUSED_OPS}

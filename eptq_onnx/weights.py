@@ -9,7 +9,7 @@ import onnx
 
 from .qpoints import QuantPlan
 from .quantizers import broadcast_scale, int_range, quantize, weight_scales
-from .targets import TARGETS, Target
+from .targets import TARGETS, Target, integer_kernel_bits
 from .tensor_store import tensor_array
 
 
@@ -54,12 +54,14 @@ def init_weights(
     method: str,
     layer_inputs: Optional[Dict[str, np.ndarray]] = None,
     target: Target = TARGETS["ort-cpu"],
+    act_signed: bool = False,
 ) -> Dict[str, WeightQuant]:
     """Quantize every weight of the plan once (a weight shared by several ops is quantized once).
 
     ``method``: ``output-mse`` (MSE of each layer's output on ``layer_inputs``, weight MSE for
     layers without samples), ``mse`` (MSE of the weight) or ``minmax``. Ops for which ``target``
-    takes no per-channel weights get one step per tensor.
+    takes no per-channel weights get one step per tensor. Weights that the target's integer kernels
+    would saturate take a narrower range (``targets.integer_kernel_bits``; ``act_signed``: int8 activations).
     """
     initializers = {t.name: t for t in model.graph.initializer}
     layer_inputs = layer_inputs if method == "output-mse" else {}
@@ -70,7 +72,8 @@ def init_weights(
         w = tensor_array(initializers[point.weight]).astype(np.float32, copy=False)
         inputs = (layer_inputs or {}).get(point.weight)
         result[point.weight] = quantize_weight(
-            point.weight, w, point.axis, bits, "minmax" if method == "minmax" else "mse", inputs,
+            point.weight, w, point.axis, integer_kernel_bits(target, bits, point.op_type, act_signed),
+            "minmax" if method == "minmax" else "mse", inputs,
             per_tensor=not target.per_channel(point.op_type),
         )
     return result

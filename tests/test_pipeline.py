@@ -39,7 +39,8 @@ def test_architecture_quantizes_and_validates(name: str, bits: int, tmp_path: Pa
         assert np.all(np.isfinite(value)), meta.name
     kinds = {t.kind for t in result.report.tensors}
     assert kinds == {"weight", "activation"}
-    assert all(t.bits == bits for t in result.report.tensors if t.kind == "weight")
+    # ort-cpu: 8-bit weights that onnxruntime fuses into a U8S8 GEMM take the 7-bit range (targets.integer_kernel_bits)
+    assert all(t.bits in ({7, 8} if bits == 8 else {bits}) for t in result.report.tensors if t.kind == "weight")
 
 
 def test_w8a8_residual_cnn_fuses_every_conv(tmp_path: Path, calib_for) -> None:

@@ -10,7 +10,7 @@ from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.errors import UsageError
-from eptq_onnx.targets import TARGETS, violations
+from eptq_onnx.targets import TARGETS, get_target, violations
 from models import zoo
 from tests.helpers import assert_student_matches_onnxruntime, init_only
 
@@ -107,3 +107,15 @@ def test_cli_target(tmp_path, calib_for) -> None:
     assert violations(onnx.load(out), TARGETS["trt"]) == []
     bad = CliRunner().invoke(main, args + ["--target", "ort-cpu", "--act-bits", "16", "--force"])
     assert bad.exit_code == 2 and "reads activations as uint8, int8" in bad.output
+
+
+def test_ort_cpu_8bit_gemm_weights_take_the_u8s8_safe_range() -> None:
+    """2 x 255 x 127 overflows int16 (vpmaddubsw); 2 x 255 x 63 does not."""
+    from eptq_onnx.targets import U8S8_SAFE_WEIGHT_BITS, integer_kernel_bits
+
+    ort_cpu, generic = get_target("ort-cpu"), get_target("generic")
+    assert 2 * 255 * ((1 << (U8S8_SAFE_WEIGHT_BITS - 1)) - 1) < 2**15 <= 2 * 255 * 127
+    assert [integer_kernel_bits(ort_cpu, 8, op, False) for op in ("Conv", "MatMul", "Gemm")] == [7, 7, 7]
+    assert integer_kernel_bits(ort_cpu, 8, "Conv", True) == 8  # int8 activations: S8S8 kernels
+    assert integer_kernel_bits(ort_cpu, 4, "Conv", False) == 4  # 4-bit weights run as DequantizeLinear -> float op
+    assert integer_kernel_bits(generic, 8, "MatMul", False) == 8

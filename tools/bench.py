@@ -238,6 +238,9 @@ class OrtStatic:
                 activation_type=QuantType.QUInt8,
                 weight_type=ORT_WEIGHT_TYPES[bits],
                 calibrate_method=self.calibrate_method,
+                # 7-bit 8-bit weights, onnxruntime's own remedy for its U8S8 kernels on CPUs without
+                # VNNI (int16 saturation), as our ort-cpu target does (targets.integer_kernel_bits)
+                reduce_range=bits == 8,
             )
         prepared.unlink()
         return None

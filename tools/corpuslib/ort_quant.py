@@ -83,7 +83,8 @@ def main() -> None:
         with contextlib.redirect_stdout(io.StringIO()):  # histogram calibrators print their progress
             quantize_static(str(prepared), str(out), FolderReader(calib, names), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod[method])
+                            calibrate_method=CalibrationMethod[method],
+                            reduce_range=True)  # 7-bit weights: its remedy for U8S8 int16 saturation without VNNI
 
 
 if __name__ == "__main__":
