@@ -34,6 +34,9 @@ class Target:
     per_channel_ops: Optional[FrozenSet[str]] = None  # weighted ops allowed per-channel weights (None: all)
     low_bit_ops: Optional[FrozenSet[str]] = None  # weighted ops allowed sub-8-bit weight types (None: all)
     fusible: Optional[FrozenSet[str]] = None  # ops a point may move past (None: any non-linearity, paper A.1)
+    # code width of 8-bit weights that the runtime's uint8 x int8 kernels compute without saturating
+    # (None: the full 8 bits); see U8S8_GEMM_OPS
+    u8s8_weight_bits: Optional[int] = None
 
     def per_channel(self, op_type: str) -> bool:
         return self.per_channel_ops is None or op_type in self.per_channel_ops
@@ -52,12 +55,20 @@ LINEAR_OPS = frozenset(("MatMul", "Gemm"))
 # onnxruntime folds these into the QuantizeLinear after Conv/MatMul/Gemm/Add (ReluQuantFusion,
 # ClipQuantFusion); a point after any other non-linearity keeps the op from becoming QLinear*.
 ORT_FUSED_ACTIVATIONS = frozenset(("Relu", "Clip"))
+# onnxruntime's CPU kernels for uint8 activations x int8 weights (QLinearConv, QLinearMatMul, QGemm,
+# MatMulIntegerToFloat: MLAS U8S8 GEMM) multiply with vpmaddubsw on AVX2/AVX-512 CPUs without VNNI,
+# which adds pairs of products into int16 with saturation: 2 x 255 x 127 overflows, 2 x 255 x 63 does
+# not. onnxruntime's own quantizer avoids it with reduce_range (7-bit weights); every Conv takes it,
+# those of one input channel (weight [C, 1, k, k]) included, which saturate too.
+U8S8_GEMM_OPS = frozenset(("Conv", "MatMul", "Gemm"))
+U8S8_SAFE_WEIGHT_BITS = 7
 TARGETS: Dict[str, Target] = {
     t.name: t
     for t in (
         Target("ort-cpu", "onnxruntime CPU: uint8 activations (int8 with --act-symmetric; both fuse), int8 "
                "per-channel weights fused into QLinear ops; INT4/INT2 weights as storage (DequantizeLinear -> float op)",
-               act_types=((8, False), (8, True)), weight_bits=(8, 4, 2), fusible=ORT_FUSED_ACTIVATIONS),
+               act_types=((8, False), (8, True)), weight_bits=(8, 4, 2), fusible=ORT_FUSED_ACTIVATIONS,
+               u8s8_weight_bits=U8S8_SAFE_WEIGHT_BITS),
         Target("trt", "TensorRT: symmetric int8 activations and weights (zero point 0, no uint8); "
                "INT4 weights only on MatMul/Gemm (weight-only GEMMs), other layers INT8",
                act_types=((8, True),), weight_bits=(8, 4), low_bit_ops=LINEAR_OPS),
@@ -71,23 +82,16 @@ TARGETS: Dict[str, Target] = {
     )
 }
 DEFAULT_TARGET = "ort-cpu"
-# onnxruntime's CPU kernels for uint8 activations x int8 weights (QLinearConv, QLinearMatMul, QGemm,
-# MatMulIntegerToFloat: MLAS U8S8 GEMM) multiply with vpmaddubsw on AVX2/AVX-512 CPUs without VNNI,
-# which adds pairs of products into int16 with saturation: 2 x 255 x 127 overflows, 2 x 255 x 64 does
-# not. onnxruntime's own quantizer avoids it with reduce_range (7-bit weights). Every Conv takes the
-# 7-bit range: a Conv of one input channel (weight [C, 1, k, k]) saturated too (demo model, 99.2% -> 50.6%).
-U8S8_GEMM_OPS = frozenset(("Conv", "MatMul", "Gemm"))
-U8S8_SAFE_WEIGHT_BITS = 7
 
 
 def integer_kernel_bits(target: Target, bits: int, op_type: str, act_signed: bool) -> int:
     """The code width of a ``bits``-bit weight of ``op_type`` that ``target``'s integer kernels compute exactly.
 
-    Under ort-cpu, 8-bit weights that onnxruntime fuses with uint8 activations into a U8S8 GEMM take
-    the 7-bit range (see U8S8_GEMM_OPS); every other weight keeps ``bits``.
+    8-bit weights that the runtime fuses with uint8 activations into a U8S8 GEMM take the target's
+    ``u8s8_weight_bits`` range (see U8S8_GEMM_OPS); every other weight keeps ``bits``.
     """
-    if target.name == "ort-cpu" and bits == 8 and not act_signed and op_type in U8S8_GEMM_OPS:
-        return U8S8_SAFE_WEIGHT_BITS
+    if target.u8s8_weight_bits is not None and bits == 8 and not act_signed and op_type in U8S8_GEMM_OPS:
+        return target.u8s8_weight_bits
     return bits
 
 

@@ -56,13 +56,17 @@ def _assert_close_to_float(float_path: Path, qdq_path: Path, feeds: list[dict[st
         assert 10 * np.log10(signal / max(noise, 1e-30)) > MIN_SQNR_DB, name
 
 
+def _cli_report(path: Path, calib: Path, tmp_path: Path, *options: str) -> tuple[Path, dict]:
+    """Run the CLI quietly on the model and calibration folder; the written model's path and the report."""
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(main, [str(path), str(out), "--calib", str(calib), *options, "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(report.read_text())
+
+
 def test_cli_w8a8_writes_a_validated_model(variant: tuple[Path, Path, list], tmp_path: Path) -> None:
     path, calib, held_out = variant
-    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
-    result = CliRunner().invoke(main, [str(path), str(out), "--calib", str(calib), "--weight-bits", "8",
-                                       "--act-bits", "8", "--iters", "0", "--report", str(report), "-q"])
-    assert result.exit_code == 0, result.output
-    data = json.loads(report.read_text())
+    out, data = _cli_report(path, calib, tmp_path, "--weight-bits", "8", "--act-bits", "8", "--iters", "0")
     assert data["calibration_samples"] == CALIB and data["validation"]["samples"] == CALIB
     assert any("each file is one whole feed" in w for w in data["warnings"])
     _assert_close_to_float(path, out, held_out)
@@ -80,11 +84,8 @@ def test_api_w8a8(lstm: tuple[Path, Path, list], tmp_path: Path) -> None:
 
 def test_short_eptq_run_takes_one_whole_feed_per_step(lstm: tuple[Path, Path, list], tmp_path: Path) -> None:
     path, calib, _ = lstm
-    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
-    result = CliRunner().invoke(main, [str(path), str(out), "--calib", str(calib), "--iters", "5",
-                                       "--hessian-samples", "2", "--validation-samples", "4", "--report", str(report), "-q"])
-    assert result.exit_code == 0, result.output
-    optimization = json.loads(report.read_text())["optimization"]
+    out, data = _cli_report(path, calib, tmp_path, "--iters", "5", "--hessian-samples", "2", "--validation-samples", "4")
+    optimization = data["optimization"]
     assert optimization["iters"] == 5
     assert "each step takes one whole feed of the 8" in optimization["why"]
     assert out.exists()
