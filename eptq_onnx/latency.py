@@ -40,8 +40,9 @@ class Latency:
 
 
 def default_threads() -> int:
-    """The thread count a deployment on this machine would use: every core onnxruntime sees, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """One thread: the ratio of per-core costs, which a machine busy with other work disturbs least
+    (a multi-threaded session's workers wait on each other whenever one is descheduled)."""
+    return 1
 
 
 def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
