@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,12 @@ def test_every_option_has_a_row_with_its_default() -> None:
     rows = [line.split(" | ") for line in DOC.read_text().splitlines() if line.startswith("| `-")]
     for option in (p for p in main.params if isinstance(p, click.Option)):
         name = f"`{max(option.opts, key=len)}`"
-        cells = next((row for row in rows if name in row[0].removeprefix("| ").split(", ")), None)
+        cells = next((row for row in rows if name in re.split(r", | / ", row[0].removeprefix("| "))), None)
         assert cells is not None, f"docs/cli.md has no row for {name}"
         if option.required:
             assert cells[2] == "required", cells
+        elif option.is_flag and option.secondary_opts:
+            default = (option.opts if option.default is True else option.secondary_opts)[0]
+            assert cells[2] == f"`{default}`", f"{name}: default {default}, docs/cli.md says {cells[2]}"
         elif not option.is_flag and isinstance(option.default, (int, float, str)) and not isinstance(option.show_default, str):
             assert cells[2] == f"`{option.default}`", f"{name}: default {option.default!r}, docs/cli.md says {cells[2]}"

@@ -27,7 +27,10 @@ def _cell(text: str) -> str:
 
 
 def _names(param: click.Option) -> str:
-    return ", ".join(f"`{name}`" for name in sorted(param.opts + param.secondary_opts, key=len, reverse=True))
+    """``--quiet``, ``-q``; an on/off switch as ``--latency`` / ``--no-latency``."""
+    def names(opts: list[str]) -> str:
+        return ", ".join(f"`{name}`" for name in sorted(opts, key=len, reverse=True))
+    return " / ".join(names(opts) for opts in (param.opts, param.secondary_opts) if opts)
 
 
 def _values(param: click.Parameter) -> str:
@@ -49,8 +52,10 @@ def _values(param: click.Parameter) -> str:
 def _default(param: click.Option) -> str:
     if param.required:
         return "required"
+    if param.is_flag and param.secondary_opts:  # an on/off switch: the default is one of its names
+        return f"`{(param.opts if param.default is True else param.secondary_opts)[0]}`"
     if param.is_flag:
-        return "off"
+        return "on" if param.default is True else "off"
     if isinstance(param.show_default, str):
         return param.show_default
     value: Any = param.default
@@ -70,7 +75,7 @@ def _prose(text: str) -> str:
 
 def reference(command: click.Command = main) -> str:
     """The markdown reference: usage, the command's help, one table row per option, the epilog."""
-    ctx = click.Context(command, info_name="eptq-onnx")
+    ctx = click.Context(command, info_name="eptq-onnx", **command.context_settings)
     options = [p for p in command.get_params(ctx) if isinstance(p, click.Option)]
     usage = f"eptq-onnx {' '.join(command.collect_usage_pieces(ctx))}"
     lines = ["```text", usage, "```", "", _prose(command.help or ""), ""]
