@@ -15,7 +15,7 @@ along which one layer's weights act, ``layout.position_axes``), which estimates 
     c * mean_x E_v sum_k ( sum_p (d(v^T f(x)) / d z_i)_{k,p} )^2  =  c * mean_x Tr(S^T J^T J S),
 
 S summing the positions p of every channel k: the sensitivity to errors that are equal at all
-positions of a channel, as rounded weights make them (our deviation from the paper, README).
+positions of a channel, as rounded weights make them (our deviation from the paper, docs/design.md).
 
 This module knows nothing of ONNX: it takes a ``Forward`` callable that runs the model on one
 feed dict and returns its outputs and the probed intermediate tensors.
