@@ -238,6 +238,9 @@ def find_norm_blocks(index: "GraphIndex") -> List[NormBlock]:
         grouped = producer is not None and producer.op_type in GROUP_RESHAPES
         output, extra = _extend(index, exit_name, grouped)
         grouped = grouped and any(n.op_type in GROUP_RESHAPES for n in extra)
+        if extra and extra[-1].op_type in GROUP_RESHAPES:  # without an affine after it, the Reshape back
+            extra.pop()  # only moves the normalized values: they are the output (the Reshape shares its point)
+            output = extra[-1].output[0] if extra else exit_name
         nodes = inside + extra
         taken.update(id(n) for n in nodes)
         internal = frozenset(o for n in nodes for o in n.output if o and o != output)
