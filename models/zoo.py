@@ -606,4 +606,3 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
 # themselves to ZOO when imported (from here, or first, as e.g. `from models import zoo_traps`).
 import models.zoo_families  # noqa: E402,F401
 import models.zoo_traps  # noqa: E402,F401
-import models.zoo_norms  # noqa: E402,F401

@@ -24,7 +24,7 @@ from tests.helpers import assert_student_matches_onnxruntime, init_only, write_c
 EPS = 1e-5
 MIN_SQNR_DB = 30.0  # W8A8 --iters 0 output SQNR vs the float model, every zoo norm model
 # what main (before this rule) scored on the same check: the statistics were quantized
-MAIN_SQNR_DB = {"jax2tf_layernorm": 18.7, "groupnorm": 7.1, "instancenorm": 11.6}
+MAIN_SQNR_DB = {"jax2tf_layernorm": 18.7, "groupnorm": 7.1, "instancenorm": 21.3}
 CALIB, TEST_SEED = 16, 123
 
 
