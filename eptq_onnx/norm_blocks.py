@@ -79,8 +79,8 @@ def _entry(index: "GraphIndex", tensor: str) -> str:
 class _Region:
     """The nodes computed from an entry tensor alone (and constants), grown in graph order."""
 
-    def __init__(self, index: "GraphIndex", entry: str, position: Dict[int, int]) -> None:
-        self.index, self.entry, self.position = index, entry, position
+    def __init__(self, index: "GraphIndex", entry: str) -> None:
+        self.index, self.entry = index, entry
         self.nodes: List[onnx.NodeProto] = []
         self.producer: Dict[str, onnx.NodeProto] = {}
         self.full: Set[str] = {entry}  # tensors with the entry's shape (not derived from a reduction only)
@@ -88,9 +88,6 @@ class _Region:
         self.has_mean = False  # a reduction of a non-squared x-shaped tensor
         self.has_square_stat = False  # a reduction of a square
         self.has_root = False  # a root of a statistic
-
-    def tensors(self) -> Set[str]:
-        return {self.entry} | set(self.producer)
 
     def add(self, node: onnx.NodeProto) -> None:
         self.nodes.append(node)
@@ -136,9 +133,11 @@ class _Region:
         return True
 
 
-def _grow(index: "GraphIndex", entry: str, position: Dict[int, int], taken: Set[int]) -> Optional[Tuple[_Region, str, List[onnx.NodeProto]]]:
-    """Grow the region of ``entry`` until its first closed normalization exit (None if there is none)."""
-    region = _Region(index, entry, position)
+def _grow(index: "GraphIndex", entry: str, position: Dict[int, int],
+          taken: Set[int]) -> Optional[Tuple[_Region, str, List[onnx.NodeProto]]]:
+    """Grow the region of ``entry`` in graph order (``position``: node id -> index) until its first
+    closed normalization exit; None when there is none within MAX_BLOCK_NODES nodes."""
+    region = _Region(index, entry)
     heap: List[Tuple[int, int]] = []
     queued: Set[int] = set()
 
@@ -162,7 +161,11 @@ def _grow(index: "GraphIndex", entry: str, position: Dict[int, int], taken: Set[
         if out in region.full and region.has_square_stat and region.has_root:
             inside = region.ancestors(out)
             if region.closed(out, inside):
-                return region, out, inside
+                block = _Region(index, entry)  # the signature of the block itself, not of the whole region
+                for n in inside:
+                    block.add(n)
+                if block.has_square_stat and block.has_root:
+                    return block, out, inside
         for o in node.output:
             if o:
                 push_consumers(o)
