@@ -188,6 +188,9 @@ def quantize(
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
+        report.norm_blocks = [{"kind": b.kind, "input": b.input, "output": b.output, "nodes": list(b.nodes)}
+                              for b in plan.norm_blocks]
+        report.singular_float = list(plan.singular_float)
         for node, op_type, why in plan.float_ops:
             report.warn(f"{op_type} node {node} stays float ({why})")
     with timer.stage("calibration data"):
