@@ -100,6 +100,7 @@ OP_TABLE.update(
         "AveragePool": OpInfo("float"),
         "GlobalAveragePool": OpInfo("float"),
         "ReduceMean": OpInfo("float"),
+        "ReduceSum": OpInfo("float"),
     }
 )
 
