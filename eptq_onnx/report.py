@@ -40,7 +40,9 @@ class Report:
     float_ops: List[Dict[str, str]] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)
-    timings_s: Dict[str, float] = field(default_factory=dict)
+    timings_s: Dict[str, float] = field(default_factory=dict)  # completed stages
+    stages: List[Dict[str, Any]] = field(default_factory=list)  # every stage that ran: name, seconds, status
+    error: Optional[Dict[str, Any]] = None  # what stopped the run (code, category, stage, message); None on success
     sizes_bytes: Dict[str, int] = field(default_factory=dict)
     calibration_samples: int = 0
     hessian: Dict[str, Any] = field(default_factory=dict)
