@@ -61,9 +61,13 @@ class FirstDifference:
     max_abs_difference: float
     optimized_op: str = ""  # the op of onnxruntime's optimized graph that computes it, where known
 
-    def describe(self) -> str:
+    def made_by(self) -> str:
+        """The op that computes the tensor, in the model as written and in onnxruntime's optimized graph."""
         fused = f", computed by {self.optimized_op} in onnxruntime's optimized graph" if self.optimized_op else ""
-        return (f"tensor {self.tensor!r} (output of {self.op_type} node {self.node!r}{fused}; SQNR {self.sqnr_db:.1f} dB, "
+        return f"output of {self.op_type} node {self.node!r}{fused}"
+
+    def describe(self) -> str:
+        return (f"tensor {self.tensor!r} ({self.made_by()}; SQNR {self.sqnr_db:.1f} dB, "
                 f"max abs difference {self.max_abs_difference:.4g})")
 
 

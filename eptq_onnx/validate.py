@@ -275,7 +275,7 @@ def _check_divergence(divergence: Dict[str, Accumulator], checked: List[str],
         return
     result.first_difference["qdq_vs_reference"] = asdict(first)
     raise ValidationError(
-        f"validation: the QDQ model diverges from its fake-quant reference first at {first.describe()} "
-        f"(< {MIN_REFERENCE_DB:.0f} dB): the written model does not compute what its quantizers do; "
-        "rerun with --debug and report it"
+        f"validation: the QDQ model diverges from its fake-quant reference first at tensor {first.tensor!r} "
+        f"(SQNR {first.sqnr_db:.1f} dB < {MIN_REFERENCE_DB:.0f} dB, max abs difference {first.max_abs_difference:.4g}; "
+        f"{first.made_by()}): the written model does not compute what its quantizers do; rerun with --debug and report it"
     )
