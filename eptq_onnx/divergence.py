@@ -60,6 +60,9 @@ class FirstDifference:
     sqnr_db: float
     max_abs_difference: float
     optimized_op: str = ""  # the op of onnxruntime's optimized graph that computes it, where known
+    # the lowest SQNR among the nearest compared tensors it is computed from (inf: from graph inputs
+    # only): high where this op itself computes differently, low where it inherits a difference
+    input_sqnr_db: float = float("inf")
 
     def made_by(self) -> str:
         """The op that computes the tensor, in the model as written and in onnxruntime's optimized graph."""
@@ -122,6 +125,22 @@ def _computing_node(graph_model: onnx.ModelProto, tensor: str) -> Optional[onnx.
     return node
 
 
+def _compared_inputs(model: onnx.ModelProto, tensor: str, compared: Mapping[str, Accumulator]) -> List[str]:
+    """The nearest compared tensors upstream of ``tensor`` (through every op that is not compared itself)."""
+    made_by = {o: node for node in model.graph.node for o in node.output}
+    found, stack, seen = [], list(made_by[tensor].input) if tensor in made_by else [], set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in compared:
+            found.append(name)
+        elif name in made_by:
+            stack.extend(made_by[name].input)
+    return found
+
+
 def _dequantizers(model: onnx.ModelProto) -> Dict[str, Tuple[float, float]]:
     """QuantizeLinear output -> (scale, zero point) for those whose scale and zero point are scalar initializers."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -161,6 +180,8 @@ def diagnose_optimization(qdq_model: onnx.ModelProto, calib: CalibrationSet, thr
     found = first_below(accumulators, order, threshold, producers(qdq_model))
     if found is None:
         return None
+    found.input_sqnr_db = min((accumulators[t].sqnr for t in _compared_inputs(qdq_model, found.tensor, accumulators)),
+                              default=float("inf"))
     fused = _computing_node(optimized, found.tensor)
     if fused is not None:
         found.optimized_op = f"{fused.op_type} node {fused.name!r}"

@@ -129,3 +129,27 @@ def test_optimization_disagreement_warning_names_the_first_op(bias_overflow) -> 
 def test_clean_model_has_no_first_difference(bias_overflow) -> None:
     result, _, calib, _ = bias_overflow
     assert diagnose_optimization(result.model, calib, MIN_AGREEMENT_DB, {}) is None
+
+
+@pytest.mark.parametrize("optimized_db, input_db, warned", [
+    (6.5, 25.0, True),  # the optimized run is less faithful than the QDQ ops as written
+    (7.9, 25.0, False),  # as faithful, and the first differing op inherits its inputs' difference: rounding
+    (8.1, None, False),
+    (8.1, float("inf"), True),  # its inputs agree exactly: that op computes differently by itself
+])
+def test_disagreement_is_a_warning_where_a_kernel_computes_differently(
+        bias_overflow, monkeypatch: pytest.MonkeyPatch, optimized_db: float, input_db, warned: bool) -> None:
+    """Optimized and unoptimized runs 12 dB apart, the unoptimized one 8 dB from the float model (a model
+    that grows rounding differences as it grows quantization noise): a note, or a VALIDATION warning where
+    the optimized run loses fidelity or the first op that differs does so with inputs that agree."""
+    from eptq_onnx import validate as validation
+    from eptq_onnx.divergence import FirstDifference
+
+    _, qdq, calib, _ = bias_overflow
+    first = None if input_db is None else FirstDifference("t", "Mul", "m", 18.0, 1.0, input_sqnr_db=input_db)
+    monkeypatch.setattr(validation, "diagnose_optimization", lambda *args: first)
+    v = validation.Validation(output_sqnr_db={"y": optimized_db}, unoptimized_output_sqnr_db={"y": 8.0},
+                              optimized_agreement_db={"y": 12.0})
+    validation._note_disagreement(qdq, calib, {}, ["y"], v)
+    assert len(v.notes) == 1 and v.notes[0].startswith("VALIDATION:") == warned
+    assert "disagree (SQNR 12.0 dB" in v.notes[0]
