@@ -125,7 +125,7 @@ def _computing_node(graph_model: onnx.ModelProto, tensor: str) -> Optional[onnx.
     return node
 
 
-def _compared_inputs(model: onnx.ModelProto, tensor: str, compared: Mapping[str, Accumulator]) -> List[str]:
+def compared_inputs(model: onnx.ModelProto, tensor: str, compared: Mapping[str, Accumulator]) -> List[str]:
     """The nearest compared tensors upstream of ``tensor`` (through every op that is not compared itself)."""
     made_by = {o: node for node in model.graph.node for o in node.output}
     found, stack, seen = [], list(made_by[tensor].input) if tensor in made_by else [], set()
@@ -139,6 +139,11 @@ def _compared_inputs(model: onnx.ModelProto, tensor: str, compared: Mapping[str,
         elif name in made_by:
             stack.extend(made_by[name].input)
     return found
+
+
+def input_agreement(model: onnx.ModelProto, tensor: str, accumulators: Mapping[str, Accumulator]) -> float:
+    """The lowest SQNR of the compared tensors ``tensor`` is computed from (inf where there are none)."""
+    return min((accumulators[t].sqnr for t in compared_inputs(model, tensor, accumulators)), default=float("inf"))
 
 
 def _dequantizers(model: onnx.ModelProto) -> Dict[str, Tuple[float, float]]:
@@ -180,8 +185,7 @@ def diagnose_optimization(qdq_model: onnx.ModelProto, calib: CalibrationSet, thr
     found = first_below(accumulators, order, threshold, producers(qdq_model))
     if found is None:
         return None
-    found.input_sqnr_db = min((accumulators[t].sqnr for t in _compared_inputs(qdq_model, found.tensor, accumulators)),
-                              default=float("inf"))
+    found.input_sqnr_db = input_agreement(qdq_model, found.tensor, accumulators)
     fused = _computing_node(optimized, found.tensor)
     if fused is not None:
         found.optimized_op = f"{fused.op_type} node {fused.name!r}"

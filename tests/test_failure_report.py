@@ -153,3 +153,27 @@ def test_disagreement_is_a_warning_where_a_kernel_computes_differently(
     validation._note_disagreement(qdq, calib, {}, ["y"], v)
     assert len(v.notes) == 1 and v.notes[0].startswith("VALIDATION:") == warned
     assert "disagree (SQNR 12.0 dB" in v.notes[0]
+
+
+def _acc(db: float):
+    from eptq_onnx.divergence import Accumulator
+
+    return Accumulator(signal=1.0, noise=10 ** (-db / 10), max_abs=0.1)
+
+
+@pytest.mark.parametrize("input_db, error", [(float("inf"), True), (45.0, True), (35.0, False)])
+def test_reference_departure_is_an_error_only_where_an_op_departs_by_itself(input_db: float, error: bool) -> None:
+    """mlp: x -> MatMul -> Relu -> r (quantized) -> MatMul -> y; r first below 30 dB from its reference.
+    With x agreeing, r's ops are written wrong (exit 5); with x already 35 dB apart, r inherits (a warning)."""
+    from eptq_onnx.errors import ValidationError
+    from eptq_onnx.validate import Validation, _check_divergence
+
+    divergence = {"x": _acc(input_db), "r": _acc(25.0), "y": _acc(20.0)}
+    v = Validation()
+    if error:
+        with pytest.raises(ValidationError, match="first at tensor 'r' .*output of Relu node"):
+            _check_divergence(divergence, ["x", "r", "y"], mlp(), v)
+    else:
+        _check_divergence(divergence, ["x", "r", "y"], mlp(), v)
+        assert len(v.notes) == 1 and v.notes[0].startswith("VALIDATION:") and "tensor 'r'" in v.notes[0]
+    assert v.first_difference["qdq_vs_reference"]["input_sqnr_db"] == pytest.approx(input_db)
