@@ -23,6 +23,7 @@ from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .hessian import LFHResult
 from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
+from .latency import latency_note, measure_latency
 from .layer_inputs import collect_layer_inputs
 from .mixed_precision import choose_bits
 from .sensitivity import SearchInputs
@@ -297,6 +298,9 @@ def _quantize_read(
             report.validation = asdict(validation)
             report.warnings.extend(validation.notes)
             report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
+    if config.measure_latency:
+        with timer.stage("latency"):
+            _report_latency(report, reference_model, qdq, calib_set, weights, validation, config.target)
     if output_path is not None:
         with timer.stage("save"):
             save_model(qdq, output_path, force=force)
@@ -348,6 +352,18 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
         warn_unknown_axes(report, outcome.hessian)
+
+
+def _report_latency(report: Report, float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: CalibrationSet,
+                    weights: Dict[str, WeightQuant], validation: Validation, target: str) -> None:
+    """onnxruntime CPU latency of one calibration sample through the float and the written model."""
+    feeds = next(iter(calib.batches(1, limit=1)))
+    latency = measure_latency(float_model, qdq, feeds)
+    report.latency = asdict(latency)
+    note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
+                        validation.linear_ops, target)
+    if note:
+        report.warn(note)
 
 
 def warn_unknown_axes(report: Report, hessian: LFHResult) -> None:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import onnx
+
+from eptq_onnx.latency import measure_latency
 
 from . import models as corpus
 from .models import Ctx, Entry, Feed, Outputs
@@ -32,6 +35,7 @@ OURS = {  # setting -> CLI arguments (the eptq setting gets --time-budget from t
 }
 ORT = {"ort_minmax": "MinMax", "ort_percentile": "Percentile"}
 SETTINGS = (*OURS, *ORT)
+LOUD = ("VALIDATION", "FALLBACK", "LATENCY")  # report warnings a corpus row shows
 KILLED = "killed by the corpus"
 LABELS = {"w8a8": "ours W8A8 --iters 0", "w4a8": "ours W4A8 --iters 0", "eptq": "ours EPTQ W4A8 (default)",
           "ort_minmax": "ORT quantize_static MinMax W8A8", "ort_percentile": "ORT quantize_static Percentile W8A8"}
@@ -201,6 +205,8 @@ class Result:
     metrics: Dict[str, float] = field(default_factory=dict)
     error: str = ""
     command: str = ""
+    latency_ratio: Optional[float] = None  # onnxruntime CPU latency, quantized / float (eptq_onnx.latency)
+    warnings: List[str] = field(default_factory=list)  # our report's loud lines (VALIDATION, FALLBACK, LATENCY)
 
     @property
     def ok(self) -> bool:
@@ -268,6 +274,14 @@ def run_child(module_args: List[str], workdir: Path, timeout_s: float, rss_limit
     return proc.returncode, wall, peak_kb / 1024, killed or text
 
 
+def loud_warnings(report: Path) -> List[str]:
+    """The VALIDATION / FALLBACK / LATENCY lines of our report (none for quantize_static's runs)."""
+    if not report.exists():
+        return []
+    lines = json.loads(report.read_text()).get("warnings", [])
+    return [_one_line(w) for w in lines if w.split(":", 1)[0] in LOUD]
+
+
 def run_outputs(model: Path, feeds: Sequence[Feed]) -> Outputs:
     """The model's outputs on each feed, in onnxruntime with default session options."""
     import onnxruntime as ort
@@ -305,8 +319,10 @@ def run_setting(entry: Entry, ctx: Ctx, setting: str, test: List[Feed], ref: Out
     res.size_mb = out.stat().st_size / 2 ** 20
     try:
         res.metrics = entry.score(ctx, ref, run_outputs(out, test))
+        res.latency_ratio = measure_latency(onnx.load(str(ctx.model)), onnx.load(str(out)), test[0]).ratio
     except Exception as exc:  # noqa: BLE001 - a model that onnxruntime refuses is a result too
         res.error = f"scoring: {type(exc).__name__}: {_one_line(str(exc))}"
+    res.warnings = loud_warnings(out.with_suffix(".report.json"))
     log(f"{entry.name} {setting}: {_metric_text(entry, res)} in {res.wall_s:.0f} s, {res.peak_rss_mb:.0f} MB")
     return res
 
@@ -445,15 +461,22 @@ def render(results: Dict[str, List[Result]], meta: Dict[str, str], missing: Dict
                   f"{entry.kind}; {entry.exporter}; `{entry.member}` from `{entry.requirement}`; input {entry.input_desc}; "
                   f"{entry.n_calib} calibration and {entry.n_test} test samples. Metric: {_metric_doc(entry)}."
                   + (f" {entry.note}" if entry.note else ""), "",
-                  "| setting | exit | " + entry.metric + " | other metrics | wall s | peak RSS MB | size MB | error |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| setting | exit | " + entry.metric + " | other metrics | wall s | peak RSS MB | size MB | "
+                  "latency vs float | error / loud warnings |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in rows:
             others = ", ".join(f"{k} {_fmt(v)}" for k, v in r.metrics.items() if k != entry.metric)
             lines.append(f"| {LABELS[r.setting]} | {r.rc} | {_fmt(r.metrics.get(entry.metric))} | {others or '-'} | "
                          f"{_fmt(r.wall_s, 1)} | {_fmt(r.peak_rss_mb, 0)} | {_fmt(r.size_mb, 2)} | "
-                         f"{r.error.replace('|', '/') or '-'} |")
+                         f"{_fmt(r.latency_ratio, 2)}x | {_notes(r)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _notes(r: Result) -> str:
+    """A row's error, or its loud warnings, shortened for a table cell."""
+    text = r.error or " ".join(f"[{w[:160]}]" for w in r.warnings)
+    return text.replace("|", "/") or "-"
 
 
 def _metric_doc(entry: Entry) -> str:
