@@ -117,11 +117,12 @@ LAYOUT_OPS = {"Transpose", "ReorderInput", "ReorderOutput"}
 
 
 def _computing_node(graph_model: onnx.ModelProto, tensor: str) -> Optional[onnx.NodeProto]:
-    """The node of ``graph_model`` that computes ``tensor``, looking through layout conversions."""
+    """The node of ``graph_model`` that computes ``tensor``, looking through layout conversions and a
+    QuantizeLinear left unfused (to the op whose output it quantizes)."""
     made_by = {o: node for node in graph_model.graph.node for o in node.output}
     node = made_by.get(tensor)
-    while node is not None and node.op_type in LAYOUT_OPS and node.input and node.input[0] in made_by:
-        node = made_by[node.input[0]]
+    while node is not None and node.op_type in LAYOUT_OPS | {"QuantizeLinear"} and node.input and node.input[0] in made_by:
+        node = made_by[node.input[0]]  # an unfused QuantizeLinear: the op whose output it quantizes
     return node
 
 
