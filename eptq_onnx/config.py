@@ -57,7 +57,7 @@ class OptimizeOptions:
     start, 10% kept for validation and writing. ``weighting``: ``lfh`` (Label-Free Hessian,
     the paper) or ``uniform`` (Table 1 ablation). ``hessian_trace``: ``channel`` sums the Hutchinson
     gradient over each tensor's position axes before squaring (errors equal across a channel's
-    positions, as rounded weights make them; our deviation, README) or ``element`` (the paper's
+    positions, as rounded weights make them; our deviation, docs/design.md) or ``element`` (the paper's
     trace: independent errors).
     """
 
@@ -79,10 +79,10 @@ class OptimizeOptions:
     # beta reaches beta_end settle_steps before the last step (but not before anneal_end of the
     # steps) and stays there while the rounding settles: AdaRound anneals to the last step, which
     # in 500-step runs left 10% of the demo's rounding variables undecided at W3 and the written
-    # model below the MSE init; RAdam moves V by ~lr per step, so settling takes ~100 steps (README)
+    # model below the MSE init; RAdam moves V by ~lr per step, so settling takes ~100 steps (docs/design.md)
     settle_steps: int = 100
     anneal_end: float = 0.8
-    learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (see README)
+    learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (docs/design.md)
     learn_act_scales: bool = False
     learn_biases: bool = True
     # discard the optimized state when its outputs score below the initialized model's on the
@@ -96,7 +96,7 @@ class OptimizeOptions:
     hessian_samples: int = 16
     hessian_draws: int = 50
     hessian_distribution: HessianDistribution = "gaussian"
-    hessian_trace: HessianTrace = "channel"  # deviation from the paper ("element"): README, BENCHMARKS.md
+    hessian_trace: HessianTrace = "channel"  # deviation from the paper ("element"): docs/design.md
 
 
 @dataclass(frozen=True)

@@ -74,11 +74,15 @@ def _forward_backward_seconds(twin: Twin, sample: Dict[str, torch.Tensor]) -> fl
     return time.perf_counter() - start
 
 
+HESSIAN_SHARE = 0.15  # of the time budget, the most the Label-Free Hessian may take
+
+
 def compute_lfh(
     model: onnx.ModelProto, twin: Twin, calib: CalibrationSet, names: List[str], config: QuantConfig, progress: bool
 ) -> Tuple[LFHResult, float]:
     """Label-Free Hessian of the teacher (``model``'s twin) at ``names``, over the first calibration
-    samples, one at a time; with ``hessian_trace='channel'`` summed over each tensor's position axes."""
+    samples, one at a time; with ``hessian_trace='channel'`` summed over each tensor's position axes.
+    It takes at most HESSIAN_SHARE of the time budget (fewer draws per sample, then fewer samples)."""
     options = config.optimize
     device = options.device
     samples = [to_tensors(f, device) for f in calib.batches(batch_size=1, limit=options.hessian_samples)]
@@ -92,6 +96,7 @@ def compute_lfh(
         seed=options.seed,
         progress=progress,
         position_axes=layout.axes if layout else None,
+        time_limit_s=HESSIAN_SHARE * options.time_budget_min * 60,
     )
     result.unknown_axes = layout.unknown if layout else []
     return result, _forward_backward_seconds(twin, samples[0])

@@ -15,7 +15,7 @@ along which one layer's weights act, ``layout.position_axes``), which estimates 
     c * mean_x E_v sum_k ( sum_p (d(v^T f(x)) / d z_i)_{k,p} )^2  =  c * mean_x Tr(S^T J^T J S),
 
 S summing the positions p of every channel k: the sensitivity to errors that are equal at all
-positions of a channel, as rounded weights make them (our deviation from the paper, README).
+positions of a channel, as rounded weights make them (our deviation from the paper, docs/design.md).
 
 This module knows nothing of ONNX: it takes a ``Forward`` callable that runs the model on one
 feed dict and returns its outputs and the probed intermediate tensors.
@@ -35,6 +35,7 @@ Forward = Callable[[Dict[str, torch.Tensor]], Tuple[List[torch.Tensor], Dict[str
 tensor}); the intermediate tensors must be part of the autograd graph of the outputs."""
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
+MIN_TIMED_DRAWS = 2  # Hutchinson draws per sample that a time limit never cuts
 
 
 @dataclass
@@ -48,6 +49,8 @@ class LFHResult:
     seconds: float
     position_axes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)  # summed before squaring (channel trace)
     unknown_axes: List[str] = field(default_factory=list)  # the caller could not tell their axes (elementwise)
+    total_draws: int = 0  # over all samples
+    time_limited: bool = False  # the time limit cut draws or samples
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +85,7 @@ def label_free_hessian(
     seed: int = 0,
     progress: bool = True,
     position_axes: Optional[Mapping[str, Sequence[int]]] = None,
+    time_limit_s: Optional[float] = None,
 ) -> LFHResult:
     """Estimate Tr(H_z) of every tensor ``forward`` probes, averaged over ``samples`` (Algorithm 2).
 
@@ -94,7 +98,12 @@ def label_free_hessian(
     includes the batch), provided rows do not interact.
 
     Tensors that the outputs do not depend on (no gradient path), or with an identically zero
-    gradient, get trace 0 and normalized weight 0. Deterministic for a given ``seed``.
+    gradient, get trace 0 and normalized weight 0. Deterministic for a given ``seed`` (and, with
+    ``time_limit_s``, for the same number of draws).
+
+    ``time_limit_s`` bounds the whole estimate: each sample gets an equal share of the time left,
+    and its draws stop when the share is spent (after ``MIN_TIMED_DRAWS``); no new sample starts once
+    the limit has passed (at least one sample always runs). ``time_limited`` then says so.
     """
     _check_args(max_draws, min_draws, tol, distribution)
     generator = torch.Generator().manual_seed(seed)
@@ -102,9 +111,19 @@ def label_free_hessian(
     totals: Optional[torch.Tensor] = None
     names: List[str] = []
     sums = dict(position_axes or {})
-    count = most_draws = 0
+    count = most_draws = total_draws = 0
+    limited = False
+    samples = list(samples)
+    deadline = None if time_limit_s is None else start + time_limit_s
     bar = tqdm(samples, desc="Label-Free Hessian", unit="sample", disable=not progress, leave=False)
     for feed in bar:
+        share = None
+        if deadline is not None:
+            now = time.perf_counter()
+            if count and now >= deadline:
+                limited = True
+                break
+            share = now + (deadline - now) / (len(samples) - count)
         with torch.enable_grad():
             outputs, tensors = forward(_requiring_grad(feed))
             if totals is None:
@@ -113,17 +132,20 @@ def label_free_hessian(
             elif list(tensors) != names:
                 raise ValueError(f"forward probed {sorted(tensors)} on sample {count}, but {sorted(names)} before")
             probed = [(tensors[n], _checked_axes(n, tensors[n], sums.get(n, ()))) for n in names]
-            estimate, draws = _sample_trace(outputs, probed, generator, max_draws, min_draws, tol, distribution)
+            estimate, draws = _sample_trace(outputs, probed, generator, max_draws, min_draws, tol, distribution, share)
         del outputs, tensors
         totals += estimate
         count += 1
         most_draws = max(most_draws, draws)
+        total_draws += draws
+        limited = limited or (share is not None and draws < max_draws and time.perf_counter() >= share)
         bar.set_postfix(draws=draws)
     if totals is None:
         raise ValueError("label_free_hessian needs at least one sample")
     traces = {name: float(t) for name, t in zip(names, totals / count)}
     summed = {name: tuple(sums[name]) for name in names if sums.get(name)}
-    return LFHResult(traces, log_normalize(traces), most_draws, count, time.perf_counter() - start, summed)
+    return LFHResult(traces, log_normalize(traces), most_draws, count, time.perf_counter() - start, summed,
+                     total_draws=total_draws, time_limited=limited)
 
 
 def _check_args(max_draws: int, min_draws: int, tol: float, distribution: str) -> None:
@@ -154,8 +176,10 @@ def _sample_trace(
     min_draws: int,
     tol: float,
     distribution: str,
+    deadline: Optional[float] = None,
 ) -> Tuple[torch.Tensor, int]:
-    """c * E_v ||S^T d(v^T f)/dz||^2 for every (tensor, axes S sums) on one sample, and the number of draws used."""
+    """c * E_v ||S^T d(v^T f)/dz||^2 for every (tensor, axes S sums) on one sample, and the number of draws used
+    (fewer once ``deadline``, a ``time.perf_counter()`` value, has passed, but at least MIN_TIMED_DRAWS)."""
     outs = [o for o in outputs if o.is_floating_point() and o.requires_grad]
     live = [i for i, (t, _) in enumerate(tensors) if t.requires_grad]
     mean = torch.zeros(len(tensors), dtype=torch.float64)
@@ -170,6 +194,8 @@ def _sample_trace(
         draws += 1
         mean[live] += (norms - mean[live]) / draws
         if draws >= min_draws and _converged(previous, mean, tol):
+            break
+        if deadline is not None and draws >= MIN_TIMED_DRAWS and time.perf_counter() >= deadline:
             break
     return mean * (2.0 / size), draws
 

@@ -18,7 +18,7 @@ Ops not in the table are treated as ``float`` and listed in the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import onnx
 
@@ -110,6 +110,27 @@ RECURRENT = frozenset(("LSTM", "GRU", "RNN"))
 BINARY_JOINS = frozenset(("Add", "Mul", "Sum"))
 # Resize shares its input's quantization only in nearest mode.
 NEAREST_ONLY = frozenset(("Resize",))
+
+# Inputs at which an op is singular: a value near 0 rounded to 0 there gives inf or NaN, or a huge
+# relative error (1/x, the denominator of x/y, log x, sqrt x, x ** p for p < 0 or fractional p).
+# No activation quantizer may feed them (singular.py); Pow only for such exponents (singular_inputs).
+SINGULAR_INPUTS: Dict[str, Tuple[int, ...]] = {"Reciprocal": (0,), "Div": (1,), "Log": (0,), "Sqrt": (0,), "Pow": (0,)}
+# Reductions that compute statistics of an activation over some of its axes (means, sums, norms).
+REDUCTIONS = frozenset(("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2"))
+# Ops that compute a root of their input (the signature of a normalization's standard deviation),
+# Pow when its exponent is +-0.5.
+ROOTS = frozenset(("Sqrt", "ReduceL2"))
+ROOT_EXPONENTS = (0.5, -0.5)
+
+
+def singular_inputs(node: onnx.NodeProto, exponent: Optional[float]) -> Tuple[int, ...]:
+    """Positions of the inputs at which ``node`` is singular; ``exponent`` is a Pow's constant scalar
+    exponent (None when it is not a constant scalar: treated as singular)."""
+    if node.domain not in ("", "ai.onnx"):
+        return ()
+    if node.op_type == "Pow" and exponent is not None and exponent >= 0 and float(exponent).is_integer():
+        return ()
+    return SINGULAR_INPUTS.get(node.op_type, ())
 
 
 def op_info(node: onnx.NodeProto) -> OpInfo:

@@ -19,7 +19,7 @@ from .calib_data import CalibrationSet, input_specs
 from .calibrate import calibrate_activations
 from .config import QuantConfig
 from .errors import ModelError, UsageError, ValidationError, error_entry
-from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
+from .eptq import HESSIAN_SHARE, PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .hessian import LFHResult
 from .fake_quant import fake_quant_model
 from .fold_bn import fold_batch_norms
@@ -224,6 +224,9 @@ def _quantize_read(
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
+        report.norm_blocks = [{"kind": b.kind, "input": b.input, "output": b.output, "nodes": list(b.nodes)}
+                              for b in plan.norm_blocks]
+        report.singular_float = list(plan.singular_float)
         for node, op_type, why in plan.float_ops:
             report.warn(f"{op_type} node {node} stays float ({why})")
     with timer.stage("calibration data"):
@@ -249,7 +252,7 @@ def _quantize_read(
             weights, sensitivity = choose_bits(inputs, report, progress, _logger(progress))
             lfh = sensitivity.hessian
             if lfh is not None:
-                warn_unknown_axes(report, lfh[0])
+                warn_lfh(report, lfh[0])
     reference_model, quantized_model = float_model, float_model
     if config.optimize.iters != 0 and not plan.weights and not config.optimize.learn_act_scales:
         report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
@@ -351,7 +354,7 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
     if outcome.hessian is not None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
-        warn_unknown_axes(report, outcome.hessian)
+        warn_lfh(report, outcome.hessian)
 
 
 def _report_latency(report: Report, float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: CalibrationSet,
@@ -366,8 +369,14 @@ def _report_latency(report: Report, float_model: onnx.ModelProto, qdq: onnx.Mode
         report.warn(note)
 
 
-def warn_unknown_axes(report: Report, hessian: LFHResult) -> None:
-    """Say which tensors the channel-correlated LFH had to treat elementwise (their layout unknown)."""
+def warn_lfh(report: Report, hessian: LFHResult) -> None:
+    """Say when the LFH's time share cut its draws, and which tensors the channel-correlated LFH had to
+    treat elementwise (their layout unknown)."""
+    if hessian.time_limited:
+        report.warn(f"LFH: its share of the time budget ({HESSIAN_SHARE:.0%} of --time-budget) allowed "
+                    f"{hessian.samples} sample(s) and {hessian.total_draws} Hutchinson draws in all (at most "
+                    f"{hessian.draws} per sample); the loss weights are noisier estimates: a larger --time-budget gives "
+                    "more draws")
     unknown = hessian.unknown_axes
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

@@ -10,6 +10,11 @@ fused with the op before it: the point moves after it. Ops that only move data s
 input's quantization. Any float tensor a weighted op reads is a point too (e.g. after a
 GlobalAveragePool). The model's outputs stay float unless ``quantize_outputs``.
 
+Normalization statistics stay float: a decomposed LayerNorm/RMSNorm/GroupNorm/InstanceNorm
+(norm_blocks.py) is quantized as its fused op, with a point on its normalized output and none
+inside; and no point is placed where its rounding only reaches a singular op (singular.py:
+Reciprocal, a Div denominator, Log, Sqrt, negative or fractional Pow).
+
 The result is a ``QuantPlan``; tensors that share one set of parameters form an ``ActGroup``.
 """
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 import numpy as np
 import onnx
 
+from .norm_blocks import NormBlock, find_norm_blocks
 from .ops import WeightRule, is_known, op_info, resolve_role
+from .singular import singular_feeders
 from .tensor_store import tensor_array
 
 FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
@@ -61,6 +68,8 @@ class QuantPlan:
     weights: List[WeightPoint] = field(default_factory=list)
     groups: List[ActGroup] = field(default_factory=list)
     float_ops: List[Tuple[str, str, str]] = field(default_factory=list)  # (node, op_type, why)
+    norm_blocks: List[NormBlock] = field(default_factory=list)  # decomposed normalizations (internals float)
+    singular_float: List[str] = field(default_factory=list)  # would-be points that feed a singular op
 
     def group_of(self) -> Dict[str, ActGroup]:
         """Map from every quantized activation tensor to its group."""
@@ -206,29 +215,15 @@ def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
     return False
 
 
-LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point, their input never
+LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point
 
 
-def _only_feeds_log(index: GraphIndex, roles: Dict[str, str], tensor: str) -> bool:
-    """Whether the tensor's values reach the rest of the network only through a Log, via
-    elementwise math and joins (e.g. re*re + im*im + eps -> Log: a power spectrum)."""
-    seen: Set[str] = set()
-    stack, found = [tensor], False
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in index.outputs:
-            return False
-        for consumer in index.consumers.get(t, []):
-            if consumer.op_type in LOG_DOMAIN:
-                found = True
-                continue
-            if roles.get(consumer.output[0]) not in ("elementwise", "activation", "join") or consumer.op_type == "Concat":
-                return False
-            stack.extend(o for o in consumer.output if index.is_activation(o))
-    return found
+def _before_blocks(chain: List[str], in_blocks: Set[str]) -> List[str]:
+    """The chain cut before the first tensor computed inside a normalization block."""
+    for i, tensor in enumerate(chain[1:], start=1):
+        if tensor in in_blocks:
+            return chain[:i]
+    return chain
 
 
 def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:
@@ -302,30 +297,44 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     roles, rules = node_roles(index)
     exits, internal = _composites(index, roles)
     composite_root = _composite_of_root(index, exits)
-    plan = QuantPlan()
+    plan = QuantPlan(norm_blocks=find_norm_blocks(index))
+    block_of = {b.output: b for b in plan.norm_blocks}
+    in_blocks = {t for b in plan.norm_blocks for t in b.internal}
+    block_nodes = {n for b in plan.norm_blocks for n in b.nodes}
+    singular = singular_feeders(index, roles)
 
     points: Dict[str, str] = {}  # tensor -> reason (ordered by discovery)
-    absorbed: Set[str] = set(internal)
+    absorbed: Set[str] = set(internal) | in_blocks
 
     def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
         chain = _fuse_forward(index, tensor, composite_root)
         if restricted and fusible is not None and chain[-1] not in index.outputs:
             chain = _fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
-        if _only_feeds_log(index, roles, chain[-1]):
-            return  # log domain: the point sits after the Log (a linear grid over power loses the small values)
+        chain = _before_blocks(chain, in_blocks)
+        if chain[-1] in singular:
+            # e.g. a variance before Sqrt, a power before Log: the point sits after the singular op
+            if chain[-1] not in plan.singular_float:
+                plan.singular_float.append(chain[-1])
+            return
         absorbed.update(chain[:-1])
         if chain[-1] not in points:
             points[chain[-1]] = reason if len(chain) == 1 else f"{reason} (fused)"
 
     for name in index.inputs:
-        if index.is_activation(name):
+        if index.is_activation(name) and name in singular:
+            plan.singular_float.append(name)
+        elif index.is_activation(name):
             points[name] = "model input"
     for node in index.nodes:
         role = roles[node.output[0]]
         out = node.output[0]
-        if role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
+        if out in block_of:
+            add_point(out, f"{block_of[out].kind} (decomposed) output")
+        elif role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
             if index.is_activation(out) and out not in absorbed:
                 add_point(out, f"{node.op_type} output", restricted=role in ("weighted", "act_matmul"))
+        if (node.name or out) in block_nodes:
+            continue  # a recognized normalization's ops are accounted for by its block
         if not is_known(node) and any(index.is_activation(o) or index.untyped(o) for o in node.output):
             why = op_info(node).note or "not in the op table"
             plan.float_ops.append((node.name or out, node.op_type, why))

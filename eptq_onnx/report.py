@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -38,6 +39,9 @@ class Report:
     folded_batch_norms: List[str] = field(default_factory=list)
     tensors: List[TensorEntry] = field(default_factory=list)
     float_ops: List[Dict[str, str]] = field(default_factory=list)
+    # decomposed normalizations quantized as their fused op ({kind, input, output, nodes})
+    norm_blocks: List[Dict[str, Any]] = field(default_factory=list)
+    singular_float: List[str] = field(default_factory=list)  # activations kept float before a singular op
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)
     timings_s: Dict[str, float] = field(default_factory=dict)  # completed stages
@@ -129,6 +133,19 @@ def _print_fidelity(v: Dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+def statistics_line(report: Report) -> str:
+    """e.g. "norm blocks kept float: 4 LayerNorm (decomposed), 1 RMSNorm (decomposed); 2 activations
+    kept float before a singular op (Reciprocal, Sqrt, Log, a Div denominator)"; "" when there are none."""
+    parts = []
+    if report.norm_blocks:
+        kinds = Counter(b["kind"] for b in report.norm_blocks)
+        parts.append("norm blocks kept float: " + ", ".join(f"{n} {k} (decomposed)" for k, n in kinds.items()))
+    if report.singular_float:
+        parts.append(f"{len(report.singular_float)} activation(s) kept float before a singular op "
+                     "(Reciprocal, Sqrt, Log, a Div denominator, Pow < 0)")
+    return "; ".join(parts)
+
+
 def print_summary(report: Report, console: Optional[Console] = None) -> None:
     """A compact human summary: outputs, validation, worst tensors, float ops, warnings."""
     console = console or Console(stderr=True)
@@ -167,6 +184,9 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
     sizes = report.sizes_bytes
     if sizes.get("output"):
         console.print(f"size: {sizes['input'] / 1e6:.2f} MB -> {sizes['output'] / 1e6:.2f} MB")
+    line = statistics_line(report)
+    if line:
+        console.print(line)
     for op in report.float_ops:
         console.print(f"[yellow]stays float:[/yellow] {op['node']} ({op['op_type']}): {op['why']}")
     for message in report.warnings:

@@ -1,9 +1,9 @@
-"""README's error catalogue, checked against the code: every row is triggered through the CLI.
+"""The error catalogue (docs/errors.md), checked against the code: every row is triggered through the CLI.
 
-The table between ``<!-- errors:begin -->`` and ``<!-- errors:end -->`` in README.md lists each
+The table between ``<!-- errors:begin -->`` and ``<!-- errors:end -->`` in docs/errors.md lists each
 situation with its exit code and the message as printed (``<...>`` stands for a part that
 varies). For every row this test builds the situation, runs the CLI, and asserts the exit code,
-that the message is one line matching the README's, and that nothing was written (files in the
+that the message is one line matching the catalogue's, and that nothing was written (files in the
 output folder are byte-identical before and after). Rows with exit 0 are situations that are not
 errors (ops that stay float): their message is a warning of the report. A case without a row, or
 a row without a case, fails the test, so the table cannot drift from the code.
@@ -27,18 +27,18 @@ from onnx import TensorProto, helper, numpy_helper
 from eptq_onnx import model_io, pipeline
 from eptq_onnx.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ROW = re.compile(r"^\| `(?P<case>[a-z0-9-]+)` \| (?P<situation>[^|]+) \| (?P<exit>\d+) \| `(?P<message>[^`]+)` \|$")
 
 
 def catalogue() -> Dict[str, tuple[int, str]]:
-    """case -> (exit code, message template) from README's Errors table."""
-    text = README.read_text()
+    """case -> (exit code, message template) from the catalogue's table."""
+    text = CATALOGUE.read_text()
     table = text.split("<!-- errors:begin -->")[1].split("<!-- errors:end -->")[0]
     rows = {}
     for line in table.strip().splitlines()[2:]:
         match = ROW.match(line.strip())
-        assert match, f"README errors table: malformed row {line!r}"
+        assert match, f"docs/errors.md: malformed row {line!r}"
         rows[match["case"]] = (int(match["exit"]), match["message"])
     return rows
 
@@ -293,9 +293,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return path, calib_folder(folder / "calib")
 
 
-def test_every_case_has_a_readme_row_and_back() -> None:
+def test_every_case_has_a_catalogue_row_and_back() -> None:
     rows = catalogue()
-    assert sorted(rows) == sorted(CASES), "README errors table and CASES differ: update both"
+    assert sorted(rows) == sorted(CASES), "docs/errors.md and CASES differ: update both"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

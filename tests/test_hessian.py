@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
-from eptq_onnx.hessian import Forward, LFHResult, label_free_hessian, log_normalize
+from eptq_onnx.hessian import MIN_TIMED_DRAWS, Forward, LFHResult, label_free_hessian, log_normalize
 
 DRAWS = 50
 SIGMAS = 3.0  # allowed deviation from the exact trace, in Hutchinson standard errors
@@ -216,6 +216,18 @@ def test_early_stop() -> None:
     assert 5 <= loose.draws < 30
 
 
+def test_time_limit_cuts_draws_then_samples_and_says_so() -> None:
+    forward = sequential_forward(mlp(), [0, 2])
+    samples = feeds((6,), 4)
+    full = label_free_hessian(forward, samples, tol=0.0, max_draws=12, progress=False)
+    roomy = label_free_hessian(forward, samples, tol=0.0, max_draws=12, progress=False, time_limit_s=1e6)
+    assert roomy.traces == full.traces and not roomy.time_limited and roomy.total_draws == 4 * 12
+    spent = label_free_hessian(forward, samples, tol=0.0, max_draws=12, progress=False, time_limit_s=0.0)
+    # no time at all: one sample with the draws a limit never cuts
+    assert spent.time_limited and spent.samples == 1 and spent.draws == spent.total_draws == MIN_TIMED_DRAWS
+    assert all(math.isfinite(t) and t > 0 for t in spent.traces.values())
+
+
 def test_tensor_off_the_output_path_gets_zero() -> None:
     torch.manual_seed(0)
     net = mlp()
@@ -248,7 +260,8 @@ def test_result_to_dict_and_bad_arguments() -> None:
     forward, shape = CASES["mlp"]()
     result = label_free_hessian(forward, feeds(shape, 1), max_draws=12, progress=False)
     assert isinstance(result, LFHResult)
-    assert set(result.to_dict()) == {"traces", "normalized", "draws", "samples", "seconds", "position_axes", "unknown_axes"}
+    assert set(result.to_dict()) == {"traces", "normalized", "draws", "samples", "seconds", "position_axes", "unknown_axes",
+                                        "total_draws", "time_limited"}
     for kwargs in ({"distribution": "uniform"}, {"max_draws": 0}, {"tol": -1.0}):
         with pytest.raises(ValueError):
             label_free_hessian(forward, feeds(shape, 1), progress=False, **kwargs)

@@ -1,11 +1,11 @@
-"""README's op table is the one tools/op_table.py generates from the registries (it cannot drift)."""
+"""docs/ops.md's op table is the one tools/op_table.py generates from the registries (it cannot drift)."""
 from __future__ import annotations
 
 from tools import op_table
 
 
-def test_readme_table_is_generated() -> None:
-    text = op_table.README.read_text()
+def test_doc_table_is_generated() -> None:
+    text = op_table.DOC.read_text()
     start, end = text.index(op_table.BEGIN) + len(op_table.BEGIN), text.index(op_table.END)
     assert text[start:end].strip() == op_table.table()
 

@@ -61,7 +61,7 @@ ALL_WIDTHS = (2, 3, 4, 6, 8)  # with the uniform widths of the budgets, so that 
 
 
 class Int2Scorer(Scorer):
-    """bench.Scorer with onnxruntime's QDQ fusion off (its fuser rejects INT2 weights; README)."""
+    """bench.Scorer with onnxruntime's QDQ fusion off (its fuser rejects INT2 weights; docs/targets.md)."""
 
     def _outputs(self, path: Path) -> List[np.ndarray]:
         opts = ort.SessionOptions()

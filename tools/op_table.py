@@ -1,9 +1,9 @@
-"""Generate README's op-coverage table from the code's own registries (so it cannot drift):
+"""Generate the op-coverage table of docs/ops.md from the code's own registries (so it cannot drift):
 eptq_onnx.ops.OP_TABLE (how each op is quantized) and eptq_onnx.torch_convert's converter
 registry (how each op is converted to the torch twin, per ONNX version).
 
     python tools/op_table.py            # print the table
-    python tools/op_table.py --write    # replace the table between the markers in README.md
+    python tools/op_table.py --write    # replace the table between the markers in docs/ops.md
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from eptq_onnx.ops import OP_TABLE, RECURRENT
 from eptq_onnx.torch_convert import converter_versions
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
 BEGIN, END = "<!-- op-table:begin -->", "<!-- op-table:end -->"
 ROLE_TEXT = {
     "weighted": "weights per channel; output is an activation point (after a fused non-linearity)",
@@ -54,14 +54,15 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def write_readme() -> None:
-    text = README.read_text()
+def write_doc() -> None:
+    """Replace the table between BEGIN and END in docs/ops.md with the generated one."""
+    text = DOC.read_text()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    README.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
+    DOC.write_text(text[:start] + "\n" + table() + "\n" + text[end:])
 
 
 if __name__ == "__main__":
     if "--write" in sys.argv:
-        write_readme()
+        write_doc()
     else:
         print(table())
