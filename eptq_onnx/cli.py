@@ -19,12 +19,15 @@ from .targets import DEFAULT_TARGET, TARGETS
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
 4 bad calibration data, 5 validation of the written model failed, 130 interrupted (Ctrl-C),
-143 terminated (SIGTERM); nothing is written on an error or an interruption."""
+143 terminated (SIGTERM); no model is written on an error or an interruption, and once
+the model was read --report says why (the error, the stages that ran, what was measured)."""
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
 
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the process is, so that it unwinds like Ctrl-C (temporary files removed)."""
+
+    exit_code = TERMINATED_EXIT_CODE
 
 
 @contextmanager
@@ -267,7 +270,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             result = quantize(input_model, calib_dir, config, output=output_model, force=force,
                               report_path=report_path, progress=not quiet, plots_dir=plots_dir)
     except EptqError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {exc}" + (f" (report: {exc.report_path})" if getattr(exc, "report_path", None) else ""), err=True)
         sys.exit(exc.exit_code)
     except Terminated:
         click.echo("terminated (SIGTERM): nothing was written", err=True)

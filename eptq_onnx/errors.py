@@ -4,6 +4,8 @@ Every error carries one line that names the problem and what to do about it.
 """
 from __future__ import annotations
 
+from typing import Any, Dict, List, Optional
+
 
 class EptqError(Exception):
     """Base class: a failure we explain to the user in one line."""
@@ -30,6 +32,26 @@ class CalibrationError(EptqError):
 
 
 class ValidationError(EptqError):
-    """The written model failed validation (exit 5)."""
+    """The written model failed validation (exit 5); ``validation`` holds what was measured before."""
 
     exit_code = 5
+
+    def __init__(self, message: str, validation: Any = None) -> None:
+        super().__init__(message)
+        self.validation = validation
+
+
+INTERRUPTED_EXIT_CODE = 130
+
+
+def error_entry(exc: BaseException, stages: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The report's account of what stopped a run: exit code, category, failing stage, one-line message."""
+    if isinstance(exc, EptqError):
+        code, category = exc.exit_code, type(exc).__name__
+    elif isinstance(exc, KeyboardInterrupt):  # Ctrl-C, or SIGTERM raised as one by the CLI
+        code, category = getattr(exc, "exit_code", INTERRUPTED_EXIT_CODE), "Interrupted"
+    else:
+        code, category = 1, f"InternalError ({type(exc).__name__})"
+    text = str(exc).strip()
+    failed: Optional[str] = next((s["name"] for s in reversed(stages) if s["status"] == "failed"), None)
+    return {"code": code, "category": category, "stage": failed, "message": text.splitlines()[0] if text else category}

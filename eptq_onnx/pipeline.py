@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet, input_specs
 from .calibrate import calibrate_activations
 from .config import QuantConfig
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, ValidationError, error_entry
 from .eptq import HESSIAN_SHARE, PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .hessian import LFHResult
 from .fake_quant import fake_quant_model
@@ -66,14 +66,22 @@ class QuantizeResult:
 
 
 class _Timer:
+    """Times each stage into the report: ``timings_s`` of those completed, ``stages`` of all that ran."""
+
     def __init__(self, report: Report) -> None:
         self.report = report
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
-        yield
-        self.report.timings_s[name] = round(time.perf_counter() - start, 3)
+        try:
+            yield
+        except BaseException:
+            self.report.stages.append({"name": name, "seconds": round(time.perf_counter() - start, 3), "status": "failed"})
+            raise
+        seconds = round(time.perf_counter() - start, 3)
+        self.report.timings_s[name] = seconds
+        self.report.stages.append({"name": name, "seconds": seconds, "status": "ok"})
 
 
 def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> None:
@@ -173,6 +181,34 @@ def quantize(
         original = load_model(input_path, store) if input_path is not None else store.hold(model)
         assert isinstance(original, onnx.ModelProto)
         report.sizes_bytes["input"] = input_path.stat().st_size if input_path else serialized_size(original)
+    try:
+        return _quantize_read(original, calib, config, report, timer, store, output_path=output_path, force=force,
+                              report_path=report_path, progress=progress, plots_dir=plots_dir, started_at=started_at)
+    except BaseException as exc:  # the report says why, whatever stopped the run; the exception goes on
+        if report_path is not None:
+            report.error = error_entry(exc, report.stages)
+            report.output = None
+            report.write_json(report_path)
+            exc.report_path = report_path  # type: ignore[attr-defined] - the CLI names it in its error line
+        raise
+
+
+def _quantize_read(
+    original: onnx.ModelProto,
+    calib: Union[str, Path, CalibrationSet],
+    config: QuantConfig,
+    report: Report,
+    timer: "_Timer",
+    store: TensorStore,
+    *,
+    output_path: Optional[Path],
+    force: bool,
+    report_path: Union[str, Path, None],
+    progress: bool,
+    plots_dir: Union[str, Path, None],
+    started_at: float,
+) -> QuantizeResult:
+    """Every stage after the model was read, up to the written model and report."""
     with timer.stage("normalize"):
         float_model, config = _prepare(original, config, report)
         if store.used:  # folded batch norms: new weights
@@ -254,13 +290,20 @@ def quantize(
             report.warn(f"bias {bias} saturated to the int32 range")
     with timer.stage("validate"):
         fake_quant = fake_quant_model(quantized_model, plan, weights, acts, config.quantize_outputs, config.quantize_bias)
-        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant)
-        report.validation = asdict(validation)
-        report.warnings.extend(validation.notes)
+        validation = Validation()
+        try:
+            validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress,
+                                  reference=fake_quant)
+        except ValidationError as exc:  # what was measured before it failed goes into the report
+            validation = exc.validation or validation
+            raise
+        finally:
+            report.validation = asdict(validation)
+            report.warnings.extend(validation.notes)
+            report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
     if config.measure_latency:
         with timer.stage("latency"):
             _report_latency(report, reference_model, qdq, calib_set, weights, validation, config.target)
-    report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
     if output_path is not None:
         with timer.stage("save"):
             save_model(qdq, output_path, force=force)

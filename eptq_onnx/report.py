@@ -44,7 +44,9 @@ class Report:
     singular_float: List[str] = field(default_factory=list)  # activations kept float before a singular op
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)
-    timings_s: Dict[str, float] = field(default_factory=dict)
+    timings_s: Dict[str, float] = field(default_factory=dict)  # completed stages
+    stages: List[Dict[str, Any]] = field(default_factory=list)  # every stage that ran: name, seconds, status
+    error: Optional[Dict[str, Any]] = None  # what stopped the run (code, category, stage, message); None on success
     sizes_bytes: Dict[str, int] = field(default_factory=dict)
     calibration_samples: int = 0
     hessian: Dict[str, Any] = field(default_factory=dict)
@@ -117,6 +119,20 @@ def _print_mixed(mixed: Dict[str, Any], console: Console) -> None:
     )
 
 
+def _print_fidelity(v: Dict[str, Any], console: Console) -> None:
+    """What onnxruntime computes with its default optimizations vs the float model, then the diagnostics."""
+    table = Table(title=f"fidelity: onnxruntime (default optimizations) vs float, {v.get('samples', 0)} validation samples")
+    for col in ("output", "SQNR dB", "top-1 agree", "max abs err", "unoptimized SQNR dB", "ORT opt on/off agree dB"):
+        table.add_column(col)
+    top1 = v.get("top1_agreement", {})
+    for name, sqnr in v.get("output_sqnr_db", {}).items():
+        table.add_row(
+            name, _db(sqnr), f"{top1[name]:.3f}" if name in top1 else "-", f"{v['output_max_abs_error'][name]:.4g}",
+            _db(v.get("unoptimized_output_sqnr_db", {}).get(name)), _db(v["optimized_agreement_db"][name]),
+        )
+    console.print(table)
+
+
 def statistics_line(report: Report) -> str:
     """e.g. "norm blocks kept float: 4 LayerNorm (decomposed), 1 RMSNorm (decomposed); 2 activations
     kept float before a singular op (Reciprocal, Sqrt, Log, a Div denominator)"; "" when there are none."""
@@ -141,14 +157,7 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         f"{len(weights)} weights, {len(acts)} activation points, "
         f"{len(report.folded_batch_norms)} BatchNorms folded, opset {report.opset}"
     )
-    table = Table(title="model outputs vs float (validation samples)")
-    for col in ("output", "SQNR dB", "max abs err", "ORT opt on/off agree dB"):
-        table.add_column(col)
-    for name, sqnr in v.get("output_sqnr_db", {}).items():
-        table.add_row(
-            name, _db(sqnr), f"{v['output_max_abs_error'][name]:.4g}", _db(v["optimized_agreement_db"][name])
-        )
-    console.print(table)
+    _print_fidelity(v, console)
     worst = sorted((t for t in report.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db)[:SHOWN_TENSORS]
     table = Table(title=f"least accurate tensors (all {len(report.tensors)} in the JSON report)")
     for col in ("tensor", "op", "kind", "bits", "SQNR dB"):

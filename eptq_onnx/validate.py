@@ -1,27 +1,29 @@
 """Validation of a written QDQ model against the float model, with onnxruntime.
 
-Checks: onnx.checker (full); onnxruntime loads and runs the model with graph optimizations off
-and on, and the two agree; output SQNR and max abs error vs the float model; per-group
-activation SQNR; how many Conv/MatMul/Gemm onnxruntime fuses into integer ops.
+The fidelity that counts is what onnxruntime computes with its default graph optimizations against
+the float model: output SQNR, max abs error and, for outputs that look like class scores, top-1
+agreement. Diagnostics: onnx.checker (full); the unoptimized run and its agreement with the
+optimized one; the QDQ model against its fake-quant reference; per-group activation SQNR; how many
+Conv/MatMul/Gemm onnxruntime fuses into integer ops. A disagreement is traced to the first tensor
+where the two runs part (divergence).
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
 from .calib_data import CalibrationSet
+from .divergence import (DIAGNOSIS_SAMPLES, Accumulator, diagnose_optimization, first_below, input_agreement,
+                         optimized_session, producers)
 from .errors import ValidationError
 from .fake_quant import fake_quant_name
 from .model_io import model_path, serialized_size
 from .qpoints import QuantPlan
-from .quantizers import sqnr_db
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
 from .tensor_store import store_of
 
@@ -31,47 +33,65 @@ LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
 # Optimized and unoptimized runs differ by integer requantization rounding only; below this
 # mutual SQNR (dB) they disagree.
 MIN_AGREEMENT_DB = 20.0
+# A disagreement starts at an op of its own (its fused kernel computes differently) where the op's
+# inputs agree to at least this SQNR (dB); below it, the op inherits differences grown upstream.
+LOCAL_AGREEMENT_DB = 30.0
+# The optimized run may be this much (dB of output SQNR vs float) less faithful than the unoptimized
+# one before its disagreement is a fidelity loss (a VALIDATION warning) rather than rounding.
+FUSION_LOSS_DB = 1.0
 INT2_FUSION_OFF = {"session.disable_quant_qdq": "1"}
 # The QDQ model and its fake-quant reference differ by float rounding ties only (a code off by one
 # step here and there); below this SQNR (dB) of a quantized tensor they diverge.
 MIN_REFERENCE_DB = 30.0
-
-
-@dataclass
-class _Accumulator:
-    signal: float = 0.0
-    noise: float = 0.0
-    max_abs: float = 0.0
-
-    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
-        ref64 = np.asarray(ref, dtype=np.float64)
-        diff = ref64 - np.asarray(approx, dtype=np.float64)
-        self.signal += float((ref64**2).sum())
-        self.noise += float((diff**2).sum())
-        if diff.size:
-            self.max_abs = max(self.max_abs, float(np.abs(diff).max()))
-
-    @property
-    def sqnr(self) -> float:
-        if self.noise == 0:
-            return float("inf")
-        return float("-inf") if self.signal == 0 else 10.0 * float(np.log10(self.signal / self.noise))
+# Below this SQNR (dB) of its inputs, a tensor that departs from the reference inherits the departure.
+LOCAL_REFERENCE_DB = 40.0
 
 
 @dataclass
 class Validation:
-    """What validation measured."""
+    """What validation measured.
+
+    What counts comes first: onnxruntime with its default graph optimizations (what a deployment
+    runs) against the float model. The rest are diagnostics: the unoptimized run, the agreement of
+    the two runs, and where a disagreement starts (``first_difference``).
+    """
 
     samples: int = 0
-    output_sqnr_db: Dict[str, float] = field(default_factory=dict)
+    output_sqnr_db: Dict[str, float] = field(default_factory=dict)  # optimized onnxruntime vs float
     output_max_abs_error: Dict[str, float] = field(default_factory=dict)
+    top1_agreement: Dict[str, float] = field(default_factory=dict)  # outputs that look like class scores
+    unoptimized_output_sqnr_db: Dict[str, float] = field(default_factory=dict)
     optimized_agreement_db: Dict[str, float] = field(default_factory=dict)
+    # "optimized_vs_unoptimized" / "qdq_vs_reference" -> the first tensor where they differ (divergence.FirstDifference)
+    first_difference: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     tensor_sqnr_db: Dict[str, float] = field(default_factory=dict)
     fused_linear_ops: int = 0
     linear_ops: int = 0
     fused_op_types: Dict[str, int] = field(default_factory=dict)
     qdq_fusion_disabled: bool = False
     notes: List[str] = field(default_factory=list)
+
+
+@dataclass
+class _Top1:
+    """Arg-max agreement over the last axis (the classes) at every other position."""
+
+    matches: int = 0
+    total: int = 0
+
+    def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
+        agree = np.argmax(ref, axis=-1) == np.argmax(approx, axis=-1)
+        self.matches += int(agree.sum())
+        self.total += int(agree.size)
+
+
+def looks_like_class_scores(array: np.ndarray) -> bool:
+    """Scores over classes on the last axis: [N, C] logits, or probabilities (summing to 1) of any rank."""
+    if not np.issubdtype(array.dtype, np.floating) or array.ndim < 2 or array.shape[-1] < 2 or array.size == 0:
+        return False
+    if array.ndim == 2:
+        return True
+    return bool((array >= 0).all() and np.allclose(array.sum(axis=-1, dtype=np.float64), 1.0, atol=1e-3))
 
 
 def _has_int2_weights(model: onnx.ModelProto) -> bool:
@@ -93,14 +113,8 @@ def check_model(model: onnx.ModelProto) -> None:
 
 def count_fused(model: onnx.ModelProto, config: Dict[str, str]) -> Dict[str, int]:
     """Op types of onnxruntime's optimized graph (extended level: where QDQ fusion happens)."""
-    if store_of(model) is not None:  # the optimized copy's weights go to a file, not into memory
-        config = {**config, "session.optimized_model_external_initializers_file_name": "optimized.onnx.data"}
-    with tempfile.TemporaryDirectory(prefix="eptq-opt-") as tmp:
-        path = os.path.join(tmp, "optimized.onnx")
-        make_session(model, optimize=True, config=config, optimized_path=path)
-        optimized = onnx.load(path, load_external_data=False)
     counts: Dict[str, int] = defaultdict(int)
-    for node in optimized.graph.node:
+    for node in optimized_session(model, config)[1].graph.node:
         counts[node.op_type] += 1
     return dict(counts)
 
@@ -118,10 +132,21 @@ def validate(
 
     With ``reference`` (``fake_quant.fake_quant_model`` of the state the QDQ model was written
     from), every quantized tensor and output of the QDQ model must match it (``MIN_REFERENCE_DB``),
-    else ValidationError names the first tensor, in graph order, where they diverge.
+    else ValidationError names the first tensor, in graph order, where they diverge. A
+    ValidationError carries what was measured before it (``.validation``).
     """
-    check_model(qdq_model)
     result = Validation()
+    try:
+        _validate(float_model, qdq_model, plan, calib, samples, progress, reference, result)
+    except ValidationError as exc:
+        exc.validation = result
+        raise
+    return result
+
+
+def _validate(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet,
+              samples: int, progress: bool, reference: Optional[onnx.ModelProto], result: Validation) -> None:
+    check_model(qdq_model)
     config = {}
     if _has_int2_weights(qdq_model):
         config = dict(INT2_FUSION_OFF)
@@ -145,10 +170,12 @@ def validate(
     split = store_of(float_model) is not None
     fq_sess = _reference_session(reference, fq_names) if reference is not None and not split else None
 
-    outputs = defaultdict(_Accumulator)
-    agreement = defaultdict(_Accumulator)
-    tensors = defaultdict(_Accumulator)
-    divergence = defaultdict(_Accumulator)
+    outputs = defaultdict(Accumulator)  # optimized onnxruntime vs float
+    unoptimized = defaultdict(Accumulator)
+    top1: Dict[str, _Top1] = {}
+    agreement = defaultdict(Accumulator)
+    tensors = defaultdict(Accumulator)
+    divergence = defaultdict(Accumulator)
     # two sets of tapped tensors are alive at once: the QDQ model's and the float or reference one's
     batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
     pairs = (checked, fq_names, qdq_checked)
@@ -158,15 +185,18 @@ def validate(
             o = run(opt_sess, feeds, out_names)
         except Exception as exc:
             raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
-        for name in out_names:
-            agreement[name].add(r[name], o[name])
-        del o
         f = run(float_sess, feeds)
         for name in out_names:
-            outputs[name].add(f[name], r[name])
+            agreement[name].add(r[name], o[name])
+            outputs[name].add(f[name], o[name])
+            unoptimized[name].add(f[name], r[name])
+            if result.samples == calib.samples_in(feeds) and looks_like_class_scores(f[name]):  # the first batch
+                top1[name] = _Top1()
+            if name in top1:
+                top1[name].add(f[name], o[name])
         for root, qname in qdq_tensor_names.items():
             tensors[root].add(f[root], r[qname])
-        del f
+        del f, o
         if fq_sess is not None:
             _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
     if reference is not None and split:
@@ -174,24 +204,50 @@ def validate(
         fq_sess = _reference_session(reference, fq_names)
         for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
             _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
-    _check_divergence(divergence, checked)
     for name in out_names:
         result.output_sqnr_db[name] = outputs[name].sqnr
         result.output_max_abs_error[name] = outputs[name].max_abs
+        result.unoptimized_output_sqnr_db[name] = unoptimized[name].sqnr
         result.optimized_agreement_db[name] = agreement[name].sqnr
-        if not np.isfinite(outputs[name].max_abs):
-            raise ValidationError(f"output {name!r}: the quantized model's output is not finite")
-        if agreement[name].sqnr < MIN_AGREEMENT_DB:  # the model is usable: written, with a loud warning
-            result.notes.append(
-                f"VALIDATION: output {name!r}: onnxruntime with and without graph optimizations disagree "
-                f"(SQNR {agreement[name].sqnr:.1f} dB < {MIN_AGREEMENT_DB} dB): its fused integer kernels compute "
-                "this model differently from the QDQ ops as written; measure the deployed fidelity before shipping")
+        if name in top1:
+            result.top1_agreement[name] = top1[name].matches / max(1, top1[name].total)
     result.tensor_sqnr_db = {root: acc.sqnr for root, acc in tensors.items()}
+    _check_divergence(divergence, checked, float_model, result)
+    for name in out_names:
+        if not (np.isfinite(outputs[name].max_abs) and np.isfinite(unoptimized[name].max_abs)):
+            raise ValidationError(f"output {name!r}: the quantized model's output is not finite")
+    disagree = [name for name in out_names if agreement[name].sqnr < MIN_AGREEMENT_DB]
+    if disagree:  # the model is usable: written, with a loud warning that says where the runs part
+        _note_disagreement(qdq_model, calib, config, disagree, result)
     counts = count_fused(qdq_model, config)
     result.fused_op_types = {k: v for k, v in counts.items() if k in FUSED_OPS}
     result.fused_linear_ops = sum(result.fused_op_types.values())
     result.linear_ops = sum(1 for n in float_model.graph.node if n.op_type in LINEAR_OPS)
-    return result
+
+
+def _note_disagreement(qdq_model: onnx.ModelProto, calib: CalibrationSet, config: Dict[str, str],
+                       disagree: List[str], result: Validation) -> None:
+    """A VALIDATION note per output where optimized and unoptimized onnxruntime disagree, with the first op that differs."""
+    first = diagnose_optimization(qdq_model, calib, MIN_AGREEMENT_DB, config)
+    if first is not None:
+        result.first_difference["optimized_vs_unoptimized"] = asdict(first)
+    where = (f"they first differ at {first.describe()}" if first is not None
+             else f"no tensor differs below {MIN_AGREEMENT_DB} dB on {DIAGNOSIS_SAMPLES} samples")
+    for name in disagree:
+        optimized, unoptimized = result.output_sqnr_db[name], result.unoptimized_output_sqnr_db[name]
+        runs = (f"output {name!r}: onnxruntime with and without graph optimizations disagree (SQNR "
+                f"{result.optimized_agreement_db[name]:.1f} dB < {MIN_AGREEMENT_DB} dB)")
+        local = first is not None and first.input_sqnr_db >= LOCAL_AGREEMENT_DB  # that op itself computes differently
+        if local or unoptimized - optimized > FUSION_LOSS_DB:
+            result.notes.append(
+                f"VALIDATION: {runs}: its fused integer kernels compute this model differently from the QDQ ops as "
+                f"written (SQNR vs float {optimized:.1f} dB optimized, {unoptimized:.1f} dB unoptimized); {where}")
+        else:  # two roundings of the same quantized model, each as far from the float model as the other
+            inherited = f" (its inputs already differ: {first.input_sqnr_db:.1f} dB)" if first is not None else ""
+            result.notes.append(
+                f"{runs}, by rounding differences grown through the model as its quantization noise grows (no op "
+                f"computes differently by itself; SQNR vs float {optimized:.1f} dB optimized, {unoptimized:.1f} dB "
+                f"unoptimized); {where}{inherited}")
 
 
 def _reference_session(reference: onnx.ModelProto, fq_names: Dict[str, str]):
@@ -210,7 +266,7 @@ def _qdq_batches(session, calib: CalibrationSet, batch_size: int, samples: int, 
         yield feeds, r
 
 
-def _add_divergence(divergence: Dict[str, _Accumulator], q: Dict[str, np.ndarray], r: Dict[str, np.ndarray],
+def _add_divergence(divergence: Dict[str, Accumulator], q: Dict[str, np.ndarray], r: Dict[str, np.ndarray],
                     checked: List[str], fq_names: Dict[str, str], qdq_checked: Dict[str, str]) -> None:
     for t in checked:
         divergence[t].add(q[fq_names[t]], r[qdq_checked[t]])
@@ -229,13 +285,27 @@ def _checked_tensors(model: onnx.ModelProto, plan: QuantPlan, outputs: List[str]
     return checked + [o for o in outputs if o not in quantized]
 
 
-def _check_divergence(divergence: Dict[str, _Accumulator], checked: List[str]) -> None:
-    """ValidationError naming the first tensor whose QDQ values diverge from the fake-quant reference."""
-    for name in checked:
-        acc = divergence.get(name)
-        if acc is not None and (acc.sqnr < MIN_REFERENCE_DB or not np.isfinite(acc.max_abs)):
-            raise ValidationError(
-                f"validation: the QDQ model diverges from its fake-quant reference first at tensor {name!r} "
-                f"(SQNR {acc.sqnr:.1f} dB < {MIN_REFERENCE_DB:.0f} dB, max abs difference {acc.max_abs:.4g}): "
-                f"the written model does not compute what its quantizers do; rerun with --debug and report it"
-            )
+def _check_divergence(divergence: Dict[str, Accumulator], checked: List[str], float_model: onnx.ModelProto,
+                      result: Validation) -> None:
+    """Where the QDQ model first departs from its fake-quant reference (``checked``: float-model tensor names).
+
+    An op whose inputs agree (``LOCAL_REFERENCE_DB``) but whose output departs is written wrong: a
+    ValidationError. An op that inherits differences grown upstream (rounding ties, which the two
+    compute on different sides now and then, amplified by the model) is a VALIDATION warning.
+    """
+    first = first_below(divergence, checked, MIN_REFERENCE_DB, producers(float_model))
+    if first is None:
+        return
+    first.input_sqnr_db = input_agreement(float_model, first.tensor, divergence)
+    result.first_difference["qdq_vs_reference"] = asdict(first)
+    if first.input_sqnr_db < LOCAL_REFERENCE_DB and np.isfinite(first.max_abs_difference):
+        result.notes.append(
+            f"VALIDATION: the QDQ model departs from its fake-quant reference first at {first.describe()}, whose "
+            f"inputs already differ ({first.input_sqnr_db:.1f} dB): rounding ties grown through the model, no op "
+            "written wrong by itself")
+        return
+    raise ValidationError(
+        f"validation: the QDQ model diverges from its fake-quant reference first at tensor {first.tensor!r} "
+        f"(SQNR {first.sqnr_db:.1f} dB < {MIN_REFERENCE_DB:.0f} dB, max abs difference {first.max_abs_difference:.4g}; "
+        f"{first.made_by()}): the written model does not compute what its quantizers do; rerun with --debug and report it"
+    )

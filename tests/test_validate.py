@@ -1,6 +1,7 @@
 """Validation failures are errors that name the first tensor where the written model goes wrong."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -148,4 +149,7 @@ def test_pipeline_validation_error_writes_nothing(tmp_path: Path, calib_for, mon
     with pytest.raises(ValidationError, match="diverges from its fake-quant reference"):
         quantize(model, calib_for(model, 8), init_only(), output=tmp_path / "out.onnx", report_path=tmp_path / "r.json",
                  progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib", "r.json"]  # the report says why; no model
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["error"]["code"] == 5 and report["error"]["stage"] == "validate"
+    assert report["validation"]["first_difference"]["qdq_vs_reference"]["op_type"] != "?"
