@@ -14,6 +14,7 @@ import numpy as np
 COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
 FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
 SCALE_BLOCK_BYTES = 8 << 20  # larger weights get their steps searched block by block
+SEARCH_BLOCK_BYTES = 64 << 20  # temporaries of the candidates a step search evaluates at once
 
 
 def int_range(bits: int, signed: bool) -> Tuple[int, int]:
@@ -55,29 +56,42 @@ def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
     return np.asarray(scale, dtype=np.float32).reshape(shape)
 
 
-def _weight_error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Per-channel sum of squared weight errors."""
-    s = scale[:, None]
-    return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=1)
+ErrorFn = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
 
 
-def _output_error(inputs: np.ndarray) -> Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]:
-    """Per-channel sum of squared output errors of a layer on sampled inputs.
+def _weight_error(w2: np.ndarray, scales: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Per-channel sums of squared weight errors: ``scales`` [candidates, C] -> [candidates, C]."""
+    s = scales[:, :, None]
+    return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=2)
+
+
+def _output_error(inputs: np.ndarray) -> ErrorFn:
+    """Per-channel sums of squared output errors of a layer on sampled inputs, for candidate steps.
 
     ``inputs`` is [samples, groups, K]: the rows (Gemm/MatMul) or im2col patches (Conv) the layer
     multiplies with its weight, split by convolution group; channel c belongs to group
-    c // (channels / groups).
+    c // (channels / groups). The error of a channel's weight error d is ||X d||^2; where K is
+    smaller than the number of samples it is computed as d^T (X^T X) d, in float64, from the
+    Gram matrix of each group (the same sum, with fewer operations per candidate).
     """
     samples, groups, k = inputs.shape
     per_group = np.ascontiguousarray(inputs.transpose(1, 0, 2))  # [G, P, K]
+    gram = None
+    if k < samples:
+        x64 = per_group.astype(np.float64)
+        gram = np.matmul(x64.transpose(0, 2, 1), x64)  # [G, K, K]
 
-    def error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-        s = scale[:, None]
-        diff = (np.clip(np.rint(w2 / s), qmin, qmax) * s - w2).astype(np.float32)  # [C, K]
-        diff = diff.reshape(groups, -1, k)  # [G, C/G, K]
-        out = np.matmul(per_group, diff.transpose(0, 2, 1))  # [G, P, C/G]
-        return (out.astype(np.float64) ** 2).sum(axis=1).reshape(-1)
+    def error(w2: np.ndarray, scales: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+        s = scales[:, :, None]
+        diff = (np.clip(np.rint(w2 / s), qmin, qmax) * s - w2).astype(np.float32)  # [A, C, K]
+        diff = diff.reshape(len(scales), groups, -1, k)  # [A, G, C/G, K]
+        if gram is not None:
+            d = diff.astype(np.float64)
+            return (np.matmul(d, gram) * d).sum(axis=3).reshape(len(scales), -1)
+        out = np.matmul(per_group, diff.transpose(0, 1, 3, 2))  # [A, G, P, C/G]
+        return (out.astype(np.float64) ** 2).sum(axis=2).reshape(len(scales), -1)
 
+    error.bytes_per_channel = 24 * k + (0 if gram is not None else 12 * samples)  # type: ignore[attr-defined]
     return error
 
 
@@ -109,22 +123,31 @@ def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse", inpu
 
 
 def _channel_steps(w2: np.ndarray, bits: int, method: str, inputs: Optional[np.ndarray]) -> np.ndarray:
-    """The steps of ``weight_scales`` for channels-first ``w2`` (0 for all-zero channels)."""
+    """The steps of ``weight_scales`` for channels-first ``w2`` (0 for all-zero channels).
+
+    Candidates are tried in order and a channel keeps the first one with the smallest error, all
+    channels at once, as many candidates at a time as fit SEARCH_BLOCK_BYTES of temporaries.
+    """
     qmin, qmax = int_range(bits, signed=True)
     maxabs = np.abs(w2).max(axis=1)
     if method == "minmax":
         return maxabs / qmax
     live = maxabs > 0
     error = _output_error(inputs) if inputs is not None else _weight_error
+    per_candidate = len(w2) * getattr(error, "bytes_per_channel", 16 * w2.shape[1])
+    block = max(1, SEARCH_BLOCK_BYTES // max(per_candidate, 1))
+    channels = np.arange(len(w2))
     best_alpha = np.ones_like(maxabs)
     best_err = np.full(maxabs.shape, np.inf)
-    for grid in (COARSE_GRID, None):
-        alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
-            np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
-        ]
-        for alpha in alphas:
+    coarse = np.broadcast_to(COARSE_GRID.astype(maxabs.dtype)[:, None], (len(COARSE_GRID), len(w2)))
+    for phase in ("coarse", "fine"):
+        alphas = coarse if phase == "coarse" else np.clip(best_alpha[None, :] + FINE_STEPS[:, None], 0.01, 1.0)
+        for start in range(0, len(alphas), block):
+            alpha = alphas[start:start + block]
             scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
             err = error(w2, scale, qmin, qmax)
+            first = np.argmin(err, axis=0)  # the first of equal errors, as a one-by-one search keeps
+            err, alpha = err[first, channels], alpha[first, channels]
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_alpha = np.where(better, alpha, best_alpha)
