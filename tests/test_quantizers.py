@@ -147,6 +147,17 @@ def test_histogram_ignores_non_finite_values() -> None:
     assert h.total() == 2
 
 
+def test_histogram_counts_values_outside_its_range_in_the_end_bins() -> None:
+    """Values beyond the range (mask fills left out of the range pass) count as the range's ends, as if clipped."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=5000).astype(np.float32) * 3
+    h = Histogram(-2.0, 2.5, bins=64)
+    h.add(x)
+    ref, _ = np.histogram(np.clip(x[x != 0], -2.0, 2.5), bins=np.linspace(-2.0, 2.5, 65))
+    np.testing.assert_array_equal(h.counts, ref)
+    assert h.counts[0] > 100 and h.counts[-1] > 100
+
+
 def test_percentile_matches_numpy() -> None:
     x = _samples("signed")
     hist = Histogram(float(x.min()), float(x.max()))
@@ -242,3 +253,44 @@ def test_step_search_matches_one_candidate_at_a_time() -> None:
         assert np.mean(chosen == ref) > 0.9
         np.testing.assert_allclose(_direct_output_error(w2, chosen, x, 4), _direct_output_error(w2, ref, x, 4),
                                    rtol=1e-5)
+
+
+def _scalar_range_params(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
+    """Scale and zero point of [lo, hi] widened to 0, in Python floats (float32-rounded step)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = int_range(bits, signed=symmetric)
+    if symmetric:
+        amax = max(-lo, hi)
+        return float(np.float32(amax / qmax if amax > 0 else 1.0)), 0
+    scale = float(np.float32((hi - lo) / (qmax - qmin) if hi > lo else 1.0))
+    return scale, int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_activation_range_search_is_the_one_by_one_search(symmetric: bool) -> None:
+    """params_mse evaluates every candidate range at once; it picks what trying each in turn picks."""
+    rng = np.random.default_rng(9)
+    for trial in range(12):
+        lo, hi = (-abs(rng.normal()) * 4, abs(rng.normal()) * 4) if trial % 3 else (0.0, abs(rng.normal()) * 4)
+        hist = Histogram(lo, hi)
+        hist.add(np.clip(rng.standard_t(3, size=20000) + rng.normal(), lo, hi).astype(np.float32))
+        lo, hi = float(hist.edges[0]), float(hist.edges[-1])
+        fractions = np.linspace(0.05, 1.0, 96)
+        if symmetric:
+            pairs = [(-f * max(-lo, hi), f * max(-lo, hi)) for f in fractions]
+        else:
+            pairs = [(a, f * hi) for a in (fractions * lo if lo < 0 else [0.0]) for f in fractions]
+        qmin, qmax = int_range(8, symmetric)
+        best, best_err = None, np.inf
+        for a, b in pairs:
+            scale, zp = _scalar_range_params(float(a), float(b), 8, symmetric)
+            low, high = (qmin - zp) * scale, (qmax - zp) * scale
+            c, h = hist.centers, hist.counts
+            err = float((h * np.where(c < low, (c - low) ** 2, np.where(c > high, (c - high) ** 2, scale**2 / 12))).sum())
+            if err < best_err * (1 - 1e-9):
+                best, best_err = (scale, zp), err
+        got = params_mse(hist, 8, symmetric)
+        assert (got.scale, got.zero_point) == best
+        for a, b in pairs[::7]:
+            p = params_for_range(a, b, 8, symmetric)
+            assert (p.scale, p.zero_point) == _scalar_range_params(float(a), float(b), 8, symmetric)

@@ -7,7 +7,8 @@ Generates ``--samples`` calibration images of ``--size`` x ``--size`` for a corp
 then quantizes the model in child processes, one after the other, on the same files: ours with
 ``--weight-bits 8 --act-bits 8 --iters 0`` and quantize_static MinMax (tools/corpuslib/ort_quant.py,
 QDQ, per-channel int8 weights). Each child's wall time and peak resident set (its own VmHWM) are
-measured as the corpus measures them (tools/corpuslib/runner.run_child). Targets (issue 17, 2e):
+measured as the corpus measures them (tools/corpuslib/runner.run_child), and its CPU time (user + system, all
+threads: on a shared machine the fairer ratio). Targets (issue 17, 2e):
 ours within 2x of quantize_static's wall time, and a peak RSS within 3 GB plus 3x the model's size.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -52,11 +54,14 @@ def ours_command(model: Path, calib: Path, out: Path) -> list:
 
 
 def measure(args: list, work: Path, timeout_s: float, rss_limit_mb: float) -> dict:
-    """Exit code, wall seconds, peak RSS MB and last error line of one child run."""
+    """Exit code, wall and CPU seconds, peak RSS MB and last error line of one child run."""
     work.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     rc, wall, peak_mb, stderr = runner.run_child(args, work, timeout_s, rss_limit_mb)
-    return {"rc": rc, "wall_s": round(wall, 1), "peak_rss_mb": round(peak_mb), "error": "" if rc == 0 else stderr[-400:],
-            "command": "python -m " + shlex.join(args)}
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"rc": rc, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(peak_mb),
+            "error": "" if rc == 0 else stderr[-400:], "command": "python -m " + shlex.join(args)}
 
 
 def _commit() -> str:
@@ -74,6 +79,7 @@ def render(results: dict, setup: dict) -> str:
     ours, ort = results["ours"], results["ort_minmax"]
     bound = RSS_BASE_MB + RSS_MODEL_FACTOR * setup["model_mb"]
     ratio = ours["wall_s"] / ort["wall_s"] if ort["wall_s"] else float("nan")
+    cpu_ratio = ours["cpu_s"] / ort["cpu_s"] if ort["cpu_s"] else float("nan")
     lines = [
         "# Cost: --iters 0 against quantize_static MinMax",
         "",
@@ -85,13 +91,13 @@ def render(results: dict, setup: dict) -> str:
         "- wall time and peak RSS (VmHWM) are those of each quantizing child process, run one after the other on a "
         "machine that may be shared: compare the ratio, not absolute times",
         "",
-        "| quantizer | exit | wall s | peak RSS MB |",
-        "| --- | --- | --- | --- |",
-        f"| ours W8A8 --iters 0 | {ours['rc']} | {ours['wall_s']:.1f} | {ours['peak_rss_mb']} |",
-        f"| quantize_static MinMax | {ort['rc']} | {ort['wall_s']:.1f} | {ort['peak_rss_mb']} |",
+        "| quantizer | exit | wall s | CPU s | peak RSS MB |",
+        "| --- | --- | --- | --- | --- |",
+        f"| ours W8A8 --iters 0 | {ours['rc']} | {ours['wall_s']:.1f} | {ours['cpu_s']:.1f} | {ours['peak_rss_mb']} |",
+        f"| quantize_static MinMax | {ort['rc']} | {ort['wall_s']:.1f} | {ort['cpu_s']:.1f} | {ort['peak_rss_mb']} |",
         "",
         f"- wall time ratio ours / quantize_static: **{ratio:.2f}** (target <= {TIME_RATIO:g}: "
-        f"{'met' if ratio <= TIME_RATIO else 'NOT met'})",
+        f"{'met' if ratio <= TIME_RATIO else 'NOT met'}); CPU time ratio {cpu_ratio:.2f}",
         f"- peak RSS: **{ours['peak_rss_mb']} MB** (target <= {RSS_BASE_MB} MB + {RSS_MODEL_FACTOR} x model = "
         f"{bound:.0f} MB: {'met' if ours['peak_rss_mb'] <= bound else 'NOT met'})",
     ]
@@ -123,8 +129,8 @@ def main() -> None:
     ctx = runner.context(entry, args.cache)
     calib = calibration_folder(args.work, args.size, args.samples, args.seed)
     jobs = {"ours": ours_command(ctx.model, calib, args.work / "ours" / "model.onnx"),
-            "ort_minmax": ["tools.corpuslib.ort_quant", str(ctx.model), str(args.work / "ort" / "model.onnx"), str(calib),
-                           "MinMax"]}
+            "ort_minmax": ["tools.corpuslib.ort_quant", str(ctx.model), str(args.work / "ort_minmax" / "model.onnx"),
+                           str(calib), "MinMax"]}
     results = {}
     for key, cmd in jobs.items():
         if args.only and key != args.only:
