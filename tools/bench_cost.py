@@ -1,6 +1,7 @@
 """Cost benchmark: wall time and peak RSS of ``--iters 0`` against onnxruntime's quantize_static MinMax.
 
     python tools/bench_cost.py [--model ppocrv5_det] [--size 736] [--samples 64] [--write docs/BENCHMARKS_COST.md]
+    python tools/bench_cost.py --zoo db_text_detector --size 320 --samples 256 --only ours
 
 Generates ``--samples`` calibration images of ``--size`` x ``--size`` for a corpus DB text detector
 (tools/corpuslib's page and scene generator, the model's own normalization; cached in ``--work``),
@@ -25,6 +26,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -114,40 +116,53 @@ def render(results: dict, setup: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="ppocrv5_det", help="a corpus DB detector entry (tools/corpuslib/models.py)")
+    ap.add_argument("--zoo", help="a zoo model taking the detector's input instead (e.g. db_text_detector)")
     ap.add_argument("--cache", type=Path, default=runner.DEFAULT_CACHE)
     ap.add_argument("--size", type=int, default=736)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("/tmp/eptq-bench-cost"))
-    ap.add_argument("--only", choices=("ours", "ort_minmax"), help="run one quantizer (no page is written)")
+    ap.add_argument("--only", choices=("ours", "ort_minmax"),
+                    help="run one quantizer (the page takes the other's last measurement in --work)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--rss-limit-mb", type=float, default=16000.0)
     ap.add_argument("--write", type=Path, help="write the markdown page here")
     args = ap.parse_args()
 
-    entry = corpus.BY_NAME[args.model]
-    ctx = runner.context(entry, args.cache)
+    if args.zoo:  # a zoo model with the detector's input "x" [N,3,H,W] (models/zoo_families.py)
+        from models import zoo
+
+        model_path, model_name, model_rel = args.work / f"{args.zoo}.onnx", args.zoo, "models/zoo_families.py"
+        args.work.mkdir(parents=True, exist_ok=True)
+        onnx.save(zoo.ZOO[args.zoo](), model_path)
+    else:
+        entry = corpus.BY_NAME[args.model]
+        model_path, model_name, model_rel = runner.context(entry, args.cache).model, entry.name, entry.member
     calib = calibration_folder(args.work, args.size, args.samples, args.seed)
-    jobs = {"ours": ours_command(ctx.model, calib, args.work / "ours" / "model.onnx"),
-            "ort_minmax": ["tools.corpuslib.ort_quant", str(ctx.model), str(args.work / "ort_minmax" / "model.onnx"),
+    jobs = {"ours": ours_command(model_path, calib, args.work / "ours" / "model.onnx"),
+            "ort_minmax": ["tools.corpuslib.ort_quant", str(model_path), str(args.work / "ort_minmax" / "model.onnx"),
                            str(calib), "MinMax"]}
     results = {}
     for key, cmd in jobs.items():
-        if args.only and key != args.only:
+        saved = args.work / key / "result.json"
+        if args.only and key != args.only:  # the other quantizer's last measurement, if any
+            if saved.exists():
+                results[key] = json.loads(saved.read_text())
             continue
         results[key] = measure(cmd, args.work / key, args.timeout, args.rss_limit_mb)
+        saved.write_text(json.dumps(results[key]))
         print(key, json.dumps({k: v for k, v in results[key].items() if k != "command"}), flush=True)
     report = args.work / "ours" / "model.report.json"
     timings = json.loads(report.read_text()).get("timings_s", {}) if "ours" in results and report.exists() else {}
     if timings:
         print("stages", json.dumps(timings))
-    if args.write and not args.only:
+    if args.write and set(results) == set(jobs):
         import onnxruntime
 
         setup = {
             "command": "python tools/bench_cost.py " + shlex.join(sys.argv[1:]), "commit": _commit(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model_name": entry.name,
-            "model_rel": entry.member, "model_mb": ctx.model.stat().st_size / 2**20, "samples": args.samples,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "model_name": model_name,
+            "model_rel": model_rel, "model_mb": model_path.stat().st_size / 2**20, "samples": args.samples,
             "size": args.size, "ort": onnxruntime.__version__, "timings": timings,
             "machine": f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), Python {platform.python_version()}",
         }
