@@ -40,7 +40,7 @@ def calibrate_activations(
         return {}, {}, []
     root_stats = {name: GroupStats() for name in names}
     session = make_session(with_outputs(model, names))
-    batch_size = tapped_batch_size(model, names, calib.batch_size)
+    batch_size = tapped_batch_size(session, calib, calib.batch_size)
     for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
         for name, value in outputs.items():
             root_stats[name].add(np.asarray(value))

@@ -25,6 +25,18 @@ DIAGNOSIS_SAMPLES = 2
 COMPARED_ELEMENTS = 1 << 20
 
 
+SUM_CHUNK = 1 << 20  # elements per float64 piece of a sum of squares
+
+
+def _sum_squares(x: np.ndarray) -> float:
+    """sum(x**2) accumulated in float64, piece by piece (no float64 copy of the whole tensor)."""
+    total = 0.0
+    for start in range(0, x.size, SUM_CHUNK):
+        piece = x[start:start + SUM_CHUNK].astype(np.float64)
+        total += float(np.dot(piece, piece))
+    return total
+
+
 @dataclass
 class Accumulator:
     """Signal and noise energy, and the largest absolute difference, of a reference and an approximation."""
@@ -34,10 +46,13 @@ class Accumulator:
     max_abs: float = 0.0
 
     def add(self, ref: np.ndarray, approx: np.ndarray) -> None:
-        ref64 = np.asarray(ref, dtype=np.float64)
-        diff = ref64 - np.asarray(approx, dtype=np.float64)
-        self.signal += float((ref64**2).sum())
-        self.noise += float((diff**2).sum())
+        """Add a batch: differences in the wider of the two types (at least float32), sums in float64."""
+        ref, approx = np.asarray(ref), np.asarray(approx)
+        dtype = np.result_type(ref.dtype, approx.dtype, np.float32)
+        ref = ref.astype(dtype, copy=False).ravel()
+        diff = ref - approx.astype(dtype, copy=False).ravel()
+        self.signal += _sum_squares(ref)
+        self.noise += _sum_squares(diff)
         if diff.size:
             largest = float(np.abs(diff).max())
             # a NaN difference sticks (Python's max would drop it, hiding a NaN output)

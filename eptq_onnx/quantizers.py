@@ -14,6 +14,7 @@ import numpy as np
 COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
 FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
 SCALE_BLOCK_BYTES = 8 << 20  # larger weights get their steps searched block by block
+SEARCH_BLOCK_BYTES = 64 << 20  # temporaries of the candidates a step search evaluates at once
 
 
 def int_range(bits: int, signed: bool) -> Tuple[int, int]:
@@ -55,29 +56,45 @@ def broadcast_scale(scale: np.ndarray, w: np.ndarray, axis: int) -> np.ndarray:
     return np.asarray(scale, dtype=np.float32).reshape(shape)
 
 
-def _weight_error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-    """Per-channel sum of squared weight errors."""
-    s = scale[:, None]
-    return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=1)
+ErrorFn = Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]
 
 
-def _output_error(inputs: np.ndarray) -> Callable[[np.ndarray, np.ndarray, int, int], np.ndarray]:
-    """Per-channel sum of squared output errors of a layer on sampled inputs.
+def _weight_error(w2: np.ndarray, scales: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """Per-channel sums of squared weight errors: ``scales`` [candidates, C] -> [candidates, C]."""
+    s = scales[:, :, None]
+    return ((np.clip(np.rint(w2 / s), qmin, qmax) * s - w2) ** 2).sum(axis=2)
+
+
+def _output_error(inputs: np.ndarray) -> ErrorFn:
+    """Per-channel sums of squared output errors of a layer on sampled inputs, for candidate steps.
 
     ``inputs`` is [samples, groups, K]: the rows (Gemm/MatMul) or im2col patches (Conv) the layer
     multiplies with its weight, split by convolution group; channel c belongs to group
-    c // (channels / groups).
+    c // (channels / groups). The error of a channel's weight error d is ||X d||^2; where K is
+    smaller than the number of samples it is computed as d^T (X^T X) d, in float64, from the
+    Gram matrix of each group (the same sum, with fewer operations per candidate).
     """
     samples, groups, k = inputs.shape
     per_group = np.ascontiguousarray(inputs.transpose(1, 0, 2))  # [G, P, K]
+    gram = None
+    if k < samples:
+        x64 = per_group.astype(np.float64)
+        gram = np.matmul(x64.transpose(0, 2, 1), x64)  # [G, K, K]
 
-    def error(w2: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
-        s = scale[:, None]
-        diff = (np.clip(np.rint(w2 / s), qmin, qmax) * s - w2).astype(np.float32)  # [C, K]
-        diff = diff.reshape(groups, -1, k)  # [G, C/G, K]
-        out = np.matmul(per_group, diff.transpose(0, 2, 1))  # [G, P, C/G]
-        return (out.astype(np.float64) ** 2).sum(axis=1).reshape(-1)
+    def error(w2: np.ndarray, scales: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+        s = scales[:, :, None]
+        candidates = len(scales)
+        diff = (np.clip(np.rint(w2 / s), qmin, qmax) * s - w2).astype(np.float32)  # [A, C, K]
+        # one matrix product per group over every candidate's channels: [G, A * C/G, K]
+        diff = diff.reshape(candidates, groups, -1, k).transpose(1, 0, 2, 3).reshape(groups, -1, k)
+        if gram is not None:
+            d = diff.astype(np.float64)
+            err = (np.matmul(d, gram) * d).sum(axis=2)
+        else:
+            err = (np.matmul(diff, per_group.transpose(0, 2, 1)).astype(np.float64) ** 2).sum(axis=2)  # [G, A * C/G]
+        return err.reshape(groups, candidates, -1).transpose(1, 0, 2).reshape(candidates, -1)
 
+    error.bytes_per_channel = 24 * k + (0 if gram is not None else 12 * samples)  # type: ignore[attr-defined]
     return error
 
 
@@ -109,22 +126,31 @@ def weight_scales(w: np.ndarray, axis: int, bits: int, method: str = "mse", inpu
 
 
 def _channel_steps(w2: np.ndarray, bits: int, method: str, inputs: Optional[np.ndarray]) -> np.ndarray:
-    """The steps of ``weight_scales`` for channels-first ``w2`` (0 for all-zero channels)."""
+    """The steps of ``weight_scales`` for channels-first ``w2`` (0 for all-zero channels).
+
+    Candidates are tried in order and a channel keeps the first one with the smallest error, all
+    channels at once, as many candidates at a time as fit SEARCH_BLOCK_BYTES of temporaries.
+    """
     qmin, qmax = int_range(bits, signed=True)
     maxabs = np.abs(w2).max(axis=1)
     if method == "minmax":
         return maxabs / qmax
     live = maxabs > 0
     error = _output_error(inputs) if inputs is not None else _weight_error
+    per_candidate = len(w2) * getattr(error, "bytes_per_channel", 16 * w2.shape[1])
+    block = max(1, SEARCH_BLOCK_BYTES // max(per_candidate, 1))
+    channels = np.arange(len(w2))
     best_alpha = np.ones_like(maxabs)
     best_err = np.full(maxabs.shape, np.inf)
-    for grid in (COARSE_GRID, None):
-        alphas = [np.full_like(maxabs, a) for a in grid] if grid is not None else [
-            np.clip(best_alpha + d, 0.01, 1.0) for d in FINE_STEPS
-        ]
-        for alpha in alphas:
+    coarse = np.broadcast_to(COARSE_GRID.astype(maxabs.dtype)[:, None], (len(COARSE_GRID), len(w2)))
+    for phase in ("coarse", "fine"):
+        alphas = coarse if phase == "coarse" else np.clip(best_alpha[None, :] + FINE_STEPS[:, None], 0.01, 1.0)
+        for start in range(0, len(alphas), block):
+            alpha = alphas[start:start + block]
             scale = np.where(live, alpha * maxabs / qmax, 1.0).astype(np.float32)
             err = error(w2, scale, qmin, qmax)
+            first = np.argmin(err, axis=0)  # the first of equal errors, as a one-by-one search keeps
+            err, alpha = err[first, channels], alpha[first, channels]
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_alpha = np.where(better, alpha, best_alpha)
@@ -151,18 +177,24 @@ class ActParams:
         return (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
 
 
-def params_for_range(lo: float, hi: float, bits: int, symmetric: bool) -> ActParams:
-    """Scale and zero point covering [lo, hi] (widened to include 0, which stays exact)."""
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+def range_params(lo: np.ndarray, hi: np.ndarray, bits: int, symmetric: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Scales (float64 values of float32 steps) and integer zero points covering each [lo, hi], widened to
+    include 0 (which stays exact); elementwise over arrays of ranges."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
     qmin, qmax = int_range(bits, signed=symmetric)
     if symmetric:
-        amax = max(-lo, hi)
-        scale = amax / qmax if amax > 0 else 1.0
-        return ActParams(float(np.float32(scale)), 0, bits, True)
-    scale = (hi - lo) / (qmax - qmin) if hi > lo else 1.0
-    scale = float(np.float32(scale))
-    zero_point = int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
-    return ActParams(scale, zero_point, bits, False)
+        amax = np.maximum(-lo, hi)
+        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32).astype(np.float64)
+        return scale, np.zeros(scale.shape, dtype=np.int64)
+    scale = np.where(hi > lo, (hi - lo) / (qmax - qmin), 1.0).astype(np.float32).astype(np.float64)
+    return scale, np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
+
+
+def params_for_range(lo: float, hi: float, bits: int, symmetric: bool) -> ActParams:
+    """Scale and zero point covering [lo, hi] (widened to include 0, which stays exact)."""
+    scale, zero_point = range_params(np.array([float(lo)]), np.array([float(hi)]), bits, symmetric)
+    return ActParams(float(scale[0]), int(zero_point[0]), bits, symmetric)
 
 
 class Histogram:
@@ -177,12 +209,18 @@ class Histogram:
         self.zeros = 0.0
 
     def add(self, x: np.ndarray) -> None:
+        """Count the finite values of ``x``; those outside the range count in its first or last bin."""
         x = np.asarray(x, dtype=np.float32).ravel()
-        x = x[np.isfinite(x)]
+        finite = np.isfinite(x)
+        if not finite.all():
+            x = x[finite]
         nz = x[x != 0]
         self.zeros += x.size - nz.size
-        counts, _ = np.histogram(np.clip(nz, self.edges[0], self.edges[-1]), bins=self.edges)
+        lo, hi = self.edges[0], self.edges[-1]
+        counts, _ = np.histogram(nz, bins=self.edges)  # values outside [lo, hi] are left out here
         self.counts += counts
+        self.counts[0] += np.count_nonzero(nz < lo)
+        self.counts[-1] += np.count_nonzero(nz > hi)
 
     @property
     def centers(self) -> np.ndarray:
@@ -212,18 +250,24 @@ def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scale
 
 
 def params_mse(hist: Histogram, bits: int, symmetric: bool) -> ActParams:
-    """The range minimizing the expected quantization error of the histogram."""
+    """The range minimizing the expected quantization error of the histogram (the first of equal errors).
+
+    Candidates: fractions of the range's largest magnitude (symmetric), or every pair of fractions of
+    its low and of its high end (asymmetric), evaluated all at once.
+    """
     lo, hi = float(hist.edges[0]), float(hist.edges[-1])
     fractions = np.linspace(0.05, 1.0, 96)
     if symmetric:
-        candidates = [params_for_range(-f * max(-lo, hi), f * max(-lo, hi), bits, True) for f in fractions]
+        amax = max(-lo, hi)
+        lows, highs = -fractions * amax, fractions * amax
     else:
-        lows = fractions * lo if lo < 0 else np.zeros(1)
-        candidates = [params_for_range(a, f * hi, bits, False) for a in lows for f in fractions]
-    bounds = np.array([p.bounds for p in candidates])
-    scales = np.array([p.scale for p in candidates])
-    errors = _clipping_errors(hist, bounds[:, 0], bounds[:, 1], scales)
-    return candidates[int(np.argmin(errors))]
+        ends = fractions * lo if lo < 0 else np.zeros(1)
+        lows, highs = np.repeat(ends, len(fractions)), np.tile(fractions * hi, len(ends))
+    scales, zero_points = range_params(lows, highs, bits, symmetric)
+    qmin, qmax = int_range(bits, signed=symmetric)
+    errors = _clipping_errors(hist, (qmin - zero_points) * scales, (qmax - zero_points) * scales, scales)
+    best = int(np.argmin(errors))
+    return params_for_range(lows[best], highs[best], bits, symmetric)
 
 
 def params_percentile(hist: Histogram, bits: int, symmetric: bool, percentile: float) -> ActParams:

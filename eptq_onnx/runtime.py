@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from .calib_data import CalibrationSet
 from .model_io import model_path, serialized_size
 from .tensor_store import store_of
 
@@ -46,6 +47,9 @@ def make_session(
     opts.log_severity_level = 3
     # no arena: its buffers, sized for the largest batch of intermediates, would stay resident
     opts.enable_cpu_mem_arena = False
+    # idle worker threads sleep instead of spinning: on a busy machine spinning workers stall each other
+    # (about 30% of a detector's run time at load 15 on 2 cores); the ops run here are long enough not to miss it
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -69,19 +73,17 @@ def run(session: ort.InferenceSession, feeds: Dict[str, np.ndarray], names: Opti
     return dict(zip(names, session.run(names, feeds)))
 
 
-def tapped_batch_size(model: onnx.ModelProto, tensors: Iterable[str], requested: int) -> int:
-    """The batch size, at most ``requested``, at which ``tensors`` of one batch fit TAPPED_BATCH_BYTES.
+def tapped_batch_size(session: ort.InferenceSession, calib: CalibrationSet, requested: int, copies: int = 1) -> int:
+    """The batch size, at most ``requested``, at which a batch of ``session``'s outputs fits TAPPED_BATCH_BYTES.
 
-    Sizes per sample come from the model's value_info (dims after the batch dim; unknown dims
-    count as 1). At least 1.
+    The bytes per sample are measured on a run of the first calibration sample alone, so that
+    dynamic dims (image sizes, sequence lengths) count at their real sizes; ``copies``: how many
+    such sets of outputs are alive at once. At least 1.
     """
-    infos = {vi.name: vi for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
-    per_sample = 0
-    for name in tensors:
-        vi = infos.get(name)
-        if vi is None or not vi.type.HasField("tensor_type"):
-            continue
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in vi.type.tensor_type.shape.dim[1:]]
-        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type or 1)).itemsize
-        per_sample += int(np.prod(dims, dtype=np.int64)) * itemsize
-    return max(1, min(requested, TAPPED_BATCH_BYTES // max(per_sample, 1)))
+    first = next(iter(calib.batches(1, limit=1)), None)
+    if first is None:
+        return 1
+    outputs = session.run(None, first)
+    per_sample = copies * sum(np.asarray(v).nbytes for v in outputs) / max(calib.samples_in(first), 1)
+    del outputs
+    return max(1, min(requested, int(TAPPED_BATCH_BYTES // max(per_sample, 1))))

@@ -176,8 +176,8 @@ def _validate(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan: Qu
     agreement = defaultdict(Accumulator)
     tensors = defaultdict(Accumulator)
     divergence = defaultdict(Accumulator)
-    # two sets of tapped tensors are alive at once: the QDQ model's and the float or reference one's
-    batch_size = tapped_batch_size(float_model, [*checked, *checked], calib.batch_size)
+    # two sets of tapped tensors are alive at once: the QDQ model's (ref_sess) and the float or reference one's
+    batch_size = tapped_batch_size(ref_sess, calib, calib.batch_size, copies=2)
     pairs = (checked, fq_names, qdq_checked)
     for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
         result.samples += calib.samples_in(feeds)

@@ -6,8 +6,8 @@ ResNet-style (``models.zoo.residual_cnn``), MobileNetV2 (inverted residuals, ReL
 (depthwise, HardSwish, squeeze-excite), EfficientNet (MBConv, SiLU, SE), RegNet (grouped conv),
 DeiT (patch embed, class and distillation tokens, LayerNorm, attention, GELU), MobileViT (conv +
 unfold/transformer/fold), MLP-Mixer (patch embed + mixer), a BERT-style encoder (int64 token ids,
-word/position/type embedding Gathers), a detection head (two outputs) and a segmentation head
-(ConvTranspose + Resize). :data:`FAMILIES` maps names to builders taking ``opset`` and ``dynamo``.
+word/position/type embedding Gathers), a detection head (two outputs), a segmentation head
+(ConvTranspose + Resize) and a DB-style text detector (dynamic spatial dims, FPN, ConvTranspose head). :data:`FAMILIES` maps names to builders taking ``opset`` and ``dynamo``.
 """
 from __future__ import annotations
 
@@ -362,6 +362,47 @@ def segmentation_head(opset: int = 13, *, dynamo: bool = False) -> onnx.ModelPro
     return exported(net, (x,), opset=opset, dynamo=dynamo, input_names=["image"], output_names=["masks"])
 
 
+class _DBDetector(nn.Module):
+    """DB-style text detector (as PaddleOCR's are exported): a HardSwish backbone of four stride-2 stages,
+    an FPN (1x1 laterals, nearest x2 upsampling Adds, 3x3 smoothing, levels resized to 1/4 and concatenated)
+    and a probability head (3x3 conv, two ConvTranspose x2, Sigmoid) at the input's resolution."""
+
+    def __init__(self, widths: tuple[int, ...] = (8, 16, 24, 32)) -> None:
+        super().__init__()
+        stages, cin = [], 3
+        for w in widths:
+            stages.append(nn.Sequential(conv_bn(cin, w, 3, 2), nn.Hardswish(), conv_bn(w, w, 3, groups=w), nn.Hardswish()))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.lateral = nn.ModuleList(nn.Conv2d(w, 16, 1) for w in widths[1:])
+        self.smooth = nn.ModuleList(nn.Conv2d(16, 4, 3, padding=1) for _ in widths[1:])
+        self.head = nn.Sequential(conv_bn(12, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, 2), nn.BatchNorm2d(8),
+                                  nn.ReLU(), nn.ConvTranspose2d(8, 1, 2, 2), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        c2, c3, c4 = (lateral(f) for lateral, f in zip(self.lateral, feats[1:]))  # strides 4, 8, 16
+        p3 = c3 + F.interpolate(c4, scale_factor=2.0, mode="nearest")
+        p2 = c2 + F.interpolate(p3, scale_factor=2.0, mode="nearest")
+        levels = [smooth(p) for smooth, p in zip(self.smooth, (p2, p3, c4))]
+        levels = [levels[0]] + [F.interpolate(p, scale_factor=float(2 ** (i + 1)), mode="nearest")
+                                for i, p in enumerate(levels[1:])]
+        return self.head(torch.cat(levels, 1))
+
+
+def db_text_detector(opset: int = 13, *, dynamo: bool = False) -> onnx.ModelProto:
+    """DB-style text detector on [N,3,H,W] (H, W symbolic, multiples of 16) -> probability map [N,1,H,W]."""
+    with _seeded(30):
+        net = _DBDetector()
+        _perturb_norms(net)
+        x = torch.randn(2, 3, 32, 48)
+    return exported(net, (x,), opset=opset, dynamo=dynamo, input_names=["x"], output_names=["maps"],
+                    dynamic_axes={"x": {2: "H", 3: "W"}, "maps": {2: "H", 3: "W"}})
+
+
 # Every family by name; each builder takes ``opset`` and ``dynamo``.
 FAMILIES: dict[str, Callable[..., onnx.ModelProto]] = {
     "mobilenet_v2": mobilenet_v2,
@@ -374,5 +415,6 @@ FAMILIES: dict[str, Callable[..., onnx.ModelProto]] = {
     "bert_encoder": bert_encoder,
     "detection_head": detection_head,
     "segmentation_head": segmentation_head,
+    "db_text_detector": db_text_detector,
 }
 ZOO.update(FAMILIES)

