@@ -8,7 +8,8 @@ activation MatMuls, joins (Add/Concat/Mul of activations), normalizations and no
 where a non-linearity (or a composite one such as GELU or SiLU made of elementwise ops) is
 fused with the op before it: the point moves after it. Ops that only move data share their
 input's quantization. Any float tensor a weighted op reads is a point too (e.g. after a
-GlobalAveragePool). The model's outputs stay float unless ``quantize_outputs``.
+GlobalAveragePool). The model's outputs, and every point whose values reach only them (the graph's
+tail after its last quantized layer), stay float unless ``quantize_outputs``.
 
 Normalization statistics stay float: a decomposed LayerNorm/RMSNorm/GroupNorm/InstanceNorm
 (norm_blocks.py) is quantized as its fused op, with a point on its normalized output and none
@@ -354,9 +355,8 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
                 if root not in points:
                     add_point(root, f"input of {node.op_type}")
     if not quantize_outputs:
-        for name in list(points):
-            if name in index.outputs and not index.consumers.get(name):
-                del points[name]
+        for name in _output_tail(index, roles, rules, points):
+            del points[name]
     else:
         for name in index.outputs:
             if index.is_activation(name) and _data_root(index, name, roles) not in points:
@@ -365,6 +365,49 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     plan.groups = _share_and_merge(index, roles, points)
     plan.weights = _weight_points(index, rules)
     return plan
+
+
+def _quantized_readers(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], tensor: str) -> bool:
+    """Whether a weighted op or an activation x activation MatMul reads ``tensor`` as an activation input."""
+    for node in index.consumers.get(tensor, []):
+        role = roles.get(node.output[0])
+        rule = rules.get(node.output[0])
+        if role == "act_matmul" or (role == "weighted" and any(
+                name == tensor and pos not in (rule.weight_input, rule.bias_input)
+                for pos, name in enumerate(node.input) if rule is not None)):
+            return True
+    return False
+
+
+def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], points: Dict[str, str]) -> List[str]:
+    """The points whose values reach only model outputs: no weighted op or activation x activation
+    MatMul reads them or anything computed from them, except through another point that is needed.
+
+    Such a point would round what the user reads (box pixels, class probabilities, logits) and
+    gain no integer kernel, so the tail of the graph after the last quantized layer stays float
+    (a detector's decode and output Concat, a classifier's Softmax). Decided from the graph's last
+    points back to its first.
+    """
+    order = {o: i for i, n in enumerate(index.nodes) for o in n.output}
+    needed: Dict[str, bool] = {}
+    for point in sorted(points, key=lambda t: order.get(t, -1), reverse=True):
+        stack, seen, found = [point], {point}, False
+        while stack and not found:
+            t = stack.pop()
+            if _quantized_readers(index, roles, rules, t):
+                found = True
+                break
+            for node in index.consumers.get(t, []):
+                for out in node.output:
+                    if not out or out in seen:
+                        continue
+                    seen.add(out)
+                    if out in points:
+                        found = found or needed.get(out, True)
+                    else:
+                        stack.append(out)
+        needed[point] = found
+    return [t for t in points if not needed[t]]
 
 
 def _share_and_merge(index: GraphIndex, roles: Dict[str, str], points: Dict[str, str]) -> List[ActGroup]:

@@ -154,7 +154,22 @@ def _channel_steps(w2: np.ndarray, bits: int, method: str, inputs: Optional[np.n
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_alpha = np.where(better, alpha, best_alpha)
-    return best_alpha * maxabs / qmax
+    exact = _exact_steps(w2, qmax)
+    return np.where(exact > 0, exact, best_alpha * maxabs / qmax)
+
+
+def _exact_steps(w2: np.ndarray, qmax: int) -> np.ndarray:
+    """Per channel, a step on whose grid every weight lies exactly within qmax codes (0 where none).
+
+    Weights that are integer multiples of their smallest magnitude (a DFL head's arange 0..15
+    expectation weights, a fixed difference or averaging kernel) are stored without error; the
+    clipping search would round them onto a grid of max|w| / qmax.
+    """
+    mags = np.abs(w2.astype(np.float64))
+    step = np.where(mags > 0, mags, np.inf).min(axis=1)
+    codes = w2 / np.where(np.isfinite(step), step, 1.0)[:, None]
+    on_grid = np.all(np.abs(codes - np.rint(codes)) <= 1e-6, axis=1) & (np.abs(codes).max(axis=1) <= qmax)
+    return np.where(np.isfinite(step) & on_grid, step, 0.0)
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,29 @@ def test_conv_transpose_axis_and_embedding_gather() -> None:
     plan = build_plan(m)
     assert [(w.weight, w.op_type) for w in plan.weights] == [("table", "Gather"), ("w", "MatMul")]
     assert set(_points(plan)) == {"e"}  # int ids are never quantized
+
+
+def test_a_detector_head_after_its_last_quantized_layer_stays_float() -> None:
+    # Conv -> SiLU -> head Conv -> Split: Softmax -> DFL Conv -> decode (Sub, Add, Concat, Mul by strides),
+    # Sigmoid scores; Concat of boxes and scores is the output. Only what feeds a Conv is quantized.
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Sigmoid", ["c"], ["s"]),
+        helper.make_node("Mul", ["c", "s"], ["f"]),
+        helper.make_node("Conv", ["f", "wh"], ["h"]),
+        helper.make_node("Split", ["h"], ["box", "cls"], axis=1, split=[4, 2]),
+        helper.make_node("Softmax", ["box"], ["p"], axis=1),
+        helper.make_node("Conv", ["p", "dfl"], ["d"]),
+        helper.make_node("Sub", ["grid", "d"], ["x1"]), helper.make_node("Add", ["grid", "d"], ["x2"]),
+        helper.make_node("Add", ["x1", "x2"], ["sum"]), helper.make_node("Sub", ["x2", "x1"], ["wide"]),
+        helper.make_node("Concat", ["sum", "wide"], ["xywh"], axis=1),
+        helper.make_node("Mul", ["xywh", "stride"], ["pix"]),
+        helper.make_node("Sigmoid", ["cls"], ["prob"]),
+        helper.make_node("Concat", ["pix", "prob"], ["y"], axis=1),
+    ]
+    inits = {"w": W, "b": B, "wh": np.ones((6, 4, 1, 1)), "dfl": np.ones((1, 4, 1, 1)), "grid": np.ones((1, 1, 4, 4)),
+             "stride": 8.0}
+    m = _model(nodes, [("x", [1, 3, 4, 4])], ["y"], inits, opset=11)
+    points = _points(build_plan(m))
+    assert set(points) == {"x", "f", "h", "box", "cls", "p"}  # the Convs' inputs, and the logits the Softmax reads
+    assert points["cls"] == points["h"]  # the scores' Sigmoid reads the Split of the quantized logits
+    assert {"h", "sum", "pix", "prob", "y"} <= set(_points(build_plan(m, quantize_outputs=True)))

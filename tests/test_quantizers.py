@@ -294,3 +294,15 @@ def test_activation_range_search_is_the_one_by_one_search(symmetric: bool) -> No
         for a, b in pairs[::7]:
             p = params_for_range(a, b, 8, symmetric)
             assert (p.scale, p.zero_point) == _scalar_range_params(float(a), float(b), 8, symmetric)
+
+@pytest.mark.parametrize("method_inputs", [False, True])
+def test_weights_on_an_integer_grid_are_stored_exactly(method_inputs: bool) -> None:
+    # a DFL head's expectation Conv (weights 0..15) and a channel of halves; a random channel keeps its search
+    rng = np.random.default_rng(0)
+    w = np.stack([np.arange(16.0), 0.5 * np.arange(-8.0, 8.0), rng.normal(size=16)]).reshape(3, 16, 1, 1).astype(np.float32)
+    inputs = rng.uniform(0, 1, (64, 1, 16)).astype(np.float32) if method_inputs else None
+    scale = weight_scales(w, 0, 7, inputs=inputs)  # 7 bits: codes up to 63
+    qmin, qmax = int_range(7, True)
+    deq = fake_quant(w.reshape(3, -1), scale[:, None], 0, qmin, qmax)
+    np.testing.assert_array_equal(deq[:2], w.reshape(3, -1)[:2])
+    assert scale[2] <= np.abs(w[2]).max() / qmax + 1e-7
