@@ -295,6 +295,7 @@ def test_activation_range_search_is_the_one_by_one_search(symmetric: bool) -> No
             p = params_for_range(a, b, 8, symmetric)
             assert (p.scale, p.zero_point) == _scalar_range_params(float(a), float(b), 8, symmetric)
 
+
 @pytest.mark.parametrize("method_inputs", [False, True])
 def test_weights_on_an_integer_grid_are_stored_exactly(method_inputs: bool) -> None:
     # a DFL head's expectation Conv (weights 0..15) and a channel of halves; a random channel keeps its search
