@@ -89,7 +89,8 @@ def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, line
     if latency.ratio <= SLOWER_THAN_FLOAT:
         return None
     head = (f"LATENCY: the quantized model runs at {latency.ratio:.2f}x its float model's latency on onnxruntime CPU "
-            f"({latency.quantized_ms:.2f} vs {latency.float_ms:.2f} ms, {latency.threads} threads, median of "
+            f"({latency.quantized_ms:.2f} vs {latency.float_ms:.2f} ms, {latency.threads} thread"
+            f"{'' if latency.threads == 1 else 's'}, median of "
             f"{latency.runs})")
     narrow = sorted(b for b in set(weight_bits.values()) if b < 7)
     if target == "ort-cpu" and narrow:

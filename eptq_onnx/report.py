@@ -172,7 +172,7 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         )
     if report.latency:
         lat = report.latency
-        console.print(f"onnxruntime CPU latency ({lat['threads']} threads, one sample, median of {lat['runs']}): "
+        console.print(f"onnxruntime CPU latency ({lat['threads']} thread(s), one sample, median of {lat['runs']}): "
                       f"float {lat['float_ms']:.2f} ms, quantized {lat['quantized_ms']:.2f} ms ({lat['ratio']:.2f}x)")
     if report.hessian:
         _print_lfh(report.hessian, console)
