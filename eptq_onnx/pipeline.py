@@ -18,10 +18,11 @@ from tqdm import tqdm
 from .calib_data import CalibrationSet, input_specs
 from .calibrate import calibrate_activations
 from .config import QuantConfig
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, ValidationError
 from .eptq import PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .hessian import LFHResult
 from .fake_quant import fake_quant_model
+from .float16 import has_float16, restore_io_types
 from .fold_bn import fold_batch_norms
 from .layer_inputs import collect_layer_inputs
 from .mixed_precision import choose_bits
@@ -36,7 +37,7 @@ from .report import Report, TensorEntry
 from .runtime import make_session
 from .targets import get_target
 from .tensor_store import TensorStore, tensor_array
-from .validate import validate
+from .validate import check_model, validate
 from .weights import WeightQuant, init_weights
 
 
@@ -253,6 +254,8 @@ def quantize(
         validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant)
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
+        if has_float16(original):
+            qdq = _float16_io(qdq, original, report)
     report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
     if output_path is not None:
         with timer.stage("save"):
@@ -269,6 +272,20 @@ def quantize(
         store.close()
     return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state,
                           store=store if store.used else None)
+
+
+def _float16_io(qdq: onnx.ModelProto, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+    """The QDQ model of a float16 model with its float16 inputs and outputs back (Casts at the
+    boundary), checked and loaded by onnxruntime with its default options."""
+    qdq = restore_io_types(qdq, original)
+    check_model(qdq)
+    try:
+        make_session(qdq)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise ValidationError(f"onnxruntime cannot load the quantized model: {' '.join(str(exc).split())[:300]}") from exc
+    report.warn("float16 model: quantized in float32; the written model computes in float32 between Casts at its "
+                "float16 inputs and outputs (QDQ of float16 needs opset 19)")
+    return qdq
 
 
 def _logger(progress: bool) -> Callable[[str], None]:

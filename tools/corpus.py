@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--settings", default=",".join(runner.SETTINGS), help="comma-separated (default: %(default)s)")
     run_p.add_argument("--time-budget", type=float, default=3.0, help="--time-budget of the eptq setting, minutes")
     run_p.add_argument("--out", type=Path, default=ROOT / "docs" / "CORPUS.md")
+    run_p.add_argument("--runs", type=Path, default=None,
+                       help="folder of the quantized models (default: a runs/ folder next to --out when --out is outside"
+                            " the repository, else the cache's runs/; concurrent runs need different folders)")
     run_p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a quantizer run is killed")
     run_p.add_argument("--rss-limit-mb", type=float, default=12000.0, help="RSS at which a quantizer run is killed")
     run_p.add_argument("--resume", action="store_true",
@@ -85,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
     settings = _settings(args.settings)
     missing = {e.name: "not fetched" for e in entries if not (cache / "data" / e.name / "done.json").exists()}
-    opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb)
+    out = args.out.resolve()
+    runs = args.runs or (cache / "runs" if ROOT in out.parents else out.parent / "runs")
+    opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb, runs)
     meta = runner.run_meta(argv, opts)
     previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume or args.retry_killed else {}
     if args.retry_killed:
