@@ -251,7 +251,8 @@ def quantize(
             report.warn(f"bias {bias} saturated to the int32 range")
     with timer.stage("validate"):
         fake_quant = fake_quant_model(quantized_model, plan, weights, acts, config.quantize_outputs, config.quantize_bias)
-        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant)
+        validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress, reference=fake_quant,
+                              target=get_target(config.target))
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
         if has_float16(original):
