@@ -192,6 +192,9 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               help="Write PNG plots here: LFH per layer, loss curve.")
 @click.option("--validation-samples", type=click.IntRange(min=1), default=64, show_default=True,
               help="Calibration samples used to validate the written model with onnxruntime.")
+@click.option("--latency/--no-latency", default=True, show_default=True,
+              help="Measure onnxruntime CPU latency of the float and the written model (one sample, a few seconds) "
+                   "and warn when the quantized one is slower.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the machine-readable JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.onnx if it exists (never the input).")
@@ -205,7 +208,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], mixed_precision: bool,
          bit_options: str, weight_memory: Optional[str], avg_weight_bits: Optional[float], sensitivity_metric: str,
          sensitivity_samples: int, pairwise: bool, ilp_time_limit: float, bit_search: str, plots_dir: Optional[Path], validation_samples: int,
-         report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
+         latency: bool, report_path: Optional[Path], force: bool, quiet: bool, debug: bool) -> None:
     """Quantize INPUT.onnx (FP32, opset >= 11) into OUTPUT.onnx, a QDQ model onnxruntime runs.
 
     Weights are quantized per channel (symmetric), activations per tensor at the quantization
@@ -243,6 +246,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
             validation_samples=validation_samples,
+            measure_latency=latency,
             mixed=MixedPrecisionOptions(
                 bit_options=_bit_options(bit_options),
                 weight_memory=weight_memory,

@@ -147,6 +147,7 @@ class QuantConfig:
     quantize_bias: bool = True
     calib: CalibOptions = field(default_factory=CalibOptions)
     validation_samples: int = 64
+    measure_latency: bool = True  # onnxruntime CPU latency of the float and the written model, in the report
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
     mixed: Optional[MixedPrecisionOptions] = None  # None: every weight at weight_bits
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic

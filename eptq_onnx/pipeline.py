@@ -24,6 +24,7 @@ from .hessian import LFHResult
 from .fake_quant import fake_quant_model
 from .float16 import has_float16, restore_io_types
 from .fold_bn import fold_batch_norms
+from .latency import latency_note, measure_latency
 from .layer_inputs import collect_layer_inputs
 from .mixed_precision import choose_bits
 from .sensitivity import SearchInputs
@@ -37,7 +38,7 @@ from .report import Report, TensorEntry
 from .runtime import make_session
 from .targets import get_target
 from .tensor_store import TensorStore, tensor_array
-from .validate import check_model, validate
+from .validate import Validation, check_model, session_config, validate
 from .weights import WeightQuant, init_weights
 
 
@@ -255,8 +256,11 @@ def quantize(
                               target=get_target(config.target))
         report.validation = asdict(validation)
         report.warnings.extend(validation.notes)
-        if has_float16(original):
-            qdq = _float16_io(qdq, original, report)
+    if config.measure_latency:
+        with timer.stage("latency"):
+            _report_latency(report, reference_model, qdq, calib_set, weights, validation, config.target)
+    if has_float16(original):
+        qdq = _float16_io(qdq, original, report)
     report.tensors = _tensor_entries(float_model, plan, weights, acts, summary.storage, validation.tensor_sqnr_db)
     if output_path is not None:
         with timer.stage("save"):
@@ -323,6 +327,18 @@ def _report_eptq(report: Report, outcome: EptqOutcome) -> None:
         report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
         warn_unknown_axes(report, outcome.hessian)
+
+
+def _report_latency(report: Report, float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: CalibrationSet,
+                    weights: Dict[str, WeightQuant], validation: Validation, target: str) -> None:
+    """onnxruntime CPU latency of one calibration sample through the float and the written model."""
+    feeds = next(iter(calib.batches(1, limit=1)))
+    latency = measure_latency(float_model, qdq, feeds, config=session_config(qdq, get_target(target)))
+    report.latency = asdict(latency)
+    note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
+                        validation.linear_ops, target)
+    if note:
+        report.warn(note)
 
 
 def warn_unknown_axes(report: Report, hessian: LFHResult) -> None:

@@ -46,6 +46,7 @@ class Report:
     hessian: Dict[str, Any] = field(default_factory=dict)
     optimization: Dict[str, Any] = field(default_factory=dict)
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
+    latency: Dict[str, Any] = field(default_factory=dict)
 
     def warn(self, message: str) -> None:
         """Add a warning (once: stages that share a result may each report it)."""
@@ -143,6 +144,10 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
             f"onnxruntime fused {v['fused_linear_ops']} of {v['linear_ops']} Conv/MatMul/Gemm into integer ops"
             + (" (QDQ fusion disabled for INT2)" if v.get("qdq_fusion_disabled") else "")
         )
+    if report.latency:
+        lat = report.latency
+        console.print(f"onnxruntime CPU latency ({lat['threads']} threads, one sample, median of {lat['runs']}): "
+                      f"float {lat['float_ms']:.2f} ms, quantized {lat['quantized_ms']:.2f} ms ({lat['ratio']:.2f}x)")
     if report.hessian:
         _print_lfh(report.hessian, console)
     if report.mixed_precision:
