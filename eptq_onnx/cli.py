@@ -127,12 +127,13 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               "calibration inputs, the MSE of the weight itself, or its min/max.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile.")
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
-              help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers; int8: every weight in an INT8 "
-              "container restricted to its bit range, for toolchains that read only INT8.")
+              help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers, the narrowest the target reads "
+              "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
+              "for toolchains that read only INT8.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
               help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
               "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
-              "MatMul/Gemm weights) or generic (everything ONNX allows).")
+              "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included).")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
 @click.option("--num-calib", type=int, default=None,
