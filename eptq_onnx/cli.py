@@ -4,6 +4,7 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
@@ -46,6 +47,15 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _third_party_warnings(shown: bool) -> Iterator[None]:
+    """Python warnings of the libraries we call (torch, onnx2torch, ...) as they come, or none (-q)."""
+    with warnings.catch_warnings():
+        if not shown:
+            warnings.simplefilter("ignore")
+        yield
 
 
 class _OneLineUsageError(click.ClickException):
@@ -120,12 +130,13 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               "calibration inputs, the MSE of the weight itself, or its min/max.")
 @click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile.")
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
-              help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers; int8: every weight in an INT8 "
-              "container restricted to its bit range, for toolchains that read only INT8.")
+              help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers, the narrowest the target reads "
+              "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
+              "for toolchains that read only INT8.")
 @click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
               help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
               "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
-              "MatMul/Gemm weights) or generic (everything ONNX allows).")
+              "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included).")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
 @click.option("--num-calib", type=int, default=None,
@@ -191,7 +202,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the machine-readable JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.onnx if it exists (never the input).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no summary table.")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bars, summary or warnings).")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, quantize_outputs: bool, float_bias: bool,
@@ -266,7 +277,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             ),
         )
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), _third_party_warnings(shown=not quiet):
             result = quantize(input_model, calib_dir, config, output=output_model, force=force,
                               report_path=report_path, progress=not quiet, plots_dir=plots_dir)
     except EptqError as exc:
@@ -287,7 +298,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         sys.exit(1)
     if not quiet:
         print_summary(result.report)
-    click.echo(f"wrote {result.output_path}" + (f" and {report_path}" if report_path else ""), err=quiet)
+        click.echo(f"wrote {result.output_path}" + (f" and {report_path}" if report_path else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -45,8 +45,10 @@ def default_threads() -> int:
     return 1
 
 
-def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, threads: int, config: Optional[Dict[str, str]] = None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -64,10 +66,12 @@ def _timed(session: ort.InferenceSession, feeds: Dict[str, np.ndarray]) -> float
 
 
 def measure_latency(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Dict[str, np.ndarray],
-                    threads: Optional[int] = None, seconds: float = MEASURE_SECONDS) -> Latency:
-    """Median latency (ms) of ``feeds`` through both models, interleaved, within about ``seconds``."""
+                    threads: Optional[int] = None, seconds: float = MEASURE_SECONDS,
+                    config: Optional[Dict[str, str]] = None) -> Latency:
+    """Median latency (ms) of ``feeds`` through both models, interleaved, within about ``seconds``
+    (the quantized model's session takes the ``config`` entries validation used)."""
     threads = threads or default_threads()
-    sessions = (_session(float_model, threads), _session(quantized_model, threads))
+    sessions = (_session(float_model, threads), _session(quantized_model, threads, config))
     for _ in range(WARMUP_RUNS):
         for s in sessions:
             _timed(s, feeds)

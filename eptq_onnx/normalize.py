@@ -1,7 +1,8 @@
-"""Bring any exported FP32 ONNX model into one canonical form before quantization.
+"""Bring any exported float ONNX model into one canonical form before quantization.
 
-Checked, opset >= 13, constants folded (Constant nodes become initializers, static shape
-subgraphs fold away), Identity nodes removed, topologically sorted, shapes inferred.
+Topologically sorted (any valid order is accepted), checked, float16 computed in float32
+(float16.py), opset >= 13, constants folded (Constant nodes become initializers, static shape
+subgraphs fold away), Identity nodes removed, sorted again, shapes inferred.
 Graph input and output names, their order and their dynamic dimensions are kept.
 """
 from __future__ import annotations
@@ -13,7 +14,9 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from . import model_io
 from .errors import ModelError
+from .float16 import has_float16, to_float32
 from .tensor_store import store_of
+from .toposort import toposort_graph
 
 MIN_OPSET = 11
 QDQ_MIN_OPSET = 13  # per-axis QuantizeLinear/DequantizeLinear
@@ -24,7 +27,10 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     """Check, upgrade, fold and clean a model; returns a new model (the argument is not changed)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    toposort_graph(copy.graph)  # onnxruntime runs any node order; the checker and every stage need this one
     _check(copy)
+    if has_float16(copy):
+        to_float32(copy)
     opset = model_io.default_opset(copy)
     if opset < MIN_OPSET:
         raise ModelError(f"opset {opset} is older than {MIN_OPSET}: re-export with opset >= {QDQ_MIN_OPSET}")

@@ -22,6 +22,7 @@ from .errors import ModelError, UsageError, ValidationError, error_entry
 from .eptq import HESSIAN_SHARE, PROBED, EptqOutcome, TwinUnavailable, run_eptq
 from .hessian import LFHResult
 from .fake_quant import fake_quant_model
+from .float16 import has_float16, restore_io_types
 from .fold_bn import fold_batch_norms
 from .latency import latency_note, measure_latency
 from .layer_inputs import collect_layer_inputs
@@ -37,7 +38,7 @@ from .report import Report, TensorEntry
 from .runtime import make_session
 from .targets import get_target
 from .tensor_store import TensorStore, tensor_array
-from .validate import Validation, validate
+from .validate import Validation, check_model, session_config, validate
 from .weights import WeightQuant, init_weights
 
 
@@ -293,7 +294,7 @@ def _quantize_read(
         validation = Validation()
         try:
             validation = validate(reference_model, qdq, plan, calib_set, config.validation_samples, progress,
-                                  reference=fake_quant)
+                                  reference=fake_quant, target=get_target(config.target))
         except ValidationError as exc:  # what was measured before it failed goes into the report
             validation = exc.validation or validation
             raise
@@ -304,6 +305,8 @@ def _quantize_read(
     if config.measure_latency:
         with timer.stage("latency"):
             _report_latency(report, reference_model, qdq, calib_set, weights, validation, config.target)
+    if has_float16(original):
+        qdq = _float16_io(qdq, original, report)
     if output_path is not None:
         with timer.stage("save"):
             save_model(qdq, output_path, force=force)
@@ -319,6 +322,20 @@ def _quantize_read(
         store.close()
     return QuantizeResult(model=qdq, report=report, output_path=output_path, state=state,
                           store=store if store.used else None)
+
+
+def _float16_io(qdq: onnx.ModelProto, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
+    """The QDQ model of a float16 model with its float16 inputs and outputs back (Casts at the
+    boundary), checked and loaded by onnxruntime with its default options."""
+    qdq = restore_io_types(qdq, original)
+    check_model(qdq)
+    try:
+        make_session(qdq)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise ValidationError(f"onnxruntime cannot load the quantized model: {' '.join(str(exc).split())[:300]}") from exc
+    report.warn("float16 model: quantized in float32; the written model computes in float32 between Casts at its "
+                "float16 inputs and outputs (QDQ of float16 needs opset 19)")
+    return qdq
 
 
 def _logger(progress: bool) -> Callable[[str], None]:
@@ -361,7 +378,7 @@ def _report_latency(report: Report, float_model: onnx.ModelProto, qdq: onnx.Mode
                     weights: Dict[str, WeightQuant], validation: Validation, target: str) -> None:
     """onnxruntime CPU latency of one calibration sample through the float and the written model."""
     feeds = next(iter(calib.batches(1, limit=1)))
-    latency = measure_latency(float_model, qdq, feeds)
+    latency = measure_latency(float_model, qdq, feeds, config=session_config(qdq, get_target(target)))
     report.latency = asdict(latency)
     note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
                         validation.linear_ops, target)

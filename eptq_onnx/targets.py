@@ -37,6 +37,10 @@ class Target:
     # code width of 8-bit weights that the runtime's uint8 x int8 kernels compute without saturating
     # (None: the full 8 bits); see U8S8_GEMM_OPS
     u8s8_weight_bits: Optional[int] = None
+    # the runtime is onnxruntime itself: what is written loads and runs with its default session
+    # options, and is validated with them (other targets' models are validated with onnxruntime as
+    # a stand-in that computes ONNX's semantics)
+    onnxruntime: bool = False
 
     def per_channel(self, op_type: str) -> bool:
         return self.per_channel_ops is None or op_type in self.per_channel_ops
@@ -66,9 +70,10 @@ TARGETS: Dict[str, Target] = {
     t.name: t
     for t in (
         Target("ort-cpu", "onnxruntime CPU: uint8 activations (int8 with --act-symmetric; both fuse), int8 "
-               "per-channel weights fused into QLinear ops; INT4/INT2 weights as storage (DequantizeLinear -> float op)",
-               act_types=((8, False), (8, True)), weight_bits=(8, 4, 2), fusible=ORT_FUSED_ACTIVATIONS,
-               u8s8_weight_bits=U8S8_SAFE_WEIGHT_BITS),
+               "per-channel weights fused into QLinear ops; INT4 weights as storage (DequantizeLinear -> float op); "
+               "2-bit codes in INT4 (onnxruntime's QDQ fusions refuse INT2 with default session options)",
+               act_types=((8, False), (8, True)), weight_bits=(8, 4), fusible=ORT_FUSED_ACTIVATIONS,
+               u8s8_weight_bits=U8S8_SAFE_WEIGHT_BITS, onnxruntime=True),
         Target("trt", "TensorRT: symmetric int8 activations and weights (zero point 0, no uint8); "
                "INT4 weights only on MatMul/Gemm (weight-only GEMMs), other layers INT8",
                act_types=((8, True),), weight_bits=(8, 4), low_bit_ops=LINEAR_OPS),

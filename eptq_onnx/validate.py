@@ -25,6 +25,7 @@ from .fake_quant import fake_quant_name
 from .model_io import model_path, serialized_size
 from .qpoints import QuantPlan
 from .runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
+from .targets import TARGETS, Target
 from .tensor_store import store_of
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
@@ -39,6 +40,9 @@ LOCAL_AGREEMENT_DB = 30.0
 # The optimized run may be this much (dB of output SQNR vs float) less faithful than the unoptimized
 # one before its disagreement is a fidelity loss (a VALIDATION warning) rather than rounding.
 FUSION_LOSS_DB = 1.0
+# onnxruntime's QDQ fusions refuse INT2 weights (QLinearConv: "Type 'tensor(int2)' ... is invalid"):
+# models of targets other than onnxruntime itself that hold them run in onnxruntime with fusion off,
+# which computes ONNX's QDQ semantics (what those targets run)
 INT2_FUSION_OFF = {"session.disable_quant_qdq": "1"}
 # The QDQ model and its fake-quant reference differ by float rounding ties only (a code off by one
 # step here and there); below this SQNR (dB) of a quantized tensor they diverge.
@@ -98,6 +102,12 @@ def _has_int2_weights(model: onnx.ModelProto) -> bool:
     return any(t.data_type in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) for t in model.graph.initializer)
 
 
+def session_config(model: onnx.ModelProto, target: Target) -> Dict[str, str]:
+    """onnxruntime session options to validate ``model`` of ``target`` with: the defaults, except
+    QDQ fusion off for INT2 weights of a target that is not onnxruntime (see INT2_FUSION_OFF)."""
+    return dict(INT2_FUSION_OFF) if not target.onnxruntime and _has_int2_weights(model) else {}
+
+
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker full check (shape inference included); ValidationError with its first line."""
     try:
@@ -127,17 +137,19 @@ def validate(
     samples: int,
     progress: bool = True,
     reference: Optional[onnx.ModelProto] = None,
+    target: Target = TARGETS["ort-cpu"],
 ) -> Validation:
     """Run the float and QDQ models on the first ``samples`` calibration samples and compare.
 
     With ``reference`` (``fake_quant.fake_quant_model`` of the state the QDQ model was written
     from), every quantized tensor and output of the QDQ model must match it (``MIN_REFERENCE_DB``),
-    else ValidationError names the first tensor, in graph order, where they diverge. A
-    ValidationError carries what was measured before it (``.validation``).
+    else ValidationError names the first tensor, in graph order, where they diverge. onnxruntime
+    runs with its default options for ``target`` (``session_config``). A ValidationError carries
+    what was measured before it (``.validation``).
     """
     result = Validation()
     try:
-        _validate(float_model, qdq_model, plan, calib, samples, progress, reference, result)
+        _validate(float_model, qdq_model, plan, calib, samples, progress, reference, target, result)
     except ValidationError as exc:
         exc.validation = result
         raise
@@ -145,13 +157,15 @@ def validate(
 
 
 def _validate(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet,
-              samples: int, progress: bool, reference: Optional[onnx.ModelProto], result: Validation) -> None:
+              samples: int, progress: bool, reference: Optional[onnx.ModelProto], target: Target,
+              result: Validation) -> None:
     check_model(qdq_model)
-    config = {}
-    if _has_int2_weights(qdq_model):
-        config = dict(INT2_FUSION_OFF)
+    config = session_config(qdq_model, target)
+    if config:
         result.qdq_fusion_disabled = True
-        result.notes.append("INT2 weights: onnxruntime's QDQ fusion disabled (session.disable_quant_qdq=1)")
+        result.notes.append(f"INT2 weights: validated with onnxruntime's QDQ fusion off (session.disable_quant_qdq=1), "
+                            f"ONNX's semantics, which --target {target.name} runs; onnxruntime itself refuses INT2 in its "
+                            "fused kernels: use --target ort-cpu (2-bit codes in INT4) to deploy on onnxruntime")
     roots = [g.roots[0] for g in plan.groups]
     dq_outputs = {n.output[0] for n in qdq_model.graph.node if n.op_type == "DequantizeLinear"}
     qdq_tensor_names = {r: (r if r in dq_outputs else f"{r}_DequantizeLinear_Output") for r in roots}

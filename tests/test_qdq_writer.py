@@ -12,6 +12,7 @@ from eptq_onnx.qdq_writer import required_opset, write_qdq
 from eptq_onnx.qpoints import build_plan
 from eptq_onnx.quantizers import params_for_range
 from eptq_onnx.runtime import make_session
+from eptq_onnx.targets import TARGETS
 from eptq_onnx.weights import init_weights
 
 RNG = np.random.default_rng(0)
@@ -46,12 +47,14 @@ def _float_model(opset: int) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _write(bits: int, storage: str = "native", quantize_outputs: bool = False, symmetric: bool = False, opset: int = 13):
-    model = _float_model(max(opset, required_opset([bits], 8, storage)))
+def _write(bits: int, storage: str = "native", quantize_outputs: bool = False, symmetric: bool = False, opset: int = 13,
+           target: str = "ort-cpu"):
+    model = _float_model(max(opset, required_opset([bits], 8, storage, TARGETS[target])))
     plan = build_plan(model, quantize_outputs)
     weights = init_weights(model, plan, bits, "mse")
     acts = {g.id: params_for_range(-1.0 - g.id, 2.0 + g.id, 8, symmetric) for g in plan.groups}
-    qdq, summary = write_qdq(model, plan, weights, acts, weight_storage=storage, quantize_outputs=quantize_outputs)
+    qdq, summary = write_qdq(model, plan, weights, acts, weight_storage=storage, quantize_outputs=quantize_outputs,
+                             target=TARGETS[target])
     return model, plan, weights, acts, qdq, summary
 
 
@@ -66,12 +69,14 @@ def _decode(qdq: onnx.ModelProto, name: str) -> np.ndarray:
     return codes * inits[node.input[1]].reshape(shape)
 
 
-@pytest.mark.parametrize("bits,storage,onnx_type", [
-    (8, "native", TensorProto.INT8), (4, "native", TensorProto.INT4), (2, "native", TensorProto.INT2),
-    (4, "int8", TensorProto.INT8), (3, "native", TensorProto.INT4),
+@pytest.mark.parametrize("bits,storage,onnx_type,target", [
+    (8, "native", TensorProto.INT8, "ort-cpu"), (4, "native", TensorProto.INT4, "ort-cpu"),
+    (2, "native", TensorProto.INT4, "ort-cpu"),  # onnxruntime's fused kernels refuse INT2: 2-bit codes in INT4
+    (2, "native", TensorProto.INT2, "generic"), (4, "int8", TensorProto.INT8, "ort-cpu"),
+    (3, "native", TensorProto.INT4, "ort-cpu"),
 ])
-def test_weights_stored_in_native_types_and_decode_to_the_quantized_values(bits, storage, onnx_type) -> None:
-    model, plan, weights, _, qdq, _ = _write(bits, storage)
+def test_weights_stored_in_native_types_and_decode_to_the_quantized_values(bits, storage, onnx_type, target) -> None:
+    model, plan, weights, _, qdq, _ = _write(bits, storage, target=target)
     onnx.checker.check_model(qdq, full_check=True)
     inits = {t.name: t for t in qdq.graph.initializer}
     float_inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
