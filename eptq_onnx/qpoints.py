@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from .norm_blocks import NormBlock, find_norm_blocks
-from .ops import WeightRule, is_known, op_info, resolve_role
+from .ops import RECURRENT, WeightRule, is_known, op_info, resolve_role
 from .singular import singular_feeders
 from .tensor_store import tensor_array
 
@@ -385,8 +385,10 @@ def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, Weig
 
     Such a point would round what the user reads (box pixels, class probabilities, logits) and
     gain no integer kernel, so the tail of the graph after the last quantized layer stays float
-    (a detector's decode and output Concat, a classifier's Softmax). Decided from the graph's last
-    points back to its first.
+    (a detector's decode and output Concat, a classifier's Softmax). A recurrent op (LSTM/GRU/RNN,
+    float by design) ends the walk: a point that only feeds its input or state is not needed either
+    (rounded state carried through every time step costs fidelity and gains no kernel). Decided from
+    the graph's last points back to its first.
     """
     order = {o: i for i, n in enumerate(index.nodes) for o in n.output}
     needed: Dict[str, bool] = {}
@@ -398,6 +400,8 @@ def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, Weig
                 found = True
                 break
             for node in index.consumers.get(t, []):
+                if node.op_type in RECURRENT:  # stays float: its input and state points feed no integer kernel
+                    continue
                 for out in node.output:
                     if not out or out in seen:
                         continue

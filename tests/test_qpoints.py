@@ -178,3 +178,18 @@ def test_a_detector_head_after_its_last_quantized_layer_stays_float() -> None:
     assert set(points) == {"x", "f", "h", "box", "cls", "p"}  # the Convs' inputs, and the logits the Softmax reads
     assert points["cls"] == points["h"]  # the scores' Sigmoid reads the Split of the quantized logits
     assert {"h", "sum", "pix", "prob", "y"} <= set(_points(build_plan(m, quantize_outputs=True)))
+
+
+def test_points_that_only_feed_a_float_recurrent_op_are_dropped() -> None:
+    """An LSTM stays float: its state inputs and its input get no point (no integer kernel reads them;
+    rounded state carried through every step costs fidelity), the Gemms around it keep theirs."""
+    from eptq_onnx.normalize import normalize_model
+    from models.zoo_recurrent import stateful_lstm
+
+    model = normalize_model(stateful_lstm())
+    plan = build_plan(model)
+    roots = {r for g in plan.groups for r in g.roots}
+    lstm = next(n for n in model.graph.node if n.op_type == "LSTM")
+    assert not roots & {"h", "c", lstm.input[0]}
+    assert "input" in roots and lstm.output[0] in roots  # the first Gemm's input, the head Gemm's input
+    assert {w.weight for w in plan.weights} == {"encoder.0.weight", "head.weight"}
