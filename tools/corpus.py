@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume or args.retry_killed else {}
     if args.retry_killed:
         previous = {k: r for k, r in previous.items() if not r.error.startswith(runner.KILLED)}
-    names = [e.name for e in entries]
+    # models of an earlier run that this one does not touch keep their rows (--resume with --models)
+    names = [e.name for e in corpus.ENTRIES if e in entries or any(m == e.name for m, _ in previous)]
 
     def write(partial: dict) -> None:  # models not run yet keep their previous rows (an interrupted --resume loses none)
         kept = {}
