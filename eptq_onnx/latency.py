@@ -6,7 +6,6 @@ that gets slower or faster during the measurement moves both medians alike.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -15,9 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .model_io import model_path, serialized_size
-from .runtime import PROTOBUF_LIMIT
-from .tensor_store import store_of
+from .runtime import inference_session
 
 WARMUP_RUNS = 3
 MIN_RUNS = 5  # per model
@@ -52,11 +49,7 @@ def _session(model: onnx.ModelProto, threads: int, config: Optional[Dict[str, st
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    if store_of(model) is None and serialized_size(model) < PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    with model_path(model) as path:
-        return ort.InferenceSession(str(path), opts, providers=providers)
+    return inference_session(model, opts)
 
 
 def _timed(session: ort.InferenceSession, feeds: Dict[str, np.ndarray]) -> float:

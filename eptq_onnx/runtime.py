@@ -57,12 +57,17 @@ def make_session(
         opts.add_session_config_entry(key, value)
     if optimized_path:
         opts.optimized_model_filepath = optimized_path
-    providers = ["CPUExecutionProvider"]
-    stored = store_of(model) is not None
-    if not stored and serialized_size(model) < PROTOBUF_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
-    if stored:
+    if store_of(model) is not None:
         opts.add_session_config_entry("session.disable_prepacking", "1")
+    return inference_session(model, opts)
+
+
+def inference_session(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session of ``model`` with ``opts``: from its bytes, or through a file when it is store-backed
+    or too large for one protobuf."""
+    providers = ["CPUExecutionProvider"]
+    if store_of(model) is None and serialized_size(model) < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
     with model_path(model) as path:
         return ort.InferenceSession(str(path), opts, providers=providers)
 
