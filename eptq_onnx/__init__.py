@@ -6,9 +6,9 @@ Python API::
     result = quantize("model.onnx", "calib_dir/", QuantConfig(weight_bits=4), output="model_w4a8.onnx")
     print(result.report.validation["output_sqnr_db"])
 """
-from .config import CalibOptions, ImageOptions, QuantConfig
-from .errors import CalibrationError, EptqError, ModelError, UsageError, ValidationError
-from .pipeline import QuantizeResult, quantize
+from eptq_onnx.config import CalibOptions, ImageOptions, QuantConfig
+from eptq_onnx.errors import CalibrationError, EptqError, ModelError, UsageError, ValidationError
+from eptq_onnx.pipeline import QuantizeResult, quantize
 
 __version__ = "0.1.0"
 __all__ = [

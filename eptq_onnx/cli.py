@@ -11,11 +11,11 @@ from typing import Iterator, Optional, Tuple
 
 import click
 
-from .config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, MixedPrecisionOptions, OptimizeOptions, QuantConfig
-from .errors import EptqError, UsageError
-from .pipeline import quantize
-from .report import print_summary
-from .targets import DEFAULT_TARGET, TARGETS
+from eptq_onnx.config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, MixedPrecisionOptions, OptimizeOptions, QuantConfig
+from eptq_onnx.errors import EptqError, UsageError
+from eptq_onnx.pipeline import quantize
+from eptq_onnx.report import print_summary
+from eptq_onnx.plan.targets import DEFAULT_TARGET, TARGETS
 
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
-from .errors import UsageError
-from .targets import ACT_TYPE_NAMES, DEFAULT_TARGET, get_target
+from eptq_onnx.errors import UsageError
+from eptq_onnx.plan.targets import ACT_TYPE_NAMES, DEFAULT_TARGET, get_target
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
 WeightInit = Literal["output-mse", "mse", "minmax"]

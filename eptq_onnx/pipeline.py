@@ -15,31 +15,33 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .calib_data import CalibrationSet, input_specs
-from .calibrate import calibrate_activations
-from .config import QuantConfig
-from .errors import ModelError, UsageError, ValidationError, error_entry
-from .eptq import HESSIAN_SHARE, PROBED, EptqOutcome, TwinUnavailable, run_eptq
-from .hessian import LFHResult
-from .fake_quant import fake_quant_model
-from .float16 import has_float16, restore_io_types
-from .fold_bn import fold_batch_norms
-from .latency import latency_note, measure_latency
-from .layer_inputs import collect_layer_inputs
-from .mixed_precision import choose_bits
-from .sensitivity import SearchInputs
-from .model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
-from .normalize import constant_only_nodes, normalize_model, upgrade_opset
-from .plots import write_plots
-from .qdq_writer import required_opset, write_qdq
-from .qpoints import QuantPlan, build_plan
-from .quantizers import ActParams, sqnr_db
-from .report import Report, TensorEntry
-from .runtime import make_session
-from .targets import get_target
-from .tensor_store import TensorStore, tensor_array
-from .validate import Validation, check_model, session_config, validate
-from .weights import WeightQuant, init_weights
+from eptq_onnx.calib.data import CalibrationSet
+
+from eptq_onnx.calib.specs import input_specs
+from eptq_onnx.calib.calibrate import calibrate_activations
+from eptq_onnx.config import QuantConfig
+from eptq_onnx.errors import ModelError, UsageError, ValidationError, error_entry
+from eptq_onnx.eptq.stage import HESSIAN_SHARE, PROBED, EptqOutcome, TwinUnavailable, run_eptq
+from eptq_onnx.eptq.hessian import LFHResult
+from eptq_onnx.export.reference import fake_quant_model
+from eptq_onnx.graph.float16 import has_float16, restore_io_types
+from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.export.latency import latency_note, measure_latency
+from eptq_onnx.calib.layer_inputs import collect_layer_inputs
+from eptq_onnx.mixed.stage import choose_bits
+from eptq_onnx.mixed.sensitivity import SearchInputs
+from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
+from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
+from eptq_onnx.plots import write_plots
+from eptq_onnx.export.writer import required_opset, write_qdq
+from eptq_onnx.plan.qpoints import QuantPlan, build_plan
+from eptq_onnx.init.quantizers import ActParams, sqnr_db
+from eptq_onnx.report import Report, TensorEntry
+from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.plan.targets import get_target
+from eptq_onnx.graph.tensor_store import TensorStore, tensor_array
+from eptq_onnx.export.validate import Validation, check_model, session_config, validate
+from eptq_onnx.init.weights import WeightQuant, init_weights
 
 
 @dataclass

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import Report  # noqa: E402
+from eptq_onnx.report import Report  # noqa: E402
 
 
 def _short(name: str, width: int = 28) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
-from .model_io import write_bytes_atomic
+from eptq_onnx.graph.model_io import write_bytes_atomic
 
 SHOWN_TENSORS = 8  # worst tensors listed in the terminal (all of them are in the JSON)
 

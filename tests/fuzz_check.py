@@ -17,8 +17,8 @@ import torch
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.config import CalibOptions, OptimizeOptions
 from eptq_onnx.errors import EptqError, ValidationError
-from eptq_onnx.twin import build_twin, to_tensors
-from eptq_onnx.validate import INT2_FUSION_OFF
+from eptq_onnx.twin.build import build_twin, to_tensors
+from eptq_onnx.export.validate import INT2_FUSION_OFF
 from models import random_graphs, zoo
 from tests.helpers import write_calib
 

@@ -39,8 +39,8 @@ def assert_student_matches_onnxruntime(model: onnx.ModelProto, result, seed: int
     """
     import torch
 
-    from eptq_onnx.runtime import make_session, with_outputs
-    from eptq_onnx.twin import build_twin, to_tensors
+    from eptq_onnx.graph.runtime import make_session, with_outputs
+    from eptq_onnx.twin.build import build_twin, to_tensors
 
     state = result.state
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts)

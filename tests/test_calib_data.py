@@ -1,4 +1,4 @@
-"""Tests of eptq_onnx.calib_data: reading a calibration folder as model feeds."""
+"""Tests of eptq_onnx.calib.data: reading a calibration folder as model feeds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from eptq_onnx import calib_data
-from eptq_onnx.calib_data import CalibrationSet, InputSpec, input_specs
+from eptq_onnx.calib import data as calib_data
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import InputSpec, input_specs
 from eptq_onnx.config import CalibOptions, ImageOptions
 from eptq_onnx.errors import CalibrationError, ModelError, UsageError
 

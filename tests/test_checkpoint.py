@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from eptq_onnx import QuantConfig, quantize
-from eptq_onnx.checkpoint import FILE_NAME
+from eptq_onnx.eptq.checkpoint import FILE_NAME
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.errors import UsageError
-from eptq_onnx.optimize import Objective
+from eptq_onnx.eptq.optimize import Objective
 from models import zoo
 
 

@@ -12,7 +12,7 @@ import torch
 
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
-from eptq_onnx.runtime import make_session
+from eptq_onnx.graph.runtime import make_session
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 

@@ -13,18 +13,14 @@ from click.testing import CliRunner
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
-from eptq_onnx.eptq import output_regression
-from eptq_onnx.optimize import beta_at
-from eptq_onnx.runtime import make_session
-from eptq_onnx.twin import (
-    RoundingBank,
-    WeightFakeQuant,
-    build_twin,
-    inverse_rectified_sigmoid,
-    rectified_sigmoid,
-    to_tensors,
-)
-from eptq_onnx.weights import quantize_weight
+from eptq_onnx.eptq.stage import output_regression
+from eptq_onnx.eptq.optimize import beta_at
+from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.twin.build import build_twin, to_tensors
+from eptq_onnx.eptq.kernels import rectified_sigmoid
+from eptq_onnx.twin.fake_quant import WeightFakeQuant, inverse_rectified_sigmoid
+from eptq_onnx.eptq.banks import RoundingBank
+from eptq_onnx.init.weights import quantize_weight
 from models import zoo
 
 
@@ -116,8 +112,8 @@ def test_rounding_bank_soft_weights_equal_each_quantizers_own() -> None:
 def test_bias_bank_rounds_like_the_bias_quantizers_and_writes_back(calib_for) -> None:
     """The bank's biases equal what each op's own bias quantizer computes (int32 grid, element for
     element), gradients reach the one flat tensor, and write_back puts the trained values into the ops."""
-    from eptq_onnx.torch_ops import WeightedOp
-    from eptq_onnx.twin import BiasBank
+    from eptq_onnx.twin.weighted import WeightedOp
+    from eptq_onnx.eptq.banks import BiasBank
 
     model = zoo.residual_cnn()
     twin, names = _initialized_twin(model, calib_for)
@@ -148,7 +144,7 @@ def test_on_grid_quantizers_are_the_identity_only_while_training(calib_for) -> N
     """After a data-movement op of a quantized tensor (here the attention heads' Reshape and
     Transpose) the group's quantizer returns on-grid values unchanged: while training with a fixed
     step it is skipped (identity, gradient passing), otherwise it is the quantizer."""
-    from eptq_onnx.twin import OnGridFakeQuant
+    from eptq_onnx.twin.fake_quant import OnGridFakeQuant
 
     twin, _ = _initialized_twin(zoo.transformer_block(), calib_for)
     on_grid = [m for m in twin.student.modules() if isinstance(m, OnGridFakeQuant)]
@@ -167,7 +163,7 @@ def test_on_grid_quantizers_are_the_identity_only_while_training(calib_for) -> N
 
 def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
     """The torch twin of ``model``'s MSE-initialized W8A8 state, tapped at EPTQ's loss tensors."""
-    from eptq_onnx.eptq import loss_tensors
+    from eptq_onnx.eptq.stage import loss_tensors
 
     state = quantize(model, calib_for(model, 16), QuantConfig(optimize=OptimizeOptions(iters=0)), progress=False).state
     names = loss_tensors(state.float_model, state.plan)
@@ -176,7 +172,7 @@ def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
 
 def test_batches_read_a_generator_once_like_a_list() -> None:
     """Streamed calibration batches (a generator, read once) stack to the same tensors as a list."""
-    from eptq_onnx.optimize import Batches
+    from eptq_onnx.eptq.optimize import Batches
 
     model = zoo.mlp()
     feeds = [zoo.sample_inputs(model, 4, seed=s) for s in range(3)]
@@ -188,7 +184,7 @@ def test_batches_read_a_generator_once_like_a_list() -> None:
 
 def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     """Eq. 6 against the teacher cache's rows equals Eq. 6 against the teacher run on the fly."""
-    from eptq_onnx.optimize import Batches, Objective, TeacherCache, _start_rounding
+    from eptq_onnx.eptq.optimize import Batches, Objective, TeacherCache, _start_rounding
 
     model = zoo.residual_cnn()
     twin, names = _initialized_twin(model, calib_for)
@@ -206,8 +202,8 @@ def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     assert expected > 0 and got == pytest.approx(expected, rel=1e-5)
     # with grad, most terms come from the taps fused with their fake quantizer: the same loss and
     # gradient as the recorded tensors' weighted_mse
-    from eptq_onnx.training_kernels import weighted_mse
-    from eptq_onnx.twin import QuantTap
+    from eptq_onnx.eptq.kernels import weighted_mse
+    from eptq_onnx.twin.taps import QuantTap
 
     assert sum(isinstance(m, QuantTap) for m in twin.student.modules()) >= len(names) // 2
     fused = cached.reconstruction(batch)
@@ -329,7 +325,7 @@ def test_hessian_trace_option_sums_positions_of_each_channel(tmp_path: Path, cal
 def test_interrupt_during_optimization_writes_nothing(tmp_path: Path, calib_for, monkeypatch) -> None:
     import onnx
 
-    import eptq_onnx.eptq as eptq_stage
+    import eptq_onnx.eptq.stage as eptq_stage
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -380,7 +376,7 @@ class _FakeBatches:
 def test_time_budget_counts_the_whole_run() -> None:
     import time
 
-    from eptq_onnx.optimize import RESERVE, STEP_OVERHEAD, _choose_iters
+    from eptq_onnx.eptq.optimize import RESERVE, STEP_OVERHEAD, _choose_iters
 
     options = OptimizeOptions(time_budget_min=0.05)  # 3 s
     step = 0.01
@@ -415,8 +411,8 @@ class _FakeOptimizer:
 def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, expected: int, monkeypatch) -> None:
     """Steps of 10 ms and 10 s left: a plan of 50 steps (pessimistic pre-loop timing) grows to ~1000,
     one of 5000 (optimistic) shrinks to ~200 from a 2 s deadline; the loop runs exactly that many."""
-    from eptq_onnx import optimize as opt
-    from eptq_onnx.checkpoint import LoopState
+    from eptq_onnx.eptq import optimize as opt
+    from eptq_onnx.eptq.checkpoint import LoopState
 
     clock = _FakeClock(0.01)
     monkeypatch.setattr(opt, "time", clock)
@@ -436,7 +432,7 @@ def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, e
 
 
 def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
-    from eptq_onnx.optimize import Batches, TeacherCache
+    from eptq_onnx.eptq.optimize import Batches, TeacherCache
 
     model = zoo.mlp()
     twin, names = _initialized_twin(model, calib_for)

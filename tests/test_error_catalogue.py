@@ -24,7 +24,9 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx import model_io, pipeline
+from eptq_onnx import pipeline
+
+from eptq_onnx.graph import model_io
 from eptq_onnx.cli import main
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "docs" / "errors.md"

@@ -11,10 +11,11 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from eptq_onnx import pipeline, quantize
-from eptq_onnx.calib_data import CalibrationSet, input_specs
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.cli import main
-from eptq_onnx.divergence import diagnose_optimization
-from eptq_onnx.validate import MIN_AGREEMENT_DB, validate
+from eptq_onnx.export.divergence import diagnose_optimization
+from eptq_onnx.export.validate import MIN_AGREEMENT_DB, validate
 from models import zoo
 from tests.helpers import init_only, write_calib
 from tests.test_error_catalogue import calib_folder, corrupt_first_activation_scale, mlp
@@ -142,8 +143,8 @@ def test_disagreement_is_a_warning_where_a_kernel_computes_differently(
     """Optimized and unoptimized runs 12 dB apart, the unoptimized one 8 dB from the float model (a model
     that grows rounding differences as it grows quantization noise): a note, or a VALIDATION warning where
     the optimized run loses fidelity or the first op that differs does so with inputs that agree."""
-    from eptq_onnx import validate as validation
-    from eptq_onnx.divergence import FirstDifference
+    from eptq_onnx.export import validate as validation
+    from eptq_onnx.export.divergence import FirstDifference
 
     _, qdq, calib, _ = bias_overflow
     first = None if input_db is None else FirstDifference("t", "Mul", "m", 18.0, 1.0, input_sqnr_db=input_db)
@@ -156,7 +157,7 @@ def test_disagreement_is_a_warning_where_a_kernel_computes_differently(
 
 
 def _acc(db: float):
-    from eptq_onnx.divergence import Accumulator
+    from eptq_onnx.export.divergence import Accumulator
 
     return Accumulator(signal=1.0, noise=10 ** (-db / 10), max_abs=0.1)
 
@@ -166,7 +167,7 @@ def test_reference_departure_is_an_error_only_where_an_op_departs_by_itself(inpu
     """mlp: x -> MatMul -> Relu -> r (quantized) -> MatMul -> y; r first below 30 dB from its reference.
     With x agreeing, r's ops are written wrong (exit 5); with x already 35 dB apart, r inherits (a warning)."""
     from eptq_onnx.errors import ValidationError
-    from eptq_onnx.validate import Validation, _check_divergence
+    from eptq_onnx.export.validate import Validation, _check_divergence
 
     divergence = {"x": _acc(input_db), "r": _acc(25.0), "y": _acc(20.0)}
     v = Validation()

@@ -12,7 +12,7 @@ import pytest
 
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.config import OptimizeOptions
-from eptq_onnx.runtime import make_session
+from eptq_onnx.graph.runtime import make_session
 from models import zoo
 from models.zoo_families import EXPORT_OPSETS, FAMILIES, newest_ort_opset
 from models.zoo_traps import TRAPS

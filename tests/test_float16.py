@@ -18,8 +18,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from eptq_onnx import quantize
-from eptq_onnx.normalize import normalize_model
-from eptq_onnx.toposort import toposort_graph
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.graph.toposort import toposort_graph
 from models import zoo
 from models.zoo_float16 import float16_cnn, float32_cnn
 from tests.helpers import init_only

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx import model_io
-from eptq_onnx.fold_bn import fold_batch_norms
-from eptq_onnx.normalize import normalize_model
+from eptq_onnx.graph import model_io
+from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.graph.normalize import normalize_model
 
 RNG = np.random.default_rng(0)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from scipy.stats import spearmanr
 
-from eptq_onnx.hessian import MIN_TIMED_DRAWS, Forward, LFHResult, label_free_hessian, log_normalize
+from eptq_onnx.eptq.hessian import MIN_TIMED_DRAWS, Forward, LFHResult, label_free_hessian, log_normalize
 
 DRAWS = 50
 SIGMAS = 3.0  # allowed deviation from the exact trace, in Hutchinson standard errors

@@ -14,7 +14,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from eptq_onnx import eptq, pipeline
+from eptq_onnx import pipeline
+
+from eptq_onnx.eptq import stage as eptq
 from eptq_onnx.cli import main
 from models import zoo
 
@@ -73,7 +75,7 @@ def test_signal_in_each_stage_exits_cleanly(stage: str, signum: int, files, monk
 DRIVER = textwrap.dedent(
     """
     import sys
-    from eptq_onnx import eptq
+    from eptq_onnx.eptq import stage as eptq
     from eptq_onnx.cli import main
 
     def announce(module, name, stage):

@@ -6,7 +6,7 @@ from pathlib import Path
 import onnx
 
 from eptq_onnx import quantize
-from eptq_onnx.latency import MAX_RUNS, MIN_RUNS, Latency, latency_note, measure_latency
+from eptq_onnx.export.latency import MAX_RUNS, MIN_RUNS, Latency, latency_note, measure_latency
 from models import zoo
 from tests.helpers import init_only
 

@@ -13,16 +13,17 @@ import pytest
 import torch
 from onnx import helper
 
-from eptq_onnx import runtime
-from eptq_onnx.calib_data import CalibrationSet, input_specs
+from eptq_onnx.graph import runtime
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.config import CalibOptions
-from eptq_onnx.fold_bn import fold_batch_norms
-from eptq_onnx.layer_inputs import RowReservoir, _conv_rows, collect_layer_inputs
-from eptq_onnx.normalize import normalize_model
-from eptq_onnx.qpoints import build_plan
-from eptq_onnx.quantizers import weight_scales
-from eptq_onnx.targets import get_target
-from eptq_onnx.tensor_store import tensor_array
+from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.calib.layer_inputs import RowReservoir, _conv_rows, collect_layer_inputs
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.plan.qpoints import build_plan
+from eptq_onnx.init.quantizers import weight_scales
+from eptq_onnx.plan.targets import get_target
+from eptq_onnx.graph.tensor_store import tensor_array
 from models import zoo
 
 

@@ -6,8 +6,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx.layout import position_axes
-from eptq_onnx.normalize import normalize_model
+from eptq_onnx.graph.layout import position_axes
+from eptq_onnx.graph.normalize import normalize_model
 from models import zoo
 
 

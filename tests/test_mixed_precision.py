@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from eptq_onnx import QuantConfig, quantize
-from eptq_onnx.calib_data import CalibrationSet, input_specs
-from eptq_onnx.bit_allocation import (
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import input_specs
+from eptq_onnx.mixed.bit_allocation import (
     TIME_LIMIT_BEST,
     TIME_LIMIT_NONE,
     greedy_top_up,
@@ -26,12 +27,12 @@ from eptq_onnx.bit_allocation import (
 from eptq_onnx.cli import main
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
 from eptq_onnx.errors import UsageError
-from eptq_onnx.qdq_writer import write_qdq
+from eptq_onnx.export.writer import write_qdq
 from eptq_onnx.report import print_summary
-from eptq_onnx.runtime import make_session, run
-from eptq_onnx.sensitivity import SearchInputs, measure_sensitivity, neighbour_pairs, weight_sizes
-from eptq_onnx.validate import INT2_FUSION_OFF
-from eptq_onnx.weights import init_weights
+from eptq_onnx.graph.runtime import make_session, run
+from eptq_onnx.mixed.sensitivity import SearchInputs, measure_sensitivity, neighbour_pairs, weight_sizes
+from eptq_onnx.export.validate import INT2_FUSION_OFF
+from eptq_onnx.init.weights import init_weights
 from models import zoo
 from tests.helpers import write_calib
 
@@ -288,7 +289,9 @@ def test_restricted_sensitivities_equal_a_measurement_at_fewer_widths(cnn_state)
 def test_eptq_reuses_the_search_lfh(cnn_files, monkeypatch) -> None:
     """MP + EPTQ computes the Label-Free Hessian once (in the search); the EPTQ stage's result is the
     one it would have computed itself."""
-    from eptq_onnx import eptq, pipeline, sensitivity
+    from eptq_onnx import pipeline
+    from eptq_onnx.eptq import stage as eptq
+    from eptq_onnx.mixed import sensitivity
 
     folder, model, calib = cnn_files
     config = QuantConfig(optimize=OptimizeOptions(iters=4, hessian_samples=2, hessian_draws=3, batch_size=8,

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from eptq_onnx import model_io
+from eptq_onnx.graph import model_io
 from eptq_onnx.errors import ModelError, UsageError
 
 

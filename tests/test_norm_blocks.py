@@ -12,12 +12,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_onnx import quantize
-from eptq_onnx.norm_blocks import find_norm_blocks
-from eptq_onnx.normalize import normalize_model
-from eptq_onnx.ops import singular_inputs
-from eptq_onnx.qpoints import GraphIndex, build_plan
+from eptq_onnx.plan.norm_blocks import find_norm_blocks
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.ops.registry import singular_inputs
+from eptq_onnx.plan.qpoints import GraphIndex, build_plan
 from eptq_onnx.report import Report, statistics_line
-from eptq_onnx.runtime import make_session
+from eptq_onnx.graph.runtime import make_session
 from models import zoo, zoo_norms
 from tests.helpers import assert_student_matches_onnxruntime, init_only, write_calib
 

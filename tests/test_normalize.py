@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx import model_io
+from eptq_onnx.graph import model_io
 from eptq_onnx.errors import ModelError
-from eptq_onnx.normalize import normalize_model, upgrade_opset
+from eptq_onnx.graph.normalize import normalize_model, upgrade_opset
 
 RNG = np.random.default_rng(0)
 

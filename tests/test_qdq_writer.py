@@ -7,13 +7,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from eptq_onnx.model_io import ir_version_for
-from eptq_onnx.qdq_writer import required_opset, write_qdq
-from eptq_onnx.qpoints import build_plan
-from eptq_onnx.quantizers import params_for_range
-from eptq_onnx.runtime import make_session
-from eptq_onnx.targets import TARGETS
-from eptq_onnx.weights import init_weights
+from eptq_onnx.graph.model_io import ir_version_for
+from eptq_onnx.export.writer import required_opset, write_qdq
+from eptq_onnx.plan.qpoints import build_plan
+from eptq_onnx.init.quantizers import params_for_range
+from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.plan.targets import TARGETS
+from eptq_onnx.init.weights import init_weights
 
 RNG = np.random.default_rng(0)
 

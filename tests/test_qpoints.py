@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx.qpoints import build_plan
+from eptq_onnx.plan.qpoints import build_plan
 
 
 def _model(nodes, inputs, outputs, inits, opset=13, domains=()) -> onnx.ModelProto:
@@ -183,7 +183,7 @@ def test_a_detector_head_after_its_last_quantized_layer_stays_float() -> None:
 def test_points_that_only_feed_a_float_recurrent_op_are_dropped() -> None:
     """An LSTM stays float: its state inputs and its input get no point (no integer kernel reads them;
     rounded state carried through every step costs fidelity), the Gemms around it keep theirs."""
-    from eptq_onnx.normalize import normalize_model
+    from eptq_onnx.graph.normalize import normalize_model
     from models.zoo_recurrent import stateful_lstm
 
     model = normalize_model(stateful_lstm())

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from eptq_onnx.quantizers import (
+from eptq_onnx.init.quantizers import (
     Histogram,
     fake_quant,
     int_range,
@@ -17,8 +17,8 @@ from eptq_onnx.quantizers import (
     sqnr_db,
     weight_scales,
 )
-from eptq_onnx.quantizers import _output_error
-from eptq_onnx.runtime import make_session
+from eptq_onnx.init.quantizers import _output_error
+from eptq_onnx.graph.runtime import make_session
 
 
 def _ort_qdq(x: np.ndarray, scale: float, zero_point: int, dtype: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""LSTM/GRU in the torch twin (torch_ops.RecurrentOp, float): every variant against onnxruntime."""
+"""LSTM/GRU in the torch twin (twin.recurrent.RecurrentOp, float): every variant against onnxruntime."""
 from __future__ import annotations
 
 import onnx
@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_onnx.errors import ModelError
-from eptq_onnx.torch_convert import to_torch
+from eptq_onnx.twin.convert import to_torch
 from tests.test_torch_convert import _assert_every_tensor_matches, _finish, _float
 
 STEPS, BATCH, INPUT, HIDDEN = 5, 3, 4, 6

@@ -13,7 +13,15 @@ import onnxruntime as ort
 import pytest
 from onnx.external_data_helper import uses_external_data
 
-from eptq_onnx import model_io, quantize, runtime, tensor_store, validate
+from eptq_onnx import quantize
+
+from eptq_onnx.graph import model_io
+
+from eptq_onnx.graph import runtime
+
+from eptq_onnx.graph import tensor_store
+
+from eptq_onnx.export import validate
 from eptq_onnx import QuantConfig
 from eptq_onnx.config import OptimizeOptions
 from models import zoo, zoo_large

@@ -13,8 +13,8 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from eptq_onnx import quantize
-from eptq_onnx.fake_quant import fake_quant_model
-from eptq_onnx.validate import INT2_FUSION_OFF
+from eptq_onnx.export.reference import fake_quant_model
+from eptq_onnx.export.validate import INT2_FUSION_OFF
 from models import zoo
 from tests.helpers import init_only, write_calib
 

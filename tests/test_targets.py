@@ -10,7 +10,7 @@ from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.errors import UsageError
-from eptq_onnx.targets import TARGETS, get_target, violations
+from eptq_onnx.plan.targets import TARGETS, get_target, violations
 from models import zoo
 from tests.helpers import assert_student_matches_onnxruntime, init_only
 
@@ -131,7 +131,7 @@ def test_cli_target(tmp_path, calib_for) -> None:
 
 def test_ort_cpu_8bit_gemm_weights_take_the_u8s8_safe_range() -> None:
     """2 x 255 x 127 overflows int16 (vpmaddubsw); 2 x 255 x 63 does not."""
-    from eptq_onnx.targets import U8S8_SAFE_WEIGHT_BITS, integer_kernel_bits
+    from eptq_onnx.plan.targets import U8S8_SAFE_WEIGHT_BITS, integer_kernel_bits
 
     ort_cpu, generic = get_target("ort-cpu"), get_target("generic")
     assert 2 * 255 * ((1 << (U8S8_SAFE_WEIGHT_BITS - 1)) - 1) < 2**15 <= 2 * 255 * 127

@@ -11,8 +11,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-from eptq_onnx import model_io, runtime, tensor_store
-from eptq_onnx.tensor_store import TensorStore
+from eptq_onnx.graph import model_io
+
+from eptq_onnx.graph import runtime
+
+from eptq_onnx.graph import tensor_store
+from eptq_onnx.graph.tensor_store import TensorStore
 
 
 @pytest.mark.parametrize("array", [

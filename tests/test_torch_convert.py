@@ -13,12 +13,14 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
-from eptq_onnx import model_io, torch_convert
+from eptq_onnx.graph import model_io
+
+from eptq_onnx.twin import convert as torch_convert
 from eptq_onnx.errors import ModelError
-from eptq_onnx.fold_bn import fold_batch_norms
-from eptq_onnx.normalize import normalize_model
-from eptq_onnx.torch_convert import input_names, onnx_names, output_names, to_torch, with_outputs
-from eptq_onnx.torch_ops import GatherOp, WeightedOp
+from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.twin.convert import input_names, onnx_names, output_names, to_torch, with_outputs
+from eptq_onnx.twin.weighted import GatherOp, WeightedOp
 from models import zoo
 
 RTOL, ATOL = 1e-4, 1e-5

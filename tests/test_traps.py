@@ -10,10 +10,10 @@ import pytest
 from onnxruntime.quantization import CalibrationMethod
 
 from eptq_onnx import quantize
-from eptq_onnx.range_rules import MASK_FILL_ABS, MAX_SHARED_RANGE_RATIO, GroupStats, refine_plan
-from eptq_onnx.normalize import normalize_model
-from eptq_onnx.qpoints import ActGroup, QuantPlan, build_plan
-from eptq_onnx.runtime import make_session, with_outputs
+from eptq_onnx.plan.range_rules import MASK_FILL_ABS, MAX_SHARED_RANGE_RATIO, GroupStats, refine_plan
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.plan.qpoints import ActGroup, QuantPlan, build_plan
+from eptq_onnx.graph.runtime import make_session, with_outputs
 from models import zoo, zoo_traps
 from tests.helpers import init_only
 from tools.bench import OrtStatic

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from eptq_onnx import QuantConfig, quantize
-from eptq_onnx.runtime import make_session, with_outputs
-from eptq_onnx.twin import build_twin, to_tensors
+from eptq_onnx.graph.runtime import make_session, with_outputs
+from eptq_onnx.twin.build import build_twin, to_tensors
 from models import zoo
 from tests.helpers import assert_student_matches_onnxruntime, init_only
 

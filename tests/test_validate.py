@@ -11,10 +11,11 @@ import pytest
 from onnx import numpy_helper
 
 from eptq_onnx import quantize
-from eptq_onnx.calib_data import CalibrationSet, input_specs
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.errors import ValidationError
-from eptq_onnx.fake_quant import fake_quant_model, fake_quant_name
-from eptq_onnx.validate import validate
+from eptq_onnx.export.reference import fake_quant_model, fake_quant_name
+from eptq_onnx.export.validate import validate
 from models import zoo
 from tests.helpers import init_only
 
@@ -130,7 +131,8 @@ def test_onnxruntime_cannot_load_is_a_validation_error(quantized) -> None:
 def test_pipeline_validation_error_writes_nothing(tmp_path: Path, calib_for, monkeypatch: pytest.MonkeyPatch,
                                                   in_store: bool) -> None:
     """In a tensor store (large models) the reference is compared in a second pass: found all the same."""
-    from eptq_onnx import pipeline, tensor_store
+    from eptq_onnx import pipeline
+    from eptq_onnx.graph import tensor_store
     from tests.test_error_catalogue import corrupt_first_activation_scale
 
     if in_store:

@@ -62,11 +62,11 @@ if str(ROOT) not in sys.path:
 
 import eptq_onnx  # noqa: E402
 from eptq_onnx import CalibOptions, QuantConfig, quantize  # noqa: E402
-from eptq_onnx import training_kernels  # noqa: E402
+from eptq_onnx.eptq import kernels as training_kernels  # noqa: E402
 from eptq_onnx.config import OptimizeOptions  # noqa: E402
-from eptq_onnx.calib_data import CalibrationSet, input_specs  # noqa: E402
-from eptq_onnx.quantizers import sqnr_db  # noqa: E402
-from eptq_onnx.torch_convert import to_torch  # noqa: E402
+from eptq_onnx.calib.data import CalibrationSet, input_specs  # noqa: E402
+from eptq_onnx.init.quantizers import sqnr_db  # noqa: E402
+from eptq_onnx.twin.convert import to_torch  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo import evaluate as demo_eval  # noqa: E402
 from tests.helpers import write_calib  # noqa: E402
@@ -1008,7 +1008,7 @@ COST_READING = """\
 - **EPTQ step** is the report's `optimization.seconds / iters` of a {steps}-step run: the mean time
   of a whole step of the loop (minibatch, student forward with fake quantization, teacher tensors from
   the cache or a teacher forward, Eq. 6 loss and regularizer, backward, optimizer update), at batch 32. **bare model** is the same float model (`result.state.float_model`)
-  converted with `eptq_onnx.torch_convert.to_torch`, timed on the first 32 calibration samples: a forward
+  converted with `eptq_onnx.twin.convert.to_torch`, timed on the first 32 calibration samples: a forward
   pass without grad plus a forward and backward pass with gradients for every parameter, median of
   {runs} after one warm-up. The ratio is what the fake quantization, taps and loss add.
 - **vit_tiny_block** is transformer_block at ViT-Tiny's width (65 tokens, dim 192, 3 heads, MLP 768):

@@ -45,10 +45,12 @@ import onnxruntime as ort  # noqa: E402
 import bench  # noqa: E402  (tools/bench.py: models, scoring, machine description)
 from bench import BENCHMARKS, LOADS, Score, Scorer, _command, _cpu_model, _git_state, _log, _quiet, load_line  # noqa: E402
 
-from eptq_onnx import QuantConfig, mixed_precision, quantize  # noqa: E402
+from eptq_onnx import QuantConfig, quantize  # noqa: E402
+
+from eptq_onnx.mixed import stage as mixed_precision
 from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions  # noqa: E402
-from eptq_onnx.sensitivity import Pair, SearchInputs, SensitivityResult, measure_sensitivity, weight_sizes  # noqa: E402
-from eptq_onnx.validate import INT2_FUSION_OFF  # noqa: E402
+from eptq_onnx.mixed.sensitivity import Pair, SearchInputs, SensitivityResult, measure_sensitivity, weight_sizes  # noqa: E402
+from eptq_onnx.export.validate import INT2_FUSION_OFF  # noqa: E402
 
 DEFAULT_MODELS = ("demo", "digits_vit")
 DEFAULT_BUDGETS = (3.0, 4.0, 6.0)

@@ -13,7 +13,7 @@ so the peak must not grow with the number of samples (target: under 4 GB).
 ``--big`` writes models/zoo_large.py's chain (small: 6 layers 2048x8192, 0.4 GB; over-2gb: 9 layers
 4096x16384, 2.4 GB) and two samples, and runs the CLI W8, ``--iters 0 --weight-init mse`` with
 the peak resident set after each pipeline stage (VmRSS, VmHWM). The models' large tensors stay in
-a tensor store on disk (eptq_onnx/tensor_store.py); target: the peak above the RSS after loading
+a tensor store on disk (eptq_onnx/graph/tensor_store.py); target: the peak above the RSS after loading
 (the imports) at most 3x the weight bytes.
 """
 from __future__ import annotations

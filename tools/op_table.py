@@ -1,5 +1,5 @@
 """Generate the op-coverage table of docs/ops.md from the code's own registries (so it cannot drift):
-eptq_onnx.ops.OP_TABLE (how each op is quantized) and eptq_onnx.torch_convert's converter
+eptq_onnx.ops.registry.OP_TABLE (how each op is quantized) and eptq_onnx.twin.convert's converter
 registry (how each op is converted to the torch twin, per ONNX version).
 
     python tools/op_table.py            # print the table
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from eptq_onnx.ops import OP_TABLE, RECURRENT
-from eptq_onnx.torch_convert import converter_versions
+from eptq_onnx.ops.registry import OP_TABLE, RECURRENT
+from eptq_onnx.twin.convert import converter_versions
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "ops.md"
 BEGIN, END = "<!-- op-table:begin -->", "<!-- op-table:end -->"
@@ -25,7 +25,7 @@ ROLE_TEXT = {
     "data": "shares its input's scale and zero point (no new error)",
     "float": "stays float; its output is quantized only where a weighted op reads it",
 }
-WEIGHTED_CONVERTERS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"))  # torch_ops.WeightedOp
+WEIGHTED_CONVERTERS = frozenset(("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather"))  # twin.weighted.WeightedOp
 SOURCE_TEXT = {"ours": "ours", "alias": "onnx2torch's, re-registered", "onnx2torch": "onnx2torch"}
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import onnx
 
-from eptq_onnx.latency import measure_latency
+from eptq_onnx.export.latency import measure_latency
 
 from . import models as corpus
 from .models import Ctx, Entry, Feed, Outputs
@@ -205,7 +205,7 @@ class Result:
     metrics: Dict[str, float] = field(default_factory=dict)
     error: str = ""
     command: str = ""
-    latency_ratio: Optional[float] = None  # onnxruntime CPU latency, quantized / float (eptq_onnx.latency)
+    latency_ratio: Optional[float] = None  # onnxruntime CPU latency, quantized / float (eptq_onnx.export.latency)
     warnings: List[str] = field(default_factory=list)  # our report's loud lines (VALIDATION, FALLBACK, LATENCY)
 
     @property

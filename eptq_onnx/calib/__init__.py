@@ -1,0 +1,1 @@
+"""Calibration data (files and feeds) and activation statistics."""

@@ -1,0 +1,79 @@
+"""Activation step sizes from calibration statistics, streamed batch by batch.
+
+Pass 1 records each group's finite min and max; pass 2 (for ``mse`` and ``percentile``) fills a
+fixed-range histogram per group. Only the histograms are kept: never the activations.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.config import QuantConfig
+from eptq_onnx.plan.qpoints import QuantPlan
+from eptq_onnx.init.quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
+from eptq_onnx.plan.range_rules import GroupStats, group_stats, refine_plan
+from eptq_onnx.graph.runtime import make_session, run, tapped_batch_size, with_outputs
+
+
+def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool, batch_size: int):
+    batches = tqdm(calib.batches(batch_size), desc=desc, total=calib.num_batches(batch_size), disable=not progress,
+                   unit="batch", leave=False)
+    for feeds in batches:
+        yield run(session, feeds, names)
+
+
+def calibrate_activations(
+    model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, config: QuantConfig, progress: bool = True
+) -> tuple[Dict[int, ActParams], Dict[int, GroupStats], List[str]]:
+    """Quantization parameters of every activation group, by ``config.calib_method``.
+
+    After the min/max pass the range rules (range_rules.py) refine ``plan`` in place: tensors
+    with mask-fill or non-finite values stay float, Concats over very different ranges stop
+    sharing one scale. Returns the parameters, the statistics per group and the rules' notes.
+    """
+    names = [root for g in plan.groups for root in g.roots]
+    if not names:
+        return {}, {}, []
+    root_stats = {name: GroupStats() for name in names}
+    session = make_session(with_outputs(model, names))
+    batch_size = tapped_batch_size(session, calib, calib.batch_size)
+    for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
+        for name, value in outputs.items():
+            root_stats[name].add(np.asarray(value))
+    notes = refine_plan(model, plan, root_stats)
+    stats = group_stats(plan.groups, root_stats)
+    roots = {root: g for g in plan.groups for root in g.roots}
+    names = list(roots)
+    symmetric = config.act_symmetric
+    params: Dict[int, ActParams] = {}
+    if config.calib_method == "minmax" or not names:
+        for g in plan.groups:
+            s = stats[g.id]
+            params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
+        return params, stats, notes
+    hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
+    for outputs in _passes(session, calib, names, "calibration: histograms", progress, batch_size):
+        for name, value in outputs.items():
+            hists[roots[name].id].add(value)
+    for g in plan.groups:
+        params[g.id] = _params_from_histogram(hists[g.id], config)
+    return params, stats, notes
+
+
+def _histogram(stats: GroupStats) -> Histogram:
+    if not stats.seen:
+        return Histogram(0.0, 0.0)
+    return Histogram(stats.lo, stats.hi)
+
+
+def _params_from_histogram(hist: Histogram, config: QuantConfig) -> ActParams:
+    if hist.total() == 0:
+        return params_for_range(0.0, 0.0, config.act_bits, config.act_symmetric)
+    if config.calib_method == "percentile":
+        return params_percentile(hist, config.act_bits, config.act_symmetric, config.percentile)
+    return params_mse(hist, config.act_bits, config.act_symmetric)
+

@@ -1,0 +1,1 @@
+"""EPTQ: the Label-Free Hessian, the network-wise objective and its optimization loop."""

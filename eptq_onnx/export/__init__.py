@@ -1,0 +1,1 @@
+"""Writing the QDQ model, its fake-quant reference, validation and latency."""

@@ -1,0 +1,98 @@
+"""What the written model costs to run: onnxruntime CPU latency of the float and the quantized model.
+
+Both sessions run with onnxruntime's default graph optimizations and the same thread count, on the
+same single feed; runs are interleaved (float, quantized, quantized, float, ...) so that a machine
+that gets slower or faster during the measurement moves both medians alike.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from eptq_onnx.graph.runtime import inference_session
+
+WARMUP_RUNS = 3
+MIN_RUNS = 5  # per model
+MAX_RUNS = 50
+MEASURE_SECONDS = 3.0  # wall time the interleaved runs may take, both models together
+SLOWER_THAN_FLOAT = 1.05  # a ratio above this is warned about
+
+
+@dataclass
+class Latency:
+    """Median onnxruntime CPU latency of one feed, float vs quantized."""
+
+    threads: int = 0
+    runs: int = 0
+    float_ms: float = 0.0
+    quantized_ms: float = 0.0
+    ratio: float = 0.0  # quantized / float
+    float_runs_ms: List[float] = field(default_factory=list)
+    quantized_runs_ms: List[float] = field(default_factory=list)
+
+
+def default_threads() -> int:
+    """One thread: the ratio of per-core costs, which a machine busy with other work disturbs least
+    (a multi-threaded session's workers wait on each other whenever one is descheduled)."""
+    return 1
+
+
+def _session(model: onnx.ModelProto, threads: int, config: Optional[Dict[str, str]] = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, value)
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return inference_session(model, opts)
+
+
+def _timed(session: ort.InferenceSession, feeds: Dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, feeds)
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure_latency(float_model: onnx.ModelProto, quantized_model: onnx.ModelProto, feeds: Dict[str, np.ndarray],
+                    threads: Optional[int] = None, seconds: float = MEASURE_SECONDS,
+                    config: Optional[Dict[str, str]] = None) -> Latency:
+    """Median latency (ms) of ``feeds`` through both models, interleaved, within about ``seconds``
+    (the quantized model's session takes the ``config`` entries validation used)."""
+    threads = threads or default_threads()
+    sessions = (_session(float_model, threads), _session(quantized_model, threads, config))
+    for _ in range(WARMUP_RUNS):
+        for s in sessions:
+            _timed(s, feeds)
+    first = [_timed(s, feeds) for s in sessions]
+    runs = int(np.clip(seconds * 1e3 / max(sum(first), 1e-3), MIN_RUNS, MAX_RUNS))
+    times: List[List[float]] = [[first[0]], [first[1]]]
+    for i in range(1, runs):
+        order = (0, 1) if i % 2 else (1, 0)
+        for k in order:
+            times[k].append(_timed(sessions[k], feeds))
+    f, q = (float(np.median(t)) for t in times)
+    return Latency(threads=threads, runs=runs, float_ms=round(f, 4), quantized_ms=round(q, 4),
+                   ratio=round(q / f, 4) if f > 0 else float("inf"),
+                   float_runs_ms=[round(t, 4) for t in times[0]], quantized_runs_ms=[round(t, 4) for t in times[1]])
+
+
+def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, linear: int, target: str) -> Optional[str]:
+    """A warning when the quantized model runs slower than the float one, with what the target offers instead."""
+    if latency.ratio <= SLOWER_THAN_FLOAT:
+        return None
+    head = (f"LATENCY: the quantized model runs at {latency.ratio:.2f}x its float model's latency on onnxruntime CPU "
+            f"({latency.quantized_ms:.2f} vs {latency.float_ms:.2f} ms, {latency.threads} thread"
+            f"{'' if latency.threads == 1 else 's'}, median of "
+            f"{latency.runs})")
+    narrow = sorted(b for b in set(weight_bits.values()) if b < 7)
+    if target == "ort-cpu" and narrow:
+        return (f"{head}: onnxruntime's CPU runs {'/'.join(map(str, narrow))}-bit weights as DequantizeLinear then a "
+                "float op (no integer kernel), so they save memory, not time; --weight-bits 8 gives fused integer "
+                "kernels, or deploy to a runtime with low-bit kernels (--target qnn, trt)")
+    return (f"{head}: {fused} of {linear} Conv/MatMul/Gemm run as fused integer kernels; the rest (and every "
+            "Q/DQ pair around a float op) add conversions; check report.validation.fused_op_types")

@@ -1,0 +1,1 @@
+"""Reading, normalizing and folding the float graph; tensor storage; onnxruntime sessions."""

@@ -1,0 +1,1 @@
+"""Initial quantizers: the numeric quantizers and the weight initialization."""

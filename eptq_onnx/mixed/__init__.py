@@ -1,0 +1,1 @@
+"""Mixed precision: per-layer sensitivities and the bit-width search."""

@@ -1,0 +1,1 @@
+"""The op registry: what every stage knows about each ONNX op type."""

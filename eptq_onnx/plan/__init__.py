@@ -1,0 +1,1 @@
+"""Where quantizers go: quantization points, shared scales, range rules, deployment targets."""

@@ -1,0 +1,475 @@
+"""Quantization points: which weights and which activation tensors get quantized (paper A.1).
+
+Weights: every weighted op (Conv, ConvTranspose, Gemm, MatMul with a constant operand, Gather
+from a constant table), per channel on the op's output-channel axis.
+
+Activations, per tensor: the model's float inputs; the outputs of weighted ops, activation x
+activation MatMuls, joins (Add/Concat/Mul of activations), normalizations and non-linearities,
+where a non-linearity (or a composite one such as GELU or SiLU made of elementwise ops) is
+fused with the op before it: the point moves after it. Ops that only move data share their
+input's quantization. Any float tensor a weighted op reads is a point too (e.g. after a
+GlobalAveragePool). The model's outputs, and every point whose values reach only them (the graph's
+tail after its last quantized layer), stay float unless ``quantize_outputs``.
+
+Normalization statistics stay float: a decomposed LayerNorm/RMSNorm/GroupNorm/InstanceNorm
+(norm_blocks.py) is quantized as its fused op, with a point on its normalized output and none
+inside; and no point is placed where its rounding only reaches a singular op (singular.py:
+Reciprocal, a Div denominator, Log, Sqrt, negative or fractional Pow).
+
+The result is a ``QuantPlan``; tensors that share one set of parameters form an ``ActGroup``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple
+
+import numpy as np
+import onnx
+
+from eptq_onnx.plan.norm_blocks import NormBlock, find_norm_blocks
+from eptq_onnx.ops.registry import RECURRENT, WeightRule, is_known, op_info, resolve_role
+from eptq_onnx.plan.singular import singular_feeders
+from eptq_onnx.graph.tensor_store import tensor_array
+
+FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
+OUTPUT_ROLES = frozenset(("weighted", "act_matmul", "join", "normalize", "activation"))
+FUSIBLE_ROLES = frozenset(("activation", "elementwise"))
+
+
+@dataclass
+class WeightPoint:
+    """A constant weight quantized per channel, and the op that reads it."""
+
+    node: str
+    op_type: str
+    weight: str
+    axis: int
+    input: Optional[str] = None  # the op's activation input (its scale sets the bias scale)
+    bias: Optional[str] = None  # a 1-D constant bias stored as int32
+
+
+@dataclass
+class ActGroup:
+    """Activation tensors that share one scale and zero point.
+
+    ``roots`` are the tensors whose values set the range (calibrated); ``tensors`` are all the
+    tensors that get a QuantizeLinear/DequantizeLinear pair (roots first, then the outputs of
+    data-movement ops that share their input's grid).
+    """
+
+    id: int
+    roots: List[str]
+    tensors: List[str]
+    reason: str
+
+
+@dataclass
+class QuantPlan:
+    weights: List[WeightPoint] = field(default_factory=list)
+    groups: List[ActGroup] = field(default_factory=list)
+    float_ops: List[Tuple[str, str, str]] = field(default_factory=list)  # (node, op_type, why)
+    norm_blocks: List[NormBlock] = field(default_factory=list)  # decomposed normalizations (internals float)
+    singular_float: List[str] = field(default_factory=list)  # would-be points that feed a singular op
+
+    def group_of(self) -> Dict[str, ActGroup]:
+        """Map from every quantized activation tensor to its group."""
+        return {t: g for g in self.groups for t in g.tensors}
+
+
+class GraphIndex:
+    """Producers, consumers, constants and element types of a graph's tensors."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.constants = {t.name: t for t in graph.initializer}
+        self.producer: Dict[str, onnx.NodeProto] = {}
+        self.consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for inp in node.input:
+                if inp:
+                    self.consumers[inp].append(node)
+        self.outputs = {o.name for o in graph.output}
+        self.inputs = [i.name for i in graph.input if i.name not in self.constants]
+        self.elem_type: Dict[str, int] = {}
+        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if vi.type.HasField("tensor_type"):
+                self.elem_type[vi.name] = vi.type.tensor_type.elem_type
+
+    def is_activation(self, name: str) -> bool:
+        """A float tensor computed at run time (not a constant)."""
+        return bool(name) and name not in self.constants and self.elem_type.get(name) in FLOAT_TYPES
+
+    def untyped(self, name: str) -> bool:
+        """A tensor computed at run time whose element type shape inference could not tell."""
+        return bool(name) and name not in self.constants and name not in self.elem_type
+
+    def is_float_constant(self, name: str) -> bool:
+        return name in self.constants and self.constants[name].data_type in FLOAT_TYPES
+
+    def act_inputs(self, node: onnx.NodeProto) -> List[str]:
+        return [i for i in node.input if self.is_activation(i)]
+
+
+BINARY_MATH = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"))
+
+
+def _elementwise_root(
+    index: GraphIndex, tensor: str, roles: Dict[str, str], memo: Dict[str, Tuple[str, FrozenSet[str]]]
+) -> Tuple[str, FrozenSet[str]]:
+    """Follow a tensor back through elementwise math on a single activation to its source.
+
+    Returns the source tensor and the tensors passed through on the way (memoized: shared
+    sub-expressions are visited once).
+    """
+    if tensor in memo:
+        return memo[tensor]
+    result: Tuple[str, FrozenSet[str]] = (tensor, frozenset())
+    node = index.producer.get(tensor)
+    role = roles.get(node.output[0]) if node is not None else None
+    if node is not None and (role in ("activation", "elementwise") or (role == "join" and node.op_type in BINARY_MATH)):
+        acts = index.act_inputs(node)
+        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        roots = {root for root, _ in traced}
+        if len(roots) == 1:
+            inside = frozenset().union(*(passed for _, passed in traced)) | {tensor}
+            result = (roots.pop(), inside)
+    memo[tensor] = result
+    return result
+
+
+def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str], Set[str]]:
+    """Composite activations (GELU, SiLU, HardSwish, ... written as elementwise ops).
+
+    Returns (exit tensor -> root tensor) for the outermost composites and the set of tensors
+    inside them, which never become quantization points.
+    """
+    exits: Dict[str, Tuple[str, FrozenSet[str]]] = {}
+    memo: Dict[str, Tuple[str, FrozenSet[str]]] = {}
+    for node in index.nodes:
+        acts = index.act_inputs(node)
+        if len(acts) < 2 or node.op_type not in BINARY_MATH:
+            continue
+        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        roots = {root for root, _ in traced}
+        if len(roots) == 1:
+            exits[node.output[0]] = (roots.pop(), frozenset().union(*(passed for _, passed in traced)))
+    internal: Set[str] = set()
+    for _, (_, inside) in exits.items():
+        internal |= inside
+    outer = {e: root for e, (root, inside) in exits.items() if e not in internal}
+    for e in outer:
+        internal.discard(e)
+    return outer, internal
+
+
+def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str],
+                  fusible: Optional[FrozenSet[str]] = None) -> List[str]:
+    """The chain of tensors a point at ``tensor`` moves along (ending at the new point).
+
+    A point moves past a single elementwise consumer (a non-linearity, or affine math with a
+    constant) and past a composite activation whose root it is; with ``fusible`` (a target's
+    rule) only past those op types.
+    """
+    chain = [tensor]
+    while True:
+        t = chain[-1]
+        if t in index.outputs:
+            return chain
+        consumers = index.consumers.get(t, [])
+        if t in composite_of_root and fusible is None:
+            chain.append(composite_of_root[t])
+            continue
+        if len(consumers) != 1:
+            return chain
+        node = consumers[0]
+        if fusible is not None and node.op_type not in fusible:
+            return chain
+        role = op_info(node).role
+        if role not in FUSIBLE_ROLES or len(index.act_inputs(node)) != 1 or len(node.output) != 1:
+            return chain
+        if not index.is_activation(node.output[0]) or _rescales_unevenly(index, node):
+            return chain
+        chain.append(node.output[0])
+
+
+UNEVEN_SCALE_RATIO = 16.0  # a Mul/Div by constants spanning more than this is not fused over
+
+
+def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Mul/Div by a constant whose magnitudes differ a lot (or include 0) across elements.
+
+    A point after it would put e.g. tokens scaled by 1 and by 1e-3 on one grid (the small ones
+    round to 0); before it, each element keeps its relative precision.
+    """
+    if node.op_type not in ("Mul", "Div"):
+        return False
+    for name in node.input:
+        if name in index.constants and index.constants[name].data_type in FLOAT_TYPES:
+            c = np.abs(tensor_array(index.constants[name]).astype(np.float64))
+            if c.size > 1 and (c.min() == 0 or c.max() / c.min() > UNEVEN_SCALE_RATIO):
+                return True
+    return False
+
+
+LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point
+
+
+def _before_blocks(chain: List[str], in_blocks: Set[str]) -> List[str]:
+    """The chain cut before the first tensor computed inside a normalization block."""
+    for i, tensor in enumerate(chain[1:], start=1):
+        if tensor in in_blocks:
+            return chain[:i]
+    return chain
+
+
+def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:
+    """Root -> exit for the composites that are their root's only readers (the point moves)."""
+    result: Dict[str, str] = {}
+    for exit_name, root in exits.items():
+        inside = _nodes_between(index, root, exit_name)
+        readers = index.consumers.get(root, [])
+        if root not in result and inside is not None and all(id(c) in inside for c in readers):
+            result[root] = exit_name
+    return result
+
+
+def _nodes_between(index: GraphIndex, root: str, exit_name: str) -> Optional[Set[int]]:
+    """ids of the nodes on paths from root to exit_name (None if exit is not reachable)."""
+    found: Set[int] = set()
+    reaches: Dict[str, bool] = {root: True}
+
+    def visit(t: str) -> bool:
+        if t not in reaches:
+            node = index.producer.get(t)
+            reaches[t] = False
+            if node is not None:
+                hits = [visit(i) for i in index.act_inputs(node)]
+                if any(hits):
+                    found.add(id(node))
+                    reaches[t] = True
+        return reaches[t]
+
+    return found if visit(exit_name) else None
+
+
+def _data_root(index: GraphIndex, tensor: str, roles: Dict[str, str]) -> str:
+    """Walk back through data-movement ops to the tensor that holds the actual values."""
+    while True:
+        node = index.producer.get(tensor)
+        if node is None or roles.get(node.output[0]) != "data" or not node.input:
+            return tensor
+        src = node.input[0]
+        if not index.is_activation(src):
+            return tensor
+        tensor = src
+
+
+def node_roles(index: GraphIndex) -> Tuple[Dict[str, str], Dict[str, WeightRule]]:
+    """Role of every node (keyed by its first output) and the weight rule of weighted ones."""
+    roles: Dict[str, str] = {}
+    rules: Dict[str, WeightRule] = {}
+    for node in index.nodes:
+        role, rule = resolve_role(node, index.is_activation)
+        if role == "weighted":
+            assert rule is not None
+            w = node.input[rule.weight_input]
+            if not index.is_float_constant(w):
+                role = "float"
+            else:
+                rules[node.output[0]] = rule
+        roles[node.output[0]] = role
+    return roles, rules
+
+
+def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
+               fusible: Optional[FrozenSet[str]] = None) -> QuantPlan:
+    """Find the weight and activation quantization points of a normalized float model.
+
+    ``fusible``: the only op types the point after a Conv/ConvTranspose/Gemm/MatMul may move
+    past (a target whose runtime fuses such an op into an integer kernel only when its output
+    point follows it or one of these directly); other points move as in the paper.
+    """
+    index = GraphIndex(model.graph)
+    roles, rules = node_roles(index)
+    exits, internal = _composites(index, roles)
+    composite_root = _composite_of_root(index, exits)
+    plan = QuantPlan(norm_blocks=find_norm_blocks(index))
+    block_of = {b.output: b for b in plan.norm_blocks}
+    in_blocks = {t for b in plan.norm_blocks for t in b.internal}
+    block_nodes = {n for b in plan.norm_blocks for n in b.nodes}
+    singular = singular_feeders(index, roles)
+
+    points: Dict[str, str] = {}  # tensor -> reason (ordered by discovery)
+    absorbed: Set[str] = set(internal) | in_blocks
+
+    def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
+        chain = _fuse_forward(index, tensor, composite_root)
+        if restricted and fusible is not None and chain[-1] not in index.outputs:
+            chain = _fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
+        chain = _before_blocks(chain, in_blocks)
+        if chain[-1] in singular:
+            # e.g. a variance before Sqrt, a power before Log: the point sits after the singular op
+            if chain[-1] not in plan.singular_float:
+                plan.singular_float.append(chain[-1])
+            return
+        absorbed.update(chain[:-1])
+        if chain[-1] not in points:
+            points[chain[-1]] = reason if len(chain) == 1 else f"{reason} (fused)"
+
+    for name in index.inputs:
+        if index.is_activation(name) and name in singular:
+            plan.singular_float.append(name)
+        elif index.is_activation(name):
+            points[name] = "model input"
+    for node in index.nodes:
+        role = roles[node.output[0]]
+        out = node.output[0]
+        if out in block_of:
+            add_point(out, f"{block_of[out].kind} (decomposed) output")
+        elif role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
+            if index.is_activation(out) and out not in absorbed:
+                add_point(out, f"{node.op_type} output", restricted=role in ("weighted", "act_matmul"))
+        if (node.name or out) in block_nodes:
+            continue  # a recognized normalization's ops are accounted for by its block
+        if not is_known(node) and any(index.is_activation(o) or index.untyped(o) for o in node.output):
+            why = op_info(node).note or "not in the op table"
+            plan.float_ops.append((node.name or out, node.op_type, why))
+        elif op_info(node).role == "weighted" and role == "float" and any(index.untyped(i) for i in node.input):
+            plan.float_ops.append((node.name or out, node.op_type, "reads a tensor of unknown type: shape inference does not know the op producing it"))
+    # inputs of weighted ops and activation x activation MatMuls must be quantized
+    for node in index.nodes:
+        role = roles[node.output[0]]
+        if role not in ("weighted", "act_matmul"):
+            continue
+        rule = rules.get(node.output[0])
+        for pos, inp in enumerate(node.input):
+            if rule is not None and pos in (rule.weight_input, rule.bias_input):
+                continue
+            if index.is_activation(inp):
+                root = _data_root(index, inp, roles)
+                if root not in points:
+                    add_point(root, f"input of {node.op_type}")
+    if not quantize_outputs:
+        for name in _output_tail(index, roles, rules, points):
+            del points[name]
+    else:
+        for name in index.outputs:
+            if index.is_activation(name) and _data_root(index, name, roles) not in points:
+                points[_data_root(index, name, roles)] = "model output"
+
+    plan.groups = _share_and_merge(index, roles, points)
+    plan.weights = _weight_points(index, rules)
+    return plan
+
+
+def _quantized_readers(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], tensor: str) -> bool:
+    """Whether a weighted op or an activation x activation MatMul reads ``tensor`` as an activation input."""
+    for node in index.consumers.get(tensor, []):
+        role = roles.get(node.output[0])
+        rule = rules.get(node.output[0])
+        if role == "act_matmul" or (role == "weighted" and any(
+                name == tensor and pos not in (rule.weight_input, rule.bias_input)
+                for pos, name in enumerate(node.input) if rule is not None)):
+            return True
+    return False
+
+
+def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], points: Dict[str, str]) -> List[str]:
+    """The points whose values reach only model outputs: no weighted op or activation x activation
+    MatMul reads them or anything computed from them, except through another point that is needed.
+
+    Such a point would round what the user reads (box pixels, class probabilities, logits) and
+    gain no integer kernel, so the tail of the graph after the last quantized layer stays float
+    (a detector's decode and output Concat, a classifier's Softmax). A recurrent op (LSTM/GRU/RNN,
+    float by design) ends the walk: a point that only feeds its input or state is not needed either
+    (rounded state carried through every time step costs fidelity and gains no kernel). Decided from
+    the graph's last points back to its first.
+    """
+    order = {o: i for i, n in enumerate(index.nodes) for o in n.output}
+    needed: Dict[str, bool] = {}
+    for point in sorted(points, key=lambda t: order.get(t, -1), reverse=True):
+        stack, seen, found = [point], {point}, False
+        while stack and not found:
+            t = stack.pop()
+            if _quantized_readers(index, roles, rules, t):
+                found = True
+                break
+            for node in index.consumers.get(t, []):
+                if node.op_type in RECURRENT:  # stays float: its input and state points feed no integer kernel
+                    continue
+                for out in node.output:
+                    if not out or out in seen:
+                        continue
+                    seen.add(out)
+                    if out in points:
+                        found = found or needed.get(out, True)
+                    else:
+                        stack.append(out)
+        needed[point] = found
+    return [t for t in points if not needed[t]]
+
+
+def _share_and_merge(index: GraphIndex, roles: Dict[str, str], points: Dict[str, str]) -> List[ActGroup]:
+    """Make one group per point, extend groups through data ops, merge sole-use Concat inputs."""
+    groups: Dict[str, ActGroup] = {}
+    for i, (tensor, reason) in enumerate(points.items()):
+        groups[tensor] = ActGroup(id=i, roots=[tensor], tensors=[tensor], reason=reason)
+    member: Dict[str, ActGroup] = {t: g for t, g in groups.items()}
+    for node in index.nodes:
+        if roles[node.output[0]] != "data" or not node.input:
+            continue
+        g = member.get(node.input[0])
+        if g is None:
+            continue
+        for out in node.output:
+            if index.is_activation(out) and out not in member:
+                g.tensors.append(out)
+                member[out] = g
+    for node in index.nodes:
+        if node.op_type != "Concat" or node.output[0] not in groups:
+            continue
+        target = groups[node.output[0]]
+        for inp in index.act_inputs(node):
+            g = member.get(inp)
+            sole_use = len(index.consumers.get(inp, [])) == 1 and inp not in index.outputs
+            if g is not None and g is not target and g.tensors == [inp] and sole_use:
+                target.roots.append(inp)
+                target.tensors.append(inp)
+                member[inp] = target
+                del groups[inp]
+    ordered = sorted(groups.values(), key=lambda g: g.id)
+    for i, g in enumerate(ordered):
+        g.id = i
+    return ordered
+
+
+def _weight_points(index: GraphIndex, rules: Dict[str, WeightRule]) -> List[WeightPoint]:
+    result = []
+    for node in index.nodes:
+        rule = rules.get(node.output[0])
+        if rule is None:
+            continue
+        weight = node.input[rule.weight_input]
+        rank = len(index.constants[weight].dims)
+        bias = None
+        if rule.bias_input is not None and len(node.input) > rule.bias_input:
+            b = node.input[rule.bias_input]
+            if index.is_float_constant(b) and len(index.constants[b].dims) == 1:
+                bias = b
+        act = next((i for p, i in enumerate(node.input) if p != rule.weight_input and index.is_activation(i)), None)
+        result.append(
+            WeightPoint(
+                node=node.name or node.output[0],
+                op_type=node.op_type,
+                weight=weight,
+                axis=rule.axis(node, rank) if rank > 0 else 0,
+                input=act,
+                bias=bias,
+            )
+        )
+    return result
