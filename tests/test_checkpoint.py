@@ -11,7 +11,7 @@ from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.eptq.checkpoint import FILE_NAME
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.errors import UsageError
-from eptq_onnx.eptq.optimize import Objective
+from eptq_onnx.eptq.objective import Objective
 from models import zoo
 
 

@@ -14,7 +14,7 @@ from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.eptq.stage import output_regression
-from eptq_onnx.eptq.optimize import beta_at
+from eptq_onnx.eptq.schedule import beta_at
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.twin.build import build_twin, to_tensors
 from eptq_onnx.eptq.kernels import rectified_sigmoid
@@ -172,7 +172,7 @@ def _initialized_twin(model, calib_for):  # type: ignore[no-untyped-def]
 
 def test_batches_read_a_generator_once_like_a_list() -> None:
     """Streamed calibration batches (a generator, read once) stack to the same tensors as a list."""
-    from eptq_onnx.eptq.optimize import Batches
+    from eptq_onnx.eptq.batches import Batches
 
     model = zoo.mlp()
     feeds = [zoo.sample_inputs(model, 4, seed=s) for s in range(3)]
@@ -184,11 +184,13 @@ def test_batches_read_a_generator_once_like_a_list() -> None:
 
 def test_cached_reconstruction_equals_the_per_tensor_loss(calib_for) -> None:
     """Eq. 6 against the teacher cache's rows equals Eq. 6 against the teacher run on the fly."""
-    from eptq_onnx.eptq.optimize import Batches, Objective, TeacherCache, _start_rounding
+    from eptq_onnx.eptq.optimizer import start_rounding
+    from eptq_onnx.eptq.objective import Objective
+    from eptq_onnx.eptq.batches import Batches, TeacherCache
 
     model = zoo.residual_cnn()
     twin, names = _initialized_twin(model, calib_for)
-    _start_rounding(twin, fixed_scale=True)
+    start_rounding(twin, fixed_scale=True)
     bank = RoundingBank(list(twin.weight_quant.values()))
     batches = Batches([zoo.sample_inputs(model, 16, seed=3)], "cpu", 0)
     weights = {n: 0.5 + i for i, n in enumerate(names)}
@@ -355,7 +357,7 @@ def test_bad_optimization_options_are_usage_errors() -> None:
 
 
 class _FakeObjective:
-    """A 'step' that sleeps a fixed time: enough for _choose_iters."""
+    """A 'step' that sleeps a fixed time: enough for choose_iters."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
@@ -376,15 +378,15 @@ class _FakeBatches:
 def test_time_budget_counts_the_whole_run() -> None:
     import time
 
-    from eptq_onnx.eptq.optimize import RESERVE, STEP_OVERHEAD, _choose_iters
+    from eptq_onnx.eptq.schedule import RESERVE, STEP_OVERHEAD, choose_iters
 
     options = OptimizeOptions(time_budget_min=0.05)  # 3 s
     step = 0.01
-    iters, measured, scale, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter())
+    iters, measured, scale, why = choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter())
     assert scale == pytest.approx(2.0) and measured >= step
     assert iters <= 3 * (1 - RESERVE) / (step * STEP_OVERHEAD) and iters > 100 and f"chose {iters}" in why
     # stages before the optimization used the budget up: the fewest steps, and the reason says so
-    iters, *_, why = _choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter() - 10)
+    iters, *_, why = choose_iters(_FakeObjective(step), _FakeBatches(), options, started_at=time.perf_counter() - 10)
     assert iters == 1 and "0 steps fit" in why
 
 
@@ -432,7 +434,7 @@ def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, e
 
 
 def test_teacher_cache_precision_follows_the_budget(calib_for) -> None:
-    from eptq_onnx.eptq.optimize import Batches, TeacherCache
+    from eptq_onnx.eptq.batches import Batches, TeacherCache
 
     model = zoo.mlp()
     twin, names = _initialized_twin(model, calib_for)

@@ -15,7 +15,8 @@ from eptq_onnx import quantize
 from eptq_onnx.plan.norm_blocks import find_norm_blocks
 from eptq_onnx.graph.normalize import normalize_model
 from eptq_onnx.ops.registry import singular_inputs
-from eptq_onnx.plan.qpoints import GraphIndex, build_plan
+from eptq_onnx.plan.qpoints import build_plan
+from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.report import Report, statistics_line
 from eptq_onnx.graph.runtime import make_session
 from models import zoo, zoo_norms

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from eptq_onnx import quantize
 from eptq_onnx.cli import main
-from eptq_onnx.eptq.optimize import Batches
+from eptq_onnx.eptq.batches import Batches
 from models.zoo_recurrent import stateful_feeds, stateful_lstm, write_feeds
 from tests.helpers import init_only
 

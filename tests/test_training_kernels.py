@@ -216,7 +216,7 @@ def test_sum_terms_and_round_to_grid_equal_their_python_references() -> None:
 def test_fused_updates_are_torch_optims_radam_and_adam_bit_for_bit(rectified: bool) -> None:
     """300 updates (through RAdam's switch to the rectified step), a parameter without a gradient,
     and a state_dict torch.optim loads to go on identically."""
-    from eptq_onnx.eptq.optimize import FusedUpdates
+    from eptq_onnx.eptq.optimizer import FusedUpdates
 
     _extension()
     gen = torch.Generator().manual_seed(6)

@@ -34,7 +34,8 @@ from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError
 from eptq_onnx.eptq.stage import compute_lfh, loss_tensors, mean_one
 from eptq_onnx.eptq.hessian import LFHResult
-from eptq_onnx.plan.qpoints import GraphIndex, QuantPlan
+from eptq_onnx.plan.qpoints import QuantPlan
+from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.twin.weighted import WeightedOp
 from eptq_onnx.twin.build import Twin, build_twin, to_tensors

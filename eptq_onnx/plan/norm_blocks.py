@@ -33,7 +33,7 @@ from eptq_onnx.plan.singular import constant_scalar
 from eptq_onnx.graph.tensor_store import tensor_array
 
 if TYPE_CHECKING:
-    from eptq_onnx.plan.qpoints import GraphIndex
+    from eptq_onnx.graph.index import GraphIndex
 
 MAX_BLOCK_NODES = 48  # a decomposed norm (with casts and affine) is far smaller; larger regions are not one
 UNARY_ENTRY_OPS = frozenset(("Cast", "Identity"))

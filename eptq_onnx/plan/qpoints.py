@@ -20,21 +20,18 @@ The result is a ``QuantPlan``; tensors that share one set of parameters form an 
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Set, Tuple
 
-import numpy as np
 import onnx
 
 from eptq_onnx.plan.norm_blocks import NormBlock, find_norm_blocks
 from eptq_onnx.ops.registry import RECURRENT, WeightRule, is_known, op_info, resolve_role
 from eptq_onnx.plan.singular import singular_feeders
-from eptq_onnx.graph.tensor_store import tensor_array
+from eptq_onnx.graph.index import GraphIndex
+from eptq_onnx.plan.composites import LOG_DOMAIN, before_blocks, composite_of_root, composites, fuse_forward
 
-FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
 OUTPUT_ROLES = frozenset(("weighted", "act_matmul", "join", "normalize", "activation"))
-FUSIBLE_ROLES = frozenset(("activation", "elementwise"))
 
 
 @dataclass
@@ -77,186 +74,6 @@ class QuantPlan:
         return {t: g for g in self.groups for t in g.tensors}
 
 
-class GraphIndex:
-    """Producers, consumers, constants and element types of a graph's tensors."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.graph = graph
-        self.nodes = list(graph.node)
-        self.constants = {t.name: t for t in graph.initializer}
-        self.producer: Dict[str, onnx.NodeProto] = {}
-        self.consumers: Dict[str, List[onnx.NodeProto]] = defaultdict(list)
-        for node in self.nodes:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for inp in node.input:
-                if inp:
-                    self.consumers[inp].append(node)
-        self.outputs = {o.name for o in graph.output}
-        self.inputs = [i.name for i in graph.input if i.name not in self.constants]
-        self.elem_type: Dict[str, int] = {}
-        for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if vi.type.HasField("tensor_type"):
-                self.elem_type[vi.name] = vi.type.tensor_type.elem_type
-
-    def is_activation(self, name: str) -> bool:
-        """A float tensor computed at run time (not a constant)."""
-        return bool(name) and name not in self.constants and self.elem_type.get(name) in FLOAT_TYPES
-
-    def untyped(self, name: str) -> bool:
-        """A tensor computed at run time whose element type shape inference could not tell."""
-        return bool(name) and name not in self.constants and name not in self.elem_type
-
-    def is_float_constant(self, name: str) -> bool:
-        return name in self.constants and self.constants[name].data_type in FLOAT_TYPES
-
-    def act_inputs(self, node: onnx.NodeProto) -> List[str]:
-        return [i for i in node.input if self.is_activation(i)]
-
-
-BINARY_MATH = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"))
-
-
-def _elementwise_root(
-    index: GraphIndex, tensor: str, roles: Dict[str, str], memo: Dict[str, Tuple[str, FrozenSet[str]]]
-) -> Tuple[str, FrozenSet[str]]:
-    """Follow a tensor back through elementwise math on a single activation to its source.
-
-    Returns the source tensor and the tensors passed through on the way (memoized: shared
-    sub-expressions are visited once).
-    """
-    if tensor in memo:
-        return memo[tensor]
-    result: Tuple[str, FrozenSet[str]] = (tensor, frozenset())
-    node = index.producer.get(tensor)
-    role = roles.get(node.output[0]) if node is not None else None
-    if node is not None and (role in ("activation", "elementwise") or (role == "join" and node.op_type in BINARY_MATH)):
-        acts = index.act_inputs(node)
-        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
-        roots = {root for root, _ in traced}
-        if len(roots) == 1:
-            inside = frozenset().union(*(passed for _, passed in traced)) | {tensor}
-            result = (roots.pop(), inside)
-    memo[tensor] = result
-    return result
-
-
-def _composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str], Set[str]]:
-    """Composite activations (GELU, SiLU, HardSwish, ... written as elementwise ops).
-
-    Returns (exit tensor -> root tensor) for the outermost composites and the set of tensors
-    inside them, which never become quantization points.
-    """
-    exits: Dict[str, Tuple[str, FrozenSet[str]]] = {}
-    memo: Dict[str, Tuple[str, FrozenSet[str]]] = {}
-    for node in index.nodes:
-        acts = index.act_inputs(node)
-        if len(acts) < 2 or node.op_type not in BINARY_MATH:
-            continue
-        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
-        roots = {root for root, _ in traced}
-        if len(roots) == 1:
-            exits[node.output[0]] = (roots.pop(), frozenset().union(*(passed for _, passed in traced)))
-    internal: Set[str] = set()
-    for _, (_, inside) in exits.items():
-        internal |= inside
-    outer = {e: root for e, (root, inside) in exits.items() if e not in internal}
-    for e in outer:
-        internal.discard(e)
-    return outer, internal
-
-
-def _fuse_forward(index: GraphIndex, tensor: str, composite_of_root: Dict[str, str],
-                  fusible: Optional[FrozenSet[str]] = None) -> List[str]:
-    """The chain of tensors a point at ``tensor`` moves along (ending at the new point).
-
-    A point moves past a single elementwise consumer (a non-linearity, or affine math with a
-    constant) and past a composite activation whose root it is; with ``fusible`` (a target's
-    rule) only past those op types.
-    """
-    chain = [tensor]
-    while True:
-        t = chain[-1]
-        if t in index.outputs:
-            return chain
-        consumers = index.consumers.get(t, [])
-        if t in composite_of_root and fusible is None:
-            chain.append(composite_of_root[t])
-            continue
-        if len(consumers) != 1:
-            return chain
-        node = consumers[0]
-        if fusible is not None and node.op_type not in fusible:
-            return chain
-        role = op_info(node).role
-        if role not in FUSIBLE_ROLES or len(index.act_inputs(node)) != 1 or len(node.output) != 1:
-            return chain
-        if not index.is_activation(node.output[0]) or _rescales_unevenly(index, node):
-            return chain
-        chain.append(node.output[0])
-
-
-UNEVEN_SCALE_RATIO = 16.0  # a Mul/Div by constants spanning more than this is not fused over
-
-
-def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
-    """Mul/Div by a constant whose magnitudes differ a lot (or include 0) across elements.
-
-    A point after it would put e.g. tokens scaled by 1 and by 1e-3 on one grid (the small ones
-    round to 0); before it, each element keeps its relative precision.
-    """
-    if node.op_type not in ("Mul", "Div"):
-        return False
-    for name in node.input:
-        if name in index.constants and index.constants[name].data_type in FLOAT_TYPES:
-            c = np.abs(tensor_array(index.constants[name]).astype(np.float64))
-            if c.size > 1 and (c.min() == 0 or c.max() / c.min() > UNEVEN_SCALE_RATIO):
-                return True
-    return False
-
-
-LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point
-
-
-def _before_blocks(chain: List[str], in_blocks: Set[str]) -> List[str]:
-    """The chain cut before the first tensor computed inside a normalization block."""
-    for i, tensor in enumerate(chain[1:], start=1):
-        if tensor in in_blocks:
-            return chain[:i]
-    return chain
-
-
-def _composite_of_root(index: GraphIndex, exits: Dict[str, str]) -> Dict[str, str]:
-    """Root -> exit for the composites that are their root's only readers (the point moves)."""
-    result: Dict[str, str] = {}
-    for exit_name, root in exits.items():
-        inside = _nodes_between(index, root, exit_name)
-        readers = index.consumers.get(root, [])
-        if root not in result and inside is not None and all(id(c) in inside for c in readers):
-            result[root] = exit_name
-    return result
-
-
-def _nodes_between(index: GraphIndex, root: str, exit_name: str) -> Optional[Set[int]]:
-    """ids of the nodes on paths from root to exit_name (None if exit is not reachable)."""
-    found: Set[int] = set()
-    reaches: Dict[str, bool] = {root: True}
-
-    def visit(t: str) -> bool:
-        if t not in reaches:
-            node = index.producer.get(t)
-            reaches[t] = False
-            if node is not None:
-                hits = [visit(i) for i in index.act_inputs(node)]
-                if any(hits):
-                    found.add(id(node))
-                    reaches[t] = True
-        return reaches[t]
-
-    return found if visit(exit_name) else None
-
-
 def _data_root(index: GraphIndex, tensor: str, roles: Dict[str, str]) -> str:
     """Walk back through data-movement ops to the tensor that holds the actual values."""
     while True:
@@ -296,8 +113,8 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     """
     index = GraphIndex(model.graph)
     roles, rules = node_roles(index)
-    exits, internal = _composites(index, roles)
-    composite_root = _composite_of_root(index, exits)
+    exits, internal = composites(index, roles)
+    composite_root = composite_of_root(index, exits)
     plan = QuantPlan(norm_blocks=find_norm_blocks(index))
     block_of = {b.output: b for b in plan.norm_blocks}
     in_blocks = {t for b in plan.norm_blocks for t in b.internal}
@@ -308,10 +125,10 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
     absorbed: Set[str] = set(internal) | in_blocks
 
     def add_point(tensor: str, reason: str, restricted: bool = False) -> None:
-        chain = _fuse_forward(index, tensor, composite_root)
+        chain = fuse_forward(index, tensor, composite_root)
         if restricted and fusible is not None and chain[-1] not in index.outputs:
-            chain = _fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
-        chain = _before_blocks(chain, in_blocks)
+            chain = fuse_forward(index, tensor, composite_root, fusible)  # a last layer keeps its float output
+        chain = before_blocks(chain, in_blocks)
         if chain[-1] in singular:
             # e.g. a variance before Sqrt, a power before Log: the point sits after the singular op
             if chain[-1] not in plan.singular_float:

@@ -21,7 +21,9 @@ from typing import Dict, List
 import numpy as np
 import onnx
 
-from eptq_onnx.plan.qpoints import ActGroup, GraphIndex, QuantPlan
+from eptq_onnx.plan.qpoints import ActGroup, QuantPlan
+
+from eptq_onnx.graph.index import GraphIndex
 
 MASK_FILL_ABS = 1e30  # |x| at or above this is a mask fill (float32 min is -3.4e38), not data
 MAX_SHARED_RANGE_RATIO = 16.0  # largest ratio of max |x| between tensors allowed to share a scale

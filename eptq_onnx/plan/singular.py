@@ -20,7 +20,7 @@ from eptq_onnx.ops.registry import REDUCTIONS, singular_inputs
 from eptq_onnx.graph.tensor_store import tensor_array
 
 if TYPE_CHECKING:
-    from eptq_onnx.plan.qpoints import GraphIndex
+    from eptq_onnx.graph.index import GraphIndex
 
 PASS_ROLES = frozenset(("elementwise", "activation", "data"))  # carry a value's rounding on unchanged
 PASS_OPS = REDUCTIONS | {"Cast", "Identity"}
