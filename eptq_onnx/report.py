@@ -8,10 +8,18 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+import onnx
 from rich.console import Console
 from rich.table import Table
 
+from eptq_onnx.eptq.hessian import LFHResult
+from eptq_onnx.eptq.stage import HESSIAN_SHARE, PROBED, EptqOutcome
 from eptq_onnx.graph.model_io import write_bytes_atomic
+from eptq_onnx.graph.tensor_store import tensor_array
+from eptq_onnx.init.quantizers import ActParams, sqnr_db
+from eptq_onnx.init.weights import WeightQuant
+from eptq_onnx.plan.qpoints import QuantPlan
 
 SHOWN_TENSORS = 8  # worst tensors listed in the terminal (all of them are in the JSON)
 
@@ -191,3 +199,93 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         console.print(f"[yellow]stays float:[/yellow] {op['node']} ({op['op_type']}): {op['why']}")
     for message in report.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {message}")
+
+
+# --------------------------------------------------------------------------- what the stages record
+
+
+UNDECIDED_WARN = 0.001  # of all rounding variables: more left undecided at the end is warned about
+
+
+def record_plan(report: Report, plan: QuantPlan) -> None:
+    """The plan's float ops (each warned about), matched normalization blocks and singular tensors."""
+    report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
+    report.norm_blocks = [{"kind": b.kind, "input": b.input, "output": b.output, "nodes": list(b.nodes)}
+                          for b in plan.norm_blocks]
+    report.singular_float = list(plan.singular_float)
+    for node, op_type, why in plan.float_ops:
+        report.warn(f"{op_type} node {node} stays float ({why})")
+
+
+def record_eptq(report: Report, outcome: EptqOutcome) -> None:
+    """The optimization's figures, and warnings for undecided rounding, slower kernels and the LFH."""
+    opt = outcome.optimization
+    report.optimization = {
+        "iters": opt.iters,
+        "seconds": round(opt.seconds, 3),
+        "step_seconds": round(opt.step_seconds, 5),
+        "why": opt.why,
+        "kernels": opt.kernels,
+        "undecided_rounding": opt.undecided,
+        "loss_weights": outcome.loss_weights,
+        "curve": opt.curve,
+        "sqnr_before_db": outcome.sqnr_before,
+        "sqnr_after_db": outcome.sqnr_after,
+        "kept_init": outcome.kept_init,
+    }
+    undecided = sum(opt.undecided.values())
+    if undecided > UNDECIDED_WARN * max(1, opt.rounding_variables):
+        report.warn(f"{undecided} of {opt.rounding_variables} rounding variables were still undecided (0.01 < h < 0.99) "
+                    f"when the optimization stopped (most in {max(opt.undecided, key=opt.undecided.get)}); the hard rounding "
+                    "written to the file then departs from what was trained: give it more steps (--iters, --time-budget)")
+    if opt.kernels_failed:
+        report.warn(f"FALLBACK: EPTQ trained with the slower {opt.kernels}")
+    if outcome.hessian is not None:
+        report.hessian = {"probed": PROBED, **outcome.hessian.to_dict(),
+                          "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
+        warn_lfh(report, outcome.hessian)
+    if outcome.kept_init:
+        report.warn(f"FALLBACK: EPTQ result discarded, the output is the MSE-initialized model: {outcome.kept_init}; "
+                    "give the optimization more steps (--iters, --time-budget)")
+
+
+def warn_lfh(report: Report, hessian: LFHResult) -> None:
+    """Say when the LFH's time share cut its draws, and which tensors the channel-correlated LFH had to
+    treat elementwise (their layout unknown)."""
+    if hessian.time_limited:
+        report.warn(f"LFH: its share of the time budget ({HESSIAN_SHARE:.0%} of --time-budget) allowed "
+                    f"{hessian.samples} sample(s) and {hessian.total_draws} Hutchinson draws in all (at most "
+                    f"{hessian.draws} per sample); the loss weights are noisier estimates: a larger --time-budget gives "
+                    "more draws")
+    unknown = hessian.unknown_axes
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        report.warn(f"LFH (--hessian-trace channel): the position axes of {len(unknown)} tensor(s) are unknown (no "
+                    f"layout rule for the op that makes them); they take the paper's elementwise trace: {shown}")
+
+
+def tensor_entries(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    weights: Dict[str, WeightQuant],
+    acts: Dict[int, ActParams],
+    storage: Dict[str, str],
+    act_sqnr: Dict[str, float],
+) -> List[TensorEntry]:
+    """One entry per quantized weight (its SQNR against the float weight) and activation group root."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    ops = {p.weight: p.op_type for p in plan.weights}
+    entries = []
+    for name, wq in weights.items():
+        w = tensor_array(initializers[name]).astype(np.float32, copy=False)
+        entries.append(
+            TensorEntry(name, ops[name], "weight", wq.bits, wq.scale.tolist(), 0, sqnr_db(w, wq.dequantized()), storage.get(name, ""))
+        )
+    for g in plan.groups:
+        p = acts[g.id]
+        for root in g.roots:
+            entries.append(
+                TensorEntry(root, producers.get(root, "input"), "activation", p.bits, p.scale, p.zero_point, act_sqnr.get(root), g.reason)
+            )
+    return entries

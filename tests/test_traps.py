@@ -142,7 +142,8 @@ def test_refine_drops_extreme_groups_and_splits_wide_concats() -> None:
     assert concat.output[0] in plan.group_of()
     stats = {r: _stats(0.0, 1.0) for g in plan.groups for r in g.roots}
     count = len(plan.groups)
-    assert refine_plan(model, plan, stats) == [] and len(plan.groups) == count  # similar ranges: unchanged
+    refined, notes = refine_plan(model, plan, stats)
+    assert notes == [] and len(refined.groups) == count  # similar ranges: unchanged
 
     plan = build_plan(model, quantize_outputs=True)
     wide = dict(stats)
@@ -151,7 +152,9 @@ def test_refine_drops_extreme_groups_and_splits_wide_concats() -> None:
     wide[box_root] = _stats(0.0, 2 * MAX_SHARED_RANGE_RATIO)  # boxes 32x the probabilities
     masked = plan.groups[1].roots[0]  # the first Conv output
     wide[masked] = _stats(-3.4e38, 1.0)
-    notes = refine_plan(model, plan, wide)
+    original, before = plan, [list(g.roots) for g in plan.groups]
+    plan, notes = refine_plan(model, plan, wide)
+    assert [list(g.roots) for g in original.groups] == before  # a new plan: the input plan is unchanged
     quantized = set(plan.group_of())
     assert concat.output[0] not in quantized
     assert masked not in quantized, masked
@@ -162,7 +165,8 @@ def test_refine_drops_extreme_groups_and_splits_wide_concats() -> None:
 
 def test_refine_keeps_a_shared_scale_for_similar_ranges() -> None:
     plan = QuantPlan(groups=[ActGroup(0, ["a"], ["a"], "x")])
-    assert refine_plan(zoo.mlp(), plan, {"a": _stats(-1.0, 1.0)}) == [] and len(plan.groups) == 1
+    refined, notes = refine_plan(zoo.mlp(), plan, {"a": _stats(-1.0, 1.0)})
+    assert notes == [] and len(refined.groups) == 1
 
 
 @pytest.mark.parametrize("scale", [[1.0, 1e-3], [2.0, 0.0]])

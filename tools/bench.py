@@ -64,7 +64,8 @@ import eptq_onnx  # noqa: E402
 from eptq_onnx import CalibOptions, QuantConfig, quantize  # noqa: E402
 from eptq_onnx.eptq import kernels as training_kernels  # noqa: E402
 from eptq_onnx.config import OptimizeOptions  # noqa: E402
-from eptq_onnx.calib.data import CalibrationSet, input_specs  # noqa: E402
+from eptq_onnx.calib.data import CalibrationSet  # noqa: E402
+from eptq_onnx.calib.specs import input_specs  # noqa: E402
 from eptq_onnx.init.quantizers import sqnr_db  # noqa: E402
 from eptq_onnx.twin.convert import to_torch  # noqa: E402
 from models import zoo  # noqa: E402

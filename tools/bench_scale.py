@@ -43,9 +43,9 @@ CHILD = (
     "from eptq_onnx.cli import main; main()"
 )
 TARGET_MB = 4096
-# The child also prints VmRSS/VmHWM after each pipeline stage (pipeline._Timer.stage).
+# The child also prints VmRSS/VmHWM after each pipeline stage (context.RunContext.stage).
 STAGES = (
-    "import contextlib; from eptq_onnx import pipeline; from bench import _max_rss_mb; _stage = pipeline._Timer.stage\n"
+    "import contextlib; from eptq_onnx import context; from bench import _max_rss_mb; _stage = context.RunContext.stage\n"
     "def _rss_mb():\n"
     "    line = next(l for l in open('/proc/self/status') if l.startswith('VmRSS:'))\n"
     "    return int(line.split()[1]) / 1024\n"
@@ -54,7 +54,7 @@ STAGES = (
     "    with _stage(self, name):\n"
     "        yield\n"
     "    print(f'STAGE_RSS_MB {name.replace(\" \", \"_\")} {_rss_mb():.0f} {_max_rss_mb():.0f}', file=sys.stderr)\n"
-    "pipeline._Timer.stage = _traced\n"
+    "context.RunContext.stage = _traced\n"
 )
 BIG = {"small": (2048, 8192, 6), "over-2gb": (4096, 16384, 9)}  # width, hidden, layers
 BIG_TARGET_RATIO = 3.0

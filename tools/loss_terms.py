@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from eptq_onnx import CalibOptions, QuantConfig, quantize  # noqa: E402
-from eptq_onnx.calib.data import CalibrationSet, input_specs  # noqa: E402
+from eptq_onnx.calib.data import CalibrationSet  # noqa: E402
+from eptq_onnx.calib.specs import input_specs  # noqa: E402
 from eptq_onnx.config import OptimizeOptions  # noqa: E402
 from eptq_onnx.eptq.stage import compute_lfh, loss_tensors, mean_one  # noqa: E402
 from eptq_onnx.twin.build import build_twin, to_tensors  # noqa: E402

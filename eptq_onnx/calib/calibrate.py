@@ -1,11 +1,13 @@
 """Activation step sizes from calibration statistics, streamed batch by batch.
 
-Pass 1 records each group's finite min and max; pass 2 (for ``mse`` and ``percentile``) fills a
+Pass 1 (``range_statistics``) records each group root's finite min and max, from which the range
+rules refine the plan; pass 2 (for ``mse`` and ``percentile``) fills a
 fixed-range histogram per group. Only the histograms are kept: never the activations.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -15,7 +17,7 @@ from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
-from eptq_onnx.plan.range_rules import GroupStats, group_stats, refine_plan
+from eptq_onnx.plan.range_rules import GroupStats, group_stats
 from eptq_onnx.graph.runtime import make_session, run, tapped_batch_size, with_outputs
 
 
@@ -26,26 +28,39 @@ def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progres
         yield run(session, feeds, names)
 
 
-def calibrate_activations(
-    model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, config: QuantConfig, progress: bool = True
-) -> tuple[Dict[int, ActParams], Dict[int, GroupStats], List[str]]:
-    """Quantization parameters of every activation group, by ``config.calib_method``.
+@dataclass
+class RangePass:
+    """The first calibration pass: every group root's finite min/max (and mask-fill/non-finite counts),
+    with the tapped session and batch size that the histogram pass reuses."""
 
-    After the min/max pass the range rules (range_rules.py) refine ``plan`` in place: tensors
-    with mask-fill or non-finite values stay float, Concats over very different ranges stop
-    sharing one scale. Returns the parameters, the statistics per group and the rules' notes.
-    """
+    root_stats: Dict[str, GroupStats]
+    session: Optional[Any] = None
+    batch_size: int = 1
+
+
+def range_statistics(model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, progress: bool = True) -> RangePass:
+    """Pass 1 over the calibration data: the statistics the range rules (range_rules.refine_plan) read."""
     names = [root for g in plan.groups for root in g.roots]
     if not names:
-        return {}, {}, []
+        return RangePass({})
     root_stats = {name: GroupStats() for name in names}
     session = make_session(with_outputs(model, names))
     batch_size = tapped_batch_size(session, calib, calib.batch_size)
     for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
         for name, value in outputs.items():
             root_stats[name].add(np.asarray(value))
-    notes = refine_plan(model, plan, root_stats)
-    stats = group_stats(plan.groups, root_stats)
+    return RangePass(root_stats, session, batch_size)
+
+
+def calibrate_activations(
+    plan: QuantPlan, ranges: RangePass, calib: CalibrationSet, config: QuantConfig, progress: bool = True
+) -> tuple[Dict[int, ActParams], Dict[int, GroupStats]]:
+    """Quantization parameters of every activation group of ``plan`` (refined by the range rules from
+    ``ranges``), by ``config.calib_method``: from the min/max, or from pass 2's histograms.
+    Returns the parameters and the statistics per group."""
+    if not plan.groups:
+        return {}, {}
+    stats = group_stats(plan.groups, ranges.root_stats)
     roots = {root: g for g in plan.groups for root in g.roots}
     names = list(roots)
     symmetric = config.act_symmetric
@@ -54,14 +69,14 @@ def calibrate_activations(
         for g in plan.groups:
             s = stats[g.id]
             params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
-        return params, stats, notes
+        return params, stats
     hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
-    for outputs in _passes(session, calib, names, "calibration: histograms", progress, batch_size):
+    for outputs in _passes(ranges.session, calib, names, "calibration: histograms", progress, ranges.batch_size):
         for name, value in outputs.items():
             hists[roots[name].id].add(value)
     for g in plan.groups:
         params[g.id] = _params_from_histogram(hists[g.id], config)
-    return params, stats, notes
+    return params, stats
 
 
 def _histogram(stats: GroupStats) -> Histogram:

@@ -14,9 +14,10 @@ The plan (qpoints.py) is built from the graph alone; two traps are only visible 
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
@@ -79,13 +80,15 @@ def group_stats(groups: List[ActGroup], root_stats: Dict[str, GroupStats]) -> Di
     return result
 
 
-def refine_plan(model: onnx.ModelProto, plan: QuantPlan, root_stats: Dict[str, GroupStats]) -> List[str]:
-    """Apply the range rules to ``plan`` in place (groups renumbered); return report notes."""
+def refine_plan(model: onnx.ModelProto, plan: QuantPlan,
+                root_stats: Dict[str, GroupStats]) -> Tuple[QuantPlan, List[str]]:
+    """The plan the range rules make of ``plan`` (a new one, groups renumbered), and report notes."""
+    plan = copy.deepcopy(plan)
     notes = _drop_extreme_groups(plan, root_stats)
     notes += _split_wide_concats(model, plan, root_stats)
     for i, g in enumerate(plan.groups):
         g.id = i
-    return notes
+    return plan, notes
 
 
 def _drop_extreme_groups(plan: QuantPlan, root_stats: Dict[str, GroupStats]) -> List[str]:
