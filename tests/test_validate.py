@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,26 @@ def test_pipeline_validation_error_writes_nothing(tmp_path: Path, calib_for, mon
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["error"]["code"] == 5 and report["error"]["stage"] == "validate"
     assert report["validation"]["first_difference"]["qdq_vs_reference"]["op_type"] != "?"
+
+
+def test_outputs_on_every_sample_tensor_diagnostics_on_a_byte_budget(quantized, monkeypatch) -> None:
+    """Past the tapped-bytes budget only the outputs are compared: output SQNR over all samples equals
+    a direct onnxruntime computation; the per-tensor diagnostics ran on TAPPED_MIN_SAMPLES."""
+    from eptq_onnx.export import validate as validation
+    from eptq_onnx.init.quantizers import sqnr_db
+
+    result, calib, reference = quantized
+    state = result.state
+    monkeypatch.setattr(validation, "TAPPED_VALIDATION_BYTES", 1)
+    one_by_one = CalibrationSet(calib._folder, input_specs(state.float_model), replace(state.config.calib, batch_size=1))
+    measured = validate(state.float_model, result.model, state.plan, one_by_one, 8, progress=False, reference=reference)
+    assert (measured.samples, measured.tapped_samples) == (8, validation.TAPPED_MIN_SAMPLES)
+    float_sess = ort.InferenceSession(state.float_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    qdq_sess = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = state.float_model.graph.output[0].name
+    feeds = [f for f in one_by_one.batches(1, limit=8)]
+    ref = np.concatenate([float_sess.run([name], f)[0] for f in feeds])
+    got = np.concatenate([qdq_sess.run([name], f)[0] for f in feeds])
+    assert measured.output_sqnr_db[name] == pytest.approx(sqnr_db(ref, got), abs=0.05)
+    full = validate(state.float_model, result.model, state.plan, calib, 8, progress=False, reference=reference)
+    assert full.tapped_samples == 8 and full.output_sqnr_db[name] == pytest.approx(measured.output_sqnr_db[name], abs=1e-3)

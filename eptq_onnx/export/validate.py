@@ -24,7 +24,8 @@ from eptq_onnx.errors import ValidationError
 from eptq_onnx.export.reference import fake_quant_name
 from eptq_onnx.graph.model_io import model_path, serialized_size
 from eptq_onnx.plan.qpoints import QuantPlan
-from eptq_onnx.graph.runtime import PROTOBUF_LIMIT, make_session, run, tapped_batch_size, with_outputs
+from eptq_onnx.graph.runtime import (PROTOBUF_LIMIT, TAPPED_BATCH_BYTES, make_session, run, tapped_bytes_per_sample,
+                                     with_outputs)
 from eptq_onnx.plan.targets import TARGETS, Target
 from eptq_onnx.graph.tensor_store import store_of
 
@@ -49,6 +50,11 @@ INT2_FUSION_OFF = {"session.disable_quant_qdq": "1"}
 MIN_REFERENCE_DB = 30.0
 # Below this SQNR (dB) of its inputs, a tensor that departs from the reference inherits the departure.
 LOCAL_REFERENCE_DB = 40.0
+# The per-tensor diagnostics (tapped runs of the float, unoptimized QDQ and reference models) run on the
+# first samples whose tapped tensors fit this many bytes in all, at least TAPPED_MIN_SAMPLES of them;
+# the outputs (the fidelity that counts) are compared on every validation sample.
+TAPPED_VALIDATION_BYTES = 1 << 30
+TAPPED_MIN_SAMPLES = 4
 
 
 @dataclass
@@ -61,6 +67,7 @@ class Validation:
     """
 
     samples: int = 0
+    tapped_samples: int = 0  # of ``samples``: those the per-tensor and unoptimized diagnostics ran on
     output_sqnr_db: Dict[str, float] = field(default_factory=dict)  # optimized onnxruntime vs float
     output_max_abs_error: Dict[str, float] = field(default_factory=dict)
     top1_agreement: Dict[str, float] = field(default_factory=dict)  # outputs that look like class scores
@@ -191,33 +198,40 @@ def _validate(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan: Qu
     tensors = defaultdict(Accumulator)
     divergence = defaultdict(Accumulator)
     # two sets of tapped tensors are alive at once: the QDQ model's (ref_sess) and the float or reference one's
-    batch_size = tapped_batch_size(ref_sess, calib, calib.batch_size, copies=2)
+    per_sample = tapped_bytes_per_sample(ref_sess, calib)
+    batch_size = max(1, min(calib.batch_size, int(TAPPED_BATCH_BYTES // max(2 * per_sample, 1))))
+    tapped_limit = max(TAPPED_MIN_SAMPLES, int(TAPPED_VALIDATION_BYTES // max(per_sample, 1)))
+    plain_float = None  # the float model without taps, for the samples past tapped_limit
     pairs = (checked, fq_names, qdq_checked)
-    for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
+    total = calib.num_batches(batch_size, limit=samples)
+    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
+                      leave=False):
+        first_batch = result.samples == 0
+        tapped = result.samples < tapped_limit
         result.samples += calib.samples_in(feeds)
-        try:
-            o = run(opt_sess, feeds, out_names)
-        except Exception as exc:
-            raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
+        o = _run_qdq(opt_sess, feeds, out_names)
+        if not tapped:
+            plain_float = plain_float or make_session(float_model)
+            f = run(plain_float, feeds, out_names)
+            _add_outputs(out_names, f, o, outputs, top1, first_batch)
+            continue
+        result.tapped_samples += calib.samples_in(feeds)
+        r = _run_qdq(ref_sess, feeds)
         f = run(float_sess, feeds)
+        _add_outputs(out_names, f, o, outputs, top1, first_batch)
         for name in out_names:
             agreement[name].add(r[name], o[name])
-            outputs[name].add(f[name], o[name])
             unoptimized[name].add(f[name], r[name])
-            if result.samples == calib.samples_in(feeds) and looks_like_class_scores(f[name]):  # the first batch
-                top1[name] = _Top1()
-            if name in top1:
-                top1[name].add(f[name], o[name])
         for root, qname in qdq_tensor_names.items():
             tensors[root].add(f[root], r[qname])
         del f, o
         if fq_sess is not None:
             _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
     if reference is not None and split:
-        del float_sess, opt_sess
+        del float_sess, opt_sess, plain_float
         fq_sess = _reference_session(reference, fq_names)
-        for feeds, r in _qdq_batches(ref_sess, calib, batch_size, samples, progress):
-            _add_divergence(divergence, run(fq_sess, feeds), r, *pairs)
+        for feeds in calib.batches(batch_size, limit=result.tapped_samples):
+            _add_divergence(divergence, run(fq_sess, feeds), _run_qdq(ref_sess, feeds), *pairs)
     for name in out_names:
         result.output_sqnr_db[name] = outputs[name].sqnr
         result.output_max_abs_error[name] = outputs[name].max_abs
@@ -268,16 +282,24 @@ def _reference_session(reference: onnx.ModelProto, fq_names: Dict[str, str]):
     return make_session(with_outputs(reference, fq_names.values()), optimize=False)
 
 
-def _qdq_batches(session, calib: CalibrationSet, batch_size: int, samples: int, progress: bool):
-    """(feeds, every output of the unoptimized QDQ session) per validation batch."""
-    total = calib.num_batches(batch_size, limit=samples)
-    for feeds in tqdm(calib.batches(batch_size, limit=samples), total=total, desc="validation", disable=not progress,
-                      leave=False):
-        try:
-            r = run(session, feeds)
-        except Exception as exc:
-            raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
-        yield feeds, r
+def _run_qdq(session, feeds: Dict[str, np.ndarray], names: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+    """The QDQ session's outputs (``names``, default all); a failure to run is a ValidationError."""
+    try:
+        return run(session, feeds, names)
+    except Exception as exc:
+        raise ValidationError(f"onnxruntime fails to run the quantized model: {_first_line(exc)}") from exc
+
+
+def _add_outputs(out_names: List[str], f: Dict[str, np.ndarray], o: Dict[str, np.ndarray],
+                 outputs: Dict[str, Accumulator], top1: Dict[str, "_Top1"], first_batch: bool) -> None:
+    """Optimized QDQ outputs ``o`` against the float outputs ``f``: SQNR, and top-1 for class scores
+    (recognized on the first batch)."""
+    for name in out_names:
+        outputs[name].add(f[name], o[name])
+        if first_batch and looks_like_class_scores(f[name]):
+            top1[name] = _Top1()
+        if name in top1:
+            top1[name].add(f[name], o[name])
 
 
 def _add_divergence(divergence: Dict[str, Accumulator], q: Dict[str, np.ndarray], r: Dict[str, np.ndarray],

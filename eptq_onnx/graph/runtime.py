@@ -78,17 +78,20 @@ def run(session: ort.InferenceSession, feeds: Dict[str, np.ndarray], names: Opti
     return dict(zip(names, session.run(names, feeds)))
 
 
-def tapped_batch_size(session: ort.InferenceSession, calib: CalibrationSet, requested: int, copies: int = 1) -> int:
-    """The batch size, at most ``requested``, at which a batch of ``session``'s outputs fits TAPPED_BATCH_BYTES.
-
-    The bytes per sample are measured on a run of the first calibration sample alone, so that
-    dynamic dims (image sizes, sequence lengths) count at their real sizes; ``copies``: how many
-    such sets of outputs are alive at once. At least 1.
-    """
+def tapped_bytes_per_sample(session: ort.InferenceSession, calib: CalibrationSet) -> float:
+    """Bytes of ``session``'s outputs per sample, measured on a run of the first calibration sample
+    alone, so that dynamic dims (image sizes, sequence lengths) count at their real sizes (0: no sample)."""
     first = next(iter(calib.batches(1, limit=1)), None)
     if first is None:
-        return 1
+        return 0.0
     outputs = session.run(None, first)
-    per_sample = copies * sum(np.asarray(v).nbytes for v in outputs) / max(calib.samples_in(first), 1)
+    per_sample = sum(np.asarray(v).nbytes for v in outputs) / max(calib.samples_in(first), 1)
     del outputs
+    return float(per_sample)
+
+
+def tapped_batch_size(session: ort.InferenceSession, calib: CalibrationSet, requested: int, copies: int = 1) -> int:
+    """The batch size, at most ``requested``, at which a batch of ``session``'s outputs fits TAPPED_BATCH_BYTES
+    (``tapped_bytes_per_sample``); ``copies``: how many such sets of outputs are alive at once. At least 1."""
+    per_sample = copies * tapped_bytes_per_sample(session, calib)
     return max(1, min(requested, int(TAPPED_BATCH_BYTES // max(per_sample, 1))))
