@@ -18,6 +18,7 @@ import onnxruntime as ort
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.graph.runtime import make_session, run, with_outputs
 from eptq_onnx.graph.tensor_store import store_of, tensor_array
+from eptq_onnx.ops.registry import ORT_LAYOUT_OPS
 
 # The optimized-vs-unoptimized diagnosis reruns the model on this many samples, one at a time.
 DIAGNOSIS_SAMPLES = 2
@@ -127,16 +128,12 @@ def optimized_session(model: onnx.ModelProto, config: Dict[str, str]) -> Tuple[o
     return session, optimized
 
 
-# Ops onnxruntime's layout transformers insert around the op that computes a tensor (NHWC, NCHWc).
-LAYOUT_OPS = {"Transpose", "ReorderInput", "ReorderOutput"}
-
-
 def _computing_node(graph_model: onnx.ModelProto, tensor: str) -> Optional[onnx.NodeProto]:
     """The node of ``graph_model`` that computes ``tensor``, looking through layout conversions and a
     QuantizeLinear left unfused (to the op whose output it quantizes)."""
     made_by = {o: node for node in graph_model.graph.node for o in node.output}
     node = made_by.get(tensor)
-    while node is not None and node.op_type in LAYOUT_OPS | {"QuantizeLinear"} and node.input and node.input[0] in made_by:
+    while node is not None and node.op_type in ORT_LAYOUT_OPS | {"QuantizeLinear"} and node.input and node.input[0] in made_by:
         node = made_by[node.input[0]]  # an unfused QuantizeLinear: the op whose output it quantizes
     return node
 

@@ -28,10 +28,9 @@ from eptq_onnx.graph.runtime import (PROTOBUF_LIMIT, TAPPED_BATCH_BYTES, make_se
                                      with_outputs)
 from eptq_onnx.plan.targets import TARGETS, Target
 from eptq_onnx.graph.tensor_store import store_of
+from eptq_onnx.ops.registry import ORT_FUSED_LINEAR
+from eptq_onnx.ops.registry import LINEAR_OPS
 
-# Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm.
-FUSED_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
-LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
 # Optimized and unoptimized runs differ by integer requantization rounding only; below this
 # mutual SQNR (dB) they disagree.
 MIN_AGREEMENT_DB = 20.0
@@ -248,7 +247,7 @@ def _validate(float_model: onnx.ModelProto, qdq_model: onnx.ModelProto, plan: Qu
     if disagree:  # the model is usable: written, with a loud warning that says where the runs part
         _note_disagreement(qdq_model, calib, config, disagree, result)
     counts = count_fused(qdq_model, config)
-    result.fused_op_types = {k: v for k, v in counts.items() if k in FUSED_OPS}
+    result.fused_op_types = {k: v for k, v in counts.items() if k in ORT_FUSED_LINEAR}
     result.fused_linear_ops = sum(result.fused_op_types.values())
     result.linear_ops = sum(1 for n in float_model.graph.node if n.op_type in LINEAR_OPS)
 

@@ -17,9 +17,9 @@ from onnx import numpy_helper
 
 from eptq_onnx.ops.registry import int_attr
 from eptq_onnx.graph.tensor_store import tensor_array
+from eptq_onnx.ops.registry import BN_FOLDABLE
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
 
 def _fold(index: _Graph, bn: onnx.NodeProto) -> bool:
     layer = index.producers.get(bn.input[0])
-    if layer is None or layer.op_type not in _FOLDABLE or layer.domain not in _DEFAULT_DOMAINS:
+    if layer is None or layer.op_type not in BN_FOLDABLE or layer.domain not in _DEFAULT_DOMAINS:
         return False
     if not index.only_used_by_one(bn.input[0]):
         return False

@@ -24,22 +24,14 @@ import onnx
 
 from eptq_onnx.ops.registry import int_attr
 from eptq_onnx.graph.tensor_store import tensor_array
+from eptq_onnx.ops.registry import LAYOUT_CHANNELS_FIRST
+from eptq_onnx.ops.registry import LAYOUT_ROW_WISE
+from eptq_onnx.ops.registry import LAYOUT_RESHAPING
+from eptq_onnx.ops.registry import LAYOUT_REDUCING
+from eptq_onnx.ops.registry import LAYOUT_OPAQUE
 
 Dim = Union[int, str, None]
 Axes = Optional[Tuple[int, ...]]  # None: unknown
-
-CHANNELS_FIRST = frozenset((
-    "Conv", "ConvTranspose", "ConvInteger", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
-    "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
-    "LRN", "MaxUnpool", "DepthToSpace", "SpaceToDepth", "DeformConv",
-))
-ROW_WISE = frozenset(("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"))
-RESHAPING = frozenset(("Reshape", "Flatten", "Squeeze", "Unsqueeze"))
-REDUCING = frozenset((
-    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
-))
-OPAQUE = frozenset(("Einsum", "If", "Loop", "Scan", "Gather", "GatherElements", "GatherND", "ScatterND", "TopK"))
 
 
 @dataclass
@@ -67,7 +59,7 @@ def position_axes(model: onnx.ModelProto, names: Iterable[str]) -> Layout:
         if not node.output or not node.output[0]:
             continue
         first = _node_axes(node, axes, shapes, constants)
-        from_layer = node.op_type in CHANNELS_FIRST or node.op_type in ROW_WISE or any(i in fed for i in node.input)
+        from_layer = node.op_type in LAYOUT_CHANNELS_FIRST or node.op_type in LAYOUT_ROW_WISE or any(i in fed for i in node.input)
         for name in node.output:
             if name:
                 found = first if name == node.output[0] else _passed_on(node, name, axes, shapes)
@@ -82,20 +74,20 @@ def _node_axes(node: onnx.NodeProto, axes: Dict[str, Axes], shapes: Dict[str, Li
     """The first output's position axes under the rule for ``node.op_type``."""
     op, out_shape = node.op_type, shapes.get(node.output[0])
     rank = len(out_shape) if out_shape is not None else None
-    if op in OPAQUE or rank is None:
+    if op in LAYOUT_OPAQUE or rank is None:
         return None
-    if op in CHANNELS_FIRST:
+    if op in LAYOUT_CHANNELS_FIRST:
         return tuple(range(2, rank))
-    if op in ROW_WISE:
+    if op in LAYOUT_ROW_WISE:
         if len(node.input) > 1 and node.input[1] in constants.weights:
             return tuple(range(1, rank - 1))  # one weight matrix for every row of every leading axis
         return (rank - 2,) if rank > 2 else ()  # per-matrix products (attention): each head its own
     first = node.input[0] if node.input else ""
     if op == "Transpose":
         return _transposed(axes.get(first), _int_list(node, "perm"), rank)
-    if op in RESHAPING:
+    if op in LAYOUT_RESHAPING:
         return _reshaped(axes.get(first), shapes.get(first), out_shape)
-    if op in REDUCING:
+    if op in LAYOUT_REDUCING:
         return _reduced(node, axes.get(first), shapes.get(first), constants)
     return _passed_on(node, node.output[0], axes, shapes)
 
@@ -104,7 +96,7 @@ def _passed_on(node: onnx.NodeProto, out: str, axes: Dict[str, Axes], shapes: Di
     """Rank-preserving ops: the axes common to every input of the output's rank whose axes are known
     (a sum of errors is correlated along an axis only where each of its terms is)."""
     out_shape = shapes.get(out)
-    if out_shape is None or node.op_type in OPAQUE:
+    if out_shape is None or node.op_type in LAYOUT_OPAQUE:
         return None
     known = [axes[name] for name in node.input
              if name and axes.get(name) is not None and len(shapes.get(name) or ()) == len(out_shape)]

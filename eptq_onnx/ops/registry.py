@@ -14,6 +14,10 @@ An op's ``role`` decides how quantization treats it:
 - ``float``: left in float; its output is quantized only if a weighted op needs it.
 
 Ops not in the table are treated as ``float`` and listed in the report.
+
+The sets after the table hold the other per-op facts the stages read (recurrent ops, singular
+inputs, reductions and roots, layout rules, batch-norm folding, on-grid data ops, onnxruntime's
+fusions, low-bit linear ops): every stage takes them from here.
 """
 from __future__ import annotations
 
@@ -182,3 +186,55 @@ def resolve_role(node: onnx.NodeProto, is_activation: Callable[[str], bool]) -> 
 def is_known(node: onnx.NodeProto) -> bool:
     """Whether the op is in the table (ops outside it stay float and are reported)."""
     return node.domain in ("", "ai.onnx") and node.op_type in OP_TABLE
+
+
+# --------------------------------------------------------------------------- facts other stages read
+
+# Layout rules (graph/layout.py): ops whose tensors are [N, C, spatial...]
+LAYOUT_CHANNELS_FIRST = frozenset((
+    "Conv", "ConvTranspose", "ConvInteger", "MaxPool", "AveragePool", "LpPool", "GlobalAveragePool",
+    "GlobalMaxPool", "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "GroupNormalization",
+    "LRN", "MaxUnpool", "DepthToSpace", "SpaceToDepth", "DeformConv",
+))
+
+# ... whose output rows are positions and last axis the channels
+LAYOUT_ROW_WISE = frozenset(("MatMul", "Gemm", "MatMulInteger", "FusedMatMul"))
+
+# ... that reshape (axes follow through the shape)
+LAYOUT_RESHAPING = frozenset(("Reshape", "Flatten", "Squeeze", "Unsqueeze"))
+
+# ... that reduce axes
+LAYOUT_REDUCING = frozenset((
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+    "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare",
+))
+
+# ... after which the axes cannot be told
+LAYOUT_OPAQUE = frozenset(("Einsum", "If", "Loop", "Scan", "Gather", "GatherElements", "GatherND", "ScatterND", "TopK"))
+
+# Ops a following BatchNormalization folds into (graph/fold_bn.py)
+BN_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+# Ops a target with low_bit_ops limited to MatMul/Gemm stores below 8 bits (plan/targets.py)
+LOW_BIT_LINEAR = frozenset(("MatMul", "Gemm"))
+
+# Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm
+ORT_FUSED_LINEAR = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+
+# Ops whose QDQ form onnxruntime fuses into ORT_FUSED_LINEAR
+LINEAR_OPS = {"Conv", "MatMul", "Gemm"}
+
+# Ops onnxruntime's layout transformers insert around the op that computes a tensor (NHWC, NCHWc)
+ORT_LAYOUT_OPS = {"Transpose", "ReorderInput", "ReorderOutput"}
+
+BINARY_MATH = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"))
+
+LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point
+
+# onnxruntime folds these into the QuantizeLinear after Conv/MatMul/Gemm/Add (ReluQuantFusion,
+# ClipQuantFusion); a point after any other non-linearity keeps the op from becoming QLinear*.
+ORT_FUSED_ACTIVATIONS = frozenset(("Relu", "Clip"))
+
+# data-movement ops whose outputs hold only values of their input (Pad adds its constant, which
+# need not be on the grid)
+ON_GRID_OPS = frozenset(op for op in DATA_OPS if op != "Pad")

@@ -7,11 +7,11 @@ import onnx
 from eptq_onnx.ops.registry import op_info
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.graph.index import FLOAT_TYPES, GraphIndex
+from eptq_onnx.ops.registry import BINARY_MATH
 
 
 FUSIBLE_ROLES = frozenset(("activation", "elementwise"))
 
-BINARY_MATH = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"))
 
 def _elementwise_root(
     index: GraphIndex, tensor: str, roles: Dict[str, str], memo: Dict[str, Tuple[str, FrozenSet[str]]]
@@ -106,7 +106,6 @@ def _rescales_unevenly(index: GraphIndex, node: onnx.NodeProto) -> bool:
                 return True
     return False
 
-LOG_DOMAIN = frozenset(("Log",))  # range-compressing ops: their output is a point
 
 def before_blocks(chain: List[str], in_blocks: Set[str]) -> List[str]:
     """The chain cut before the first tensor computed inside a normalization block."""

@@ -29,7 +29,8 @@ from eptq_onnx.plan.norm_blocks import NormBlock, find_norm_blocks
 from eptq_onnx.ops.registry import RECURRENT, WeightRule, is_known, op_info, resolve_role
 from eptq_onnx.plan.singular import singular_feeders
 from eptq_onnx.graph.index import GraphIndex
-from eptq_onnx.plan.composites import LOG_DOMAIN, before_blocks, composite_of_root, composites, fuse_forward
+from eptq_onnx.plan.composites import before_blocks, composite_of_root, composites, fuse_forward
+from eptq_onnx.ops.registry import LOG_DOMAIN
 
 OUTPUT_ROLES = frozenset(("weighted", "act_matmul", "join", "normalize", "activation"))
 

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from eptq_onnx.graph.tensor_store import tensor_array
+from eptq_onnx.ops.registry import LOW_BIT_LINEAR
+from eptq_onnx.ops.registry import ORT_FUSED_ACTIVATIONS
 
 ActType = Tuple[int, bool]  # (bits, signed)
 ACT_TYPE_NAMES = {(8, False): "uint8", (8, True): "int8", (16, False): "uint16", (16, True): "int16"}
@@ -55,10 +57,6 @@ class Target:
         return next((t for t in self.act_types if t[0] == bits), None)
 
 
-LINEAR_OPS = frozenset(("MatMul", "Gemm"))
-# onnxruntime folds these into the QuantizeLinear after Conv/MatMul/Gemm/Add (ReluQuantFusion,
-# ClipQuantFusion); a point after any other non-linearity keeps the op from becoming QLinear*.
-ORT_FUSED_ACTIVATIONS = frozenset(("Relu", "Clip"))
 # onnxruntime's CPU kernels for uint8 activations x int8 weights (QLinearConv, QLinearMatMul, QGemm,
 # MatMulIntegerToFloat: MLAS U8S8 GEMM) multiply with vpmaddubsw on AVX2/AVX-512 CPUs without VNNI,
 # which adds pairs of products into int16 with saturation: 2 x 255 x 127 overflows, 2 x 255 x 63 does
@@ -76,7 +74,7 @@ TARGETS: Dict[str, Target] = {
                u8s8_weight_bits=U8S8_SAFE_WEIGHT_BITS, onnxruntime=True),
         Target("trt", "TensorRT: symmetric int8 activations and weights (zero point 0, no uint8); "
                "INT4 weights only on MatMul/Gemm (weight-only GEMMs), other layers INT8",
-               act_types=((8, True),), weight_bits=(8, 4), low_bit_ops=LINEAR_OPS),
+               act_types=((8, True),), weight_bits=(8, 4), low_bit_ops=LOW_BIT_LINEAR),
         Target("qnn", "Qualcomm QNN: uint8/uint16 activations, int8/int4 weights, per-channel only on "
                "Conv/ConvTranspose, per-tensor MatMul/Gemm weights",
                act_types=((8, False), (16, False)), weight_bits=(8, 4),

@@ -24,7 +24,8 @@ from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.twin.convert import input_names, onnx_names, output_names, to_torch
 from eptq_onnx.twin.weighted import WeightedOp
 from eptq_onnx.init.weights import WeightQuant
-from eptq_onnx.twin.fake_quant import ActFakeQuant, BiasFakeQuant, ON_GRID_OPS, OnGridFakeQuant, WeightFakeQuant
+from eptq_onnx.twin.fake_quant import ActFakeQuant, BiasFakeQuant, OnGridFakeQuant, WeightFakeQuant
+from eptq_onnx.ops.registry import ON_GRID_OPS
 from eptq_onnx.twin.taps import Tap, TapStore, fuse_quantizer, insert_after
 
 

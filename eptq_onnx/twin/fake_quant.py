@@ -5,7 +5,6 @@ from typing import List, Optional
 import numpy as np
 import torch
 from torch import Tensor, nn
-from eptq_onnx.ops.registry import DATA_OPS
 from eptq_onnx.export.writer import INT32_MAX
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.eptq.kernels import (
@@ -73,9 +72,6 @@ class OnGridFakeQuant(nn.Module):
         quantizer = self._quantizer[0]
         return x if quantizer.trains_fixed(x) else quantizer(x)
 
-# data-movement ops whose outputs hold only values of their input (Pad adds its constant, which
-# need not be on the grid)
-ON_GRID_OPS = frozenset(op for op in DATA_OPS if op != "Pad")
 
 def _channel_shape(rank: int, axis: int) -> List[int]:
     shape = [1] * rank
