@@ -137,6 +137,11 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
               "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
               "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included).")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Keep these nodes float (repeatable): a node name or output tensor name as the model spells it; "
+              "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
+              "every node of an op type (op:Conv). Their weights are not quantized and no activation point sits on "
+              "their outputs; a pattern that matches nothing is an error.")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
 @click.option("--num-calib", type=int, default=None,
@@ -205,7 +210,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bars, summary or warnings).")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, quantize_outputs: bool, float_bias: bool,
+         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
@@ -246,6 +251,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             percentile=percentile,
             weight_storage=weight_storage,  # type: ignore[arg-type]
             target=target,
+            exclude=tuple(exclude),
             quantize_outputs=quantize_outputs,
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),

@@ -34,6 +34,7 @@ from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
+from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
@@ -179,6 +180,7 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: Union[str, Pa
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
         plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible)
+        plan = exclude_nodes(float_model, plan, run.config.exclude, run.config.quantize_outputs)
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         record_plan(run.report, plan)
