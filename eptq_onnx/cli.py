@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Tuple
 import click
 
 from eptq_onnx.config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, MixedPrecisionOptions, OptimizeOptions, QuantConfig
+from eptq_onnx.config_file import config_option
 from eptq_onnx.errors import EptqError, UsageError
 from eptq_onnx.pipeline import quantize
 from eptq_onnx.report import print_summary
@@ -117,6 +118,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of unlabeled calibration samples: .npy (one sample or a batch per file), "
               ".npz (arrays keyed by input name) or images (.jpg/.jpeg/.png/.bmp).")
+@config_option()
 @click.option("--weight-bits", type=click.IntRange(min(SUPPORTED_WEIGHT_BITS), max(SUPPORTED_WEIGHT_BITS)),
               default=4, show_default=True, help="Bits of every weight (per-channel symmetric).")
 @click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
@@ -232,6 +234,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
       eptq-onnx model.onnx model_w4a8.onnx --calib calib_dir/
       eptq-onnx model.onnx model_w8a8.onnx --calib calib_dir/ --weight-bits 8 --report report.json
       eptq-onnx model.onnx model_mp.onnx --calib calib_dir/ --mixed-precision --avg-weight-bits 4
+      eptq-onnx model.onnx model_w8a8.onnx --config run.json --exclude head
     """
     try:
         image = ImageOptions(

@@ -57,6 +57,15 @@ def test_a_list_of_dicts_reads_as_the_folder_of_the_same_arrays(tmp_path: Path) 
     _assert_same_batches(_batches(memory), _batches(memory))  # read again, as every stage does
 
 
+def test_torch_tensors_are_arrays_too(tmp_path: Path) -> None:
+    import torch
+
+    model = zoo.multi_input()
+    samples = _samples(model, 4)
+    tensors = [{k: torch.from_numpy(v) for k, v in s.items()} for s in samples]
+    _assert_same_batches(_batches(_memory(model, tensors)), _batches(_memory(model, samples)))
+
+
 def test_a_generator_is_consumed_once_and_no_further_than_needed() -> None:
     model = zoo.mlp()
     pulled = []
