@@ -88,6 +88,16 @@ def test_a_shared_grid_tensor_after_an_excluded_node_gets_its_own_range() -> Non
     assert [g.id for g in plan.groups] == list(range(len(plan.groups)))
 
 
+def test_with_quantize_outputs_a_quantized_output_stays_and_an_excluded_ones_goes() -> None:
+    model = normalize_model(named_cnn())
+    base = build_plan(model, quantize_outputs=True)
+    assert "logits" in base.group_of()
+    kept = exclude_nodes(model, base, ["block/conv2"], quantize_outputs=True).group_of()
+    assert "logits" in kept and "gap_out" in kept
+    gone = exclude_nodes(model, base, ["head"], quantize_outputs=True).group_of()
+    assert "logits" not in gone and "gap_out" not in gone  # read by the excluded Gemm alone
+
+
 def test_mixed_precision_leaves_excluded_weights_out_of_the_candidates(cnn) -> None:
     model, calib = cnn
     config = QuantConfig(optimize=OptimizeOptions(iters=0), measure_latency=False, exclude=("proj",),
