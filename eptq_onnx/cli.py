@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Tuple
 import click
 
 from eptq_onnx.config import SUPPORTED_WEIGHT_BITS, CalibOptions, ImageOptions, MixedPrecisionOptions, OptimizeOptions, QuantConfig
+from eptq_onnx.config_file import config_option
 from eptq_onnx.errors import EptqError, UsageError
 from eptq_onnx.pipeline import quantize
 from eptq_onnx.report import print_summary
@@ -117,6 +118,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
               help="Folder of unlabeled calibration samples: .npy (one sample or a batch per file), "
               ".npz (arrays keyed by input name) or images (.jpg/.jpeg/.png/.bmp).")
+@config_option()
 @click.option("--weight-bits", type=click.IntRange(min(SUPPORTED_WEIGHT_BITS), max(SUPPORTED_WEIGHT_BITS)),
               default=4, show_default=True, help="Bits of every weight (per-channel symmetric).")
 @click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
@@ -137,6 +139,11 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
               "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
               "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included).")
+@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+              help="Keep these nodes float (repeatable): a node name or output tensor name as the model spells it; "
+              "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
+              "every node of an op type (op:Conv). Their weights are not quantized and no activation point sits on "
+              "their outputs; a pattern that matches nothing is an error.")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
 @click.option("--num-calib", type=int, default=None,
@@ -205,7 +212,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bars, summary or warnings).")
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, quantize_outputs: bool, float_bias: bool,
+         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
@@ -227,6 +234,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
       eptq-onnx model.onnx model_w4a8.onnx --calib calib_dir/
       eptq-onnx model.onnx model_w8a8.onnx --calib calib_dir/ --weight-bits 8 --report report.json
       eptq-onnx model.onnx model_mp.onnx --calib calib_dir/ --mixed-precision --avg-weight-bits 4
+      eptq-onnx model.onnx model_w8a8.onnx --config run.json --exclude head
     """
     try:
         image = ImageOptions(
@@ -246,6 +254,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             percentile=percentile,
             weight_storage=weight_storage,  # type: ignore[arg-type]
             target=target,
+            exclude=tuple(exclude),
             quantize_outputs=quantize_outputs,
             quantize_bias=not float_bias,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),

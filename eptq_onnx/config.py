@@ -151,6 +151,8 @@ class QuantConfig:
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
     mixed: Optional[MixedPrecisionOptions] = None  # None: every weight at weight_bits
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
+    # nodes kept float (plan/exclusions.py): node or output tensor names, regexes over them, op:TYPE
+    exclude: Tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
@@ -179,6 +181,14 @@ class QuantConfig:
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
         self._check_target()
+        self._check_exclude()
+
+    def _check_exclude(self) -> None:
+        """``exclude`` as a tuple of non-empty strings (a list or one string is accepted)."""
+        patterns = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if not all(isinstance(p, str) and p for p in patterns):
+            raise UsageError(f"--exclude {list(patterns)!r}: give non-empty names, regular expressions or op:TYPE")
+        object.__setattr__(self, "exclude", patterns)  # frozen dataclass
 
     def _check_target(self) -> None:
         """The activation coding and options must be ones the target reads; a target with only

@@ -15,6 +15,7 @@ import onnx
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.layer_inputs import collect_layer_inputs
+from eptq_onnx.calib.memory import CalibSource, open_calibration
 from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
@@ -34,6 +35,7 @@ from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
+from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
@@ -127,7 +129,7 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
 
 def quantize(
     model: Union[str, Path, onnx.ModelProto],
-    calib: Union[str, Path, CalibrationSet],
+    calib: CalibSource,
     config: Optional[QuantConfig] = None,
     *,
     output: Union[str, Path, None] = None,
@@ -141,7 +143,9 @@ def quantize(
     Steps are MSE-initialized, then optimized network-wise with the Label-Free Hessian weighting
     (``config.optimize``; ``iters=0`` keeps the MSE-initialized model).
 
-    ``model`` is a path or a ModelProto; ``calib`` a calibration folder or a CalibrationSet.
+    ``model`` is a path or a ModelProto; ``calib`` a calibration folder, a CalibrationSet, or data in
+    memory: an iterable of feeds (dicts {input name: array}, or arrays for a single-input model) or a
+    reader with ``get_next()`` such as onnxruntime's CalibrationDataReader (``calib/memory.py``).
     With ``output`` the model is written there atomically; with ``report_path`` the JSON report;
     with ``plots_dir`` PNG plots (LFH per layer, loss curve).
     Raises an ``EptqError`` subclass (one-line message, exit code) on bad input.
@@ -173,12 +177,13 @@ def quantize(
         raise
 
 
-def _run_stages(run: RunContext, original: onnx.ModelProto, calib: Union[str, Path, CalibrationSet]) -> QuantizeResult:
+def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) -> QuantizeResult:
     """The stages in data-flow order, from the model as read to the validated QDQ model (not yet saved)."""
     with run.stage("normalize"):
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
         plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible)
+        plan = exclude_nodes(float_model, plan, run.config.exclude, run.config.quantize_outputs)
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         record_plan(run.report, plan)
@@ -228,9 +233,9 @@ def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:
     return float_model
 
 
-def _calibration_set(run: RunContext, calib: Union[str, Path, CalibrationSet], model: onnx.ModelProto) -> CalibrationSet:
+def _calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto) -> CalibrationSet:
     """The calibration samples, checked against the model's inputs."""
-    calib_set = calib if isinstance(calib, CalibrationSet) else CalibrationSet(calib, input_specs(model), run.config.calib)
+    calib_set = open_calibration(calib, input_specs(model), run.config.calib)
     run.report.calibration_samples = len(calib_set)
     if calib_set.whole_feeds:
         run.report.warn(f"calibration data: {calib_set.describe()}")

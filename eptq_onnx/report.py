@@ -50,6 +50,7 @@ class Report:
     # decomposed normalizations quantized as their fused op ({kind, input, output, nodes})
     norm_blocks: List[Dict[str, Any]] = field(default_factory=list)
     singular_float: List[str] = field(default_factory=list)  # activations kept float before a singular op
+    excluded: List[Dict[str, str]] = field(default_factory=list)  # nodes kept float by --exclude: node, op_type, pattern
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)
     timings_s: Dict[str, float] = field(default_factory=dict)  # completed stages
@@ -197,6 +198,10 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         console.print(line)
     for op in report.float_ops:
         console.print(f"[yellow]stays float:[/yellow] {op['node']} ({op['op_type']}): {op['why']}")
+    if report.excluded:
+        shown = ", ".join(f"{e['node']} ({e['op_type']})" for e in report.excluded[:SHOWN_TENSORS])
+        more = f" and {len(report.excluded) - SHOWN_TENSORS} more" if len(report.excluded) > SHOWN_TENSORS else ""
+        console.print(f"kept float by --exclude: {shown}{more}")
     for message in report.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {message}")
 
@@ -208,11 +213,13 @@ UNDECIDED_WARN = 0.001  # of all rounding variables: more left undecided at the 
 
 
 def record_plan(report: Report, plan: QuantPlan) -> None:
-    """The plan's float ops (each warned about), matched normalization blocks and singular tensors."""
+    """The plan's float ops (each warned about), matched normalization blocks, singular tensors and the
+    nodes kept float by ``--exclude``."""
     report.float_ops = [{"node": n, "op_type": t, "why": w} for n, t, w in plan.float_ops]
     report.norm_blocks = [{"kind": b.kind, "input": b.input, "output": b.output, "nodes": list(b.nodes)}
                           for b in plan.norm_blocks]
     report.singular_float = list(plan.singular_float)
+    report.excluded = [{"node": n, "op_type": t, "pattern": p} for n, t, p in plan.excluded]
     for node, op_type, why in plan.float_ops:
         report.warn(f"{op_type} node {node} stays float ({why})")
 

@@ -232,6 +232,12 @@ def corrupt_first_activation_scale(model: onnx.ModelProto, factor: float = 2.0) 
     return dq.name.removesuffix("_DequantizeLinear")
 
 
+def _config_unknown_option(c: Case) -> list:
+    config = c.tmp / "run.json"
+    config.write_text(json.dumps({"weight-bitz": 3}))
+    return c.args(None, None, None, "--config", str(config))
+
+
 CASES: Dict[str, Callable[[Case], list]] = {
     # bad model: exit 3
     "model-missing": lambda c: c.args(c.tmp / "nowhere.onnx"),
@@ -277,6 +283,8 @@ CASES: Dict[str, Callable[[Case], list]] = {
     "percentile-out-of-range": lambda c: c.args(None, None, None, "--calib-method", "percentile", "--percentile", "30"),
     "time-budget-zero": lambda c: c.args(None, None, None, "--time-budget", "0"),
     "unknown-option": lambda c: c.args(None, None, None, "--wieght-bits", "4"),
+    "exclude-no-match": lambda c: c.args(None, None, None, "--exclude", "nothing_here"),
+    "config-unknown-option": _config_unknown_option,
     "infeasible-budget": lambda c: c.args(None, None, None, "--mixed-precision", "--avg-weight-bits", "1"),
     # validation of the written model: exit 5
     "validation-diverges": _corrupt_scale,

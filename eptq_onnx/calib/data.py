@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -99,9 +99,11 @@ def _plan(entries: Sequence[FileEntry], count: int, size: int, exact: bool) -> I
 class _FileReader:
     """Reads samples from calibration files, keeping the arrays of the last file it opened."""
 
-    def __init__(self, specs: Sequence[InputSpec], image: ImageTarget | None) -> None:
+    def __init__(self, specs: Sequence[InputSpec], image: ImageTarget | None,
+                 load: Callable[[Path, list[str]], dict[str, np.ndarray]] = load_arrays) -> None:
         self._specs = specs
         self._image = image
+        self._load = load  # (path, keys) -> arrays: the file's, or those held in memory (memory.py)
         self._path: Path | None = None
         self._arrays: dict[str, np.ndarray] = {}
 
@@ -122,7 +124,7 @@ class _FileReader:
     def _arrays_of(self, entry: FileEntry) -> dict[str, np.ndarray]:
         if entry.path != self._path:
             self._arrays = {}  # release the previous file before loading the next
-            self._arrays = load_arrays(entry.path, list(entry.keys.values()))
+            self._arrays = self._load(entry.path, list(entry.keys.values()))
             self._path = entry.path
         return self._arrays
 
@@ -199,20 +201,35 @@ class CalibrationSet:
         self._samples = self._batch is not None  # files are read as samples (else as whole feeds)
         self._image: ImageTarget | None = None
         wanted = options.num_samples if options.num_samples is not None else DEFAULT_MAX_SAMPLES
-        self._entries, available = self._scan(list_files(self._folder), wanted)
+        self._entries, available = self._scan(self._sources(), wanted)
         if options.num_samples is not None and available < wanted:
             raise CalibrationError(
-                f"asked for {wanted} samples, folder {self._folder} has {available}: lower --num-calib or add samples"
+                f"asked for {wanted} samples, {self._where} has {available}: lower --num-calib or add samples"
             )
         if available == 0:
-            raise CalibrationError(f"calibration folder {self._folder} holds no samples (its arrays are empty)")
+            raise CalibrationError(f"calibration {self._where} holds no samples (its arrays are empty)")
         self._count = min(available, wanted)
         self._used = sum(part.size for batch in self._plan(None, None) for part in batch)
         if self._used == 0:
             raise CalibrationError(
-                f"the model has a fixed batch size of {self._fixed_batch} but {self._folder} has no "
+                f"the model has a fixed batch size of {self._fixed_batch} but {self._where} has no "
                 f"{self._fixed_batch} consecutive samples of one shape ({self._count} in all): add samples"
             )
+
+    _item = "file"  # what one source of samples is called in messages (memory.py: "feed")
+
+    @property
+    def _where(self) -> str:
+        """Where the samples come from, in messages."""
+        return f"folder {self._folder}"
+
+    def _sources(self) -> Iterable[Path]:
+        """The files to scan, in order (memory.py: the feeds given in memory, under names of their own)."""
+        return list_files(self._folder)
+
+    def _load(self, path: Path, keys: list[str]) -> dict[str, np.ndarray]:
+        """The arrays ``keys`` of one source."""
+        return load_arrays(path, keys)
 
     def __len__(self) -> int:
         """Number of samples that :meth:`batches` uses (without a limit); a whole feed is one sample."""
@@ -244,8 +261,8 @@ class CalibrationSet:
             fixed = f" (fixed at {self._fixed_batch})" if self._fixed_batch else ""
             return f"samples batched along dim 0{fixed}"
         why = ("the inputs share no batch dim" if self._batch is None
-               else "a file holds arrays of different lengths along dim 0")
-        return (f"each file is one whole feed, run alone as stored ({why}: {describe_inputs(self._specs)}); "
+               else f"a {self._item} holds arrays of different lengths along dim 0")
+        return (f"each {self._item} is one whole feed, run alone as stored ({why}: {describe_inputs(self._specs)}); "
                 f"{self._used} feeds, each counted as one sample")
 
     def num_batches(self, batch_size: int | None = None, limit: int | None = None) -> int:
@@ -265,7 +282,7 @@ class CalibrationSet:
             raise UsageError(f"calibration sample limit {limit} must not be negative")
         return self._read(self._plan(batch_size, limit))
 
-    def _scan(self, files: Sequence[Path], wanted: int) -> tuple[list[FileEntry], int]:
+    def _scan(self, files: Iterable[Path], wanted: int) -> tuple[list[FileEntry], int]:
         """Check files in order until ``wanted`` samples are found; the entries and their sample count.
 
         The first file that is a whole feed makes every file one: those seen before are checked again as feeds.
@@ -299,7 +316,7 @@ class CalibrationSet:
         return _plan(self._entries, count, size, exact=self._fixed_batch is not None)
 
     def _read(self, plan: Iterator[list[_Part]]) -> Iterator[dict[str, np.ndarray]]:
-        reader = _FileReader(self._specs, self._image)
+        reader = _FileReader(self._specs, self._image, self._load)
         for parts in plan:
             pieces = [reader.read(part) for part in parts]
             yield {spec.name: _concat([piece[spec.name] for piece in pieces]) for spec in self._specs}

@@ -101,13 +101,15 @@ class FileEntry:
     def is_image(self) -> bool:
         return self.path.suffix.lower() in IMAGE_EXTENSIONS
 
-def array_entry(path: Path, specs: Sequence[InputSpec], batch_dim: bool, samples: bool) -> FileEntry:
-    """Check an .npy/.npz file's names, dtypes and shapes from its headers.
+def array_entry(path: Path, specs: Sequence[InputSpec], batch_dim: bool, samples: bool,
+                headers: Mapping[str, ArrayHeader] | None = None) -> FileEntry:
+    """Check an .npy/.npz file's names, dtypes and shapes from its headers (read from the file unless
+    given: arrays held in memory).
 
     With ``samples``, a file whose arrays are samples or batches of one length is read as samples;
     any other file is one whole feed (``batch_dim``: the model has a batch dim, which arrays may leave out).
     """
-    headers = read_headers(path)
+    headers = read_headers(path) if headers is None else headers
     keys = _match_keys(path, headers, specs)
     shapes = {}
     for spec in specs:

@@ -91,7 +91,8 @@ def optimize(
     start_rounding(twin, fixed_scale=not options.learn_weight_scales)
     bank = RoundingBank(list(twin.weight_quant.values()))
     twin.student.add_module(BANK, bank)  # so that checkpoints hold V
-    biases = BiasBank([m for m in twin.student.modules() if isinstance(m, WeightedOp)])
+    # the biases of the quantized layers (a layer kept float by --exclude is left as it is)
+    biases = BiasBank([m for m in twin.student.modules() if isinstance(m, WeightedOp) and m.weight_quant is not None])
     twin.student.add_module(BIAS_BANK, biases)  # ... and the biases
     optimizer = EptqOptimizer(twin, options, bank, biases)
     biases.fix_steps()  # after the parameter groups: a learned step is not fixed

@@ -69,6 +69,7 @@ class QuantPlan:
     float_ops: List[Tuple[str, str, str]] = field(default_factory=list)  # (node, op_type, why)
     norm_blocks: List[NormBlock] = field(default_factory=list)  # decomposed normalizations (internals float)
     singular_float: List[str] = field(default_factory=list)  # would-be points that feed a singular op
+    excluded: List[Tuple[str, str, str]] = field(default_factory=list)  # kept float by the user: (node, op_type, pattern)
 
     def group_of(self) -> Dict[str, ActGroup]:
         """Map from every quantized activation tensor to its group."""
@@ -197,7 +198,8 @@ def _quantized_readers(index: GraphIndex, roles: Dict[str, str], rules: Dict[str
     return False
 
 
-def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], points: Dict[str, str]) -> List[str]:
+def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, WeightRule], points: Dict[str, str],
+                 stops: FrozenSet[str] = frozenset(), keep_outputs: bool = False) -> List[str]:
     """The points whose values reach only model outputs: no weighted op or activation x activation
     MatMul reads them or anything computed from them, except through another point that is needed.
 
@@ -206,7 +208,8 @@ def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, Weig
     (a detector's decode and output Concat, a classifier's Softmax). A recurrent op (LSTM/GRU/RNN,
     float by design) ends the walk: a point that only feeds its input or state is not needed either
     (rounded state carried through every time step costs fidelity and gains no kernel). Decided from
-    the graph's last points back to its first.
+    the graph's last points back to its first. The walk does not pass the nodes named in ``stops``
+    (nodes the user keeps float); with ``keep_outputs`` a model output counts as a quantized reader.
     """
     order = {o: i for i, n in enumerate(index.nodes) for o in n.output}
     needed: Dict[str, bool] = {}
@@ -214,12 +217,12 @@ def _output_tail(index: GraphIndex, roles: Dict[str, str], rules: Dict[str, Weig
         stack, seen, found = [point], {point}, False
         while stack and not found:
             t = stack.pop()
-            if _quantized_readers(index, roles, rules, t):
+            if _quantized_readers(index, roles, rules, t) or (keep_outputs and t in index.outputs):
                 found = True
                 break
             for node in index.consumers.get(t, []):
-                if node.op_type in RECURRENT:  # stays float: its input and state points feed no integer kernel
-                    continue
+                if node.op_type in RECURRENT or (node.name or node.output[0]) in stops:
+                    continue  # a recurrent op stays float: its input and state points feed no integer kernel
                 for out in node.output:
                     if not out or out in seen:
                         continue

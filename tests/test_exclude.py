@@ -1,0 +1,153 @@
+"""--exclude: the matched nodes stay float in every stage (plan, mixed precision, EPTQ, the written model, the report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from eptq_onnx import QuantConfig, quantize
+from eptq_onnx.cli import main
+from eptq_onnx.config import MixedPrecisionOptions, OptimizeOptions
+from eptq_onnx.errors import UsageError
+from eptq_onnx.graph.normalize import normalize_model
+from eptq_onnx.plan.exclusions import exclude_nodes
+from eptq_onnx.plan.qpoints import build_plan
+from eptq_onnx.twin.build import build_twin
+from models.zoo_control import NAMED_CNN_CONVS, named_cnn
+from tests.helpers import init_only
+
+LINEAR = ("Conv", "Gemm")
+ALL_LINEAR = (*NAMED_CNN_CONVS, "head")
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, Path]:
+    from tests.helpers import write_calib
+
+    model = named_cnn()
+    return model, write_calib(model, tmp_path_factory.mktemp("calib"), 16)
+
+
+def _float_layers(qdq: onnx.ModelProto) -> set[str]:
+    """The Conv/Gemm nodes of a written model whose weight no DequantizeLinear feeds; each of them must
+    also have no QuantizeLinear on its output."""
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    readers = {}
+    for n in qdq.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n.op_type)
+    floats = set()
+    for node in qdq.graph.node:
+        if node.op_type not in LINEAR:
+            continue
+        feeder = producer.get(node.input[1])
+        if feeder is None or feeder.op_type != "DequantizeLinear":
+            floats.add(node.name)
+            assert "QuantizeLinear" not in readers.get(node.output[0], []), node.name
+    return floats
+
+
+@pytest.mark.parametrize("patterns, expected", [
+    (("block/conv2",), {"block/conv2"}),  # a node name
+    (("proj_out",), {"proj"}),  # an output tensor name
+    (("block/conv[12]",), {"block/conv1", "block/conv2"}),  # a regular expression over whole names
+    (("op:Conv",), set(NAMED_CNN_CONVS)),  # an op type
+    (("op:Gemm", "stem"), {"head", "stem"}),  # repeated
+])
+def test_excluded_layers_and_only_they_stay_float_in_the_written_model(cnn, patterns, expected) -> None:
+    model, calib = cnn
+    result = quantize(model, calib, init_only(exclude=patterns, measure_latency=False), progress=False)
+    assert _float_layers(result.model) == expected
+    assert {e["node"] for e in result.report.excluded} == expected
+    assert all(e["pattern"] in patterns and e["op_type"] in LINEAR for e in result.report.excluded)
+    quantized_weights = {t.name for t in result.report.tensors if t.kind == "weight"}
+    assert quantized_weights == {f"{n}.weight" for n in ALL_LINEAR if n not in expected}
+
+
+def test_an_excluded_layers_input_stays_float_unless_another_quantized_layer_reads_it(cnn) -> None:
+    model, calib = cnn
+    qdq = quantize(model, calib, init_only(exclude=("block/conv2", "stem"), measure_latency=False), progress=False).model
+    quantized = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    assert "block/relu1_out" not in quantized  # read by block/conv2 alone
+    assert "x" not in quantized  # the model input, read by stem alone
+    assert "block/conv2_out" not in quantized and "stem_out" not in quantized
+    assert "stem_relu_out" in quantized  # block/conv1 reads it too
+
+
+def test_a_shared_grid_tensor_after_an_excluded_node_gets_its_own_range() -> None:
+    model = normalize_model(named_cnn())
+    plan = exclude_nodes(model, build_plan(model), ["proj_relu"])
+    groups = {t: g for g in plan.groups for t in g.tensors}
+    assert "proj_relu_out" not in groups  # the excluded Relu's output
+    assert groups["pool_out"].roots == ["pool_out"]  # the MaxPool after it shared its grid: now calibrated itself
+    assert [g.id for g in plan.groups] == list(range(len(plan.groups)))
+
+
+def test_with_quantize_outputs_a_quantized_output_stays_and_an_excluded_ones_goes() -> None:
+    model = normalize_model(named_cnn())
+    base = build_plan(model, quantize_outputs=True)
+    assert "logits" in base.group_of()
+    kept = exclude_nodes(model, base, ["block/conv2"], quantize_outputs=True).group_of()
+    assert "logits" in kept and "gap_out" in kept
+    gone = exclude_nodes(model, base, ["head"], quantize_outputs=True).group_of()
+    assert "logits" not in gone and "gap_out" not in gone  # read by the excluded Gemm alone
+
+
+def test_mixed_precision_leaves_excluded_weights_out_of_the_candidates(cnn) -> None:
+    model, calib = cnn
+    config = QuantConfig(optimize=OptimizeOptions(iters=0), measure_latency=False, exclude=("proj",),
+                         mixed=MixedPrecisionOptions(bit_options=(4, 8), avg_weight_bits=6.0, samples=8))
+    result = quantize(model, calib, config, progress=False)
+    layers = {layer["weight"] for layer in result.report.mixed_precision["layers"]}
+    assert layers == {f"{n}.weight" for n in ALL_LINEAR if n != "proj"}
+    assert _float_layers(result.model) == {"proj"}
+
+
+def test_eptq_neither_trains_nor_quantizes_an_excluded_layer(cnn) -> None:
+    model, calib = cnn
+    config = QuantConfig(measure_latency=False, exclude=("block/conv2",),
+                         optimize=OptimizeOptions(iters=5, hessian_samples=2, hessian_draws=2, discard_if_worse=False))
+    result = quantize(model, calib, config, progress=False)
+    assert result.report.optimization["iters"] == 5
+    state = result.state
+    assert "block/conv2.weight" not in state.weights
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    trained = {t.name: numpy_helper.to_array(t) for t in state.float_model.graph.initializer}
+    np.testing.assert_array_equal(trained["block/conv2.bias"], original["block/conv2.bias"])  # not trained
+    assert not np.array_equal(trained["stem.bias"], original["stem.bias"])  # the quantized layers' biases are
+    twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
+    assert "block/conv2.weight" not in twin.weight_quant and "stem.weight" in twin.weight_quant
+    quantized = {t for g in state.plan.groups for t in g.tensors}
+    assert not quantized & {"block/conv2_out", "block/relu1_out"}
+    assert _float_layers(result.model) == {"block/conv2"}
+
+
+def test_a_pattern_that_matches_nothing_is_a_usage_error_naming_it(cnn) -> None:
+    model, calib = cnn
+    with pytest.raises(UsageError, match="'nothing_here' matches no node"):
+        quantize(model, calib, init_only(exclude=("stem", "nothing_here")), progress=False)
+    with pytest.raises(UsageError, match="no valid regular expression"):
+        quantize(model, calib, init_only(exclude=("conv(",)), progress=False)
+
+
+def test_cli_exclude_is_repeatable_reported_and_a_miss_exits_2_in_one_line(cnn, tmp_path: Path) -> None:
+    model, calib = cnn
+    path = tmp_path / "cnn.onnx"
+    onnx.save(model, path)
+    report = tmp_path / "report.json"
+    args = [str(path), str(tmp_path / "out.onnx"), "--calib", str(calib), "--iters", "0", "--no-latency", "-q"]
+    result = CliRunner().invoke(main, [*args, "--exclude", "block/conv2", "--exclude", "op:Gemm", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    excluded = json.loads(report.read_text())["excluded"]
+    assert excluded == [{"node": "block/conv2", "op_type": "Conv", "pattern": "block/conv2"},
+                        {"node": "head", "op_type": "Gemm", "pattern": "op:Gemm"}]
+    assert _float_layers(onnx.load(tmp_path / "out.onnx")) == {"block/conv2", "head"}
+    result = CliRunner().invoke(main, [*args, "--force", "--exclude", "block/conv9"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "'block/conv9' matches no node" in lines[0], result.output
