@@ -20,6 +20,7 @@ The model entries are in tools/corpuslib/models.py.
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                             " the repository, else the cache's runs/; concurrent runs need different folders)")
     run_p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a quantizer run is killed")
     run_p.add_argument("--rss-limit-mb", type=float, default=12000.0, help="RSS at which a quantizer run is killed")
+    run_p.add_argument("--extra", default="", help="more options for every one of our settings, one shell-quoted "
+                       "string (experiments: --extra '--calib-method minmax')")
     run_p.add_argument("--resume", action="store_true",
                        help="reuse the (model, setting) results of the corpus.json next to --out instead of running them")
     run_p.add_argument("--retry-killed", action="store_true",
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = {e.name: "not fetched" for e in entries if not (cache / "data" / e.name / "done.json").exists()}
     out = args.out.resolve()
     runs = args.runs or (cache / "runs" if ROOT in out.parents else out.parent / "runs")
-    opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb, runs)
+    opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb, runs,
+                             shlex.split(args.extra))
     meta = runner.run_meta(argv, opts)
     previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume or args.retry_killed else {}
     if args.retry_killed:

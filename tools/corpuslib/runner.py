@@ -293,13 +293,15 @@ def run_outputs(model: Path, feeds: Sequence[Feed]) -> Outputs:
     return [dict(zip(names, sess.run(None, feed))) for feed in feeds]
 
 
-def quantize_command(setting: str, ctx: Ctx, calib: Path, out: Path, budget_min: float) -> List[str]:
-    """The child module and arguments that quantize ``ctx.model`` at ``setting``."""
+def quantize_command(setting: str, ctx: Ctx, calib: Path, out: Path, budget_min: float,
+                     extra: Sequence[str] = ()) -> List[str]:
+    """The child module and arguments that quantize ``ctx.model`` at ``setting``; ``extra`` goes to ours only."""
     if setting in ORT:
         return ["tools.corpuslib.ort_quant", str(ctx.model), str(out), str(calib), ORT[setting]]
+    ours_extra = list(extra)
     extra = ["--time-budget", f"{budget_min:g}"] if setting == "eptq" else OURS[setting]
     return ["eptq_onnx.cli", str(ctx.model), str(out), "--calib", str(calib), "--report",
-            str(out.with_suffix(".report.json")), "--force", "-q", *extra]
+            str(out.with_suffix(".report.json")), "--force", "-q", *extra, *ours_extra]
 
 
 def run_setting(entry: Entry, ctx: Ctx, setting: str, test: List[Feed], ref: Outputs, opts: "RunOptions") -> Result:
@@ -308,7 +310,8 @@ def run_setting(entry: Entry, ctx: Ctx, setting: str, test: List[Feed], ref: Out
     work.mkdir(parents=True, exist_ok=True)
     out = work / "model.onnx"
     out.unlink(missing_ok=True)
-    args = quantize_command(setting, ctx, opts.cache / "data" / entry.name / "calib", out, opts.time_budget)
+    args = quantize_command(setting, ctx, opts.cache / "data" / entry.name / "calib", out, opts.time_budget,
+                            opts.extra)
     res = Result(entry.name, setting, command="python -m " + shlex.join(args))
     log(f"{entry.name} {setting}: quantizing")
     res.rc, res.wall_s, res.peak_rss_mb, stderr = run_child(args, work, opts.run_timeout, opts.rss_limit_mb)
@@ -335,6 +338,7 @@ class RunOptions:
     run_timeout: float = 1800.0
     rss_limit_mb: float = 12000.0
     runs: Optional[Path] = None  # where the quantized models go (default: cache/runs)
+    extra: Sequence[str] = ()  # more options of ours, for every one of our settings (experiments)
 
 
 def run(entries: Sequence[Entry], opts: RunOptions, done: Optional[Callable[[Dict[str, List[Result]]], None]] = None,
