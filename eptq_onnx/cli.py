@@ -7,7 +7,7 @@ import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 import click
 
@@ -24,6 +24,7 @@ Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
 143 terminated (SIGTERM); no model is written on an error or an interruption, and once
 the model was read --report says why (the error, the stages that ran, what was measured)."""
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Terminated(KeyboardInterrupt):
@@ -112,51 +113,129 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
     return None
 
 
+def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
+                          percentile: float, target: str, exclude: Tuple[str, ...], quantize_outputs: bool,
+                          float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
+                          mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
+                          bgr: bool) -> Dict[str, Any]:
+    """The QuantConfig fields that QUANTIZATION_OPTIONS set (UsageError for a malformed value)."""
+    image = ImageOptions(
+        size=_image_size(image_size),
+        mean=_floats(mean, "--mean") or ImageOptions.mean,
+        std=_floats(std, "--std") or ImageOptions.std,
+        scale=pixel_scale,
+        layout=layout,  # type: ignore[arg-type]
+        bgr=bgr,
+    )
+    return dict(
+        weight_bits=weight_bits,
+        act_bits=int(act_bits),
+        act_symmetric=act_symmetric,
+        calib_method=calib_method,
+        weight_init=weight_init,
+        percentile=percentile,
+        target=target,
+        exclude=tuple(exclude),
+        quantize_outputs=quantize_outputs,
+        quantize_bias=not float_bias,
+        calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
+    )
+
+
+@contextmanager
+def one_line_errors(debug: bool, interrupted: str = "") -> Iterator[None]:
+    """Run a command's work: an error becomes one line on stderr and its exit code (1 for an internal
+    error, with the traceback under --debug); Ctrl-C and SIGTERM exit 130 and 143 (``interrupted`` is
+    added to the Ctrl-C line)."""
+    try:
+        with _sigterm_unwinds():
+            yield
+    except EptqError as exc:
+        click.echo(f"error: {exc}" + (f" (report: {exc.report_path})" if getattr(exc, "report_path", None) else ""), err=True)
+        sys.exit(exc.exit_code)
+    except Terminated:
+        click.echo("terminated (SIGTERM): nothing was written", err=True)
+        sys.exit(TERMINATED_EXIT_CODE)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: nothing was written{interrupted}", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug and report it)", err=True)
+        sys.exit(1)
+
+
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator applying click options in the order given (the order --help lists them)."""
+
+    def apply(function: F) -> F:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+# What the model is quantized with: shared by eptq-onnx and eptq-onnx-analyze (analysis/cli.py).
+QUANTIZATION_OPTIONS = _options(
+    click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
+                 help="Folder of unlabeled calibration samples: .npy (one sample or a batch per file), "
+                 ".npz (arrays keyed by input name) or images (.jpg/.jpeg/.png/.bmp)."),
+    config_option(),
+    click.option("--weight-bits", type=click.IntRange(min(SUPPORTED_WEIGHT_BITS), max(SUPPORTED_WEIGHT_BITS)),
+                 default=4, show_default=True, help="Bits of every weight (per-channel symmetric)."),
+    click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
+                 help="Bits of every activation (per tensor)."),
+    click.option("--act-symmetric", is_flag=True, help="Signed activations with zero point 0 (default: unsigned, asymmetric)."),
+    click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse", show_default=True,
+                 help="How activation step sizes are chosen: MSE minimization (paper), min/max range, or a "
+                 "percentile."),
+    click.option("--weight-init", type=click.Choice(["output-mse", "mse", "minmax"]), default="output-mse", show_default=True,
+                 help="How weight step sizes are chosen per channel: minimizing the MSE of each layer's output on "
+                 "calibration inputs, the MSE of the weight itself, or its min/max."),
+    click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile."),
+    click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
+                 help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
+                 "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
+                 "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included)."),
+    click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
+                 help="Keep these nodes float (repeatable): a node name or output tensor name as the model spells it; "
+                 "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
+                 "every node of an op type (op:Conv). Their weights are not quantized and no activation point sits on "
+                 "their outputs; a pattern that matches nothing is an error."),
+    click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float)."),
+    click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale)."),
+    click.option("--num-calib", type=int, default=None,
+                 help="Number of calibration samples to use (default: all in the folder, at most 1024)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="Calibration batch size (ignored when the model's batch dimension is fixed)."),
+    click.option("--image-size", default=None, help="Resize images to SIZE or HEIGHT,WIDTH (default: the model's input size)."),
+    click.option("--mean", default=None, help="Per-channel mean subtracted from images after --scale, e.g. 0.485,0.456,0.406."),
+    click.option("--std", default=None, help="Per-channel std dividing images after the mean, e.g. 0.229,0.224,0.225."),
+    click.option("--scale", "pixel_scale", type=float, default=1 / 255, show_default="1/255",
+                 help="Factor applied to 0-255 pixel values before mean/std."),
+    click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image tensor layout."),
+    click.option("--bgr", is_flag=True, help="Feed images in BGR channel order (mean/std are then in BGR order too)."),
+)
+
+DEVICE_OPTION = click.option("--device", default="cpu", show_default=True,
+                             help="Torch device of the torch twin (optimization, sensitivities, analysis): cpu or cuda[:N].")
+SAMPLES_OPTION = click.option("--sensitivity-samples", type=click.IntRange(min=1), default=32, show_default=True,
+                              help="Calibration samples the sensitivities are measured on.")
+QUIET_OPTION = click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bars, summary or warnings).")
+DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
+
+
 @click.command(cls=_Command, epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("input_model", metavar="INPUT.onnx", type=click.Path(path_type=Path))
 @click.argument("output_model", metavar="OUTPUT.onnx", type=click.Path(path_type=Path))
-@click.option("--calib", "calib_dir", required=True, type=click.Path(path_type=Path),
-              help="Folder of unlabeled calibration samples: .npy (one sample or a batch per file), "
-              ".npz (arrays keyed by input name) or images (.jpg/.jpeg/.png/.bmp).")
-@config_option()
-@click.option("--weight-bits", type=click.IntRange(min(SUPPORTED_WEIGHT_BITS), max(SUPPORTED_WEIGHT_BITS)),
-              default=4, show_default=True, help="Bits of every weight (per-channel symmetric).")
-@click.option("--act-bits", type=click.Choice(["8", "16"]), default="8", show_default=True,
-              help="Bits of every activation (per tensor).")
-@click.option("--act-symmetric", is_flag=True, help="Signed activations with zero point 0 (default: unsigned, asymmetric).")
-@click.option("--calib-method", type=click.Choice(["mse", "minmax", "percentile"]), default="mse", show_default=True,
-              help="How activation step sizes are chosen: MSE minimization (paper), min/max range, or a "
-              "percentile.")
-@click.option("--weight-init", type=click.Choice(["output-mse", "mse", "minmax"]), default="output-mse", show_default=True,
-              help="How weight step sizes are chosen per channel: minimizing the MSE of each layer's output on "
-              "calibration inputs, the MSE of the weight itself, or its min/max.")
-@click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile.")
+@QUANTIZATION_OPTIONS
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
               help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers, the narrowest the target reads "
               "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
               "for toolchains that read only INT8.")
-@click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
-              help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
-              "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
-              "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included).")
-@click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
-              help="Keep these nodes float (repeatable): a node name or output tensor name as the model spells it; "
-              "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
-              "every node of an op type (op:Conv). Their weights are not quantized and no activation point sits on "
-              "their outputs; a pattern that matches nothing is an error.")
-@click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
-@click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
-@click.option("--num-calib", type=int, default=None,
-              help="Number of calibration samples to use (default: all in the folder, at most 1024).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Calibration batch size (ignored when the model's batch dimension is fixed).")
-@click.option("--image-size", default=None, help="Resize images to SIZE or HEIGHT,WIDTH (default: the model's input size).")
-@click.option("--mean", default=None, help="Per-channel mean subtracted from images after --scale, e.g. 0.485,0.456,0.406.")
-@click.option("--std", default=None, help="Per-channel std dividing images after the mean, e.g. 0.229,0.224,0.225.")
-@click.option("--scale", "pixel_scale", type=float, default=1 / 255, show_default="1/255",
-              help="Factor applied to 0-255 pixel values before mean/std.")
-@click.option("--layout", type=click.Choice(["nchw", "nhwc"]), default="nchw", show_default=True, help="Image tensor layout.")
-@click.option("--bgr", is_flag=True, help="Feed images in BGR channel order (mean/std are then in BGR order too).")
 @click.option("--iters", type=click.IntRange(min=0), default=None,
               help="EPTQ optimization steps; 0 = no optimization (the MSE-initialized model). "
               "Default: as many as fit --time-budget, at most 20000.")
@@ -178,7 +257,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               help="Batch size of the optimization.")
 @click.option("--learn-act-scales", is_flag=True, help="Also learn activation step sizes (default: fixed after calibration).")
 @click.option("--learn-weight-scales", is_flag=True, help="Also learn per-channel weight step multipliers (default: fixed).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device of the optimization: cpu or cuda[:N].")
+@DEVICE_OPTION
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of minibatch sampling and Hutchinson draws.")
 @click.option("--checkpoint", "checkpoint_dir", type=click.Path(path_type=Path), default=None,
               help="Save the optimization state in this folder (every 5 minutes and when stopped); rerunning "
@@ -192,8 +271,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--avg-weight-bits", type=float, default=None, help="Mixed-precision budget as average bits per weight element.")
 @click.option("--sensitivity-metric", type=click.Choice(["lfh", "output"]), default="lfh", show_default=True,
               help="Sensitivity: LFH-weighted activation distance (paper) or the plain output distance.")
-@click.option("--sensitivity-samples", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Calibration samples the sensitivities are measured on.")
+@SAMPLES_OPTION
 @click.option("--pairwise", is_flag=True, help="Also measure neighbouring layer pairs and add their interaction terms to the ILP.")
 @click.option("--ilp-time-limit", type=float, default=60.0, show_default=True,
               help="Seconds the ILP solver may take (then its best solution is used).")
@@ -209,8 +287,8 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the machine-readable JSON report here.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT.onnx if it exists (never the input).")
-@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (no progress bars, summary or warnings).")
-@click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
+@QUIET_OPTION
+@DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
@@ -236,28 +314,15 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
       eptq-onnx model.onnx model_mp.onnx --calib calib_dir/ --mixed-precision --avg-weight-bits 4
       eptq-onnx model.onnx model_w8a8.onnx --config run.json --exclude head
     """
-    try:
-        image = ImageOptions(
-            size=_image_size(image_size),
-            mean=_floats(mean, "--mean") or ImageOptions.mean,
-            std=_floats(std, "--std") or ImageOptions.std,
-            scale=pixel_scale,
-            layout=layout,  # type: ignore[arg-type]
-            bgr=bgr,
-        )
+    interrupted = f"; the optimization state is in {checkpoint_dir}: rerun the same command to resume" if checkpoint_dir else ""
+    with one_line_errors(debug, interrupted):
         config = QuantConfig(
-            weight_bits=weight_bits,
-            act_bits=int(act_bits),
-            act_symmetric=act_symmetric,
-            calib_method=calib_method,  # type: ignore[arg-type]
-            weight_init=weight_init,  # type: ignore[arg-type]
-            percentile=percentile,
+            **quantization_settings(
+                weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
+                weight_init=weight_init, percentile=percentile, target=target, exclude=exclude,
+                quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
+                image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]
-            target=target,
-            exclude=tuple(exclude),
-            quantize_outputs=quantize_outputs,
-            quantize_bias=not float_bias,
-            calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
             validation_samples=validation_samples,
             measure_latency=latency,
             mixed=MixedPrecisionOptions(
@@ -286,25 +351,9 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
             ),
         )
-        with _sigterm_unwinds(), _third_party_warnings(shown=not quiet):
+        with _third_party_warnings(shown=not quiet):
             result = quantize(input_model, calib_dir, config, output=output_model, force=force,
                               report_path=report_path, progress=not quiet, plots_dir=plots_dir)
-    except EptqError as exc:
-        click.echo(f"error: {exc}" + (f" (report: {exc.report_path})" if getattr(exc, "report_path", None) else ""), err=True)
-        sys.exit(exc.exit_code)
-    except Terminated:
-        click.echo("terminated (SIGTERM): nothing was written", err=True)
-        sys.exit(TERMINATED_EXIT_CODE)
-    except KeyboardInterrupt:
-        resume = f"; the optimization state is in {checkpoint_dir}: rerun the same command to resume" if checkpoint_dir else ""
-        click.echo(f"interrupted: nothing was written{resume}", err=True)
-        sys.exit(130)
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
-        if debug:
-            traceback.print_exc()
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug and report it)", err=True)
-        sys.exit(1)
     if not quiet:
         print_summary(result.report)
         click.echo(f"wrote {result.output_path}" + (f" and {report_path}" if report_path else ""))

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import onnx
 
@@ -65,6 +65,9 @@ class QuantizeResult:
     # where the large tensors of a large model's ``model`` and ``state`` are (tensor_store): kept
     # alive with the result; None when the model was held in memory
     store: Optional[TensorStore] = None
+
+
+InitialState = Tuple[onnx.ModelProto, QuantPlan, CalibrationSet, Dict[int, Dict[str, WeightQuant]], Dict[int, ActParams]]
 
 
 def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> None:
@@ -177,8 +180,9 @@ def quantize(
         raise
 
 
-def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) -> QuantizeResult:
-    """The stages in data-flow order, from the model as read to the validated QDQ model (not yet saved)."""
+def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource) -> InitialState:
+    """The stages up to the MSE-initialized quantizers: the prepared float model, its plan, the calibration
+    set, every weight at every width the run may choose, the activation parameters (the analysis starts here too)."""
     with run.stage("normalize"):
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
@@ -196,9 +200,15 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
             run.report.warn(note)
     with run.stage("weight init"):
         candidates = _init_weights(run, float_model, plan, calib_set)
-        weights = candidates[max(candidates)]
     with run.stage("activation calibration"):
         acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress)
+    return float_model, plan, calib_set, candidates, acts
+
+
+def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) -> QuantizeResult:
+    """The stages in data-flow order, from the model as read to the validated QDQ model (not yet saved)."""
+    float_model, plan, calib_set, candidates, acts = initial_state(run, original, calib)
+    weights = candidates[max(candidates)]
     lfh = None  # the search's LFH of float_model, reused by the EPTQ stage
     if run.config.mixed is not None:
         with run.stage("mixed precision"):

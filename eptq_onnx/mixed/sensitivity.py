@@ -159,6 +159,8 @@ class DistanceProbe:
                 self.modules[m.weight_name].append(m)
         with torch.no_grad():
             self.targets = [twin.teacher.run(f, self.names)[1] for f in self.feeds]
+        # signal energy of every compared tensor over the subset (the numerator of its SQNR)
+        self.signal = {n: sum(float(t[n].double().pow(2).sum()) for t in self.targets) for n in self.names}
         self.evaluations = 0
         self.seconds = 0.0
 
@@ -169,26 +171,70 @@ class DistanceProbe:
             if isinstance(m.bias_quant, BiasFakeQuant):
                 m.bias_quant = BiasFakeQuant(m.bias_quant.act, fq)
 
-    def distance(self, swaps: Mapping[str, WeightFakeQuant]) -> float:
-        """sum_i w_i * mean((z_i - z~_i)^2) with the given weights' quantizers swapped (restored after)."""
+    def errors(self, swaps: Mapping[str, WeightFakeQuant] | None = None,
+               disabled: Iterable[torch.nn.Module] = ()) -> Dict[str, float]:
+        """Sum of squared errors of every compared tensor over the subset, with the given weights'
+        quantizers swapped and the fake quantizers in ``disabled`` switched off (restored after)."""
         start = time.perf_counter()
+        swaps = swaps or {}
+        off = [m for m in disabled if getattr(m, "enabled", False)]
         for name, fq in swaps.items():
             self._swap(name, fq)
+        for m in off:
+            m.enabled = False
         sse = dict.fromkeys(self.names, 0.0)
-        count = dict.fromkeys(self.names, 0)
         try:
             with torch.no_grad():
                 for feeds, target in zip(self.feeds, self.targets):
                     _, student = self.twin.student.run(feeds, self.names)
                     for n in self.names:
                         sse[n] += float((target[n].double() - student[n].double()).pow(2).sum())
-                        count[n] += target[n].numel()
         finally:
             for name in swaps:
                 self._swap(name, self.twin.weight_quant[name])
+            for m in off:
+                m.enabled = True
         self.evaluations += 1
         self.seconds += time.perf_counter() - start
+        return sse
+
+    def distance(self, swaps: Mapping[str, WeightFakeQuant]) -> float:
+        """sum_i w_i * mean((z_i - z~_i)^2) with the given weights' quantizers swapped (restored after)."""
+        sse = self.errors(swaps)
+        count = {n: sum(t[n].numel() for t in self.targets) for n in self.names}
         return sum(self.loss_weights[n] * sse[n] / max(1, count[n]) for n in self.names)
+
+    def sqnr_db(self, disabled: Iterable[torch.nn.Module] = ()) -> Dict[str, float]:
+        """SQNR (dB) of every compared tensor against the teacher with the quantizers in ``disabled``
+        off: inf where the student equals the teacher."""
+        return {n: sqnr_db(self.signal[n], e) for n, e in self.errors(disabled=disabled).items()}
+
+
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise); inf without noise, -inf without signal."""
+    if noise == 0:
+        return float("inf")
+    return float("-inf") if signal == 0 else 10.0 * float(np.log10(signal / noise))
+
+
+def twin_points(twin: Twin, plan: QuantPlan) -> Dict[str, List[torch.nn.Module]]:
+    """Every quantization point of the student and the fake quantizers that make it: a weight (keyed
+    by its name) its quantizer and the int32 biases on its step (a float weight has a float bias, as
+    the writer stores it); an activation group (keyed by its first root) its quantizer. Weights first,
+    in plan order, then the groups."""
+    points: Dict[str, List[torch.nn.Module]] = {p.weight: [] for p in plan.weights if p.weight in twin.weight_quant}
+    for m in twin.student.modules():
+        if isinstance(m, WeightedOp) and m.weight_name in points:
+            modules = points[m.weight_name]
+            if not modules:
+                modules.append(twin.weight_quant[m.weight_name])
+            if isinstance(m.bias_quant, BiasFakeQuant):
+                modules.append(m.bias_quant)
+    points = {n: modules for n, modules in points.items() if modules}
+    for g in plan.groups:
+        if g.id in twin.act_quant:
+            points[g.roots[0]] = [twin.act_quant[g.id]]
+    return points
 
 
 @dataclass
