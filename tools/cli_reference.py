@@ -15,10 +15,16 @@ from typing import Any
 
 import click
 
+from eptq_onnx.analysis.cli import main as analyze_main
 from eptq_onnx.cli import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 BEGIN, END = "<!-- cli:begin -->", "<!-- cli:end -->"
+# each command's reference sits between its own markers: (command, name, begin, end)
+SECTIONS = (
+    (main, "eptq-onnx", BEGIN, END),
+    (analyze_main, "eptq-onnx-analyze", "<!-- analyze:begin -->", "<!-- analyze:end -->"),
+)
 
 
 def _cell(text: str) -> str:
@@ -73,11 +79,11 @@ def _prose(text: str) -> str:
     return "\n\n".join(blocks)
 
 
-def reference(command: click.Command = main) -> str:
+def reference(command: click.Command = main, name: str = "eptq-onnx") -> str:
     """The markdown reference: usage, the command's help, one table row per option, the epilog."""
-    ctx = click.Context(command, info_name="eptq-onnx", **command.context_settings)
+    ctx = click.Context(command, info_name=name, **command.context_settings)
     options = [p for p in command.get_params(ctx) if isinstance(p, click.Option)]
-    usage = f"eptq-onnx {' '.join(command.collect_usage_pieces(ctx))}"
+    usage = f"{name} {' '.join(command.collect_usage_pieces(ctx))}"
     lines = ["```text", usage, "```", "", _prose(command.help or ""), ""]
     lines += ["| option | values | default | meaning |", "|---|---|---|---|"]
     lines += [f"| {_names(p)} | {_values(p)} | {_default(p)} | {_cell(p.help or '')} |" for p in options]
@@ -86,20 +92,24 @@ def reference(command: click.Command = main) -> str:
     return "\n".join(lines)
 
 
-def _split(text: str) -> tuple[str, str, str]:
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start], text[start:end], text[end:]
+def _split(text: str, begin: str = BEGIN, end: str = END) -> tuple[str, str, str]:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start], text[start:stop], text[stop:]
 
 
 def is_current(doc: Path = DOC) -> bool:
-    """Whether ``doc`` holds the reference the command renders now."""
-    return _split(doc.read_text())[1].strip() == reference()
+    """Whether ``doc`` holds the references the commands render now."""
+    text = doc.read_text()
+    return all(_split(text, begin, end)[1].strip() == reference(command, name) for command, name, begin, end in SECTIONS)
 
 
 def write_doc(doc: Path = DOC) -> None:
-    """Replace the reference between BEGIN and END in ``doc`` with the rendered one."""
-    head, _, tail = _split(doc.read_text())
-    doc.write_text(head + "\n" + reference() + "\n" + tail)
+    """Replace each reference between its markers in ``doc`` with the rendered one."""
+    text = doc.read_text()
+    for command, name, begin, end in SECTIONS:
+        head, _, tail = _split(text, begin, end)
+        text = head + "\n" + reference(command, name) + "\n" + tail
+    doc.write_text(text)
 
 
 if __name__ == "__main__":

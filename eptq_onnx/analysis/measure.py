@@ -190,9 +190,7 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQu
 
 
 def _act_bits(acts: Dict[int, ActParams], plan: QuantPlan, root: str) -> int:
-    group = next(g for g in plan.groups if g.roots[0] == root)
-    qmin, qmax = acts[group.id].qrange
-    return int(round(math.log2(qmax - qmin + 1)))
+    return next(acts[g.id].bits for g in plan.groups if g.roots[0] == root)
 
 
 def _float_forward_seconds(twin: Twin, feeds: Sequence[Dict[str, torch.Tensor]]) -> float:
