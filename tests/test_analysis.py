@@ -95,7 +95,7 @@ def test_cli_writes_report_and_plot_and_no_model(culprit_files, tmp_path: Path) 
     report, plots = tmp_path / "analysis.json", tmp_path / "plots"
     before = set(tmp_path.iterdir())
     code, text = _run(model, "--calib", calib, "--weight-bits", "8", "--sensitivity-samples", "8",
-                      "--report", report, "--plots", plots)
+                      "--report", report, "--plots", plots, "--output", "y")
     assert code == 0, text
     assert "h2" in text and "costliest quantization points" in text
     assert (plots / "analysis.png").read_bytes()[:4] == b"\x89PNG"
@@ -137,6 +137,7 @@ def test_cli_errors_are_one_line_with_exit_codes(culprit_files, tmp_path: Path) 
         ((model, "--calib", calib, "--weight-bits", "1"), 2),
         ((model, "--calib", calib, "--report", tmp_path / "no_dir" / "a.json"), 2),
         ((model, "--calib", calib, "--exclude", "no_such_node"), 2),
+        ((model, "--calib", calib, "--output", "no_such_output"), 2),
         ((model,), 2),
     ]
     for args, exit_code in cases:

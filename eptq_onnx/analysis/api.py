@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import onnx
 
-from eptq_onnx.analysis.measure import measure
+from eptq_onnx.analysis.measure import chosen_outputs, measure
 from eptq_onnx.analysis.plot import write_analysis_plots
 from eptq_onnx.analysis.result import AnalysisResult
 from eptq_onnx.calib.memory import CalibSource
@@ -27,6 +27,7 @@ def analyze(
     config: Optional[QuantConfig] = None,
     *,
     samples: int = DEFAULT_SAMPLES,
+    outputs: Sequence[str] = (),
     report_path: Union[str, Path, None] = None,
     plots_dir: Union[str, Path, None] = None,
     progress: bool = True,
@@ -35,7 +36,7 @@ def analyze(
 
     The model is prepared, planned and MSE-initialized as ``quantize`` does with ``config`` (every
     weight at ``config.weight_bits``; no EPTQ, no mixed precision), then measured on the first
-    ``samples`` calibration samples: the output SQNR with only each point quantized and with only it
+    ``samples`` calibration samples: the SQNR of the worst of ``outputs`` (default: every float output) with only each point quantized and with only it
     left float, and the float-vs-quantized SQNR of every tensor along the graph. ``calib`` takes what
     ``quantize`` takes. With ``report_path`` the JSON report; with ``plots_dir`` analysis.png.
     Raises an ``EptqError`` subclass (one-line message, exit code) on bad input.
@@ -50,9 +51,11 @@ def analyze(
     run = RunContext(config, report, progress, started_at)
     with run.stage("load"):
         original = load_model(input_path, run.store) if input_path is not None else run.store.hold(model)
+        chosen_outputs(original, outputs)  # a wrong --output fails before calibration
     float_model, plan, calib_set, candidates, acts = initial_state(run, original, calib)
     with run.stage("analysis"):
-        found = measure(float_model, plan, candidates[run.config.weight_bits], acts, calib_set, run.config, samples, progress)
+        found = measure(float_model, plan, candidates[run.config.weight_bits], acts, calib_set, run.config, samples, progress,
+                        outputs)
     warnings = list(report.warnings)
     if found.not_measured:
         warnings.append(f"{len(found.not_measured)} weight(s) have no quantizer in the torch twin and were not "

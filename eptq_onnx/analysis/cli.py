@@ -22,6 +22,8 @@ twin), 4 bad calibration data, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM
 @QUANTIZATION_OPTIONS
 @SAMPLES_OPTION
 @DEVICE_OPTION
+@click.option("--output", "outputs", multiple=True, metavar="NAME",
+              help="Rank by this model output (repeatable; the worst of them counts). Default: every float output.")
 @click.option("--top", type=click.IntRange(min=1), default=SHOWN_POINTS, show_default=True,
               help="Points shown in the terminal table (the JSON report has all).")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
@@ -33,7 +35,7 @@ twin), 4 bad calibration data, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM
 def main(input_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str,
          weight_init: str, percentile: float, target: str, exclude: Tuple[str, ...], quantize_outputs: bool,
          float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str],
-         std: Optional[str], pixel_scale: float, layout: str, bgr: bool, sensitivity_samples: int, device: str, top: int,
+         std: Optional[str], pixel_scale: float, layout: str, bgr: bool, sensitivity_samples: int, device: str, outputs: Tuple[str, ...], top: int,
          report_path: Optional[Path], plots_dir: Optional[Path], quiet: bool, debug: bool) -> None:
     """Rank every quantization point of INPUT.onnx by what it costs, without writing a model.
 
@@ -60,7 +62,7 @@ def main(input_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, ac
             optimize=OptimizeOptions(iters=0, device=device),
         )
         with _third_party_warnings(shown=not quiet):
-            result = analyze(input_model, calib_dir, config, samples=sensitivity_samples, report_path=report_path,
+            result = analyze(input_model, calib_dir, config, samples=sensitivity_samples, outputs=outputs, report_path=report_path,
                              plots_dir=plots_dir, progress=not quiet)
     if not quiet:
         print_table(result, shown=top)

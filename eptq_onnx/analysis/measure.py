@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
-from eptq_onnx.errors import ModelError
+from eptq_onnx.errors import ModelError, UsageError
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.mixed.sensitivity import DistanceProbe, sqnr_db, twin_points
@@ -107,6 +107,18 @@ def float_outputs(model: onnx.ModelProto) -> List[str]:
     return [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
+def chosen_outputs(model: onnx.ModelProto, names: Sequence[str]) -> List[str]:
+    """The float outputs the analysis compares: ``names`` (checked), or all; UsageError otherwise."""
+    available = float_outputs(model)
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise UsageError(f"--output {unknown[0]!r} is no float output of the model: choose from "
+                         f"{', '.join(repr(n) for n in available) or '(none)'}")
+    if not available:
+        raise ModelError("the analysis compares float model outputs, and this model has none")
+    return list(dict.fromkeys(names)) or available
+
+
 def _twin(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
           config: QuantConfig, taps: Sequence[str]) -> Twin:
     try:
@@ -133,12 +145,12 @@ def _describe(model: onnx.ModelProto, plan: QuantPlan) -> Dict[str, tuple]:
 
 
 def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
-            calib: CalibrationSet, config: QuantConfig, samples: int = 32, progress: bool = True) -> Measurement:
-    """Every point's cost and every tensor's error on the first ``samples`` calibration samples."""
+            calib: CalibrationSet, config: QuantConfig, samples: int = 32, progress: bool = True,
+            outputs: Sequence[str] = ()) -> Measurement:
+    """Every point's cost and every tensor's error on the first ``samples`` calibration samples, at
+    the model's float ``outputs`` (default: all of them)."""
     start = time.perf_counter()
-    outputs = float_outputs(model)
-    if not outputs:
-        raise ModelError("the analysis compares float model outputs, and this model has none")
+    outputs = chosen_outputs(model, outputs)
     tensors = graph_tensors(model)
     twin = _twin(model, plan, weights, acts, config, tensors)
     device = config.optimize.device
