@@ -7,7 +7,8 @@
 - :func:`detection_concat`: one output Concat of box pixel coordinates (0..640) and class
   probabilities (0..1) (one shared scale rounds every probability to 0);
 - :func:`log_spectrum`: a squared magnitude spectrum (power over more than 8 bits of dynamic range)
-  followed by Log (quantized power 0 gives log(eps));
+  followed by Log (quantized power 0 gives log(eps)); :func:`stacked_spectrum` the same with the real and
+  imaginary parts as two Convs joined by a Concat (a TensorFlow constant-Q front end);
 - :func:`conv_lstm`: an LSTM inside a convolutional model (must stay float).
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ SMALL_TOKEN_SCALE = 1e-3  # the scale of the "padding" tokens of layernorm_recip
 BOX_PIXELS = 640.0  # image size the detection_concat boxes are decoded to
 POWER_FLOOR = 0.1  # log(power + floor): power peaks near 1e2, so resolving the floor takes > 8 bits (amplitude: < 8)
 
-__all__ = ["TRAPS", "bert_attention_mask", "conv_lstm", "detection_concat", "layernorm_reciprocal", "log_spectrum"]
+__all__ = ["TRAPS", "bert_attention_mask", "conv_lstm", "detection_concat", "layernorm_reciprocal", "log_spectrum",
+           "stacked_spectrum"]
 
 
 def bert_attention_mask(opset: int = 17, *, dynamo: bool = False) -> onnx.ModelProto:
@@ -125,6 +127,31 @@ def log_spectrum(opset: int = 13, *, dynamo: bool = False) -> onnx.ModelProto:
     return exported(net, (x,), opset=opset, dynamo=dynamo, input_names=["wave"], output_names=["logits"])
 
 
+class _StackedSpectrum(_LogSpectrum):
+    """The spectrum as TensorFlow front ends (constant-Q transforms) write it: real and imaginary filter banks
+    as two Convs, stacked by a Concat, then the power summed over the stack and the log of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.real = nn.Conv1d(1, self.bins, self.dft.kernel_size[0], self.dft.stride[0], bias=False)
+        self.imag = nn.Conv1d(1, self.bins, self.dft.kernel_size[0], self.dft.stride[0], bias=False)
+        with torch.no_grad():
+            self.real.weight.copy_(self.dft.weight[: self.bins])
+            self.imag.weight.copy_(self.dft.weight[self.bins:])
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stack([self.real(wave), self.imag(wave)], dim=-1)
+        return self.classifier(torch.log((spec * spec).sum(dim=-1) + POWER_FLOOR))
+
+
+def stacked_spectrum(opset: int = 13, *, dynamo: bool = False) -> onnx.ModelProto:
+    """Waveform [N,1,512] -> real and imaginary Convs -> Concat (stack) -> power -> log -> classifier."""
+    with _seeded(33):
+        net = _StackedSpectrum()
+        x = torch.randn(2, 1, 512)
+    return exported(net, (x,), opset=opset, dynamo=dynamo, input_names=["wave"], output_names=["logits"])
+
+
 class _ConvLSTM(nn.Module):
     """Conv features over time (width = time), an LSTM over the 8 steps, Linear on the last state."""
 
@@ -155,6 +182,7 @@ TRAPS: dict[str, Callable[..., onnx.ModelProto]] = {
     "layernorm_reciprocal": layernorm_reciprocal,
     "detection_concat": detection_concat,
     "log_spectrum": log_spectrum,
+    "stacked_spectrum": stacked_spectrum,
     "conv_lstm": conv_lstm,
 }
 ZOO.update(TRAPS)

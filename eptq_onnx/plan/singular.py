@@ -4,8 +4,8 @@ A singular input (ops.SINGULAR_INPUTS: Reciprocal, a Div denominator, Log, Sqrt,
 or fractional exponent) turns a value near 0 rounded to 0 into inf, NaN or an unbounded relative
 error: a variance quantized on a grid set by its largest value gives 1/sqrt(0) for every token of
 small variance. A tensor is kept float when all of its values reach the rest of the network only
-through such inputs, via ops that do not requantize (elementwise math, non-linearities, joins other
-than Concat, data movement, reductions, casts): e.g. ``x*x -> ReduceSum -> Div -> Sqrt`` or
+through such inputs, via ops that do not requantize (elementwise math, non-linearities, joins, data
+movement, reductions, casts; a Concat only when its output stays float too): e.g. ``x*x -> ReduceSum -> Div -> Sqrt`` or
 ``re*re + im*im + eps -> Log``. The op after the singular one (the Log's output, a normalized tensor)
 is where the point goes.
 """
@@ -42,7 +42,7 @@ def node_singular_inputs(index: "GraphIndex", node: onnx.NodeProto) -> tuple:
 
 def _passes_on(node: onnx.NodeProto, role: str) -> bool:
     """Whether the op carries its inputs' rounding to its outputs without a quantization point of its own."""
-    return role in PASS_ROLES or (role == "join" and node.op_type != "Concat") or node.op_type in PASS_OPS
+    return role in PASS_ROLES or role == "join" or node.op_type in PASS_OPS
 
 
 def singular_feeders(index: "GraphIndex", roles: Dict[str, str]) -> Set[str]:
