@@ -146,6 +146,9 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
               "their outputs; a pattern that matches nothing is an error.")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float).")
 @click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale).")
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Correct each layer's bias by the mean shift that quantization causes in its output, measured on "
+                   "calibration samples (kept only when it improves the output SQNR).")
 @click.option("--num-calib", type=int, default=None,
               help="Number of calibration samples to use (default: all in the folder, at most 1024).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -213,6 +216,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 @click.option("--debug", is_flag=True, help="Show the Python traceback of internal errors.")
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
+         bias_correction: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
@@ -257,6 +261,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             exclude=tuple(exclude),
             quantize_outputs=quantize_outputs,
             quantize_bias=not float_bias,
+            bias_correction=bias_correction,
             calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
             validation_samples=validation_samples,
             measure_latency=latency,

@@ -31,6 +31,7 @@ from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, 
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.graph.tensor_store import TensorStore
+from eptq_onnx.init.bias_correction import correct_biases
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
@@ -251,13 +252,27 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
     return {b: init_weights(model, plan, b, config.weight_init, inputs, run.target, config.act_symmetric) for b in widths}
 
 
+def _correct_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                    acts: Dict[int, ActParams], calib: CalibrationSet) -> onnx.ModelProto:
+    """The float model with bias-corrected biases (init/bias_correction.py) where that helps."""
+    config = run.config
+    if not config.bias_correction:
+        return model
+    with run.stage("bias correction"):
+        corrected, outcome = correct_biases(model, plan, weights, acts, calib, config.quantize_outputs,
+                                            config.quantize_bias)
+    run.report.bias_correction = asdict(outcome)
+    run.log(outcome.summary())
+    return corrected
+
+
 def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
               acts: Dict[int, ActParams], calib: CalibrationSet, lfh: Optional[tuple]):
-    """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the inputs
-    as they are, with the reason in the report."""
+    """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the model with
+    bias-corrected biases (EPTQ learns its own) and the quantizers as they are, with the reason in the report."""
     optimize = run.config.optimize
     if optimize.iters == 0:
-        return model, weights, acts
+        return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
     if not plan.weights and not optimize.learn_act_scales:
         run.report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
                         "the model has no weights to optimize (and --learn-act-scales is off)")
@@ -268,7 +283,7 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
                                started_at=run.started_at, lfh=lfh)
         except TwinUnavailable as exc:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
-            return model, weights, acts
+            return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
         record_eptq(run.report, outcome)
         return outcome.float_model, outcome.weights, outcome.acts
 

@@ -58,6 +58,7 @@ class Report:
     error: Optional[Dict[str, Any]] = None  # what stopped the run (code, category, stage, message); None on success
     sizes_bytes: Dict[str, int] = field(default_factory=dict)
     calibration_samples: int = 0
+    bias_correction: Dict[str, Any] = field(default_factory=dict)  # init/bias_correction.BiasCorrection
     hessian: Dict[str, Any] = field(default_factory=dict)
     optimization: Dict[str, Any] = field(default_factory=dict)
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
