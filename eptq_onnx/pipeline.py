@@ -26,14 +26,14 @@ from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, check_model, session_config, validate
 from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
 from eptq_onnx.graph.float16 import has_float16, restore_io_types
-from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.graph.tensor_store import TensorStore
 from eptq_onnx.init.bias_correction import correct_biases
 from eptq_onnx.init.quantizers import ActParams
-from eptq_onnx.init.weights import WeightQuant, init_weights
+from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
@@ -104,7 +104,7 @@ def check_report_path(report_path: Path) -> None:
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
-    """Normalize, raise the opset where the storage types need it, fold batch norms.
+    """Normalize, raise the opset where the storage types need it, fold batch norms and bias Adds.
 
     When the opset upgrade for native INT4/INT2 weights fails, weights fall back to INT8
     containers (restricted to their bit range) and the report says so.
@@ -125,6 +125,7 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     report.opset = default_opset(model)
     model, folded = fold_batch_norms(model)
     report.folded_batch_norms = folded
+    model, report.folded_bias_adds = fold_bias_adds(model)
     return model, config
 
 
@@ -197,9 +198,10 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
             run.report.warn(note)
     with run.stage("weight init"):
         candidates = _init_weights(run, float_model, plan, calib_set)
-        weights = candidates[max(candidates)]
     with run.stage("activation calibration"):
         acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress)
+        candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
+        weights = candidates[max(candidates)]
     lfh = None  # the search's LFH of float_model, reused by the EPTQ stage
     if run.config.mixed is not None:
         with run.stage("mixed precision"):
@@ -250,6 +252,20 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
     inputs = collect_layer_inputs(model, plan, calib) if config.weight_init == "output-mse" else {}
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
     return {b: init_weights(model, plan, b, config.weight_init, inputs, run.target, config.act_symmetric) for b in widths}
+
+
+def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                      acts: Dict[int, ActParams]) -> Dict[str, WeightQuant]:
+    """``weights`` with steps raised where a layer's int32 bias would not fit (init/weights.fit_int32_biases)."""
+    if not run.config.quantize_bias:
+        return weights
+    act_scales = {t: acts[g.id].scale for g in plan.groups for t in g.tensors}
+    fitted, raised = fit_int32_biases(model, plan, weights, act_scales)
+    if raised:
+        total = sum(raised.values())
+        run.report.warn(f"{total} weight channel(s) of {len(raised)} layer(s) have near-zero weights: their steps were "
+                        f"raised so that the int32 biases fit (a bias code of at most 2**24)")
+    return fitted
 
 
 def _correct_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],

@@ -35,6 +35,10 @@ from eptq_onnx.twin.build import Twin, build_twin, model_with_biases, student_bi
 from eptq_onnx.twin.weighted import ConvOp, GemmOp, WeightedOp
 
 SAMPLES = 32  # calibration samples the corrections are measured on (a torch forward pass each)
+MIN_SAMPLES = 4
+# input values the correction passes read in all (32 RGB images of 224 x 224): large inputs (a 736 x 736
+# detector page) use fewer samples, so that the stage costs about the same torch time on every model
+INPUT_VALUES_BUDGET = 32 * 3 * 224 * 224
 
 
 @dataclass
@@ -158,6 +162,8 @@ def correct_biases(
         outcome.skipped = "no quantized layer with a bias"
         return model, outcome
     check = list(calib.batches(limit=max(1, check_samples)))
+    per_sample = sum(v.size for v in check[0].values()) / max(calib.samples_in(check[0]), 1) if check else 1
+    samples = max(MIN_SAMPLES, min(samples, int(INPUT_VALUES_BUDGET // max(per_sample, 1))))
     with torch.no_grad():
         for batch in calib.batches(limit=samples):
             feeds = to_tensors(batch)
