@@ -232,6 +232,10 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @click.argument("input_model", metavar="INPUT.onnx", type=click.Path(path_type=Path))
 @click.argument("output_model", metavar="OUTPUT.onnx", type=click.Path(path_type=Path))
 @QUANTIZATION_OPTIONS
+@click.option("--bias-correction/--no-bias-correction", default=True, show_default=True,
+              help="Correct each layer's bias by the mean shift that quantization causes in its output, measured on "
+                   "calibration samples (kept only when it improves the output SQNR; where EPTQ runs it learns the "
+                   "biases itself).")
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
               help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers, the narrowest the target reads "
               "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
@@ -291,6 +295,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
+         bias_correction: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
@@ -323,6 +328,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]
+            bias_correction=bias_correction,
             validation_samples=validation_samples,
             measure_latency=latency,
             mixed=MixedPrecisionOptions(

@@ -145,6 +145,7 @@ class QuantConfig:
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False
     quantize_bias: bool = True
+    bias_correction: bool = True  # empirical bias correction after weight init (init/bias_correction.py)
     calib: CalibOptions = field(default_factory=CalibOptions)
     validation_samples: int = 64
     measure_latency: bool = True  # onnxruntime CPU latency of the float and the written model, in the report

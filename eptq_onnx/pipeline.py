@@ -26,13 +26,14 @@ from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, check_model, session_config, validate
 from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
 from eptq_onnx.graph.float16 import has_float16, restore_io_types
-from eptq_onnx.graph.fold_bn import fold_batch_norms
+from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.graph.tensor_store import TensorStore
+from eptq_onnx.init.bias_correction import correct_biases
 from eptq_onnx.init.quantizers import ActParams
-from eptq_onnx.init.weights import WeightQuant, init_weights
+from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
@@ -106,7 +107,7 @@ def check_report_path(report_path: Path) -> None:
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
-    """Normalize, raise the opset where the storage types need it, fold batch norms.
+    """Normalize, raise the opset where the storage types need it, fold batch norms and bias Adds.
 
     When the opset upgrade for native INT4/INT2 weights fails, weights fall back to INT8
     containers (restricted to their bit range) and the report says so.
@@ -127,6 +128,7 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     report.opset = default_opset(model)
     model, folded = fold_batch_norms(model)
     report.folded_batch_norms = folded
+    model, report.folded_bias_adds = fold_bias_adds(model)
     return model, config
 
 
@@ -202,6 +204,7 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         candidates = _init_weights(run, float_model, plan, calib_set)
     with run.stage("activation calibration"):
         acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress)
+        candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 
 
@@ -261,13 +264,41 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
     return {b: init_weights(model, plan, b, config.weight_init, inputs, run.target, config.act_symmetric) for b in widths}
 
 
+def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                      acts: Dict[int, ActParams]) -> Dict[str, WeightQuant]:
+    """``weights`` with steps raised where a layer's int32 bias would not fit (init/weights.fit_int32_biases)."""
+    if not run.config.quantize_bias:
+        return weights
+    act_scales = {t: acts[g.id].scale for g in plan.groups for t in g.tensors}
+    fitted, raised = fit_int32_biases(model, plan, weights, act_scales)
+    if raised:
+        total = sum(raised.values())
+        run.report.warn(f"{total} weight channel(s) of {len(raised)} layer(s) have near-zero weights: their steps were "
+                        f"raised so that the int32 biases fit (a bias code of at most 2**24)")
+    return fitted
+
+
+def _correct_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                    acts: Dict[int, ActParams], calib: CalibrationSet) -> onnx.ModelProto:
+    """The float model with bias-corrected biases (init/bias_correction.py) where that helps."""
+    config = run.config
+    if not config.bias_correction:
+        return model
+    with run.stage("bias correction"):
+        corrected, outcome = correct_biases(model, plan, weights, acts, calib, config.quantize_outputs,
+                                            config.quantize_bias)
+    run.report.bias_correction = asdict(outcome)
+    run.log(outcome.summary())
+    return corrected
+
+
 def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
               acts: Dict[int, ActParams], calib: CalibrationSet, lfh: Optional[tuple]):
-    """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the inputs
-    as they are, with the reason in the report."""
+    """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the model with
+    bias-corrected biases (EPTQ learns its own) and the quantizers as they are, with the reason in the report."""
     optimize = run.config.optimize
     if optimize.iters == 0:
-        return model, weights, acts
+        return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
     if not plan.weights and not optimize.learn_act_scales:
         run.report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
                         "the model has no weights to optimize (and --learn-act-scales is off)")
@@ -278,7 +309,7 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
                                started_at=run.started_at, lfh=lfh)
         except TwinUnavailable as exc:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
-            return model, weights, acts
+            return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
         record_eptq(run.report, outcome)
         return outcome.float_model, outcome.weights, outcome.acts
 

@@ -45,6 +45,7 @@ class Report:
     config: Dict[str, Any]
     opset: int = 0
     folded_batch_norms: List[str] = field(default_factory=list)
+    folded_bias_adds: List[str] = field(default_factory=list)  # Adds of a per-channel constant, now layer biases
     tensors: List[TensorEntry] = field(default_factory=list)
     float_ops: List[Dict[str, str]] = field(default_factory=list)
     # decomposed normalizations quantized as their fused op ({kind, input, output, nodes})
@@ -58,6 +59,7 @@ class Report:
     error: Optional[Dict[str, Any]] = None  # what stopped the run (code, category, stage, message); None on success
     sizes_bytes: Dict[str, int] = field(default_factory=dict)
     calibration_samples: int = 0
+    bias_correction: Dict[str, Any] = field(default_factory=dict)  # init/bias_correction.BiasCorrection
     hessian: Dict[str, Any] = field(default_factory=dict)
     optimization: Dict[str, Any] = field(default_factory=dict)
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
@@ -164,7 +166,8 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
     console.print(
         f"[bold]eptq-onnx[/bold] {report.input} -> {report.output or '(not written)'}: "
         f"{len(weights)} weights, {len(acts)} activation points, "
-        f"{len(report.folded_batch_norms)} BatchNorms folded, opset {report.opset}"
+        f"{len(report.folded_batch_norms)} BatchNorms and {len(report.folded_bias_adds)} bias Adds folded, "
+        f"opset {report.opset}"
     )
     _print_fidelity(v, console)
     worst = sorted((t for t in report.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db)[:SHOWN_TENSORS]

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds before a quantizer run is killed")
     run_p.add_argument("--rss-limit-mb", type=float, default=12000.0, help="RSS at which a quantizer run is killed")
     run_p.add_argument("--extra", default="", help="more options for every one of our settings, one shell-quoted "
-                       "string (experiments: --extra '--calib-method minmax')")
+                       "string (experiments: --extra='--calib-method minmax'; one option alone needs the = form)")
     run_p.add_argument("--resume", action="store_true",
                        help="reuse the (model, setting) results of the corpus.json next to --out instead of running them")
     run_p.add_argument("--retry-killed", action="store_true",

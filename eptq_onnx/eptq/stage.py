@@ -13,7 +13,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
@@ -24,7 +23,7 @@ from eptq_onnx.eptq.optimize import OptimizeResult, optimize, tensor_sqnr
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.twin.weighted import WeightedOp
-from eptq_onnx.twin.build import Twin, build_twin, to_tensors
+from eptq_onnx.twin.build import Twin, build_twin, model_with_biases, student_biases, to_tensors
 from eptq_onnx.init.weights import WeightQuant
 
 PROBED = (
@@ -118,13 +117,7 @@ def _write_back(twin: Twin, model: onnx.ModelProto, acts: Dict[int, ActParams]) 
     float_weights = {m.weight_name: m.weight for m in modules}
     weights = {name: wfq.export(float_weights[name]) for name, wfq in twin.weight_quant.items()}
     new_acts = {gid: replace(acts[gid], scale=float(fq.scale.detach().cpu())) for gid, fq in twin.act_quant.items()}
-    biases = {m.bias_name: m.bias.detach().cpu().numpy().astype(np.float32) for m in modules if m.bias is not None and m.bias_name}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    for init in out.graph.initializer:
-        if init.name in biases:
-            init.CopyFrom(numpy_helper.from_array(biases[init.name].reshape(tuple(init.dims)), init.name))
-    return out, weights, new_acts
+    return model_with_biases(model, student_biases(twin)), weights, new_acts
 
 
 def run_eptq(

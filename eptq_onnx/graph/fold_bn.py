@@ -1,8 +1,10 @@
-"""Fold inference-mode BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul.
+"""Fold per-channel affine maps into the preceding Conv, ConvTranspose, Gemm or MatMul.
 
 BN(y) = y * s + t with s = gamma / sqrt(var + eps) and t = beta - mean * s, per channel (axis 1
 of y). Folding scales the layer's weights along its output-channel axis by s and turns its bias
-b into b * s + t. The BN output name survives: the folded layer writes it directly.
+b into b * s + t. A bias written as a separate Add of a per-channel constant (PaddlePaddle's
+export: Conv, then Add of a [1, C, 1, 1] tensor) is the same map with s = 1. The output name of
+the BN or Add survives: the folded layer writes it directly.
 """
 from __future__ import annotations
 
@@ -92,17 +94,70 @@ def fold_batch_norms(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
     return result, folded
 
 
-def _fold(index: _Graph, bn: onnx.NodeProto) -> bool:
-    layer = index.producers.get(bn.input[0])
+def fold_bias_adds(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """Fold every Add of a per-channel (or scalar) constant into the layer before it, as its bias;
+    returns the new model and the folded Adds' names (output names for unnamed ones).
+
+    The layers are those BatchNormalization folds into, under the same conditions (the layer's output
+    read by the Add alone); the constant must be equal along every axis but the output channels."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    ranks = _tensor_ranks(result)
+    folded: list[str] = []
+    for output in [n.output[0] for n in result.graph.node if n.op_type == "Add" and n.domain in _DEFAULT_DOMAINS]:
+        index = _Graph(result.graph, ranks)
+        add = index.producers[output]
+        for position in (0, 1):
+            if _fold(index, add, lambda layer, p=position: _add_affine(index, add, layer, p), position):
+                folded.append(add.name or output)
+                break
+    return result, folded
+
+
+def _fold(index: _Graph, after: onnx.NodeProto, affine_of: Callable[[onnx.NodeProto], _Affine | None] | None = None,
+          position: int = 0) -> bool:
+    """Fold ``after`` (a BN, or with ``affine_of`` any per-channel affine op) whose input ``position`` is a layer's output."""
+    layer = index.producers.get(after.input[position]) if position < len(after.input) else None
     if layer is None or layer.op_type not in BN_FOLDABLE or layer.domain not in _DEFAULT_DOMAINS:
         return False
-    if not index.only_used_by_one(bn.input[0]):
+    if not index.only_used_by_one(after.input[position]):
         return False
-    affine = _bn_affine(index, bn)
+    affine = affine_of(layer) if affine_of is not None else _bn_affine(index, after)
     if affine is None or not _FOLDERS[layer.op_type](index, layer, affine):
         return False
-    _bypass(index, layer, bn)
+    _bypass(index, layer, after)
     return True
+
+
+def _add_affine(index: _Graph, add: onnx.NodeProto, layer: onnx.NodeProto, position: int) -> _Affine | None:
+    """The Add's constant as a per-channel shift of ``layer``'s output channels, or None when it is not one."""
+    if len(add.input) != 2:
+        return None
+    constant = index.constant(add.input[1 - position])
+    weight = index.constant(layer.input[1]) if len(layer.input) > 1 else None
+    if constant is None or weight is None or not np.issubdtype(constant.dtype, np.floating):
+        return None
+    rank, channels = _output_rank_and_channels(index, layer, weight)
+    if rank is None or constant.ndim > rank:
+        return None
+    shape = (1,) * (rank - constant.ndim) + constant.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    shift = np.broadcast_to(constant.astype(np.float64).reshape(-1), (channels,)).copy()
+    return _Affine(np.ones(channels), shift)
+
+
+def _output_rank_and_channels(index: _Graph, layer: onnx.NodeProto, weight: np.ndarray) -> tuple[int | None, int]:
+    """The rank of the layer's output and its number of output channels (on axis 1)."""
+    if layer.op_type == "Conv":
+        return weight.ndim, weight.shape[0]
+    if layer.op_type == "ConvTranspose":
+        return weight.ndim, int_attr(layer, "group", 1) * weight.shape[1]
+    if weight.ndim != 2:
+        return None, 0
+    if layer.op_type == "Gemm":
+        return 2, weight.shape[0 if int_attr(layer, "transB", 0) else 1]
+    return (2 if index.ranks.get(layer.input[0]) == 2 else None), weight.shape[1]
 
 
 def _is_inference_bn(node: onnx.NodeProto) -> bool:

@@ -77,3 +77,47 @@ def init_weights(
             per_tensor=not target.per_channel(point.op_type),
         )
     return result
+
+
+# An int32 bias code at most this large: a channel's output accumulates in int32 around its bias
+# code, so the code keeps 2**7 of headroom; a weight step floored to reach it rounds only weights
+# whose whole contribution is below the bias's own resolution.
+BIAS_CODE_LIMIT = 2**24
+
+
+def fit_int32_biases(
+    model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], act_scales: Dict[str, float],
+) -> tuple[Dict[str, WeightQuant], Dict[str, int]]:
+    """Weights whose steps are raised, per channel, until the layer's int32 bias fits BIAS_CODE_LIMIT.
+
+    The int32 bias step is (input step x weight step); a channel of near-zero weights (BatchNorm folded
+    with a vanishing gamma: steps of 1e-40) gets a step so small that its bias saturates int32 and is
+    lost in the written model. ``act_scales``: the step of each quantized layer input, by tensor name.
+    Returns the new weights and, per weight whose steps changed, how many channels were raised.
+    """
+    initializers = {t.name: t for t in model.graph.initializer}
+    floors: Dict[str, np.ndarray] = {}
+    for point in plan.weights:
+        wq = weights.get(point.weight)
+        s_in = act_scales.get(point.input) if point.input else None
+        if wq is None or point.bias is None or not s_in or point.bias not in initializers:
+            continue
+        bias = np.abs(tensor_array(initializers[point.bias]).astype(np.float64)).reshape(-1)
+        if bias.shape != wq.scale.shape:
+            continue
+        need = bias / (s_in * BIAS_CODE_LIMIT)
+        floors[point.weight] = np.maximum(floors.get(point.weight, need), need)
+    result = dict(weights)
+    raised: Dict[str, int] = {}
+    for name, floor in floors.items():
+        wq = weights[name]
+        low = wq.scale.astype(np.float64) < floor
+        if not low.any():
+            continue
+        scale = np.where(low, floor, wq.scale).astype(np.float32)
+        w = tensor_array(initializers[name]).astype(np.float32, copy=False)
+        qmin, qmax = int_range(wq.bits, signed=True)
+        codes = quantize(w, broadcast_scale(scale, w, wq.axis), 0, qmin, qmax).astype(np.int8)
+        result[name] = WeightQuant(name=name, axis=wq.axis, bits=wq.bits, scale=scale, codes=codes)
+        raised[name] = int(low.sum())
+    return result, raised

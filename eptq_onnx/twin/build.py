@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import Tensor, fx, nn
 
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -139,6 +140,22 @@ def build_twin(
     student_gm.recompile()
     twin.student = TwinModule(student_gm, taps)
     return twin
+
+
+def student_biases(twin: Twin) -> Dict[str, np.ndarray]:
+    """The float biases of the student's weighted ops, by initializer name (float32)."""
+    return {m.bias_name: m.bias.detach().cpu().numpy().astype(np.float32) for m in twin.student.modules()
+            if isinstance(m, WeightedOp) and m.bias is not None and m.bias_name}
+
+
+def model_with_biases(model: onnx.ModelProto, biases: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``biases`` hold those values (in their own shapes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in biases:
+            init.CopyFrom(numpy_helper.from_array(biases[init.name].reshape(tuple(init.dims)), init.name))
+    return out
 
 
 def to_tensors(feeds: Dict[str, np.ndarray], device: torch.device | str = "cpu") -> Dict[str, Tensor]:
