@@ -1,6 +1,8 @@
-"""Shared fixtures: the repo root on sys.path (for models/), calibration folders from zoo models."""
+"""Shared fixtures: the repo root on sys.path (for models/), calibration folders from zoo models;
+Ctrl-C raises KeyboardInterrupt in every test run."""
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -12,6 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.helpers import write_calib  # noqa: E402
+
+# A shell without job control starts a background job with SIGINT ignored, and Python then keeps
+# it ignored: the interrupt tests' SIGINT would do nothing. Their children (which inherit an
+# ignored signal but not a handler) get Python's default KeyboardInterrupt too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from eptq_onnx import QuantConfig, quantize
-from eptq_onnx.eptq.checkpoint import FILE_NAME
+from eptq_onnx.eptq.checkpoint import FILE_NAME, deferred_stops
 from eptq_onnx.config import OptimizeOptions
 from eptq_onnx.errors import UsageError
 from eptq_onnx.eptq.objective import Objective
@@ -87,3 +87,16 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path, calib_for) -> No
     (tmp_path / FILE_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(UsageError, match="cannot be read"):
         quantize(model, calib_for(model, 16), _config(tmp_path), progress=False)
+
+
+def test_an_ignored_signal_stays_ignored_while_stops_are_deferred() -> None:
+    """SIGINT ignored (a background job's): the loop is not stopped by it, nothing is raised after."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferred_stops() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not stop
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -129,12 +129,14 @@ def deferred_stops() -> Iterator[StopRequest]:
     """Hold Ctrl-C and SIGTERM back while the loop finishes its step (so a checkpoint never holds a
     half-applied update); the loop stops at ``request`` and, when the block ends, the signal is
     delivered again to the handler that was in place before (the CLI's: exit 130 / 143).
-    Outside the main thread nothing is deferred."""
+    Outside the main thread nothing is deferred, and a signal the process ignores (SIGINT in a job
+    started in the background by a shell without job control) stays ignored."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: old for sig, old in previous.items() if old is not signal.SIG_IGN}
 
     def handler(signum: int, frame: object) -> None:
         request.signal = signum

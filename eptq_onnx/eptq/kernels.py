@@ -40,17 +40,15 @@ BUILD_NAME = "eptq_onnx_training_kernels"
 class ClippedRound(torch.autograd.Function):
     """Fake quantization with a fixed step for training (the Python reference of the fused kernel):
     clip to the grid's range, round to the grid, straight-through gradient inside the range and
-    zero outside (one fused backward kernel).
-
-    Multiplies by 1 / s where onnxruntime divides by s, so a value within an ulp of a rounding tie
-    may land on the other code: evaluation (no grad) uses the exact path.
+    zero outside (one fused backward kernel). Divides by s as onnxruntime does (multiplying by
+    1 / s puts values within an ulp of a rounding tie on the other code).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: float, low: float, high: float) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x)
         ctx.bounds = (low, high)
-        return torch.clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale)
+        return torch.clamp(x, low, high).div_(scale).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]

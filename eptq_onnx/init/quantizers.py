@@ -1,8 +1,9 @@
 """Uniform quantizers in numpy, with onnxruntime's semantics, and their step-size search.
 
 QuantizeLinear: q = saturate(round_half_to_even(x / scale) + zero_point); DequantizeLinear:
-x' = (q - zero_point) * scale. Weights are symmetric per channel (zero point 0), activations
-per tensor, asymmetric (unsigned) or symmetric (signed, zero point 0).
+x' = (q - zero_point) * scale (both from :mod:`eptq_onnx.ops.arithmetic`, the reference). Weights
+are symmetric per channel (zero point 0), activations per tensor, asymmetric (unsigned) or
+symmetric (signed, zero point 0).
 """
 from __future__ import annotations
 
@@ -11,29 +12,18 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
+from eptq_onnx.ops.arithmetic import dequantize, int_range, quantize_codes
+
 COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
 FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
 SCALE_BLOCK_BYTES = 8 << 20  # larger weights get their steps searched block by block
 SEARCH_BLOCK_BYTES = 64 << 20  # temporaries of the candidates a step search evaluates at once
 
 
-def int_range(bits: int, signed: bool) -> Tuple[int, int]:
-    """Integer range of a ``bits``-bit code: [-2^(b-1), 2^(b-1)-1] signed, [0, 2^b-1] unsigned."""
-    if signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
-
-
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, qmin: int, qmax: int) -> np.ndarray:
-    """Integer codes of ``x`` (float32 arithmetic, round half to even, saturated)."""
-    x = np.asarray(x, dtype=np.float32)
-    q = np.rint(x / np.asarray(scale, dtype=np.float32)) + zero_point
-    return np.clip(q, qmin, qmax)
-
-
-def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int) -> np.ndarray:
-    """Float values of integer codes."""
-    return ((np.asarray(q, dtype=np.float32) - zero_point) * np.asarray(scale, dtype=np.float32)).astype(np.float32)
+    """Integer codes of ``x`` (as floats; ``arithmetic.quantize_codes``: float32 division, round half to
+    even, saturated), ``scale`` and ``zero_point`` broadcasting against ``x``."""
+    return quantize_codes(x, scale, zero_point, qmin, qmax)
 
 
 def fake_quant(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | int, qmin: int, qmax: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Dict, Optional
 import numpy as np
 import onnx
 
+from eptq_onnx.ops.arithmetic import dequantize
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import broadcast_scale, int_range, quantize, weight_scales
 from eptq_onnx.plan.targets import TARGETS, Target, integer_kernel_bits
@@ -24,7 +25,7 @@ class WeightQuant:
     codes: np.ndarray  # integers in the signed ``bits`` range, the weight's shape
 
     def dequantized(self) -> np.ndarray:
-        return (self.codes.astype(np.float32) * broadcast_scale(self.scale, self.codes, self.axis)).astype(np.float32)
+        return dequantize(self.codes, self.scale, 0, self.axis)
 
 
 def quantize_weight(

@@ -84,6 +84,21 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     h = torch.clamp(h, 0.01, 0.99)
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1.0)
 
+
+TIE_MARGIN = 1e-3  # how far from 0.5 an initial h(V) sits where its hard rounding had to be set
+
+
+def initial_rounding(scaled: Tensor, floor: Tensor) -> Tensor:
+    """V with h(V) the fractional part of ``scaled`` (w / s), whose hard rounding (h >= 0.5 rounds up)
+    is round half to even, as QuantizeLinear rounds: at a tie, or where h(V) lands on the other
+    side of 0.5 (within float rounding of it), h(V) is 0.5 -+ TIE_MARGIN instead."""
+    v = inverse_rectified_sigmoid(scaled - floor)
+    up = torch.round(scaled) > floor
+    wrong = (rectified_sigmoid(v) >= 0.5) != up
+    if bool(wrong.any()):
+        v = torch.where(wrong, inverse_rectified_sigmoid(torch.where(up, 0.5 + TIE_MARGIN, 0.5 - TIE_MARGIN)), v)
+    return v
+
 class WeightFakeQuant(nn.Module):
     """Per-channel symmetric weight quantizer.
 
@@ -126,7 +141,7 @@ class WeightFakeQuant(nn.Module):
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
-        self.rounding = nn.Parameter(inverse_rectified_sigmoid(scaled - floor))
+        self.rounding = nn.Parameter(initial_rounding(scaled, floor))
         self.mode = "soft"
         self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
         if fixed_scale:

@@ -39,13 +39,13 @@ constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23
 // The loops below take __restrict pointers so that the compiler vectorizes them (the build
 // enables AVX2 where the CPU has it, and forbids contracting a * b + c into one rounding).
 
-void clipped_round_loop(const float* __restrict x, float* __restrict y, int64_t n, float lo, float hi, float inv,
-                        float step) {
+// x / step as onnxruntime's QuantizeLinear divides (x * (1 / step) rounds differently next to ties)
+void clipped_round_loop(const float* __restrict x, float* __restrict y, int64_t n, float lo, float hi, float step) {
   for (int64_t i = 0; i < n; ++i) {
     float v = x[i];
     v = v > lo ? v : lo;
     v = v < hi ? v : hi;
-    v = v * inv;
+    v = v / step;
     v = (v + MAGIC) - MAGIC;
     y[i] = v * step;
   }
@@ -98,15 +98,15 @@ Tensor scalar(double value, at::ScalarType dtype) {
 
 bool small(const Tensor& t, int64_t limit = SMALL) { return t.numel() <= limit && t.is_contiguous(); }
 
-// clamp(x, low, high) * (1 / scale), rounded half to even, * scale: one pass over a small tensor,
+// clamp(x, low, high) / scale, rounded half to even, * scale: one pass over a small tensor,
 // ATen's ops over a large one
 Tensor clipped_round_values(const Tensor& x, double scale, double low, double high) {
   if (!small(x, SMALL_FORWARD)) {
-    return at::clamp(x, low, high).mul_(1.0 / scale).round_().mul_(scale);
+    return at::clamp(x, low, high).div_(scale).round_().mul_(scale);
   }
   Tensor y = at::empty_like(x);
   clipped_round_loop(x.data_ptr<float>(), y.data_ptr<float>(), x.numel(), static_cast<float>(low), static_cast<float>(high),
-                     static_cast<float>(1.0 / scale), static_cast<float>(scale));
+                     static_cast<float>(scale));
   return y;
 }
 
