@@ -5,7 +5,7 @@ kernels, in Python and fused C++. Rounding ties, saturation, zero points."""
 from __future__ import annotations
 
 import shutil
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import onnx
@@ -23,7 +23,7 @@ from eptq_onnx.graph.runtime import make_session, with_outputs
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, quantize_weight
 from eptq_onnx.ops import arithmetic
-from eptq_onnx.ops.arithmetic import QTYPES, int_range, qtype
+from eptq_onnx.ops.arithmetic import int_range, qtype
 from eptq_onnx.plan.qpoints import build_plan
 from eptq_onnx.plan.targets import TARGETS
 from eptq_onnx.twin.fake_quant import ActFakeQuant, WeightFakeQuant, round_bias

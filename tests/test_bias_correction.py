@@ -11,7 +11,6 @@ from onnx import helper, numpy_helper
 from eptq_onnx import CalibOptions, quantize
 from eptq_onnx.graph.runtime import make_session, with_outputs
 from eptq_onnx.graph.tensor_store import tensor_array
-from models import zoo
 from tests.helpers import init_only
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
