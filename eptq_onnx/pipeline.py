@@ -311,7 +311,9 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
             return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
         record_eptq(run.report, outcome)
-        return outcome.float_model, outcome.weights, outcome.acts
+    if outcome.kept_init:  # the initialized model, as an --iters 0 run writes it
+        return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
+    return outcome.float_model, outcome.weights, outcome.acts
 
 
 def _write(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],

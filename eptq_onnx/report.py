@@ -255,7 +255,8 @@ def record_eptq(report: Report, outcome: EptqOutcome) -> None:
                           "forward_backward_seconds": round(outcome.hessian_step_seconds, 5)}
         warn_lfh(report, outcome.hessian)
     if outcome.kept_init:
-        report.warn(f"FALLBACK: EPTQ result discarded, the output is the MSE-initialized model: {outcome.kept_init}; "
+        report.warn(f"FALLBACK: EPTQ result discarded, the output is the MSE-initialized model (as --iters 0 writes it): "
+                    f"{outcome.kept_init}; "
                     "give the optimization more steps (--iters, --time-budget)")
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `models` importable
 
 from models import zoo  # noqa: E402
-from models.build_demo import N_CALIB, evaluate_torch, run_build, split, write_bundle  # noqa: E402
+from models.build_demo import N_CALIB, evaluate_torch, run_build, write_bundle  # noqa: E402
 
 VIT_DIR = ROOT / "models" / "digits_vit"
 MEAN, STD = 0.3053, 0.3760  # mean/std of all 8x8 digits (pixel values / 16), fixed for reproducibility

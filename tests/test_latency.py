@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 
 from eptq_onnx import quantize
 from eptq_onnx.export.latency import MAX_RUNS, MIN_RUNS, Latency, latency_note, measure_latency

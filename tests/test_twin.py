@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
-from eptq_onnx import QuantConfig, quantize
+from eptq_onnx import quantize
 from eptq_onnx.graph.runtime import make_session, with_outputs
 from eptq_onnx.twin.build import build_twin, to_tensors
 from models import zoo

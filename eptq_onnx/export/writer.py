@@ -120,7 +120,6 @@ def write_qdq(
     graph = out.graph
     b = _Builder(out)
     summary = WriteSummary()
-    group_of = plan.group_of()
     outputs = {o.name for o in graph.output}
 
     op_of = {p.weight: p.op_type for p in plan.weights}

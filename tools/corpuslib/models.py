@@ -10,7 +10,6 @@ model's outputs with the quantized model's on the held-out feeds and returns met
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import sys
 import types
