@@ -20,7 +20,8 @@ from eptq_onnx.plan.targets import DEFAULT_TARGET, TARGETS
 
 EXIT_CODES = """\b
 Exit codes: 0 success, 1 internal error, 2 bad usage or paths, 3 bad model,
-4 bad calibration data, 5 validation of the written model failed, 130 interrupted (Ctrl-C),
+4 bad calibration data, 5 validation of the written model failed, 6 --min-sqnr not reached
+with --strict, 130 interrupted (Ctrl-C),
 143 terminated (SIGTERM); no model is written on an error or an interruption, and once
 the model was read --report says why (the error, the stages that ran, what was measured)."""
 TERMINATED_EXIT_CODE = 128 + signal.SIGTERM
@@ -236,6 +237,13 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
               help="Correct each layer's bias by the mean shift that quantization causes in its output, measured on "
                    "calibration samples (kept only when it improves the output SQNR; where EPTQ runs it learns the "
                    "biases itself).")
+@click.option("--min-sqnr", type=float, default=None, metavar="DB",
+              help="Fidelity target: when the output SQNR against the float model on held-out calibration samples "
+                   "(a quarter, at most 16, that no stage sees) is below DB, leave float the fewest, most damaging "
+                   "nodes (ranked as eptq-onnx-analyze ranks them, each step verified) until it is reached; the "
+                   "report lists each node with the dB it bought.")
+@click.option("--strict", is_flag=True, help="With --min-sqnr: a target not reached is an error (exit 6, no model "
+              "written) instead of a warning.")
 @click.option("--weight-storage", type=click.Choice(["native", "int8"]), default="native", show_default=True,
               help="native: INT4 (opset 21) / INT2 (opset 25) / INT8 initializers, the narrowest the target reads "
               "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
@@ -295,7 +303,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
          calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
-         bias_correction: bool,
+         bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
          hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int,
@@ -329,6 +337,8 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]
             bias_correction=bias_correction,
+            min_sqnr=min_sqnr,
+            strict=strict,
             validation_samples=validation_samples,
             measure_latency=latency,
             mixed=MixedPrecisionOptions(

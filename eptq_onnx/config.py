@@ -154,6 +154,9 @@ class QuantConfig:
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
     # nodes kept float (plan/exclusions.py): node or output tensor names, regexes over them, op:TYPE
     exclude: Tuple[str, ...] = ()
+    # fidelity target (fidelity/target.py): the held-out output SQNR (dB) that nodes are left float for
+    min_sqnr: Optional[float] = None
+    strict: bool = False  # a fidelity target not reached is an error (exit 6, no model written)
 
     def __post_init__(self) -> None:
         if self.weight_bits not in SUPPORTED_WEIGHT_BITS:
@@ -181,6 +184,10 @@ class QuantConfig:
             raise UsageError(f"--hessian-trace {self.optimize.hessian_trace!r}: choose channel or element")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
+        if self.min_sqnr is not None and not -100.0 < self.min_sqnr < 200.0:
+            raise UsageError(f"--min-sqnr {self.min_sqnr}: give the output SQNR target in dB, e.g. 30")
+        if self.strict and self.min_sqnr is None:
+            raise UsageError("--strict makes a missed --min-sqnr target an error: give --min-sqnr DB too")
         self._check_target()
         self._check_exclude()
 

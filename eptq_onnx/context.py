@@ -5,10 +5,11 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
+from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.graph.tensor_store import TensorStore
 from eptq_onnx.plan.targets import Target, get_target
@@ -27,6 +28,7 @@ class RunContext:
     ``config`` may be replaced by a stage that falls back (e.g. INT8 weight containers when an opset
     upgrade fails); ``target`` always follows it. ``started_at`` (``time.perf_counter()``) is where
     ``--time-budget`` counts from. ``store`` holds the tensors of a large model (empty otherwise).
+    ``held_out`` is the calibration part that no stage sees, kept for the fidelity target (``--min-sqnr``).
     """
 
     config: QuantConfig
@@ -34,6 +36,7 @@ class RunContext:
     progress: bool = True
     started_at: float = field(default_factory=time.perf_counter)
     store: TensorStore = field(default_factory=TensorStore)
+    held_out: Optional[CalibrationSet] = None
 
     @property
     def target(self) -> Target:

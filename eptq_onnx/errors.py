@@ -41,6 +41,12 @@ class ValidationError(EptqError):
         self.validation = validation
 
 
+class TargetNotReached(EptqError):
+    """``--strict``: the fidelity target (``--min-sqnr``) was not reached (exit 6)."""
+
+    exit_code = 6
+
+
 INTERRUPTED_EXIT_CODE = 130
 
 

@@ -19,12 +19,14 @@ from eptq_onnx.calib.memory import CalibSource, open_calibration
 from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
+from eptq_onnx.eptq.schedule import RESERVE as TIME_RESERVE
 from eptq_onnx.eptq.stage import TwinUnavailable, run_eptq
-from eptq_onnx.errors import ModelError, UsageError, ValidationError, error_entry
+from eptq_onnx.errors import ModelError, TargetNotReached, UsageError, ValidationError, error_entry
 from eptq_onnx.export.latency import latency_note, measure_latency
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, check_model, session_config, validate
 from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
+from eptq_onnx.fidelity.target import held_out_count, meet_target
 from eptq_onnx.graph.float16 import has_float16, restore_io_types
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
@@ -40,6 +42,7 @@ from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
+from eptq_onnx.plan.weight_only import float_weight_only_layers
 from eptq_onnx.plots import write_plots
 from eptq_onnx.report import Report, record_eptq, record_plan, tensor_entries, warn_lfh
 
@@ -195,11 +198,15 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         record_plan(run.report, plan)
     with run.stage("calibration data"):
         calib_set = _calibration_set(run, calib, float_model)
+        if run.config.min_sqnr is not None:
+            calib_set = _hold_out(run, calib_set)
     with run.stage("activation ranges"):
         ranges = range_statistics(float_model, plan, calib_set, run.progress)
         plan, range_notes = refine_plan(float_model, plan, ranges.root_stats)
         for note in range_notes:
             run.report.warn(note)
+        plan = float_weight_only_layers(plan, run.target)
+        record_plan(run.report, plan)
     with run.stage("weight init"):
         candidates = _init_weights(run, float_model, plan, calib_set)
     with run.stage("activation calibration"):
@@ -221,6 +228,10 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
             if lfh is not None:
                 warn_lfh(run.report, lfh[0])
     quantized_model, weights, acts = _optimize(run, float_model, plan, weights, acts, calib_set, lfh)
+    if run.config.min_sqnr is not None:
+        with run.stage("fidelity target"):
+            quantized_model, plan, weights, acts = _meet_target(run, float_model, quantized_model, plan, weights, acts,
+                                                                calib_set)
     with run.stage("write"):
         qdq, summary = _write(run, quantized_model, plan, weights, acts)
     with run.stage("validate"):
@@ -228,8 +239,48 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     if run.config.measure_latency:
         with run.stage("latency"):
             _report_latency(run, float_model, qdq, calib_set, weights, validation)
+    fidelity = run.report.fidelity
+    if run.config.strict and fidelity and not fidelity["reached"]:
+        raise TargetNotReached(f"--min-sqnr {fidelity['target_db']:g} dB not reached (held-out output SQNR "
+                               f"{fidelity['final_db']:.1f} dB, {len(fidelity['floated'])} node(s) left float: "
+                               f"{fidelity['note']}); without --strict the model is written with a warning")
     state = QuantState(float_model=quantized_model, plan=plan, weights=weights, acts=acts, config=run.config)
     return QuantizeResult(model=qdq, report=run.report, state=state, store=run.store if run.store.used else None)
+
+
+def _hold_out(run: RunContext, calib_set: CalibrationSet) -> CalibrationSet:
+    """The calibration set less the samples held out for the fidelity target (``run.held_out``)."""
+    parts = calib_set.split(held_out_count(len(calib_set)))
+    if parts is None:
+        run.report.warn(f"FIDELITY: {len(calib_set)} calibration sample(s) cannot spare held-out ones: the "
+                        "--min-sqnr target is checked on calibration samples (add calibration files)")
+        run.held_out = calib_set
+        return calib_set
+    calib_set, run.held_out = parts
+    run.log(f"fidelity target: {len(run.held_out)} of {len(calib_set) + len(run.held_out)} calibration samples "
+            "held out to check it")
+    return calib_set
+
+
+def _meet_target(run: RunContext, float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
+                 weights: Dict[str, WeightQuant], acts: Dict[int, ActParams], calib: CalibrationSet
+                 ) -> tuple[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]]:
+    """The state with the nodes left float that --min-sqnr needs (fidelity/target.py), in the report."""
+    config = run.config
+    assert config.min_sqnr is not None and run.held_out is not None
+    deadline = run.started_at + config.optimize.time_budget_min * 60 * (1 - TIME_RESERVE)
+    try:
+        model, plan, weights, acts, outcome = meet_target(float_model, model, plan, weights, acts, calib, run.held_out,
+                                                          config, config.min_sqnr, deadline, run.progress)
+    except ModelError as exc:
+        run.report.warn(f"FIDELITY: the --min-sqnr target was not checked, nothing was left float: {exc}")
+        return model, plan, weights, acts
+    run.report.fidelity = asdict(outcome)
+    record_plan(run.report, plan)
+    run.log(outcome.summary())
+    if not outcome.reached:
+        run.report.warn(f"FIDELITY: {outcome.summary()}: {outcome.note}")
+    return model, plan, weights, acts
 
 
 def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:

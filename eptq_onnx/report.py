@@ -64,6 +64,7 @@ class Report:
     optimization: Dict[str, Any] = field(default_factory=dict)
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
     latency: Dict[str, Any] = field(default_factory=dict)
+    fidelity: Dict[str, Any] = field(default_factory=dict)  # fidelity/target.FidelityOutcome (--min-sqnr)
 
     def warn(self, message: str) -> None:
         """Add a warning (once: stages that share a result may each report it)."""
@@ -94,6 +95,17 @@ def _db(value: Optional[float]) -> str:
     if value is None:
         return "-"
     return "inf" if value == math.inf else f"{value:.1f}"
+
+
+def _print_target(fidelity: Dict[str, Any], console: Console) -> None:
+    """--min-sqnr: the held-out SQNR before and after, and the nodes left float with what each bought."""
+    state = "reached" if fidelity["reached"] else "[bold yellow]NOT reached[/bold yellow]"
+    console.print(f"fidelity target {fidelity['target_db']:g} dB {state}: held-out output SQNR "
+                  f"{fidelity['start_db']:.1f} -> {fidelity['final_db']:.1f} dB ({fidelity['held_out_samples']} "
+                  f"samples, {fidelity['tried']} of {fidelity['candidates']} candidate nodes tried)")
+    for node in fidelity["floated"]:
+        console.print(f"  left float: {node['node']} ({node['op_type']}): +{node['gain_db']:.2f} dB "
+                      f"-> {node['sqnr_db']:.1f} dB")
 
 
 def _print_lfh(hessian: Dict[str, Any], console: Console, shown: int = 5) -> None:
@@ -201,6 +213,8 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         console.print(line)
     for op in report.float_ops:
         console.print(f"[yellow]stays float:[/yellow] {op['node']} ({op['op_type']}): {op['why']}")
+    if report.fidelity:
+        _print_target(report.fidelity, console)
     if report.excluded:
         shown = ", ".join(f"{e['node']} ({e['op_type']})" for e in report.excluded[:SHOWN_TENSORS])
         more = f" and {len(report.excluded) - SHOWN_TENSORS} more" if len(report.excluded) > SHOWN_TENSORS else ""

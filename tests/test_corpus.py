@@ -101,16 +101,18 @@ def test_verdicts_and_report() -> None:
     results = {
         "ppocrv5_cls": [_result("ppocrv5_cls", "w8a8", 0.995), _result("ppocrv5_cls", "ort_minmax", 0.97),
                         _result("ppocrv5_cls", "ort_percentile", 0.999)],
-        "ppocrv5_det": [_result("ppocrv5_det", "w8a8", None, rc=5), _result("ppocrv5_det", "ort_minmax", 0.9)],
+        "ppocrv5_det": [_result("ppocrv5_det", "w8a8", None, rc=5), _result("ppocrv5_det", "w8a8_target", 0.96),
+                        _result("ppocrv5_det", "ort_minmax", 0.9)],
     }
     assert runner.verdicts(corpus.BY_NAME["ppocrv5_cls"], results["ppocrv5_cls"]) == {
-        "meets_w8a8": True, "ours_ge_ort": False}
+        "meets_w8a8": True, "ours_ge_ort": False, "meets_w8a8_target": None}
     assert runner.verdicts(corpus.BY_NAME["ppocrv5_det"], results["ppocrv5_det"]) == {
-        "meets_w8a8": False, "ours_ge_ort": False}
+        "meets_w8a8": False, "ours_ge_ort": False, "meets_w8a8_target": True}
     meta = {"command": "x", "commit": "abc", "date": "d", "machine": "m", "time_budget": "3",
             "settings": ["w8a8", "ort_minmax", "ort_percentile"]}
     text = runner.render(results, meta, {"resemblyzer": "not fetched"})
     assert "**W8A8 thresholds met by 1 of 2 models** (ppocrv5_cls)" in text
+    assert "`--min-sqnr 30`" in text and "**W8A8 thresholds met by 1 of 2** (ppocrv5_det)" in text
     assert "| ppocrv5_det | PaddlePaddle (paddle2onnx) | f1 (0.95) | fail (exit 5) |" in text
     assert "error: boom / pipe" in text and "resemblyzer: not fetched" in text
     js = runner.to_json(results, meta, {})

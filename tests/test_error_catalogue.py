@@ -286,8 +286,12 @@ CASES: Dict[str, Callable[[Case], list]] = {
     "exclude-no-match": lambda c: c.args(None, None, None, "--exclude", "nothing_here"),
     "config-unknown-option": _config_unknown_option,
     "infeasible-budget": lambda c: c.args(None, None, None, "--mixed-precision", "--avg-weight-bits", "1"),
+    "strict-without-target": lambda c: c.args(None, None, None, "--strict"),
     # validation of the written model: exit 5
     "validation-diverges": _corrupt_scale,
+    # --strict fidelity target not reached: exit 6
+    "target-not-reached": lambda c: c.args(None, None, None, "--iters", "0", "--min-sqnr", "199", "--time-budget",
+                                           "0.0001", "--strict"),
 }
 
 

@@ -151,3 +151,26 @@ def test_cli_exclude_is_repeatable_reported_and_a_miss_exits_2_in_one_line(cnn, 
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "'block/conv9' matches no node" in lines[0], result.output
+
+
+def test_a_matmul_whose_input_stays_float_stays_float_whole_on_ort_cpu(calib_for) -> None:
+    """onnxruntime's CPU would run fc3 (float input h2, DequantizeLinear weight) as MatMulNBits and quantize
+    h2 on the fly, outlier channel and all (output SQNR ~0 dB): on ort-cpu its weight stays float too and
+    the model matches the float one; the generic target keeps the weight quantized."""
+    import onnxruntime as ort
+
+    from models import zoo_analysis
+
+    model = zoo_analysis.outlier_channel_mlp()
+    folder = calib_for(model, 16)
+    x = np.concatenate([np.load(f)["x"][None] for f in sorted(folder.glob("*.npz"))])
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    for target, w3_quantized in (("ort-cpu", False), ("generic", True)):
+        result = quantize(model, folder, init_only(weight_bits=8, exclude=("relu2",), target=target), progress=False)
+        dequantized = {n.input[0] for n in result.model.graph.node if n.op_type == "DequantizeLinear"}
+        assert ("w3_quantized" in dequantized) == w3_quantized and "w2_quantized" in dequantized
+        assert any(op["node"] == "fc3" for op in result.report.float_ops) != w3_quantized
+        if target == "ort-cpu":
+            got = ort.InferenceSession(result.model.SerializeToString(),
+                                       providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+            assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 25.0

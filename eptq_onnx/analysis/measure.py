@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import onnx
 import torch
@@ -26,12 +26,11 @@ from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError, UsageError
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
-from eptq_onnx.mixed.sensitivity import DistanceProbe, sqnr_db, twin_points
+from eptq_onnx.mixed.sensitivity import DistanceProbe, sqnr_db, twin_points, worst
 from eptq_onnx.plan.exclusions import node_id
+from eptq_onnx.plan.points import FLOAT_TYPES, describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.twin.build import Twin, build_twin, to_tensors
-
-FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 @dataclass
@@ -78,11 +77,6 @@ class Measurement:
     not_measured: List[str]
 
 
-def worst(values: Mapping[str, float]) -> float:
-    """The lowest SQNR over the outputs (inf when there is none)."""
-    return min(values.values(), default=float("inf"))
-
-
 def noise_share(full_db: float, alone_db: float, gain_db: float) -> float:
     """The point's share of the quantized model's output noise N, assuming noises add: N_i / N =
     10^((full - alone) / 10) from the point alone, 1 - 10^(-gain / 10) from leaving it float; the larger."""
@@ -100,11 +94,6 @@ def graph_tensors(model: onnx.ModelProto) -> List[str]:
              if i.name not in initializers and i.type.tensor_type.elem_type in FLOAT_TYPES]
     names += [o for node in model.graph.node for o in node.output if o]
     return list(dict.fromkeys(names))
-
-
-def float_outputs(model: onnx.ModelProto) -> List[str]:
-    """The model outputs the analysis compares (the float ones)."""
-    return [o.name for o in model.graph.output if o.type.tensor_type.elem_type in FLOAT_TYPES]
 
 
 def chosen_outputs(model: onnx.ModelProto, names: Sequence[str]) -> List[str]:
@@ -128,22 +117,6 @@ def _twin(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuan
         raise ModelError(f"the analysis runs on the torch twin, which this model lacks: {exc}") from exc
 
 
-def _describe(model: onnx.ModelProto, plan: QuantPlan) -> Dict[str, tuple]:
-    """point -> (kind, node, op type, tensor along the graph, exclude pattern)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    info: Dict[str, tuple] = {}
-    for p in plan.weights:
-        node = next(n for n in model.graph.node if node_id(n) == p.node)
-        info.setdefault(p.weight, ("weight", p.node, p.op_type, node.output[0], p.node))
-    for g in plan.groups:
-        made_by = producer.get(g.roots[0])
-        if made_by is None:
-            info[g.roots[0]] = ("activation", "", "input", g.roots[0], None)
-        else:
-            info[g.roots[0]] = ("activation", node_id(made_by), made_by.op_type, g.roots[0], node_id(made_by))
-    return info
-
-
 def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
             calib: CalibrationSet, config: QuantConfig, samples: int = 32, progress: bool = True,
             outputs: Sequence[str] = ()) -> Measurement:
@@ -162,7 +135,7 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQu
     del batches
     probe = DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
     points = twin_points(twin, plan)
-    info = _describe(model, plan)
+    info = describe_points(model, plan)
     bar = tqdm(total=2 * len(points) + 1, desc="analysis", unit="eval", disable=not progress)
     full = probe.sqnr_db()
     bar.update()

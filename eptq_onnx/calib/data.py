@@ -15,6 +15,7 @@ split, never joined with another file, one feed counting as one sample.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -281,6 +282,29 @@ class CalibrationSet:
         if limit is not None and limit < 0:
             raise UsageError(f"calibration sample limit {limit} must not be negative")
         return self._read(self._plan(batch_size, limit))
+
+    def split(self, held_out: int) -> tuple[CalibrationSet, CalibrationSet] | None:
+        """The set without its last files and those files (at least ``held_out`` samples), read from the
+        same sources; whole files go to one side. None when the set cannot spare them (one file, or
+        a fixed batch size that one side could not fill)."""
+        taken, cut = 0, len(self._entries)
+        while cut > 1 and taken < held_out:
+            cut -= 1
+            taken += 1 if not self._samples else self._entries[cut].count
+        if cut == len(self._entries):
+            return None
+        kept = sum(1 if not self._samples else e.count for e in self._entries[:cut])
+        if kept >= self._count:
+            return None
+        sides = []
+        for entries, count in ((self._entries[:cut], kept), (self._entries[cut:], self._count - kept)):
+            side = copy.copy(self)
+            side._entries, side._count = list(entries), count
+            side._used = sum(part.size for batch in side._plan(None, None) for part in batch)
+            sides.append(side)
+        if not all(side._used for side in sides):
+            return None
+        return sides[0], sides[1]
 
     def _scan(self, files: Iterable[Path], wanted: int) -> tuple[list[FileEntry], int]:
         """Check files in order until ``wanted`` samples are found; the entries and their sample count.

@@ -217,6 +217,11 @@ def sqnr_db(signal: float, noise: float) -> float:
     return float("-inf") if signal == 0 else 10.0 * float(np.log10(signal / noise))
 
 
+def worst(values: Mapping[str, float]) -> float:
+    """The lowest SQNR over the outputs (inf when there is none)."""
+    return min(values.values(), default=float("inf"))
+
+
 def twin_points(twin: Twin, plan: QuantPlan) -> Dict[str, List[torch.nn.Module]]:
     """Every quantization point of the student and the fake quantizers that make it: a weight (keyed
     by its name) its quantizer and the int32 biases on its step (a float weight has a float bias, as

@@ -217,6 +217,10 @@ BN_FOLDABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 # Ops a target with low_bit_ops limited to MatMul/Gemm stores below 8 bits (plan/targets.py)
 LOW_BIT_LINEAR = frozenset(("MatMul", "Gemm"))
+# onnxruntime's CPU optimizer turns a MatMul of a float input and a DequantizeLinear weight into
+# MatMulNBits, which quantizes the float input to int8 on the fly (blockwise, default accuracy level):
+# an input left float on purpose (an outlier channel, --exclude) is quantized all the same
+ORT_WEIGHT_ONLY_REQUANTIZED = frozenset(("MatMul",))
 
 # Fused integer ops onnxruntime's QDQ transformers produce for Conv, MatMul and Gemm
 ORT_FUSED_LINEAR = {"QLinearConv", "QLinearMatMul", "QGemm", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}

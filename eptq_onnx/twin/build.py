@@ -97,14 +97,16 @@ def build_twin(
     quantize_outputs: bool = False,
     quantize_bias: bool = True,
     taps: Optional[Sequence[str]] = None,
+    teacher_model: Optional[onnx.ModelProto] = None,
 ) -> Twin:
     """Teacher and student of a normalized float model and its quantization state.
 
     ``taps`` (default: every activation group root) are the tensors both modules can record;
-    the student's tap sits before the fake quantizer (the layer's own output).
+    the student's tap sits before the fake quantizer (the layer's own output). The teacher is
+    ``teacher_model`` when given (the float model whose biases a later stage changed in ``model``).
     """
     taps = list(taps) if taps is not None else [g.roots[0] for g in plan.groups]
-    teacher_gm = to_torch(model).eval()
+    teacher_gm = to_torch(teacher_model if teacher_model is not None else model).eval()
     student_gm = to_torch(model).eval()
     twin = Twin(teacher=TwinModule(teacher_gm, taps), student=None)  # type: ignore[arg-type]
     graph_outputs = set(output_names(student_gm))

@@ -1,0 +1,240 @@
+"""The fidelity target (``--min-sqnr DB``): nodes left float, fewest and most damaging first, until the
+output SQNR against the float model on held-out samples reaches the target.
+
+The held-out samples are calibration files that no stage saw (``CalibrationSet.split``): not calibrated,
+not optimized on. The candidates are the nodes of the quantization points (a weighted op with its
+weight, int32 bias and output point; the producer of an activation point), ranked as
+``eptq-onnx-analyze`` ranks points: by the output SQNR with that node's fake quantizers off in the
+otherwise quantized torch twin, measured on calibration samples. In rank order each candidate is
+tried on the held-out samples with every node taken so far, and kept only when it raises the
+held-out SQNR by at least ``MIN_GAIN_DB``; the walk stops at the target, when the candidates run out,
+or at the deadline. The nodes kept are then excluded from the plan as ``--exclude`` would exclude
+them (``plan.exclusions``), and the state written is measured once more on the held-out samples:
+that figure, not the estimate, is what the report gives.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import onnx
+import torch
+from onnx import numpy_helper
+from tqdm import tqdm
+
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.config import QuantConfig
+from eptq_onnx.init.quantizers import ActParams
+from eptq_onnx.init.weights import WeightQuant
+from eptq_onnx.mixed.sensitivity import DistanceProbe, twin_points, worst
+from eptq_onnx.plan.exclusions import exclude_nodes
+from eptq_onnx.plan.points import describe_points, float_outputs
+from eptq_onnx.plan.qpoints import QuantPlan
+from eptq_onnx.plan.targets import get_target
+from eptq_onnx.plan.weight_only import float_weight_only_layers
+from eptq_onnx.twin.build import Twin, build_twin, to_tensors
+from eptq_onnx.twin.weighted import WeightedOp
+
+MIN_GAIN_DB = 0.05  # a candidate that buys less on the held-out samples stays quantized
+RANK_SAMPLES = 16  # calibration samples the candidates are ranked on
+MAX_HELD_OUT = 16  # calibration samples held out to check the target
+
+
+@dataclass
+class FloatedNode:
+    """One node the target left float, and the held-out output SQNR once it (and those before it) were."""
+
+    node: str
+    op_type: str
+    points: List[str]  # the quantization points it took away (weights, activation roots)
+    sqnr_db: float
+    gain_db: float  # over the step before
+
+
+@dataclass
+class FidelityOutcome:
+    """What the fidelity target did: the held-out SQNR before and after, and each node left float."""
+
+    target_db: float
+    held_out_samples: int
+    start_db: float
+    final_db: float
+    reached: bool
+    floated: List[FloatedNode] = field(default_factory=list)
+    candidates: int = 0
+    tried: int = 0
+    seconds: float = 0.0
+    note: str = ""  # why the walk stopped short of the target (empty when it was reached)
+
+    def summary(self) -> str:
+        """One line for the log and the summary."""
+        names = ", ".join(f"{f.node} (+{f.gain_db:.1f} dB)" for f in self.floated[:5])
+        more = f" and {len(self.floated) - 5} more" if len(self.floated) > 5 else ""
+        left = f"; {len(self.floated)} node(s) left float: {names}{more}" if self.floated else ""
+        state = "reached" if self.reached else "NOT reached"
+        return (f"fidelity target {self.target_db:.1f} dB {state}: held-out output SQNR {self.start_db:.1f} -> "
+                f"{self.final_db:.1f} dB on {self.held_out_samples} samples{left}")
+
+
+def held_out_count(samples: int) -> int:
+    """How many calibration samples the target holds out: a quarter, at most ``MAX_HELD_OUT``."""
+    return min(MAX_HELD_OUT, max(1, samples // 4))
+
+
+def _candidates(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[torch.nn.Module]]
+                ) -> Dict[str, Tuple[str, List[str], List[torch.nn.Module]]]:
+    """node -> (op type, its points, their fake quantizers): the units the target may leave float."""
+    by_node: Dict[str, Tuple[str, List[str], List[torch.nn.Module]]] = {}
+    for point, (_kind, node, op_type, _tensor, exclude) in describe_points(model, plan).items():
+        if exclude is None or point not in points:  # a model input has no node to exclude
+            continue
+        entry = by_node.setdefault(node, (op_type, [], []))
+        entry[1].append(point)
+        entry[2].extend(points[point])
+    return by_node
+
+
+class FloatBiases:
+    """The float model's biases, put on the student's layers of nodes as they are left float (a bias
+    corrected or learned for a quantized layer is wrong for the float one)."""
+
+    def __init__(self, twin: Twin, float_model: onnx.ModelProto, plan: QuantPlan) -> None:
+        values = {t.name: t for t in float_model.graph.initializer}
+        points = {p.weight: p for p in plan.weights if p.bias}
+        self.layers: Dict[str, List[Tuple[WeightedOp, torch.Tensor]]] = defaultdict(list)
+        for m in twin.student.modules():
+            point = points.get(getattr(m, "weight_name", None))  # type: ignore[arg-type]
+            if isinstance(m, WeightedOp) and m.bias is not None and point and m.bias_name == point.bias \
+                    and point.bias in values:
+                value = torch.from_numpy(numpy_helper.to_array(values[point.bias]).copy())
+                self.layers[point.node].append((m, value.reshape(m.bias.shape).to(m.bias)))
+
+    def put(self, nodes: Sequence[str]) -> List[Tuple[WeightedOp, torch.Tensor]]:
+        """Put the float biases on the layers of ``nodes``; what they held (for :meth:`restore`)."""
+        held = []
+        for node in nodes:
+            for m, value in self.layers.get(node, []):
+                held.append((m, m.bias.data.clone()))
+                m.bias.data.copy_(value)
+        return held
+
+    @staticmethod
+    def restore(held: List[Tuple[WeightedOp, torch.Tensor]]) -> None:
+        for m, value in reversed(held):
+            m.bias.data.copy_(value)
+
+
+def _held_out_sqnr(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
+                   weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
+                   feeds: Sequence[Dict[str, torch.Tensor]], config: QuantConfig,
+                   outputs: List[str]) -> Tuple[DistanceProbe, float]:
+    """A probe of the student of ``model`` against the float model, and its worst output SQNR on ``feeds``."""
+    twin = build_twin(model, plan, weights, acts, quantize_outputs=config.quantize_outputs,
+                      quantize_bias=config.quantize_bias, taps=outputs, teacher_model=float_model)
+    twin.teacher.to(config.optimize.device)
+    twin.student.to(config.optimize.device)
+    probe = DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
+    return probe, worst(probe.sqnr_db())
+
+
+def float_biases(model: onnx.ModelProto, float_model: onnx.ModelProto, plan: QuantPlan,
+                 nodes: Sequence[str]) -> onnx.ModelProto:
+    """``model`` with the float model's biases back on the layers of ``nodes`` (a bias corrected or
+    learned for a quantized layer is wrong for the float one)."""
+    names = {p.bias for p in plan.weights if p.node in set(nodes) and p.bias}
+    original = {t.name: t for t in float_model.graph.initializer if t.name in names}
+    if not original:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for init in out.graph.initializer:
+        if init.name in original:
+            init.CopyFrom(original[init.name])
+    return out
+
+
+def without_nodes(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                  acts: Dict[int, ActParams], nodes: Sequence[str], config: QuantConfig
+                  ) -> Tuple[QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]]:
+    """The state with ``nodes`` excluded as ``--exclude`` does (and the layers the target would
+    requantize, ``plan.weight_only``); each remaining activation group keeps the parameters of the
+    group its first tensor was in."""
+    if not nodes:
+        return plan, weights, acts
+    new = exclude_nodes(model, plan, list(nodes), config.quantize_outputs)
+    new = float_weight_only_layers(new, get_target(config.target))
+    old_group = {t: g.id for g in plan.groups for t in g.tensors}
+    new_acts = {g.id: acts[old_group[g.tensors[0]]] for g in new.groups}
+    kept = {p.weight for p in new.weights}
+    new_weights = {name: w for name, w in weights.items() if name in kept}
+    return replace(new, excluded=list(plan.excluded)), new_weights, new_acts  # excluded: the user's alone
+
+
+def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+                acts: Dict[int, ActParams], calib: CalibrationSet, held_out: CalibrationSet, config: QuantConfig,
+                target_db: float, deadline: Optional[float] = None, progress: bool = True
+                ) -> Tuple[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams], FidelityOutcome]:
+    """The state with the nodes left float that the target needs (see the module docstring), and the
+    outcome. ``model`` is the prepared model with the biases the run chose (bias correction, EPTQ),
+    ``float_model`` the prepared float model the SQNR is measured against. ``deadline`` is a
+    ``time.perf_counter()`` value after which no more candidates are tried."""
+    start_time = time.perf_counter()
+    device = config.optimize.device
+    outputs = float_outputs(model)
+    checks = [to_tensors(f, device) for f in held_out.batches(batch_size=MAX_HELD_OUT)]
+    probe, start_db = _held_out_sqnr(float_model, model, plan, weights, acts, checks, config, outputs)
+    outcome = FidelityOutcome(target_db, len(held_out), start_db, start_db, start_db >= target_db)
+    if outcome.reached:
+        outcome.seconds = time.perf_counter() - start_time
+        return model, plan, weights, acts, outcome
+    candidates = _candidates(model, plan, twin_points(probe.twin, plan))
+    outcome.candidates = len(candidates)
+    rank_feeds = [to_tensors(f, device) for f in calib.batches(batch_size=RANK_SAMPLES, limit=RANK_SAMPLES)]
+    ranker = DistanceProbe(probe.twin, outputs, dict.fromkeys(outputs, 1.0), rank_feeds)
+    bar = tqdm(total=2 * len(candidates), desc="fidelity target", unit="eval", disable=not progress)
+    biases = FloatBiases(probe.twin, float_model, plan)
+    score: Dict[str, float] = {}
+    for node, (_, _, modules) in candidates.items():
+        if deadline is not None and time.perf_counter() > deadline:
+            outcome.note = "the time budget ran out while the candidates were ranked"
+            break
+        held = biases.put([node])
+        score[node] = worst(ranker.sqnr_db(disabled=modules))
+        biases.restore(held)
+        bar.update()
+    taken: List[str] = []
+    disabled: List[torch.nn.Module] = []
+    current = start_db
+    for node in sorted(score, key=lambda n: -score[n]):
+        if current >= target_db:
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            outcome.note = "the time budget ran out while candidates were tried"
+            break
+        op_type, points, modules = candidates[node]
+        held = biases.put([node])
+        db = worst(probe.sqnr_db(disabled=[*disabled, *modules]))
+        outcome.tried += 1
+        bar.update()
+        if db < current + MIN_GAIN_DB:
+            biases.restore(held)
+        else:
+            taken.append(node)
+            disabled.extend(modules)
+            outcome.floated.append(FloatedNode(node, op_type, points, db, db - current))
+            current = db
+    bar.close()
+    new_plan, new_weights, new_acts = without_nodes(model, plan, weights, acts, taken, config)
+    kept = {p.node for p in new_plan.weights}
+    new_model = float_biases(model, float_model, plan, [p.node for p in plan.weights if p.node not in kept])
+    if taken:
+        _, outcome.final_db = _held_out_sqnr(float_model, new_model, new_plan, new_weights, new_acts, checks, config,
+                                             outputs)
+    outcome.reached = outcome.final_db >= target_db
+    if not outcome.reached and not outcome.note:
+        outcome.note = (f"every one of the {len(score)} candidate nodes was tried" if outcome.tried == len(score)
+                        else "the estimate reached the target but the excluded model did not")
+    outcome.seconds = time.perf_counter() - start_time
+    return new_model, new_plan, new_weights, new_acts, outcome

@@ -1,0 +1,94 @@
+"""--min-sqnr: the culprit left float and nothing else, held-out samples no stage sees, the target
+checked against onnxruntime, --strict."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from click.testing import CliRunner
+
+from eptq_onnx import quantize
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.specs import input_specs
+from eptq_onnx.cli import main
+from eptq_onnx.config import CalibOptions
+from eptq_onnx.fidelity.target import held_out_count
+from models import zoo_analysis
+from tests.helpers import init_only
+
+
+def _sqnr(ref: np.ndarray, approx: np.ndarray) -> float:
+    ref, approx = ref.astype(np.float64), approx.astype(np.float64)
+    return float(10.0 * np.log10(np.sum(ref ** 2) / np.sum((ref - approx) ** 2)))
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_split_holds_out_the_last_files_and_keeps_every_sample(calib_for) -> None:
+    model = zoo_analysis.tiny_mlp()
+    folder = calib_for(model, 10)
+    whole = CalibrationSet(folder, input_specs(model), CalibOptions(batch_size=4))
+    kept, held = whole.split(3)
+    assert (len(kept), len(held)) == (7, 3)
+    parts = [np.concatenate([f["x"] for f in s.batches()]) for s in (kept, held)]
+    assert np.array_equal(np.concatenate(parts), np.concatenate([f["x"] for f in whole.batches()]))
+    one = CalibrationSet(calib_for(model, 1, name="one"), input_specs(model), CalibOptions())
+    assert one.split(1) is None
+
+
+def test_the_culprit_is_the_one_node_left_float_and_onnxruntime_agrees(calib_for) -> None:
+    """outlier_channel_mlp: one activation (a huge, unread channel) ruins the model at 8 bits; the target
+    leaves its node float and nothing else, and the written model meets it on samples no stage saw."""
+    model = zoo_analysis.outlier_channel_mlp()
+    folder = calib_for(model, 32)
+    result = quantize(model, folder, init_only(weight_bits=8, min_sqnr=25.0), progress=False)
+    fidelity = result.report.fidelity
+    assert fidelity["start_db"] < 10.0 and fidelity["reached"] and fidelity["held_out_samples"] == held_out_count(32)
+    assert [f["node"] for f in fidelity["floated"]] == [zoo_analysis.CULPRIT_NODE]
+    quantized_inputs = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
+    assert zoo_analysis.CULPRIT not in quantized_inputs and "h1" in quantized_inputs
+    held = sorted(folder.glob("*.npz"))[-fidelity["held_out_samples"]:]
+    x = np.stack([np.load(f)["x"] for f in held])
+    measured = _sqnr(_run(model, x), _run(result.model, x))
+    assert measured > 25.0 and abs(measured - fidelity["final_db"]) < 1.0
+
+
+def test_a_target_already_met_leaves_the_model_as_a_run_without_the_held_out_files(calib_for) -> None:
+    model = zoo_analysis.tiny_mlp()
+    folder = calib_for(model, 20)
+    targeted = quantize(model, folder, init_only(weight_bits=8, min_sqnr=-50.0), progress=False)
+    plain = quantize(model, folder, init_only(weight_bits=8, calib=CalibOptions(num_samples=20 - held_out_count(20))),
+                     progress=False)
+    assert targeted.report.fidelity["reached"] and not targeted.report.fidelity["floated"]
+    assert targeted.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_strict_target_not_reached_exits_6_without_a_model(calib_for, tmp_path: Path) -> None:
+    """A time budget spent before the target's stage: nothing is tried, the target is not reached."""
+    model = zoo_analysis.outlier_channel_mlp()
+    src, out, report = tmp_path / "m.onnx", tmp_path / "q.onnx", tmp_path / "r.json"
+    onnx.save(model, src)
+    args = [str(src), str(out), "--calib", str(calib_for(model, 16)), "--iters", "0", "--weight-bits", "8",
+            "--min-sqnr", "25", "--time-budget", "0.0001", "--report", str(report), "-q"]
+    result = CliRunner().invoke(main, [*args, "--strict"])
+    assert result.exit_code == 6 and not out.exists(), result.output
+    assert "--min-sqnr 25 dB not reached" in result.output and "time budget" in result.output
+    data = json.loads(report.read_text())
+    assert data["error"]["code"] == 6 and not data["fidelity"]["reached"] and data["fidelity"]["note"]
+    result = CliRunner().invoke(main, args)  # without --strict: written, with a loud warning
+    assert result.exit_code == 0 and out.exists(), result.output
+    assert any(w.startswith("FIDELITY:") for w in json.loads(report.read_text())["warnings"])
+
+
+def test_strict_needs_a_target(calib_for, tmp_path: Path) -> None:
+    model = zoo_analysis.tiny_mlp()
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    result = CliRunner().invoke(main, [str(src), str(tmp_path / "q.onnx"), "--calib", str(calib_for(model, 4)), "--strict"])
+    assert result.exit_code == 2 and "--min-sqnr" in result.output
