@@ -16,6 +16,7 @@ from eptq_onnx.config_file import config_option
 from eptq_onnx.errors import EptqError, UsageError
 from eptq_onnx.pipeline import quantize
 from eptq_onnx.report import print_summary
+from eptq_onnx.plan.overrides import read_overrides
 from eptq_onnx.plan.targets import DEFAULT_TARGET, TARGETS
 
 EXIT_CODES = """\b
@@ -115,8 +116,8 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          percentile: float, target: str, exclude: Tuple[str, ...], quantize_outputs: bool,
-                          float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
+                          percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
+                          quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
     """The QuantConfig fields that QUANTIZATION_OPTIONS set (UsageError for a malformed value)."""
@@ -137,6 +138,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         percentile=percentile,
         target=target,
         exclude=tuple(exclude),
+        overrides=read_overrides(overrides_file) if overrides_file is not None else (),
         quantize_outputs=quantize_outputs,
         quantize_bias=not float_bias,
         calib=CalibOptions(num_samples=num_calib, batch_size=batch_size, image=image),
@@ -206,6 +208,11 @@ QUANTIZATION_OPTIONS = _options(
                  "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
                  "every node of an op type (op:Conv). Their weights are not quantized and no activation point sits on "
                  "their outputs; a pattern that matches nothing is an error."),
+    click.option("--overrides", "overrides_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+                 help="JSON (or .yaml/.yml YAML) object of per-tensor or per-node settings, keyed by name (onnxruntime's "
+                 "TensorQuantOverrides vocabulary): float, bits (a weight's 2..8, an activation's 8/16), symmetric, "
+                 "quant_type (QUInt8, QInt8, QUInt16, QInt16), rmin/rmax or scale/zero_point (fixed, never learned), "
+                 "e.g. {\"conv1.weight\": {\"bits\": 8}, \"head\": {\"float\": true}}."),
     click.option("--quantize-outputs", is_flag=True, help="Also quantize the model's outputs (default: they stay float)."),
     click.option("--float-bias", is_flag=True, help="Keep biases float instead of int32 (scale = input x weight scale)."),
     click.option("--num-calib", type=int, default=None,
@@ -302,7 +309,8 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...], quantize_outputs: bool, float_bias: bool,
+         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
+         overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
@@ -333,7 +341,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
                 weight_init=weight_init, percentile=percentile, target=target, exclude=exclude,
-                quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
+                overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]
             bias_correction=bias_correction,

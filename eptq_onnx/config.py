@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 from eptq_onnx.errors import UsageError
+from eptq_onnx.plan.overrides import Override, parse_overrides
 from eptq_onnx.plan.targets import ACT_TYPE_NAMES, DEFAULT_TARGET, get_target
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
@@ -154,6 +155,8 @@ class QuantConfig:
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
     # nodes kept float (plan/exclusions.py): node or output tensor names, regexes over them, op:TYPE
     exclude: Tuple[str, ...] = ()
+    # per-tensor or per-node settings of the user (plan/overrides.py, --overrides FILE)
+    overrides: Tuple[Override, ...] = ()
     # fidelity target (fidelity/target.py): the held-out output SQNR (dB) that nodes are left float for
     min_sqnr: Optional[float] = None
     strict: bool = False  # a fidelity target not reached is an error (exit 6, no model written)
@@ -197,6 +200,9 @@ class QuantConfig:
         if not all(isinstance(p, str) and p for p in patterns):
             raise UsageError(f"--exclude {list(patterns)!r}: give non-empty names, regular expressions or op:TYPE")
         object.__setattr__(self, "exclude", patterns)  # frozen dataclass
+        if isinstance(self.overrides, dict):  # the Python API may give the file's JSON object as it is
+            object.__setattr__(self, "overrides", parse_overrides(self.overrides))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
 
     def _check_target(self) -> None:
         """The activation coding and options must be ones the target reads; a target with only

@@ -1,14 +1,13 @@
-"""``--config FILE``: the command's options kept in a JSON file, so that a run can be repeated.
+"""``--config FILE``: the command's options kept in a JSON or YAML file, so that a run can be repeated.
 
-The file holds one JSON object whose keys are the long option names of ``eptq-onnx --help`` (with or
+The file holds one object whose keys are the long option names of ``eptq-onnx --help`` (with or
 without the leading ``--``; ``_`` may stand for ``-``) and whose values are what the option takes:
 ``{"calib": "calib_dir/", "weight-bits": 8, "exclude": ["head", "op:Softmax"], "latency": false}``.
 A flag takes true or false (``"no-latency": true`` is ``"latency": false``), a repeatable option a list,
 null leaves the option at its default. The values become the command's defaults (click's
 ``default_map``), so an option given on the command line wins, and a repeatable one given there
 replaces the file's list. Paths are read as on the command line, from the current directory.
-
-JSON only: YAML would need PyYAML, which eptq-onnx does not depend on.
+A ``.yaml``/``.yml`` file is read as YAML (``weight-bits: 8``), any other as JSON.
 """
 from __future__ import annotations
 
@@ -18,25 +17,18 @@ from typing import Any, Callable, Dict, Tuple
 
 import click
 
-YAML_SUFFIXES = (".yaml", ".yml")
+from eptq_onnx.errors import UsageError
+from eptq_onnx.settings_file import read_object
+
 NOT_IN_FILE = ("config", "help")  # options a file cannot set
 
 
 def read_file(path: Path) -> Dict[str, Any]:
-    """The JSON object of ``path``; click.UsageError (one line) when it is not one."""
-    if path.suffix.lower() in YAML_SUFFIXES:
-        raise click.UsageError(f"--config {path}: YAML is not read (PyYAML is not a dependency): write the options "
-                               "as a JSON object, e.g. {\"weight-bits\": 8}")
+    """The object of options in ``path``; click.UsageError (one line) when it is not one."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise click.UsageError(f"--config {path}: cannot read ({exc})") from None
-    except json.JSONDecodeError as exc:
-        raise click.UsageError(f"--config {path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise click.UsageError(f"--config {path}: holds a JSON {type(data).__name__}, not an object of options "
-                               "such as {\"weight-bits\": 8}")
-    return data
+        return read_object(path, "--config", '{"weight-bits": 8}')
+    except UsageError as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _option_names(command: click.Command) -> Dict[str, Tuple[click.Option, bool]]:
@@ -96,6 +88,6 @@ def config_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return click.option(
         "--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), is_eager=True,
         expose_value=False, callback=_load,
-        help="Read options from this JSON file: an object keyed by long option names, e.g. {\"calib\": \"calib_dir/\", "
+        help="Read options from this JSON (or .yaml/.yml YAML) file: an object keyed by long option names, e.g. {\"calib\": \"calib_dir/\", "
              "\"weight-bits\": 8, \"exclude\": [\"head\"], \"latency\": false}; options given on the command line win "
-             "(a repeatable one replaces the file's list). JSON only (YAML would need PyYAML, not a dependency).")
+             "(a repeatable one replaces the file's list).")

@@ -39,6 +39,7 @@ from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
+from eptq_onnx.plan.overrides import ResolvedOverrides, float_names, max_act_bits, resolve
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
@@ -118,13 +119,14 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
     model = normalize_model(model)
     target = get_target(config.target)
     bits = list(config.mixed.bit_options) if config.mixed is not None else [config.weight_bits]
-    needed = required_opset(bits, config.act_bits, config.weight_storage, target)
+    act_bits = max_act_bits(config.overrides, config.act_bits)
+    needed = required_opset(bits, act_bits, config.weight_storage, target)
     if default_opset(model) < needed:
         try:
             model = normalize_model(upgrade_opset(model, needed))  # converters may add Constant nodes
         except ModelError as exc:
             fallback = replace(config, weight_storage="int8")
-            if config.weight_storage == "int8" or required_opset(bits, config.act_bits, "int8", target) > default_opset(model):
+            if config.weight_storage == "int8" or required_opset(bits, act_bits, "int8", target) > default_opset(model):
                 raise
             report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{min(bits)}: {exc}")
             config = fallback
@@ -192,7 +194,8 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
         plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible)
-        plan = exclude_nodes(float_model, plan, run.config.exclude, run.config.quantize_outputs)
+        floated = float_names(run.config.overrides, float_model)
+        plan = exclude_nodes(float_model, plan, run.config.exclude + floated, run.config.quantize_outputs)
         if not plan.weights and not plan.groups:
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         record_plan(run.report, plan)
@@ -207,10 +210,11 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
             run.report.warn(note)
         plan = float_weight_only_layers(plan, run.target)
         record_plan(run.report, plan)
+        overrides = _resolve_overrides(run, float_model, plan)
     with run.stage("weight init"):
-        candidates = _init_weights(run, float_model, plan, calib_set)
+        candidates = _init_weights(run, float_model, plan, calib_set, overrides.weight_bits)
     with run.stage("activation calibration"):
-        acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress)
+        acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts)
         candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 
@@ -306,13 +310,38 @@ def _calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto
     return calib_set
 
 
-def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
-                  calib: CalibrationSet) -> Dict[int, Dict[str, WeightQuant]]:
-    """MSE-initialized weight quantizers at every width the run may choose (one unless mixed precision)."""
+def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet,
+                  fixed_bits: Dict[str, int]) -> Dict[int, Dict[str, WeightQuant]]:
+    """MSE-initialized weight quantizers at every width the run may choose (one unless mixed precision);
+    a weight in ``fixed_bits`` (--overrides) has its own width in every candidate."""
     config = run.config
     inputs = collect_layer_inputs(model, plan, calib) if config.weight_init == "output-mse" else {}
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
-    return {b: init_weights(model, plan, b, config.weight_init, inputs, run.target, config.act_symmetric) for b in widths}
+
+    def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:
+        return init_weights(model, points, bits, config.weight_init, inputs, run.target, config.act_symmetric)
+
+    candidates = {b: init(plan, b) for b in widths}
+    for bits in set(fixed_bits.values()):
+        own = init(replace(plan, weights=[p for p in plan.weights if fixed_bits.get(p.weight) == bits]), bits)
+        for weights in candidates.values():
+            weights.update(own)
+    return candidates
+
+
+def _resolve_overrides(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> ResolvedOverrides:
+    """The --overrides of the run against its plan, in the report."""
+    config = run.config
+    resolved = resolve(model, plan, config.overrides, run.target, config.act_bits, config.act_symmetric)
+    if resolved.weight_bits and config.mixed is not None:
+        raise UsageError("--overrides sets weight bits, which --mixed-precision chooses: drop one of them")
+    group_root = {g.id: g.roots[0] for g in plan.groups}
+    run.report.overrides = (
+        [{"name": o.name, "applied_to": "float (excluded)"} for o in config.overrides if o.float]
+        + [{"name": w, "applied_to": "weight", "bits": b} for w, b in resolved.weight_bits.items()]
+        + [{"name": a.source.name, "applied_to": f"activation {group_root[i]}", "bits": a.bits, "signed": a.signed,
+            "fixed": a.source.fixed} for i, a in resolved.acts.items()])
+    return resolved
 
 
 def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],

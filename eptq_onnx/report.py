@@ -65,6 +65,7 @@ class Report:
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
     latency: Dict[str, Any] = field(default_factory=dict)
     fidelity: Dict[str, Any] = field(default_factory=dict)  # fidelity/target.FidelityOutcome (--min-sqnr)
+    overrides: List[Dict[str, Any]] = field(default_factory=list)  # --overrides: each entry and what it set
 
     def warn(self, message: str) -> None:
         """Add a warning (once: stages that share a result may each report it)."""

@@ -1,4 +1,4 @@
-"""--config FILE: any option of the command from a JSON object; the command line wins."""
+"""--config FILE: any option of the command from a JSON or YAML object; the command line wins."""
 from __future__ import annotations
 
 import json
@@ -42,9 +42,14 @@ def test_a_bad_file_is_a_one_line_usage_error(tmp_path: Path, data, message: str
         defaults_from_file(main, _file(tmp_path, data))
 
 
-def test_yaml_is_refused_with_what_to_write_instead(tmp_path: Path) -> None:
-    with pytest.raises(click.UsageError, match="write the options as a JSON object"):
-        defaults_from_file(main, _file(tmp_path, "weight-bits: 8\n", "run.yaml"))
+def test_a_yaml_file_reads_as_its_json_twin(tmp_path: Path) -> None:
+    text = "calib: c/\nweight-bits: 8\nexclude: [head, 'op:Softmax']\nno-latency: true\n"
+    assert defaults_from_file(main, _file(tmp_path, text, "run.yml")) == defaults_from_file(
+        main, _file(tmp_path, {"calib": "c/", "weight-bits": 8, "exclude": ["head", "op:Softmax"], "no-latency": True}))
+    with pytest.raises(click.UsageError, match="not valid YAML"):
+        defaults_from_file(main, _file(tmp_path, "weight-bits: [8\n", "bad.yaml"))
+    with pytest.raises(click.UsageError, match="holds a YAML list, not an object"):
+        defaults_from_file(main, _file(tmp_path, "- 8\n", "list.yaml"))
 
 
 def test_a_run_from_the_file_and_the_command_line_winning(tmp_path: Path) -> None:

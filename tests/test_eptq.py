@@ -482,3 +482,35 @@ def test_a_run_too_short_to_decide_the_rounding_is_reported(calib_for) -> None:
     undecided = result.report.optimization["undecided_rounding"]
     assert undecided and all(count > 0 for count in undecided.values())
     assert any("rounding variables were still undecided" in w for w in result.report.warnings)
+
+
+def _fixed_batch_reshape_model():  # type: ignore[no-untyped-def]
+    """x [1, 8] -> MatMul -> Reshape to the constant [1, 4, 4] -> Relu -> Reshape [1, 16] -> MatMul:
+    the batch dim is fixed at 1 and baked into the Reshape constants, as exporters write it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (16, 4)).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array([1, 4, 4], np.int64), "s3"),
+             numpy_helper.from_array(np.array([1, 16], np.int64), "s2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Reshape", ["m1", "s3"], ["r1"], name="to3d"),
+             helper.make_node("Relu", ["r1"], ["h1"], name="relu"),
+             helper.make_node("Reshape", ["h1", "s2"], ["r2"], name="to2d"),
+             helper.make_node("MatMul", ["r2", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "fixed_batch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_model_with_its_batch_fixed_at_one_is_optimized_one_sample_a_step(calib_for) -> None:
+    """Minibatches are not stacked past the model's fixed batch (its Reshape constants hold the 1)."""
+    model = _fixed_batch_reshape_model()
+    calib = calib_for(model, 12)
+    options = OptimizeOptions(iters=3, weighting="uniform", batch_size=8, discard_if_worse=False)
+    result = quantize(model, calib, QuantConfig(weight_bits=4, optimize=options), progress=False)
+    assert result.report.optimization["iters"] == 3
+    assert not any("FALLBACK" in w for w in result.report.warnings)

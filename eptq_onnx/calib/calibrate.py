@@ -6,8 +6,8 @@ fixed-range histogram per group. Only the histograms are kept: never the activat
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import onnx
@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
+from eptq_onnx.plan.overrides import ActOverride
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
 from eptq_onnx.plan.range_rules import GroupStats, group_stats
@@ -53,30 +54,50 @@ def range_statistics(model: onnx.ModelProto, plan: QuantPlan, calib: Calibration
 
 
 def calibrate_activations(
-    plan: QuantPlan, ranges: RangePass, calib: CalibrationSet, config: QuantConfig, progress: bool = True
+    plan: QuantPlan, ranges: RangePass, calib: CalibrationSet, config: QuantConfig, progress: bool = True,
+    overrides: Optional[Mapping[int, ActOverride]] = None,
 ) -> tuple[Dict[int, ActParams], Dict[int, GroupStats]]:
     """Quantization parameters of every activation group of ``plan`` (refined by the range rules from
-    ``ranges``), by ``config.calib_method``: from the min/max, or from pass 2's histograms.
+    ``ranges``), by ``config.calib_method``: from the min/max, or from pass 2's histograms; a group in
+    ``overrides`` (plan/overrides.py) takes its coding from there, and its parameters when they are fixed.
     Returns the parameters and the statistics per group."""
     if not plan.groups:
         return {}, {}
+    overrides = overrides or {}
     stats = group_stats(plan.groups, ranges.root_stats)
-    roots = {root: g for g in plan.groups for root in g.roots}
+    fixed = {i: _fixed_params(o) for i, o in overrides.items() if o.source.fixed}
+    coded = {g.id: _coded(config, overrides.get(g.id)) for g in plan.groups}
+    roots = {root: g for g in plan.groups for root in g.roots if g.id not in fixed}
     names = list(roots)
-    symmetric = config.act_symmetric
-    params: Dict[int, ActParams] = {}
+    params: Dict[int, ActParams] = dict(fixed)
     if config.calib_method == "minmax" or not names:
         for g in plan.groups:
-            s = stats[g.id]
-            params[g.id] = params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, config.act_bits, symmetric)
+            s, c = stats[g.id], coded[g.id]
+            params.setdefault(g.id, params_for_range(s.lo if s.seen else 0.0, s.hi if s.seen else 0.0, c.act_bits,
+                                                     c.act_symmetric))
         return params, stats
-    hists = {g.id: _histogram(stats[g.id]) for g in plan.groups}
+    hists = {g.id: _histogram(stats[g.id]) for g in plan.groups if g.id not in fixed}
     for outputs in _passes(ranges.session, calib, names, "calibration: histograms", progress, ranges.batch_size):
         for name, value in outputs.items():
             hists[roots[name].id].add(value)
-    for g in plan.groups:
-        params[g.id] = _params_from_histogram(hists[g.id], config)
+    for group_id, hist in hists.items():
+        params[group_id] = _params_from_histogram(hist, coded[group_id])
     return params, stats
+
+
+def _coded(config: QuantConfig, override: Optional[ActOverride]) -> QuantConfig:
+    """``config`` with the activation coding an override asks for."""
+    if override is None or (override.bits, override.signed) == (config.act_bits, config.act_symmetric):
+        return config
+    return replace(config, act_bits=override.bits, act_symmetric=override.signed)
+
+
+def _fixed_params(override: ActOverride) -> ActParams:
+    """The parameters an override fixes: its scale and zero point, or the step of its range."""
+    o = override.source
+    if o.scale is not None:
+        return ActParams(float(o.scale), int(o.zero_point), override.bits, override.signed, fixed=True)  # type: ignore[arg-type]
+    return replace(params_for_range(float(o.rmin), float(o.rmax), override.bits, override.signed), fixed=True)  # type: ignore[arg-type]
 
 
 def _histogram(stats: GroupStats) -> Histogram:

@@ -249,8 +249,9 @@ class CalibrationSet:
     @property
     def stackable(self) -> bool:
         """Whether samples of different batches may be stacked along dim 0 into larger batches (as
-        the optimizer's minibatches are): the files are samples and every input declares dim 0 alike."""
-        return self._samples and self._batch is not None and self._batch.uniform
+        the optimizer's minibatches are): the files are samples, every input declares dim 0 alike, and the
+        model does not fix it (a batch dim fixed at 1 may be baked into its Reshape constants)."""
+        return self._samples and self._batch is not None and self._batch.uniform and self._fixed_batch is None
 
     def samples_in(self, feeds: Mapping[str, np.ndarray]) -> int:
         """How many samples one feed dict of :meth:`batches` holds (a whole feed: 1)."""

@@ -110,6 +110,8 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
             scales.append(wfq.factor)
     if options.learn_act_scales:
         for fq in twin.act_quant.values():
+            if fq.user_fixed:
+                continue
             fq.factor.requires_grad_(True)
             scales.append(fq.factor)
     learned_biases = [biases.b] if options.learn_biases and biases.b.numel() else []

@@ -170,6 +170,7 @@ class ActParams:
     zero_point: int
     bits: int
     signed: bool
+    fixed: bool = False  # set by the user (--overrides): neither calibrated nor learned
 
     @property
     def qrange(self) -> Tuple[int, int]:

@@ -34,6 +34,7 @@ class ActFakeQuant(nn.Module):
         self.qmin, self.qmax = params.qrange
         self.fixed_step = (float(np.float32(params.scale)), float(params.zero_point))  # for training with a fixed step
         self.enabled = True
+        self.user_fixed = params.fixed  # --overrides set it: --learn-act-scales leaves it alone
 
     @property
     def scale(self) -> Tensor:
