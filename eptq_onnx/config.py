@@ -65,7 +65,8 @@ class OptimizeOptions:
     iters: Optional[int] = None  # None: as many as fit time_budget_min, at most max_iters
     time_budget_min: float = 15.0  # the whole run (issue: a ~10 MB CNN in about 15 min on 2 cores)
     max_iters: int = 20000  # the paper's lower end (20K-80K)
-    batch_size: int = 32
+    batch_size: int = 32  # lowered where a step at this batch would not fit max_memory_gb (eptq/memory.py)
+    max_memory_gb: Optional[float] = None  # what a training step may hold; None: eptq/memory.fit_batch's default
     lr_rounding: float = 3e-2
     lr_bias: float = 1e-3
     lr_scale: float = 1e-3

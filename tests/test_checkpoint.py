@@ -42,7 +42,7 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def _interrupted_run(model, calib, folder: Path, monkeypatch: pytest.MonkeyPatch, signum: int) -> None:  # type: ignore[no-untyped-def]
     with monkeypatch.context() as patch:
-        _count_steps(patch, signal_at=2 + 7, signum=signum)  # 2 timing passes, then step 7 of 16
+        _count_steps(patch, signal_at=2 + 2 + 7, signum=signum)  # 2 memory probes, 2 timing passes, then step 7 of 16
         with pytest.raises(KeyboardInterrupt):
             quantize(model, calib, _config(folder), progress=False)
 

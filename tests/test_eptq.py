@@ -410,7 +410,7 @@ class _FakeOptimizer:
 
 
 @pytest.mark.parametrize("planned,expected", [(50, 1000), (5000, 200)])
-def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, expected: int, monkeypatch) -> None:
+def test_time_budgeted_loop_replans_from_its_own_step_times(planned: int, expected: int, monkeypatch) -> None:
     """Steps of 10 ms and 10 s left: a plan of 50 steps (pessimistic pre-loop timing) grows to ~1000,
     one of 5000 (optimistic) shrinks to ~200 from a 2 s deadline; the loop runs exactly that many."""
     from eptq_onnx.eptq import optimize as opt
@@ -425,7 +425,7 @@ def test_time_budgeted_loop_replans_once_from_its_own_step_times(planned: int, e
     deadline = (10.0 if expected == 1000 else 2.0) + clock.tick
     messages: list = []
     opt._run_loop(objective, _FakeOptimizer(), _FakeBatches(), loop, options, None, False, deadline, messages.append)
-    assert loop.replanned and len(messages) == 1 and "re-planned at step" in loop.why
+    assert loop.replanned and len(messages) == 1 and "re-planned at step" in loop.why  # steady steps: one change
     assert abs(loop.iters - expected) <= 0.02 * expected and loop.step == loop.iters
     # without a deadline (--iters) the plan stands
     fixed = LoopState(step=0, iters=40, loss_scale=1.0, step_seconds=0.1, why="asked")
@@ -514,3 +514,91 @@ def test_a_model_with_its_batch_fixed_at_one_is_optimized_one_sample_a_step(cali
     result = quantize(model, calib, QuantConfig(weight_bits=4, optimize=options), progress=False)
     assert result.report.optimization["iters"] == 3
     assert not any("FALLBACK" in w for w in result.report.warnings)
+
+
+def _two_output_model(second: str):  # type: ignore[no-untyped-def]
+    """x [N, 8] -> MatMul w [8, 4] -> y, beside a second output computed without any weight:
+    ``second`` = "relu" (z = Relu(x) [N, 8]) or "norm" (y's L2 norm, sqrt(sum(y * y)), as a power spectrum
+    gives its magnitude)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(5).normal(0, 0.5, (8, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    if second == "relu":
+        nodes.append(helper.make_node("Relu", ["x"], ["z"], name="relu"))
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 8])
+    else:
+        axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+        nodes += [helper.make_node("Mul", ["y", "y"], ["power"], name="square"),
+                  helper.make_node("ReduceSum", ["power", "axes"], ["energy"], name="sum", keepdims=1),
+                  helper.make_node("Sqrt", ["energy"], ["z"], name="magnitude")]
+        z = helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 1])
+    graph = helper.make_graph(nodes, "two_outputs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]), z],
+                              [w] + ([axes] if second == "norm" else []))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_tensor_no_learned_layer_reaches_is_no_loss_term(calib_for) -> None:
+    """z = Relu(x) is equal in teacher and student: not a loss tensor. Were it one, its larger trace (8
+    elements against y's 4) would leave y, the one tensor the rounding changes, the log-normalized weight 0."""
+    from eptq_onnx.eptq.stage import loss_tensors
+
+    model = _two_output_model("relu")
+    calib = calib_for(model, 16)
+    options = OptimizeOptions(iters=3, hessian_samples=2, hessian_draws=3, batch_size=8, discard_if_worse=False)
+    result = quantize(model, calib, QuantConfig(weight_bits=4, optimize=options), progress=False)
+    assert loss_tensors(result.state.float_model, result.state.plan) == ["y"]
+    assert result.report.optimization["iters"] == 3 and result.report.optimization["loss_weights"] == {"y": 1.0}
+
+
+def test_a_norm_of_exact_zeros_keeps_the_hessian_and_the_steps_finite(calib_for) -> None:
+    """sqrt(sum(y * y)) at an all-zero input: d sqrt / dx = inf there, and inf * 0 = NaN would reach the
+    weight's rounding variables; the twin's gradient guard at the Sqrt gives 0 instead."""
+    from eptq_onnx.twin.finite_grad import finite_gradient
+
+    x = torch.zeros(3, requires_grad=True)
+    torch.sqrt(finite_gradient(x * x)).sum().backward()
+    assert torch.equal(x.grad, torch.zeros(3))  # unguarded: NaN
+    model = _two_output_model("norm")
+    calib = calib_for(model, 16)
+    np.savez(calib / "zero.npz", x=np.zeros(8, np.float32))  # a silent frame
+    options = OptimizeOptions(iters=4, hessian_samples=17, hessian_draws=3, batch_size=17, discard_if_worse=False)
+    result = quantize(model, calib, QuantConfig(weight_bits=4, optimize=options), progress=False)
+    assert all(np.isfinite(t) for t in result.report.hessian["traces"].values())
+    assert result.report.optimization["iters"] == 4 and not any("FALLBACK" in w for w in result.report.warnings)
+    session = make_session(result.model)
+    assert np.isfinite(session.run(None, {"x": np.ones((2, 8), np.float32)})[0]).all()
+
+
+class _SlowingClock(_FakeClock):
+    """Steps of ``tick`` seconds until ``at`` seconds have passed, then four times slower (a machine that gets busy)."""
+
+    def __init__(self, tick: float, at: float) -> None:
+        super().__init__(tick)
+        self.at = at
+
+    def perf_counter(self) -> float:
+        self.now += self.tick if self.now < self.at else 4 * self.tick
+        return self.now
+
+
+def test_a_loop_that_slows_down_halfway_still_ends_near_its_deadline(monkeypatch) -> None:
+    """10 ms steps for 5 s, then 40 ms: a plan made once (at 10 ms a step, 1000 steps in 10 s) would run
+    until 5 + 500 * 0.04 = 25 s; re-planned as it goes, the loop ends within 5% of its 10 s."""
+    from eptq_onnx.eptq import optimize as opt
+    from eptq_onnx.eptq.checkpoint import LoopState
+
+    clock = _SlowingClock(0.01, at=5.0)
+    monkeypatch.setattr(opt, "time", clock)
+    objective = _FakeObjective(0.0)
+    objective.twin = types.SimpleNamespace(student=None)  # type: ignore[attr-defined]
+    loop = LoopState(step=0, iters=1000, loss_scale=1.0, step_seconds=0.01, why="planned")
+    deadline = clock.now + 10.0
+    messages: list = []
+    opt._run_loop(objective, _FakeOptimizer(), _FakeBatches(), loop, OptimizeOptions(max_iters=20000), None, False,
+                  deadline, messages.append)
+    assert loop.step == loop.iters and abs(clock.now - deadline) <= 0.05 * 10.0, (clock.now, loop.iters)
+    assert len(messages) >= 1 and "re-planned at step" in loop.why

@@ -1,11 +1,11 @@
 """Minibatches of the calibration samples for the EPTQ loop, and the cache of the teacher's tensors they are compared with (in memory up to a budget, else recomputed)."""
 from __future__ import annotations
 
-import os
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+from eptq_onnx.eptq.memory import available_bytes
 from eptq_onnx.twin.build import Twin
 
 
@@ -52,16 +52,9 @@ class Batches:
             yield {k: v[start : start + size] for k, v in self.stacked.items()}
 
 def cache_budget_bytes(device: str) -> int:
-    """Memory the teacher cache may take: a quarter of the free memory, at most 2 GiB."""
-    free = 0
-    if device.startswith("cuda") and torch.cuda.is_available():
-        free = torch.cuda.mem_get_info(torch.device(device))[0]
-    elif hasattr(os, "sysconf"):
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            free = 0
-    return min(CACHE_MAX_BYTES, free // 4) if free else CACHE_MAX_BYTES // 4
+    """Memory the teacher cache may take: a quarter of the available memory, at most 2 GiB."""
+    available = available_bytes(device)
+    return min(CACHE_MAX_BYTES, available // 4) if available else CACHE_MAX_BYTES // 4
 
 CACHE_MAX_BYTES = 2 << 30
 

@@ -41,6 +41,7 @@ class LoopState:
     seconds: float = 0.0
     curve: List[Tuple[int, float, float]] = field(default_factory=list)
     replanned: bool = False  # the time-budgeted step count was re-planned from the loop's step times
+    batch_size: int = 0  # the minibatch size the loop runs with (memory.fit_batch may lower the one asked)
 
 
 def fingerprint(student: torch.nn.Module, loss_weights: Dict[str, float], options: OptimizeOptions,

@@ -13,14 +13,15 @@ weight step multipliers and activation steps (Adam, 1e-3). Biases and steps use 
 paper's RAdam: RAdam's first steps are momentum SGD, whose update grows with the gradient, and
 with a tiny initial loss (16-bit activations) a bias jumped from 0.085 to 4e5 in two steps.
 Teacher activations are computed on the fly, or once for all samples when they fit a memory
-budget (a quarter of the free memory, at most 2 GiB; float32, or float16 where only that fits),
-so a step costs one student forward and backward.
+budget (a quarter of the available memory, at most 2 GiB; float32, or float16 where only that fits),
+so a step costs one student forward and backward. The batch is lowered where a step at the one
+asked would hold more than its memory budget (memory.fit_batch).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -37,6 +38,7 @@ from eptq_onnx.eptq.banks import BiasBank, RoundingBank
 from eptq_onnx.twin.weighted import WeightedOp
 from eptq_onnx.eptq.optimizer import EptqOptimizer, start_rounding
 from eptq_onnx.eptq.batches import Batches, TeacherCache, cache_budget_bytes
+from eptq_onnx.eptq.memory import fit_batch
 from eptq_onnx.eptq.objective import Objective
 from eptq_onnx.eptq.schedule import REPLAN_MIN_STEPS, REPLAN_TIME, RESERVE, choose_iters, replan, beta_at, replan_step
 
@@ -98,23 +100,32 @@ def optimize(
     biases.fix_steps()  # after the parameter groups: a learned step is not fixed
     batches = Batches(feeds, options.device, options.seed, stack=stack)
     objective = Objective(twin, loss_weights, options, bank, biases=biases)
-    cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
-    objective.cache = cache
     checkpoint = None
     if options.checkpoint_dir is not None:
         digest = fingerprint(twin.student, loss_weights, options, batches.tensors())
         checkpoint = Checkpoint(Path(options.checkpoint_dir), digest)
     saved = checkpoint.load() if checkpoint is not None else None
+    fit = None
     if saved is not None:
         loop, rng = restore(saved, twin.student, optimizer)
         batches.rng.bit_generator.state = rng
+        options = replace(options, batch_size=loop.batch_size or options.batch_size)  # the batch it ran with
         log(f"EPTQ: resuming from {checkpoint.path} at step {loop.step} of {loop.iters}")  # type: ignore[union-attr]
     else:
+        fit = fit_batch(objective, batches, options.batch_size, options.beta_start, options.device, options.max_memory_gb)
+        if fit is not None and fit.batch_size < options.batch_size:
+            options = replace(options, batch_size=fit.batch_size)
+    cache = TeacherCache.build(twin, objective.names, batches, options.batch_size, cache_budget_bytes(options.device))
+    objective.cache = cache
+    if saved is None:
         iters, step_seconds, loss_scale, why = choose_iters(objective, batches, options, started_at)
+        if fit is not None and fit.note:
+            why += f"; {fit.note}"
         if batches.whole:
             why += (f"; the calibration feeds cannot be stacked (the model inputs declare no batch dim alike), so each "
                     f"step takes one whole feed of the {batches.count} (--opt-batch-size {options.batch_size} does not apply)")
-        loop = LoopState(step=0, iters=iters, loss_scale=loss_scale, step_seconds=step_seconds, why=why)
+        loop = LoopState(step=0, iters=iters, loss_scale=loss_scale, step_seconds=step_seconds, why=why,
+                         batch_size=options.batch_size)
     optimizer.zero_grad(set_to_none=True)
     teacher = (
         f"teacher tensors of {batches.count} samples cached in memory ({cache.nbytes() / 2**20:.1f} MiB)"
@@ -123,7 +134,7 @@ def optimize(
     )
     log(f"EPTQ: {loop.why}; {teacher}; {kernels}")
     deadline = None
-    if options.iters is None:  # a time budget: the loop re-plans once from its own step times
+    if options.iters is None:  # a time budget: the loop re-plans from its own step times
         origin = started_at if started_at is not None else time.perf_counter()
         deadline = origin + options.time_budget_min * 60 * (1 - RESERVE)
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
@@ -147,8 +158,9 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
     """Steps ``loop.step`` .. ``loop.iters`` - 1, saving checkpoints on the way and when stopped.
 
     With a ``deadline`` (a ``time.perf_counter()`` value: the time budget) the step count is
-    re-planned once, at ``replan_step`` or when 5% of the time left has passed, from the loop's own
-    mean step time.
+    re-planned from the loop's own step times: first at ``replan_step`` or when 5% of the time left
+    has passed, then each time another 5% of the time then left has passed, from the mean step time
+    since the last plan (a machine that gets busier, or idler, halfway moves the plan with it).
     """
     student = objective.twin.student
     first, replan_at = loop.step, replan_step(loop, options)
@@ -157,7 +169,8 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
         if checkpoint is not None:
             checkpoint.save(loop, student, optimizer, batches.rng.bit_generator.state)
 
-    start = last_save = time.perf_counter()
+    start = last_save = plan_start = time.perf_counter()
+    plan_step = first
     done = loop.seconds
     record_every = max(1, loop.iters // 200)
     bar = tqdm(total=loop.iters, initial=loop.step, desc="EPTQ optimization", disable=not progress, unit="step")
@@ -178,13 +191,14 @@ def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, 
                 bar.set_postfix(recon=f"{r:.4g}", reg=f"{g:.4g}", beta="-" if beta is None else f"{beta:.1f}")
             now = time.perf_counter()
             loop.seconds = done + now - start
-            if (deadline is not None and not loop.replanned and loop.step - first >= REPLAN_MIN_STEPS
-                    and (loop.step >= replan_at or now - start >= REPLAN_TIME * (deadline - start))
-                    and loop.step < loop.iters):
-                if replan(loop, options, deadline - now, (now - start) / (loop.step - first), log):
+            if deadline is not None and loop.step < loop.iters and loop.step - plan_step >= REPLAN_MIN_STEPS and (
+                    now - plan_start >= REPLAN_TIME * (deadline - plan_start) if loop.replanned
+                    else loop.step >= replan_at or now - start >= REPLAN_TIME * (deadline - start)):
+                if replan(loop, options, deadline - now, (now - plan_start) / (loop.step - plan_step), log):
                     record_every = max(1, loop.iters // 200)
                     bar.total = loop.iters
                     bar.refresh()
+                plan_start, plan_step = now, loop.step
             if checkpoint is not None and now - last_save >= options.checkpoint_every_s:
                 save()
                 last_save = now

@@ -60,9 +60,9 @@ def choose_iters(objective: Objective, batches: Batches, options: OptimizeOption
 
 REPLAN_MIN_STEPS = 5  # steps timed in the loop before it may re-plan
 
-REPLAN_TIME = 0.05  # ... and it re-plans once this fraction of the time left at its start has passed
+REPLAN_TIME = 0.05  # ... and it re-plans each time this fraction of the time left at the last plan has passed
 
-REPLAN_CHANGE = 0.1  # re-plan only when the fitting step count differs by more than this fraction
+REPLAN_CHANGE = 0.1  # re-plan only when the fitting step count differs by more than this fraction of the steps left
 
 def replan_step(loop: LoopState, options: OptimizeOptions) -> int:
     """The step at which a time-budgeted loop re-plans at the latest: half-way through the warm-up,
@@ -76,11 +76,12 @@ def replanned_iters(loop: LoopState, options: OptimizeOptions, seconds_left: flo
     return max(loop.step + 1, min(options.max_iters, fit))
 
 def replan(loop: LoopState, options: OptimizeOptions, seconds_left: float, step_seconds: float, log) -> bool:
-    """Once per run: when the loop's own mean step time makes a step count more than 10% away from
-    the plan fit the budget, take it (the pre-loop timing passes are easily off under CPU contention)."""
+    """When the loop's recent mean step time makes a step count more than 10% (of the steps left) away from
+    the plan fit the budget, take it (the pre-loop timing passes are easily off under CPU contention,
+    and the contention changes during a run)."""
     loop.replanned = True
     iters = replanned_iters(loop, options, seconds_left, step_seconds)
-    if abs(iters - loop.iters) <= REPLAN_CHANGE * loop.iters:
+    if abs(iters - loop.iters) <= max(1.0, REPLAN_CHANGE * (loop.iters - loop.step)):
         return False
     note = (f"re-planned at step {loop.step}: steps take {step_seconds:.3f} s in the loop "
             f"({loop.step_seconds * STEP_OVERHEAD:.3f} s estimated before it), so {iters} steps fit instead of {loop.iters}")

@@ -18,8 +18,10 @@ from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError
 from eptq_onnx.eptq.hessian import LFHResult, label_free_hessian
+from eptq_onnx.graph.index import FLOAT_TYPES, GraphIndex
 from eptq_onnx.graph.layout import position_axes
 from eptq_onnx.eptq.optimize import OptimizeResult, optimize, tensor_sqnr
+from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.twin.weighted import WeightedOp
@@ -52,14 +54,21 @@ class EptqOutcome:
     kept_init: Optional[str] = None  # why the optimized state was discarded for the initialized one
 
 
-def loss_tensors(model: onnx.ModelProto, plan: QuantPlan) -> List[str]:
-    """Tensors compared between teacher and student: every group root (but the model inputs,
-    identical in both), then the float outputs."""
-    inputs = {i.name for i in model.graph.input}
-    names = [g.roots[0] for g in plan.groups if g.roots[0] not in inputs]
-    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+def loss_tensors(model: onnx.ModelProto, plan: QuantPlan, learn_act_scales: bool = False) -> List[str]:
+    """Tensors compared between teacher and student: every group root, then the float outputs, of those
+    the optimization can change: computed from a quantized weight's layer (its rounding and bias are
+    learned) or, with ``learn_act_scales``, from a quantized activation. The others (the model inputs, a
+    float LSTM's state outputs, whatever only float layers compute) are equal in teacher and student
+    up to a constant, and would only take a share of the Hessian weights."""
+    index = GraphIndex(model.graph)
+    weighted = {p.node for p in plan.weights}
+    learned = [o for n in model.graph.node if node_id(n) in weighted for o in n.output]
+    if learn_act_scales:
+        learned += [t for g in plan.groups for t in g.tensors]
+    changed = index.downstream(learned) - set(index.inputs)
+    names = [g.roots[0] for g in plan.groups if g.roots[0] in changed]
     for out in model.graph.output:
-        if out.type.tensor_type.elem_type in float_types and out.name not in names:
+        if out.type.tensor_type.elem_type in FLOAT_TYPES and out.name in changed and out.name not in names:
             names.append(out.name)
     return names
 
@@ -139,7 +148,7 @@ def run_eptq(
     mixed-precision search); used instead of a second computation when its tensors are this run's.
     """
     options = config.optimize
-    names = loss_tensors(model, plan)
+    names = loss_tensors(model, plan, options.learn_act_scales)
     try:
         twin = build_twin(
             model, plan, weights, acts, quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias, taps=names

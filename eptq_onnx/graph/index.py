@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, Iterable, List, Set
 import onnx
 
 
@@ -44,3 +44,13 @@ class GraphIndex:
 
     def act_inputs(self, node: onnx.NodeProto) -> List[str]:
         return [i for i in node.input if self.is_activation(i)]
+
+    def downstream(self, tensors: Iterable[str]) -> Set[str]:
+        """``tensors`` and every tensor computed from one of them. A node holding a subgraph (If, Loop,
+        Scan) may read any outer tensor implicitly: its outputs always count as downstream."""
+        reached = set(tensors)
+        for node in self.nodes:  # topologically sorted (as ONNX requires of a graph)
+            if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute) or \
+                    any(i in reached for i in node.input if i):
+                reached.update(o for o in node.output if o)
+        return reached

@@ -275,7 +275,7 @@ def measure_sensitivity(
     start = time.perf_counter()
     model, plan, candidates, calib, config = inputs.model, inputs.plan, inputs.candidates, inputs.calib, inputs.config
     widest = max(candidates)
-    probed = loss_tensors(model, plan)
+    probed = loss_tensors(model, plan, config.optimize.learn_act_scales)
     try:
         twin = build_twin(model, plan, candidates[widest], inputs.acts, quantize_outputs=config.quantize_outputs,
                           quantize_bias=config.quantize_bias, taps=probed)

@@ -45,6 +45,7 @@ from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 from torch import Tensor, fx
 
 from eptq_onnx.errors import ModelError
+from eptq_onnx.twin.finite_grad import guard_singular_inputs
 from eptq_onnx.graph.tensor_store import inlined, store_of, tensor_array
 
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
@@ -236,6 +237,7 @@ def to_torch(model: onnx.ModelProto) -> fx.GraphModule:
     for placeholder, name in zip(_placeholders(gm), inputs):
         placeholder.meta[_ONNX_NAME] = name
     _set_outputs(gm, [out.name for out in model.graph.output], initializers)
+    guard_singular_inputs(gm, model, onnx_names(gm))
     return gm.eval()
 
 
