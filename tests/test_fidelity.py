@@ -92,3 +92,42 @@ def test_strict_needs_a_target(calib_for, tmp_path: Path) -> None:
     onnx.save(model, src)
     result = CliRunner().invoke(main, [str(src), str(tmp_path / "q.onnx"), "--calib", str(calib_for(model, 4)), "--strict"])
     assert result.exit_code == 2 and "--min-sqnr" in result.output
+
+
+def test_the_ranking_shrinks_its_samples_to_fit_its_share_of_the_time(monkeypatch) -> None:
+    """A heavy model (each evaluation ~5 ms a sample): 40 candidates on 16 samples would take 3.2 s of a
+    1 s ranking budget; the ranking is cut to the samples that fit, and every candidate still gets a score."""
+    import time
+
+    from tqdm import tqdm
+
+    from eptq_onnx.fidelity import target
+
+    class SlowProbe:
+        def __init__(self, twin, outputs, weights, feeds) -> None:  # type: ignore[no-untyped-def]
+            self.rows = sum(len(f["x"]) for f in feeds)
+
+        def sqnr_db(self, disabled):  # type: ignore[no-untyped-def]
+            time.sleep(0.005 * self.rows)
+            return {"y": float(len(disabled))}
+
+    class Calib:
+        def batches(self, batch_size: int, limit: int):  # type: ignore[no-untyped-def]
+            yield {"x": np.zeros((min(batch_size, limit), 2), np.float32)}
+
+    class Biases:
+        def put(self, nodes):  # type: ignore[no-untyped-def]
+            return []
+
+        def restore(self, held) -> None:  # type: ignore[no-untyped-def]
+            pass
+
+    monkeypatch.setattr(target, "DistanceProbe", SlowProbe)
+    candidates = {f"n{i}": ("Conv", [], [object()] * (i % 3 + 1)) for i in range(40)}
+    start = time.perf_counter()
+    score = target._rank(candidates, Calib(), None, ["y"], Biases(), "cpu", start + 1.0, tqdm(disable=True))
+    spent = time.perf_counter() - start
+    assert len(score) == 40 and score["n2"] == 3.0 and spent < 1.5, (len(score), spent)
+    unbounded = target._rank(dict(list(candidates.items())[:3]), Calib(), None, ["y"], Biases(), "cpu", None,
+                             tqdm(disable=True))
+    assert len(unbounded) == 3

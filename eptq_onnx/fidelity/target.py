@@ -40,6 +40,8 @@ from eptq_onnx.twin.weighted import WeightedOp
 MIN_GAIN_DB = 0.05  # a candidate that buys less on the held-out samples stays quantized
 RANK_SAMPLES = 16  # calibration samples the candidates are ranked on
 MAX_HELD_OUT = 16  # calibration samples held out to check the target
+MIN_RANK_SAMPLES = 2  # ... and the fewest the ranking is cut to when RANK_SAMPLES would not fit its time
+RANK_SHARE = 0.5  # of the time left when the target starts, for ranking: the rest is for trying candidates
 
 
 @dataclass
@@ -126,6 +128,36 @@ class FloatBiases:
             m.bias.data.copy_(value)
 
 
+def _rank(candidates: Dict[str, tuple], calib: CalibrationSet, twin: Twin, outputs: List[str], biases: "FloatBiases",
+          device: str, deadline: Optional[float], bar: tqdm) -> Dict[str, float]:
+    """Worst output SQNR with each candidate's quantizers off, on RANK_SAMPLES calibration samples, or on
+    fewer (down to MIN_RANK_SAMPLES) when the first candidate's time says that all would not fit ``deadline``;
+    the candidates ranked by then."""
+    samples = RANK_SAMPLES
+    score: Dict[str, float] = {}
+    while True:
+        feeds = [to_tensors(f, device) for f in calib.batches(batch_size=samples, limit=samples)]
+        ranker = DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
+        for node, (_, _, modules) in candidates.items():
+            if node in score:
+                continue
+            now = time.perf_counter()
+            if deadline is not None and now > deadline:
+                return score
+            held = biases.put([node])
+            score[node] = worst(ranker.sqnr_db(disabled=modules))
+            biases.restore(held)
+            bar.update()
+            if len(score) == 1 and deadline is not None and samples > MIN_RANK_SAMPLES:
+                each = time.perf_counter() - now
+                fit = int(samples * (deadline - time.perf_counter()) / max(each * len(candidates), 1e-9))
+                if fit < samples:  # rank them all on fewer samples, this one again too
+                    samples, score = max(MIN_RANK_SAMPLES, fit), {}
+                    break
+        else:
+            return score
+
+
 def _held_out_sqnr(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
                    weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
                    feeds: Sequence[Dict[str, torch.Tensor]], config: QuantConfig,
@@ -191,19 +223,12 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
         return model, plan, weights, acts, outcome
     candidates = _candidates(model, plan, twin_points(probe.twin, plan))
     outcome.candidates = len(candidates)
-    rank_feeds = [to_tensors(f, device) for f in calib.batches(batch_size=RANK_SAMPLES, limit=RANK_SAMPLES)]
-    ranker = DistanceProbe(probe.twin, outputs, dict.fromkeys(outputs, 1.0), rank_feeds)
     bar = tqdm(total=2 * len(candidates), desc="fidelity target", unit="eval", disable=not progress)
     biases = FloatBiases(probe.twin, float_model, plan)
-    score: Dict[str, float] = {}
-    for node, (_, _, modules) in candidates.items():
-        if deadline is not None and time.perf_counter() > deadline:
-            outcome.note = "the time budget ran out while the candidates were ranked"
-            break
-        held = biases.put([node])
-        score[node] = worst(ranker.sqnr_db(disabled=modules))
-        biases.restore(held)
-        bar.update()
+    rank_deadline = None if deadline is None else start_time + RANK_SHARE * (deadline - start_time)
+    score = _rank(candidates, calib, probe.twin, outputs, biases, device, rank_deadline, bar)
+    if len(score) < len(candidates):
+        outcome.note = f"the time budget ran out while the candidates were ranked ({len(score)} of {len(candidates)})"
     taken: List[str] = []
     disabled: List[torch.nn.Module] = []
     current = start_db
@@ -211,7 +236,7 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
         if current >= target_db:
             break
         if deadline is not None and time.perf_counter() > deadline:
-            outcome.note = "the time budget ran out while candidates were tried"
+            outcome.note = outcome.note or "the time budget ran out while candidates were tried"
             break
         op_type, points, modules = candidates[node]
         held = biases.put([node])
