@@ -19,15 +19,14 @@ from eptq_onnx.calib.memory import CalibSource, open_calibration
 from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
-from eptq_onnx.eptq.schedule import RESERVE as TIME_RESERVE
 from eptq_onnx.eptq.stage import TwinUnavailable, run_eptq
 from eptq_onnx.errors import ModelError, TargetNotReached, UsageError, ValidationError, error_entry
-from eptq_onnx.export.latency import latency_note, measure_latency
+from eptq_onnx.export.latency import report_latency
 from eptq_onnx.export.reference import fake_quant_model
-from eptq_onnx.export.validate import Validation, check_model, session_config, validate
+from eptq_onnx.export.validate import Validation, float16_io, validate
 from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
-from eptq_onnx.fidelity.target import held_out_count, meet_target
-from eptq_onnx.graph.float16 import has_float16, restore_io_types
+from eptq_onnx.fidelity.stage import hold_out, meet_target_stage
+from eptq_onnx.graph.float16 import has_float16
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
@@ -39,7 +38,7 @@ from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
-from eptq_onnx.plan.overrides import ResolvedOverrides, float_names, max_act_bits, resolve
+from eptq_onnx.plan.overrides import float_names, max_act_bits, resolve_for_run
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
@@ -202,7 +201,7 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
     with run.stage("calibration data"):
         calib_set = _calibration_set(run, calib, float_model)
         if run.config.min_sqnr is not None:
-            calib_set = _hold_out(run, calib_set)
+            calib_set = hold_out(run, calib_set)
     with run.stage("activation ranges"):
         ranges = range_statistics(float_model, plan, calib_set, run.progress)
         plan, range_notes = refine_plan(float_model, plan, ranges.root_stats)
@@ -210,7 +209,7 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
             run.report.warn(note)
         plan = float_weight_only_layers(plan, run.target)
         record_plan(run.report, plan)
-        overrides = _resolve_overrides(run, float_model, plan)
+        overrides = resolve_for_run(run, float_model, plan)
     with run.stage("weight init"):
         candidates = _init_weights(run, float_model, plan, calib_set, overrides.weight_bits)
     with run.stage("activation calibration"):
@@ -234,7 +233,7 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     quantized_model, weights, acts = _optimize(run, float_model, plan, weights, acts, calib_set, lfh)
     if run.config.min_sqnr is not None:
         with run.stage("fidelity target"):
-            quantized_model, plan, weights, acts = _meet_target(run, float_model, quantized_model, plan, weights, acts,
+            quantized_model, plan, weights, acts = meet_target_stage(run, float_model, quantized_model, plan, weights, acts,
                                                                 calib_set)
     with run.stage("write"):
         qdq, summary = _write(run, quantized_model, plan, weights, acts)
@@ -242,7 +241,7 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
         validation = _validate(run, float_model, quantized_model, qdq, plan, weights, acts, calib_set, summary)
     if run.config.measure_latency:
         with run.stage("latency"):
-            _report_latency(run, float_model, qdq, calib_set, weights, validation)
+            report_latency(run, float_model, qdq, calib_set, weights, validation)
     fidelity = run.report.fidelity
     if run.config.strict and fidelity and not fidelity["reached"]:
         raise TargetNotReached(f"--min-sqnr {fidelity['target_db']:g} dB not reached (held-out output SQNR "
@@ -250,41 +249,6 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
                                f"{fidelity['note']}); without --strict the model is written with a warning")
     state = QuantState(float_model=quantized_model, plan=plan, weights=weights, acts=acts, config=run.config)
     return QuantizeResult(model=qdq, report=run.report, state=state, store=run.store if run.store.used else None)
-
-
-def _hold_out(run: RunContext, calib_set: CalibrationSet) -> CalibrationSet:
-    """The calibration set less the samples held out for the fidelity target (``run.held_out``)."""
-    parts = calib_set.split(held_out_count(len(calib_set)))
-    if parts is None:
-        run.report.warn(f"FIDELITY: {len(calib_set)} calibration sample(s) cannot spare held-out ones: the "
-                        "--min-sqnr target is checked on calibration samples (add calibration files)")
-        run.held_out = calib_set
-        return calib_set
-    calib_set, run.held_out = parts
-    run.log(f"fidelity target: {len(run.held_out)} of {len(calib_set) + len(run.held_out)} calibration samples "
-            "held out to check it")
-    return calib_set
-
-
-def _meet_target(run: RunContext, float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
-                 weights: Dict[str, WeightQuant], acts: Dict[int, ActParams], calib: CalibrationSet
-                 ) -> tuple[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]]:
-    """The state with the nodes left float that --min-sqnr needs (fidelity/target.py), in the report."""
-    config = run.config
-    assert config.min_sqnr is not None and run.held_out is not None
-    deadline = run.started_at + config.optimize.time_budget_min * 60 * (1 - TIME_RESERVE)
-    try:
-        model, plan, weights, acts, outcome = meet_target(float_model, model, plan, weights, acts, calib, run.held_out,
-                                                          config, config.min_sqnr, deadline, run.progress)
-    except ModelError as exc:
-        run.report.warn(f"FIDELITY: the --min-sqnr target was not checked, nothing was left float: {exc}")
-        return model, plan, weights, acts
-    run.report.fidelity = asdict(outcome)
-    record_plan(run.report, plan)
-    run.log(outcome.summary())
-    if not outcome.reached:
-        run.report.warn(f"FIDELITY: {outcome.summary()}: {outcome.note}")
-    return model, plan, weights, acts
 
 
 def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -327,21 +291,6 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, cali
         for weights in candidates.values():
             weights.update(own)
     return candidates
-
-
-def _resolve_overrides(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> ResolvedOverrides:
-    """The --overrides of the run against its plan, in the report."""
-    config = run.config
-    resolved = resolve(model, plan, config.overrides, run.target, config.act_bits, config.act_symmetric)
-    if resolved.weight_bits and config.mixed is not None:
-        raise UsageError("--overrides sets weight bits, which --mixed-precision chooses: drop one of them")
-    group_root = {g.id: g.roots[0] for g in plan.groups}
-    run.report.overrides = (
-        [{"name": o.name, "applied_to": "float (excluded)"} for o in config.overrides if o.float]
-        + [{"name": w, "applied_to": "weight", "bits": b} for w, b in resolved.weight_bits.items()]
-        + [{"name": a.source.name, "applied_to": f"activation {group_root[i]}", "bits": a.bits, "signed": a.signed,
-            "fixed": a.source.fixed} for i, a in resolved.acts.items()])
-    return resolved
 
 
 def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
@@ -437,7 +386,7 @@ def _finish(run: RunContext, result: QuantizeResult, original: onnx.ModelProto, 
     """float16 I/O restored, the model saved, the report and plots written."""
     report = run.report
     if has_float16(original):
-        result.model = _float16_io(result.model, original, report)
+        result.model = float16_io(result.model, original, report)
     if output_path is not None:
         with run.stage("save"):
             save_model(result.model, output_path, force=force)
@@ -451,36 +400,3 @@ def _finish(run: RunContext, result: QuantizeResult, original: onnx.ModelProto, 
         write_plots(report, Path(plots_dir))
     if not run.store.used:
         run.store.close()
-
-
-def _float16_io(qdq: onnx.ModelProto, original: onnx.ModelProto, report: Report) -> onnx.ModelProto:
-    """The QDQ model of a float16 model with its float16 inputs and outputs back (Casts at the
-    boundary), checked and loaded by onnxruntime with its default options."""
-    qdq = restore_io_types(qdq, original)
-    check_model(qdq)
-    try:
-        make_session(qdq)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
-        raise ValidationError(f"onnxruntime cannot load the quantized model: {' '.join(str(exc).split())[:300]}") from exc
-    report.warn("float16 model: quantized in float32; the written model computes in float32 between Casts at its "
-                "float16 inputs and outputs (QDQ of float16 needs opset 19)")
-    return qdq
-
-
-def _report_latency(run: RunContext, float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: CalibrationSet,
-                    weights: Dict[str, WeightQuant], validation: Validation) -> None:
-    """onnxruntime CPU latency of one calibration batch (one sample, unless the model fixes its batch dim)
-    through the float and the written model. A measurement that fails is a warning, never the run's end."""
-    feeds = next(iter(calib.batches(1, limit=1)), None) or next(iter(calib.batches()), None)
-    try:
-        if feeds is None:
-            raise ValueError("no calibration batch to run")
-        latency = measure_latency(float_model, qdq, feeds, config=session_config(qdq, run.target))
-    except Exception as exc:  # noqa: BLE001 - informational: the validated model stands
-        run.report.warn(f"latency not measured: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
-        return
-    run.report.latency = asdict(latency)
-    note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
-                        validation.linear_ops, run.config.target)
-    if note:
-        run.report.warn(note)

@@ -7,14 +7,20 @@ that gets slower or faster during the measurement moves both medians alike.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from eptq_onnx.graph.runtime import inference_session
+
+if TYPE_CHECKING:
+    from eptq_onnx.calib.data import CalibrationSet
+    from eptq_onnx.context import RunContext
+    from eptq_onnx.export.validate import Validation
+    from eptq_onnx.init.weights import WeightQuant
 
 WARMUP_RUNS = 3
 MIN_RUNS = 5  # per model
@@ -96,3 +102,24 @@ def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, line
                 "kernels, or deploy to a runtime with low-bit kernels (--target qnn, trt)")
     return (f"{head}: {fused} of {linear} Conv/MatMul/Gemm run as fused integer kernels; the rest (and every "
             "Q/DQ pair around a float op) add conversions; check report.validation.fused_op_types")
+
+
+def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: "CalibrationSet",
+                   weights: Dict[str, "WeightQuant"], validation: "Validation") -> None:
+    """onnxruntime CPU latency of one calibration batch (one sample, unless the model fixes its batch dim)
+    through the float and the written model. A measurement that fails is a warning, never the run's end."""
+    feeds = next(iter(calib.batches(1, limit=1)), None) or next(iter(calib.batches()), None)
+    try:
+        if feeds is None:
+            raise ValueError("no calibration batch to run")
+        from eptq_onnx.export.validate import session_config
+
+        latency = measure_latency(float_model, qdq, feeds, config=session_config(qdq, run.target))
+    except Exception as exc:  # noqa: BLE001 - informational: the validated model stands
+        run.report.warn(f"latency not measured: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        return
+    run.report.latency = asdict(latency)
+    note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
+                        validation.linear_ops, run.config.target)
+    if note:
+        run.report.warn(note)

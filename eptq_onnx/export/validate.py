@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import numpy as np
 import onnx
@@ -30,6 +30,9 @@ from eptq_onnx.plan.targets import TARGETS, Target
 from eptq_onnx.graph.tensor_store import store_of
 from eptq_onnx.ops.registry import ORT_FUSED_LINEAR
 from eptq_onnx.ops.registry import LINEAR_OPS
+
+if TYPE_CHECKING:
+    from eptq_onnx.report import Report
 
 # Optimized and unoptimized runs differ by integer requantization rounding only; below this
 # mutual SQNR (dB) they disagree.
@@ -344,3 +347,19 @@ def _check_divergence(divergence: Dict[str, Accumulator], checked: List[str], fl
         f"(SQNR {first.sqnr_db:.1f} dB < {MIN_REFERENCE_DB:.0f} dB, max abs difference {first.max_abs_difference:.4g}; "
         f"{first.made_by()}): the written model does not compute what its quantizers do; rerun with --debug and report it"
     )
+
+
+def float16_io(qdq: onnx.ModelProto, original: onnx.ModelProto, report: "Report") -> onnx.ModelProto:
+    """The QDQ model of a float16 model with its float16 inputs and outputs back (Casts at the
+    boundary), checked and loaded by onnxruntime with its default options."""
+    from eptq_onnx.graph.float16 import restore_io_types
+
+    qdq = restore_io_types(qdq, original)
+    check_model(qdq)
+    try:
+        make_session(qdq)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types
+        raise ValidationError(f"onnxruntime cannot load the quantized model: {' '.join(str(exc).split())[:300]}") from exc
+    report.warn("float16 model: quantized in float32; the written model computes in float32 between Casts at its "
+                "float16 inputs and outputs (QDQ of float16 needs opset 19)")
+    return qdq

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import onnx
 
@@ -38,6 +38,9 @@ from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.plan.targets import ACT_TYPE_NAMES, Target
 from eptq_onnx.settings_file import read_object
+
+if TYPE_CHECKING:
+    from eptq_onnx.context import RunContext
 
 QUANT_TYPES = {"QUInt8": (8, False), "QInt8": (8, True), "QUInt16": (16, False), "QInt16": (16, True)}
 WEIGHT_BITS = range(2, 9)
@@ -205,4 +208,19 @@ def resolve(model: onnx.ModelProto, plan: QuantPlan, overrides: Sequence[Overrid
                 raise UsageError(f"--overrides: {o.name!r} zero_point {o.zero_point} does not fit "
                                  f"{ACT_TYPE_NAMES[(bits, signed)]} codes" + (" (symmetric: 0)" if signed else ""))
         resolved.acts[group.id] = ActOverride(bits, signed, o)
+    return resolved
+
+
+def resolve_for_run(run: "RunContext", model: onnx.ModelProto, plan: QuantPlan) -> ResolvedOverrides:
+    """The --overrides of the run against its plan, in the report."""
+    config = run.config
+    resolved = resolve(model, plan, config.overrides, run.target, config.act_bits, config.act_symmetric)
+    if resolved.weight_bits and config.mixed is not None:
+        raise UsageError("--overrides sets weight bits, which --mixed-precision chooses: drop one of them")
+    group_root = {g.id: g.roots[0] for g in plan.groups}
+    run.report.overrides = (
+        [{"name": o.name, "applied_to": "float (excluded)"} for o in config.overrides if o.float]
+        + [{"name": w, "applied_to": "weight", "bits": b} for w, b in resolved.weight_bits.items()]
+        + [{"name": a.source.name, "applied_to": f"activation {group_root[i]}", "bits": a.bits, "signed": a.signed,
+            "fixed": a.source.fixed} for i, a in resolved.acts.items()])
     return resolved

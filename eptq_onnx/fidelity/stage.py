@@ -1,0 +1,52 @@
+"""The fidelity target as a stage of a run: the held-out samples split off, the target met, the report filled."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Dict, Tuple
+
+import onnx
+
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.context import RunContext
+from eptq_onnx.eptq.schedule import RESERVE as TIME_RESERVE
+from eptq_onnx.errors import ModelError
+from eptq_onnx.fidelity.target import held_out_count, meet_target
+from eptq_onnx.init.quantizers import ActParams
+from eptq_onnx.init.weights import WeightQuant
+from eptq_onnx.plan.qpoints import QuantPlan
+from eptq_onnx.report import record_plan
+
+
+def hold_out(run: RunContext, calib_set: CalibrationSet) -> CalibrationSet:
+    """The calibration set less the samples held out for the fidelity target (``run.held_out``)."""
+    parts = calib_set.split(held_out_count(len(calib_set)))
+    if parts is None:
+        run.report.warn(f"FIDELITY: {len(calib_set)} calibration sample(s) cannot spare held-out ones: the "
+                        "--min-sqnr target is checked on calibration samples (add calibration files)")
+        run.held_out = calib_set
+        return calib_set
+    calib_set, run.held_out = parts
+    run.log(f"fidelity target: {len(run.held_out)} of {len(calib_set) + len(run.held_out)} calibration samples "
+            "held out to check it")
+    return calib_set
+
+
+def meet_target_stage(run: RunContext, float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
+                      weights: Dict[str, WeightQuant], acts: Dict[int, ActParams], calib: CalibrationSet
+                      ) -> Tuple[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]]:
+    """The state with the nodes left float that --min-sqnr needs (fidelity/target.py), in the report."""
+    config = run.config
+    assert config.min_sqnr is not None and run.held_out is not None
+    deadline = run.started_at + config.optimize.time_budget_min * 60 * (1 - TIME_RESERVE)
+    try:
+        model, plan, weights, acts, outcome = meet_target(float_model, model, plan, weights, acts, calib, run.held_out,
+                                                          config, config.min_sqnr, deadline, run.progress)
+    except ModelError as exc:
+        run.report.warn(f"FIDELITY: the --min-sqnr target was not checked, nothing was left float: {exc}")
+        return model, plan, weights, acts
+    run.report.fidelity = asdict(outcome)
+    record_plan(run.report, plan)
+    run.log(outcome.summary())
+    if not outcome.reached:
+        run.report.warn(f"FIDELITY: {outcome.summary()}: {outcome.note}")
+    return model, plan, weights, acts
