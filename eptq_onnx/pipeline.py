@@ -233,8 +233,8 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     quantized_model, weights, acts = _optimize(run, float_model, plan, weights, acts, calib_set, lfh)
     if run.config.min_sqnr is not None:
         with run.stage("fidelity target"):
-            quantized_model, plan, weights, acts = meet_target_stage(run, float_model, quantized_model, plan, weights, acts,
-                                                                calib_set)
+            quantized_model, plan, weights, acts = meet_target_stage(run, float_model, quantized_model, plan, weights,
+                                                                             acts, calib_set)
     with run.stage("write"):
         qdq, summary = _write(run, quantized_model, plan, weights, acts)
     with run.stage("validate"):

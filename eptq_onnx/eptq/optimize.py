@@ -40,7 +40,7 @@ from eptq_onnx.eptq.optimizer import EptqOptimizer, start_rounding
 from eptq_onnx.eptq.batches import Batches, TeacherCache, cache_budget_bytes
 from eptq_onnx.eptq.memory import fit_batch
 from eptq_onnx.eptq.objective import Objective
-from eptq_onnx.eptq.schedule import REPLAN_MIN_STEPS, REPLAN_TIME, RESERVE, choose_iters, replan, beta_at, replan_step
+from eptq_onnx.eptq.schedule import REPLAN_MIN_STEPS, REPLAN_TIME, budget_deadline, choose_iters, replan, beta_at, replan_step
 
 
 @dataclass
@@ -136,7 +136,7 @@ def optimize(
     deadline = None
     if options.iters is None:  # a time budget: the loop re-plans from its own step times
         origin = started_at if started_at is not None else time.perf_counter()
-        deadline = origin + options.time_budget_min * 60 * (1 - RESERVE)
+        deadline = budget_deadline(origin, options)
     _run_loop(objective, optimizer, batches, loop, options, checkpoint, progress, deadline, log)
     undecided = bank.undecided()
     bank.write_back()

@@ -23,6 +23,11 @@ def beta_at(step: int, total: int, options: OptimizeOptions) -> Optional[float]:
 
 RESERVE = 0.1  # of the time budget, kept for what follows the optimization (validation, writing)
 
+def budget_deadline(started_at: float, options: OptimizeOptions) -> float:
+    """The ``time.perf_counter()`` value by which the stages under the time budget must end (the
+    run's start, ``started_at``, plus the budget less the RESERVE kept for validation and writing)."""
+    return started_at + options.time_budget_min * 60 * (1 - RESERVE)
+
 STEP_OVERHEAD = 1.1  # the optimizer update and bookkeeping the timing passes leave out
 
 def choose_iters(objective: Objective, batches: Batches, options: OptimizeOptions,

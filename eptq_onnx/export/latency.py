@@ -14,12 +14,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from eptq_onnx.export.validate import Validation, session_config
 from eptq_onnx.graph.runtime import inference_session
 
 if TYPE_CHECKING:
     from eptq_onnx.calib.data import CalibrationSet
     from eptq_onnx.context import RunContext
-    from eptq_onnx.export.validate import Validation
     from eptq_onnx.init.weights import WeightQuant
 
 WARMUP_RUNS = 3
@@ -105,15 +105,13 @@ def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, line
 
 
 def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: "CalibrationSet",
-                   weights: Dict[str, "WeightQuant"], validation: "Validation") -> None:
+                   weights: Dict[str, "WeightQuant"], validation: Validation) -> None:
     """onnxruntime CPU latency of one calibration batch (one sample, unless the model fixes its batch dim)
     through the float and the written model. A measurement that fails is a warning, never the run's end."""
     feeds = next(iter(calib.batches(1, limit=1)), None) or next(iter(calib.batches()), None)
     try:
         if feeds is None:
             raise ValueError("no calibration batch to run")
-        from eptq_onnx.export.validate import session_config
-
         latency = measure_latency(float_model, qdq, feeds, config=session_config(qdq, run.target))
     except Exception as exc:  # noqa: BLE001 - informational: the validated model stands
         run.report.warn(f"latency not measured: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")

@@ -22,6 +22,7 @@ from eptq_onnx.export.divergence import (DIAGNOSIS_SAMPLES, Accumulator, diagnos
                          optimized_session, producers)
 from eptq_onnx.errors import ValidationError
 from eptq_onnx.export.reference import fake_quant_name
+from eptq_onnx.graph.float16 import restore_io_types
 from eptq_onnx.graph.model_io import model_path, serialized_size
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.graph.runtime import (PROTOBUF_LIMIT, TAPPED_BATCH_BYTES, make_session, run, tapped_bytes_per_sample,
@@ -352,8 +353,6 @@ def _check_divergence(divergence: Dict[str, Accumulator], checked: List[str], fl
 def float16_io(qdq: onnx.ModelProto, original: onnx.ModelProto, report: "Report") -> onnx.ModelProto:
     """The QDQ model of a float16 model with its float16 inputs and outputs back (Casts at the
     boundary), checked and loaded by onnxruntime with its default options."""
-    from eptq_onnx.graph.float16 import restore_io_types
-
     qdq = restore_io_types(qdq, original)
     check_model(qdq)
     try:

@@ -8,7 +8,7 @@ import onnx
 
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.context import RunContext
-from eptq_onnx.eptq.schedule import RESERVE as TIME_RESERVE
+from eptq_onnx.eptq.schedule import budget_deadline
 from eptq_onnx.errors import ModelError
 from eptq_onnx.fidelity.target import held_out_count, meet_target
 from eptq_onnx.init.quantizers import ActParams
@@ -37,7 +37,7 @@ def meet_target_stage(run: RunContext, float_model: onnx.ModelProto, model: onnx
     """The state with the nodes left float that --min-sqnr needs (fidelity/target.py), in the report."""
     config = run.config
     assert config.min_sqnr is not None and run.held_out is not None
-    deadline = run.started_at + config.optimize.time_budget_min * 60 * (1 - TIME_RESERVE)
+    deadline = budget_deadline(run.started_at, config.optimize)
     try:
         model, plan, weights, acts, outcome = meet_target(float_model, model, plan, weights, acts, calib, run.held_out,
                                                           config, config.min_sqnr, deadline, run.progress)
