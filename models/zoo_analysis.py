@@ -56,3 +56,29 @@ def tiny_mlp(seed: int = 1) -> onnx.ModelProto:
         helper.make_node("MatMul", ["h1", "w2"], ["y"], name="fc2"),
     ]
     return _model(nodes, {"w1": rng.normal(0, 0.5, (8, 16)), "w2": rng.normal(0, 0.5, (16, 4))}, 8, 4, "tiny_mlp")
+
+
+def spread_stem_cnn(seed: int = 2) -> onnx.ModelProto:
+    """x[N,3,12,12] -> Conv 3->8 (output channels 0.02x to 20x apart, as a BN-folded stem's are) ->
+    HardSwish (h1) -> depthwise Conv 3x3 with bias (the small channels' weights large, so they matter)
+    -> y[N,8,12,12]. At 8 bits the per-tensor grid of h1 (and of the Conv output in front of it,
+    where onnxruntime's placement puts a point) loses the small channels."""
+    rng = np.random.default_rng(seed)
+    gains = np.geomspace(0.02, 20.0, 8)
+    w1 = rng.normal(0, 0.5, (8, 3, 3, 3)) * gains[:, None, None, None]
+    w2 = rng.normal(0, 0.5, (8, 1, 3, 3)) / np.sqrt(gains)[:, None, None, None]
+    b2 = rng.normal(0, 0.5, 8)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="stem", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h1"], name="stem_act"),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["y"], name="dw", pads=[1, 1, 1, 1], group=8),
+    ]
+    graph = helper.make_graph(
+        nodes, "spread_stem_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 12, 12])],
+        [numpy_helper.from_array(w.astype(np.float32), k) for k, w in {"w1": w1, "w2": w2, "b2": b2}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

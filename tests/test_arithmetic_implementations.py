@@ -26,7 +26,7 @@ from eptq_onnx.ops import arithmetic
 from eptq_onnx.ops.arithmetic import int_range, qtype
 from eptq_onnx.plan.qpoints import build_plan
 from eptq_onnx.plan.targets import TARGETS
-from eptq_onnx.twin.fake_quant import ActFakeQuant, WeightFakeQuant, round_bias
+from eptq_onnx.twin.fake_quant import ActFakeQuant, BiasFakeQuant, WeightFakeQuant, round_bias
 from tests.test_arithmetic import tie_values
 
 # activation codings the writer stores: (bits, signed, zero point)
@@ -328,3 +328,17 @@ def test_int32_bias_rounding_is_the_reference(fused: bool) -> None:
     np.testing.assert_array_equal(trained.detach().numpy(), expected)
     with torch.no_grad():
         np.testing.assert_array_equal(round_bias(bt, st, fixed=False).numpy(), expected)
+
+
+def test_a_bias_whose_input_is_left_float_stays_float() -> None:
+    """The int32 bias grid is input step x weight step; with the input's quantizer off (a point the
+    analysis or the fidelity target leaves float) the written model keeps the bias float, and so must
+    the twin: rounding it to the grid of a quantizer that is off is an error the model will not have."""
+    w, wq = _weight_quant(8, 3)
+    act = ActFakeQuant(ActParams(scale=0.5, zero_point=0, bits=8, signed=True))
+    bias = BiasFakeQuant(act, WeightFakeQuant(wq))
+    b = torch.linspace(-1.0, 1.0, len(wq.scale))
+    step = 0.5 * torch.from_numpy(wq.scale)
+    np.testing.assert_allclose(bias(b).numpy(), (torch.round(b / step) * step).numpy(), rtol=1e-6)
+    act.enabled = False
+    assert torch.equal(bias(b), b)

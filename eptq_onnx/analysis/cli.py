@@ -43,8 +43,9 @@ def main(input_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, ac
     The model is prepared and MSE-initialized as eptq-onnx does with the same options (no EPTQ
     optimization, as with --iters 0). On --sensitivity-samples calibration samples, each weight and
     each activation point is measured twice: the output SQNR against the float model when only it is
-    quantized, and when only it is left float in the quantized model (the gain is what
-    --exclude of its node buys). Points are ranked by their share of the quantized model's output
+    quantized, and when it is left float in the quantized model as --exclude of its node leaves
+    it (with the points in front of it that then feed no quantized layer: the gain is what that
+    --exclude buys). Points are ranked by their share of the quantized model's output
     noise. The float-vs-quantized SQNR of every tensor along the graph goes to --report and --plots.
 
     \b

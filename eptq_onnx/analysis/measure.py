@@ -3,7 +3,8 @@ mixed precision (``mixed.sensitivity.DistanceProbe``), and the error of every te
 
 Per point, two evaluations over the sensitivity samples (one no-grad forward pass of the student each,
 against the teacher's outputs cached once): the output SQNR with only this point quantized (every other
-fake quantizer off) and with only this point left float (every other on). A point is a weight (its
+fake quantizer off) and with this point left float as ``--exclude`` of its node leaves it (with the
+node's other points and those in front of it that then reach no quantized layer; every other on). A point is a weight (its
 quantizer and the int32 biases on its step) or an activation group (one scale and zero point).
 
 Then one pass per sample through teacher and fully quantized student records every float tensor of
@@ -27,7 +28,7 @@ from eptq_onnx.errors import ModelError, UsageError
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.mixed.sensitivity import DistanceProbe, sqnr_db, twin_points, worst
-from eptq_onnx.plan.exclusions import node_id
+from eptq_onnx.plan.exclusions import node_id, removed_points
 from eptq_onnx.plan.points import FLOAT_TYPES, describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.twin.build import Twin, build_twin, to_tensors
@@ -45,7 +46,7 @@ class PointCost:
     bits: int
     exclude: Optional[str]  # the --exclude pattern that keeps it float (its node); None for a model input
     alone_sqnr_db: float  # only this point quantized
-    float_sqnr_db: float  # every point quantized but this one
+    float_sqnr_db: float  # every point quantized but those that --exclude of its node takes away
     gain_db: float  # float_sqnr_db - the fully quantized model's SQNR: what leaving it float buys
     noise_share: float  # the larger of the two estimates of its share of the quantized model's output noise
     alone_by_output: Dict[str, float] = field(default_factory=dict)
@@ -140,11 +141,16 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQu
     full = probe.sqnr_db()
     bar.update()
     everything = [m for modules in points.values() for m in modules]
+    freed: Dict[str, List[torch.nn.Module]] = {}  # node -> the quantizers its --exclude takes away
     costs: List[PointCost] = []
     for name, modules in points.items():
         own = {id(m) for m in modules}
         alone = probe.sqnr_db(disabled=[m for m in everything if id(m) not in own])
-        floated = probe.sqnr_db(disabled=modules)
+        node = info[name][4]
+        if node is not None and node not in freed:
+            freed[node] = [m for p in removed_points(model, plan, [node], config.quantize_outputs)
+                           for m in points.get(p, [])]
+        floated = probe.sqnr_db(disabled=freed[node] if node is not None else modules)
         bar.update(2)
         kind, node, op_type, tensor, exclude = info[name]
         gain = worst(floated) - worst(full)

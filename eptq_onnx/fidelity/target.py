@@ -29,7 +29,7 @@ from eptq_onnx.config import QuantConfig
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.mixed.sensitivity import DistanceProbe, twin_points, worst
-from eptq_onnx.plan.exclusions import exclude_nodes
+from eptq_onnx.plan.exclusions import exclude_nodes, removed_points
 from eptq_onnx.plan.points import describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.plan.targets import get_target
@@ -41,6 +41,7 @@ MIN_GAIN_DB = 0.05  # a candidate that buys less on the held-out samples stays q
 RANK_SAMPLES = 16  # calibration samples the candidates are ranked on
 MAX_HELD_OUT = 16  # calibration samples held out to check the target
 MIN_RANK_SAMPLES = 2  # ... and the fewest the ranking is cut to when RANK_SAMPLES would not fit its time
+SUBSET_SHARE = 0.9  # of a candidate's gain that one freeing fewer of its points must buy to be tried first
 RANK_SHARE = 0.5  # of the time left when the target starts, for ranking: the rest is for trying candidates
 
 
@@ -50,7 +51,7 @@ class FloatedNode:
 
     node: str
     op_type: str
-    points: List[str]  # the quantization points it took away (weights, activation roots)
+    points: List[str]  # the quantization points it took away (weights, activation roots) that nodes before it left
     sqnr_db: float
     gain_db: float  # over the step before
 
@@ -85,16 +86,19 @@ def held_out_count(samples: int) -> int:
     return min(MAX_HELD_OUT, max(1, samples // 4))
 
 
-def _candidates(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[torch.nn.Module]]
-                ) -> Dict[str, Tuple[str, List[str], List[torch.nn.Module]]]:
-    """node -> (op type, its points, their fake quantizers): the units the target may leave float."""
+def _candidates(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[torch.nn.Module]],
+                quantize_outputs: bool) -> Dict[str, Tuple[str, List[str], List[torch.nn.Module]]]:
+    """node -> (op type, the points excluding it takes away, their fake quantizers): the units the target
+    may leave float. Excluding a node takes its own points and those before it that then reach no
+    quantized layer (``removed_points``), so leaving an activation float also frees the Conv output
+    point in front of it, as the written model will."""
     by_node: Dict[str, Tuple[str, List[str], List[torch.nn.Module]]] = {}
-    for point, (_kind, node, op_type, _tensor, exclude) in describe_points(model, plan).items():
-        if exclude is None or point not in points:  # a model input has no node to exclude
+    for _kind, node, op_type, _tensor, exclude in describe_points(model, plan).values():
+        if exclude is None or node in by_node:  # a model input has no node to exclude
             continue
-        entry = by_node.setdefault(node, (op_type, [], []))
-        entry[1].append(point)
-        entry[2].extend(points[point])
+        removed = [p for p in removed_points(model, plan, [node], quantize_outputs) if p in points]
+        if removed:
+            by_node[node] = (op_type, removed, [m for p in removed for m in points[p]])
     return by_node
 
 
@@ -156,6 +160,20 @@ def _rank(candidates: Dict[str, tuple], calib: CalibrationSet, twin: Twin, outpu
                     break
         else:
             return score
+
+
+def walk_order(candidates: Dict[str, tuple], score: Dict[str, float], start_db: float) -> List[str]:
+    """The ranked candidates, best score first, each one preceded by the best candidate that frees a strict
+    subset of its points for at least ``SUBSET_SHARE`` of its gain (a Relu whose output point is the culprit
+    before the MatMul reading it, which would free the same point and its weight too)."""
+    ranked = sorted(score, key=lambda n: -score[n])
+    points = {n: frozenset(candidates[n][1]) for n in ranked}
+    order: List[str] = []
+    for node in ranked:
+        need = start_db + SUBSET_SHARE * (score[node] - start_db)
+        smaller = [a for a in ranked if a not in order and a != node and points[a] < points[node] and score[a] >= need]
+        order += [*smaller[:1], *([] if node in order else [node])]
+    return list(dict.fromkeys(order))
 
 
 def _held_out_sqnr(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
@@ -221,7 +239,7 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     if outcome.reached:
         outcome.seconds = time.perf_counter() - start_time
         return model, plan, weights, acts, outcome
-    candidates = _candidates(model, plan, twin_points(probe.twin, plan))
+    candidates = _candidates(model, plan, twin_points(probe.twin, plan), config.quantize_outputs)
     outcome.candidates = len(candidates)
     bar = tqdm(total=2 * len(candidates), desc="fidelity target", unit="eval", disable=not progress)
     biases = FloatBiases(probe.twin, float_model, plan)
@@ -232,7 +250,7 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     taken: List[str] = []
     disabled: List[torch.nn.Module] = []
     current = start_db
-    for node in sorted(score, key=lambda n: -score[n]):
+    for node in walk_order(candidates, score, start_db):
         if current >= target_db:
             break
         if deadline is not None and time.perf_counter() > deadline:
@@ -248,7 +266,8 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
         else:
             taken.append(node)
             disabled.extend(modules)
-            outcome.floated.append(FloatedNode(node, op_type, points, db, db - current))
+            freed = {p for f in outcome.floated for p in f.points}
+            outcome.floated.append(FloatedNode(node, op_type, [p for p in points if p not in freed], db, db - current))
             current = db
     bar.close()
     new_plan, new_weights, new_acts = without_nodes(model, plan, weights, acts, taken, config)

@@ -98,6 +98,19 @@ def exclude_nodes(model: onnx.ModelProto, plan: QuantPlan, patterns: Sequence[st
     )
 
 
+def removed_points(model: onnx.ModelProto, plan: QuantPlan, nodes: Sequence[str],
+                   quantize_outputs: bool = False) -> List[str]:
+    """The plan's points that excluding ``nodes`` takes away (keyed as ``twin_points`` keys them: a weight
+    by name, an activation group by its first root): the nodes' own weights and output points, and the
+    points on their inputs that no longer reach a quantized layer (a Conv's output point before an
+    excluded activation). A group that keeps some of its tensors is not counted."""
+    new = exclude_nodes(model, plan, list(nodes), quantize_outputs)
+    kept = {p.weight for p in new.weights} | {t for g in new.groups for t in g.tensors}
+    weights = [p.weight for p in plan.weights if p.weight not in kept]
+    groups = [g.roots[0] for g in plan.groups if not any(t in kept for t in g.tensors)]
+    return list(dict.fromkeys([*weights, *groups]))
+
+
 def _without(index: GraphIndex, group: ActGroup, removed: Set[str]) -> ActGroup | None:
     """``group`` without the ``removed`` tensors; a tensor that shared the grid of a removed one
     (a data op's output) becomes a root. None when nothing is left."""

@@ -217,7 +217,7 @@ class BiasFakeQuant(nn.Module):
         return act.scale * weight.scale
 
     def forward(self, b: Tensor) -> Tensor:
-        if not self.enabled:
+        if not self.enabled or not self.act.enabled:  # a float input has a float bias (the writer's rule)
             return b
         return round_bias(b, self.step(), fixed=not self.learned_step())
 
