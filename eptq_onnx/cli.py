@@ -116,7 +116,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
+                          weight_rounding: str, percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
                           quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
@@ -135,6 +135,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         act_symmetric=act_symmetric,
         calib_method=calib_method,
         weight_init=weight_init,
+        weight_rounding=weight_rounding,
         percentile=percentile,
         target=target,
         exclude=tuple(exclude),
@@ -198,6 +199,11 @@ QUANTIZATION_OPTIONS = _options(
     click.option("--weight-init", type=click.Choice(["output-mse", "mse", "minmax"]), default="output-mse", show_default=True,
                  help="How weight step sizes are chosen per channel: minimizing the MSE of each layer's output on "
                  "calibration inputs, the MSE of the weight itself, or its min/max."),
+    click.option("--weight-rounding", type=click.Choice(["gptq", "nearest"]), default="gptq", show_default=True,
+                 help="How weights are rounded onto those steps before EPTQ (and as --iters 0 writes them): GPTQ, "
+                 "which codes each layer's input columns in turn and spreads each one's rounding error over the rest "
+                 "(kept per layer only where it lowers the layer's output error on calibration inputs; needs "
+                 "--weight-init output-mse), or round-to-nearest. EPTQ's learned rounding starts from it."),
     click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile."),
     click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
                  help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
@@ -313,7 +319,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
+         calib_method: str, weight_init: str, weight_rounding: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
          overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
@@ -344,7 +350,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         config = QuantConfig(
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
-                weight_init=weight_init, percentile=percentile, target=target, exclude=exclude,
+                weight_init=weight_init, weight_rounding=weight_rounding, percentile=percentile, target=target, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from eptq_onnx.plan.targets import ACT_TYPE_NAMES, DEFAULT_TARGET, get_target
 
 CalibMethod = Literal["minmax", "percentile", "mse"]
 WeightInit = Literal["output-mse", "mse", "minmax"]
+WeightRounding = Literal["gptq", "nearest"]
 Weighting = Literal["lfh", "uniform"]
 HessianDistribution = Literal["gaussian", "rademacher"]
 HessianTrace = Literal["channel", "element"]
@@ -143,6 +144,7 @@ class QuantConfig:
     act_symmetric: bool = False
     calib_method: CalibMethod = "mse"
     weight_init: WeightInit = "output-mse"
+    weight_rounding: WeightRounding = "gptq"  # codes at the init's steps: GPTQ on the layer inputs, or nearest
     percentile: float = 99.99
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False

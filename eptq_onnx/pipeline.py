@@ -283,9 +283,14 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, cali
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
 
     def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:
-        return init_weights(model, points, bits, config.weight_init, inputs, run.target, config.act_symmetric)
+        return init_weights(model, points, bits, config.weight_init, inputs, run.target, config.act_symmetric,
+                            config.weight_rounding)
 
     candidates = {b: init(plan, b) for b in widths}
+    if config.weight_rounding == "gptq":
+        gptq = sum(w.source is not None for w in candidates[widths[0]].values())
+        run.log(f"weight rounding: GPTQ on {gptq} of {len(candidates[widths[0]])} weights (the others round to "
+                "nearest: no layer inputs for their kind, or GPTQ did not lower their output error)")
     for bits in set(fixed_bits.values()):
         own = init(replace(plan, weights=[p for p in plan.weights if fixed_bits.get(p.weight) == bits]), bits)
         for weights in candidates.values():

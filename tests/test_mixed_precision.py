@@ -344,3 +344,14 @@ def test_report_has_the_predicted_and_measured_distance_of_the_pick(cnn_files) -
     console = Console(record=True, width=400)
     print_summary(report, console)
     assert f"predicted {sens['predicted_distance']:.4g}, measured {sens['measured_distance']:.4g}" in console.export_text()
+
+
+def test_the_ilp_finds_the_optimum_of_distances_far_below_one() -> None:
+    """Output distances of a well-quantized MLP (1e-5): unscaled, CBC's tolerances took {4, 3, 6} for as good
+    as uniform W4, which sums to 4.1e-6 less and fits the budget exactly."""
+    table = {"a": {2: 4.06e-4, 3: 4.24e-5, 4: 1.209e-5, 6: 4.30e-6, 8: 3.587e-6},
+             "b": {2: 7.01e-5, 3: 9.83e-6, 4: 4.78e-6, 6: 3.64e-6, 8: 3.587e-6},
+             "c": {2: 4.62e-5, 3: 7.30e-6, 4: 4.52e-6, 6: 3.60e-6, 8: 3.587e-6}}
+    sizes = {"a": 8192, "b": 8192, "c": 640}
+    allocation = solve_ilp(table, sizes, 4.0 * sum(sizes.values()) / 8)
+    assert allocation.bits == {"a": 4, "b": 4, "c": 4}

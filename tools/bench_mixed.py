@@ -221,7 +221,8 @@ def run_one(setting: Setting, iters: int, model: Path, calib: Path, scorer: Int2
         result.bits = {t.name: t.bits for t in weights}
         result.histogram = " ".join(f"{counts[b]}x{b}" for b in sorted(counts))
         mixed = report.mixed_precision
-        if mixed:
+        if mixed:  # the widths the allocation chose (a stored width can be narrower: targets.integer_kernel_bits)
+            result.bits = {layer["weight"]: layer["bits"] for layer in mixed["layers"]}
             result.memory_bytes, result.avg_bits = mixed["memory_bytes"], mixed["average_bits"]
             result.search_seconds = report.timings_s.get("mixed precision")
             result.sensitivity = mixed["sensitivity"]

@@ -7,6 +7,7 @@ from typing import Dict, Optional
 import numpy as np
 import onnx
 
+from eptq_onnx.init.gptq import gptq_weight
 from eptq_onnx.ops.arithmetic import dequantize
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import broadcast_scale, int_range, quantize, weight_scales
@@ -23,6 +24,8 @@ class WeightQuant:
     bits: int
     scale: np.ndarray  # float32 [channels]
     codes: np.ndarray  # integers in the signed ``bits`` range, the weight's shape
+    # GPTQ's pre-rounding values (init/gptq.py), the weight's shape: what EPTQ's rounding starts from
+    source: Optional[np.ndarray] = None
 
     def dequantized(self) -> np.ndarray:
         return dequantize(self.codes, self.scale, 0, self.axis)
@@ -56,6 +59,7 @@ def init_weights(
     layer_inputs: Optional[Dict[str, np.ndarray]] = None,
     target: Target = TARGETS["ort-cpu"],
     act_signed: bool = False,
+    rounding: str = "nearest",
 ) -> Dict[str, WeightQuant]:
     """Quantize every weight of the plan once (a weight shared by several ops is quantized once).
 
@@ -63,8 +67,10 @@ def init_weights(
     layers without samples), ``mse`` (MSE of the weight) or ``minmax``. Ops for which ``target``
     takes no per-channel weights get one step per tensor. Weights that the target's integer kernels
     would saturate take a narrower range (``targets.integer_kernel_bits``; ``act_signed``: int8 activations).
+    ``rounding``: ``nearest``, or ``gptq`` (init/gptq.py) for the layers with ``layer_inputs``.
     """
     initializers = {t.name: t for t in model.graph.initializer}
+    rows = layer_inputs or {}
     layer_inputs = layer_inputs if method == "output-mse" else {}
     result: Dict[str, WeightQuant] = {}
     for point in plan.weights:
@@ -72,11 +78,17 @@ def init_weights(
             continue
         w = tensor_array(initializers[point.weight]).astype(np.float32, copy=False)
         inputs = (layer_inputs or {}).get(point.weight)
-        result[point.weight] = quantize_weight(
+        wq = quantize_weight(
             point.weight, w, point.axis, integer_kernel_bits(target, bits, point.op_type, act_signed),
             "minmax" if method == "minmax" else "mse", inputs,
             per_tensor=not target.per_channel(point.op_type),
         )
+        if rounding == "gptq" and point.weight in rows:
+            qmin, qmax = int_range(wq.bits, signed=True)
+            found = gptq_weight(w, wq.axis, wq.scale, rows[point.weight], qmin, qmax)
+            if found is not None:
+                wq = WeightQuant(wq.name, wq.axis, wq.bits, wq.scale, found.codes, found.source)
+        result[point.weight] = wq
     return result
 
 
@@ -119,6 +131,11 @@ def fit_int32_biases(
         w = tensor_array(initializers[name]).astype(np.float32, copy=False)
         qmin, qmax = int_range(wq.bits, signed=True)
         codes = quantize(w, broadcast_scale(scale, w, wq.axis), 0, qmin, qmax).astype(np.int8)
-        result[name] = WeightQuant(name=name, axis=wq.axis, bits=wq.bits, scale=scale, codes=codes)
+        source = None
+        if wq.source is not None:  # the channels whose step stays keep their GPTQ codes
+            keep = broadcast_scale(low, w, wq.axis) == 0
+            codes = np.where(keep, wq.codes, codes)
+            source = np.where(keep, wq.source, w).astype(np.float32)
+        result[name] = WeightQuant(name=name, axis=wq.axis, bits=wq.bits, scale=scale, codes=codes, source=source)
         raised[name] = int(low.sum())
     return result, raised

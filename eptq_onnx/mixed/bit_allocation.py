@@ -88,7 +88,10 @@ def solve_ilp(
     check_budget(sizes, {n: min(table[n]) for n in names}, max(max(row) for row in table.values()), budget_bytes)
     problem = pulp.LpProblem("bit_allocation", pulp.LpMinimize)
     x = {(n, b): _variable(problem, f"x_{i}_{b}", cat="Binary") for i, n in enumerate(names) for b in table[n]}
-    cost = [table[n][b] * x[n, b] for (n, b) in x]
+    # costs scaled to at most 1: CBC's absolute tolerances (~1e-7) would otherwise take distances of 1e-5
+    # apart for equal and stop at a worse allocation than uniform
+    scale = 1.0 / max((abs(v) for row in table.values() for v in row.values() if v), default=1.0)
+    cost = [scale * table[n][b] * x[n, b] for (n, b) in x]
     for k, ((a, c), terms) in enumerate((pairs or {}).items()):
         for (ba, bc), value in terms.items():
             if value == 0.0:
@@ -97,7 +100,7 @@ def solve_ilp(
             problem += y >= x[a, ba] + x[c, bc] - 1
             problem += y <= x[a, ba]
             problem += y <= x[c, bc]
-            cost.append(value * y)
+            cost.append(scale * value * y)
     problem += pulp.lpSum(cost)
     for n in names:
         problem += pulp.lpSum(x[n, b] for b in table[n]) == 1

@@ -114,6 +114,8 @@ class WeightFakeQuant(nn.Module):
         self.qmin, self.qmax = -(1 << (wq.bits - 1)), (1 << (wq.bits - 1)) - 1
         self.register_buffer("codes", torch.from_numpy(wq.codes.astype(np.float32)))
         self.register_buffer("base_scale", torch.from_numpy(wq.scale.astype(np.float32)))
+        # GPTQ's pre-rounding values (init/gptq.py): where learned rounding starts instead of the float weight
+        self.source = None if wq.source is None else torch.from_numpy(wq.source.astype(np.float32))
         # learned as a per-channel multiplier of the initial step (relative updates)
         self.factor = nn.Parameter(torch.ones_like(self.base_scale), requires_grad=False)
         self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
@@ -137,8 +139,12 @@ class WeightFakeQuant(nn.Module):
         """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s.
 
         ``fixed_scale`` (the weight and its step stay constant while V is learned) precomputes
-        clip(floor(w / s)) and where rounding up stays inside the integer range.
+        clip(floor(w / s)) and where rounding up stays inside the integer range; then w is the GPTQ
+        source of the codes where there is one (the rounding starts at, and hard-rounds to, the GPTQ
+        codes). A learned step re-reads w at every step, so it starts from the float weight.
         """
+        if fixed_scale and self.source is not None and self.source.shape == w.shape:
+            w = self.source.to(w)
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
