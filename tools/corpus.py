@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                        "string (experiments: --extra='--calib-method minmax'; one option alone needs the = form)")
     run_p.add_argument("--resume", action="store_true",
                        help="reuse the (model, setting) results of the corpus.json next to --out instead of running them")
+    run_p.add_argument("--rerun", action="store_true",
+                       help="run --settings again on --models and keep the corpus.json rows of the other settings and models")
     run_p.add_argument("--retry-killed", action="store_true",
                        help="like --resume, but run again the rows the corpus killed (time or memory limit)")
     args = parser.parse_args(argv)
@@ -96,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb, runs,
                              shlex.split(args.extra))
     meta = runner.run_meta(argv, opts)
-    previous = runner.load_previous(args.out.with_name("corpus.json")) if args.resume or args.retry_killed else {}
+    previous = (runner.load_previous(args.out.with_name("corpus.json"))
+                if args.resume or args.retry_killed or args.rerun else {})
+    if args.rerun:
+        chosen = {e.name for e in entries}
+        previous = {k: r for k, r in previous.items() if not (k[0] in chosen and k[1] in settings)}
     if args.retry_killed:
         previous = {k: r for k, r in previous.items() if not r.error.startswith(runner.KILLED)}
     # models of an earlier run that this one does not touch keep their rows (--resume with --models)
