@@ -203,7 +203,8 @@ QUANTIZATION_OPTIONS = _options(
                  help="How weights are rounded onto those steps before EPTQ (and as --iters 0 writes them): GPTQ, "
                  "which codes each layer's input columns in turn and spreads each one's rounding error over the rest "
                  "(kept per layer only where it lowers the layer's output error on calibration inputs; needs "
-                 "--weight-init output-mse), or round-to-nearest. EPTQ's learned rounding starts from it."),
+                 "--weight-init output-mse), or round-to-nearest. EPTQ starts from the float weights (paper) and falls back to "
+                 "these codes when its result is worse."),
     click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile."),
     click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
                  help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
@@ -262,7 +263,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
               "(ort-cpu: 2-bit codes in INT4); int8: every weight in an INT8 container restricted to its bit range, "
               "for toolchains that read only INT8.")
 @click.option("--iters", type=click.IntRange(min=0), default=None,
-              help="EPTQ optimization steps; 0 = no optimization (the MSE-initialized model). "
+              help="EPTQ optimization steps; 0 = no optimization (the initialized model: MSE steps, GPTQ rounding). "
               "Default: as many as fit --time-budget, at most 20000.")
 @click.option("--time-budget", type=float, default=15.0, show_default=True,
               help="Minutes the whole run may take when --iters is not given: the optimization gets what the "

@@ -288,7 +288,7 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, cali
 
     candidates = {b: init(plan, b) for b in widths}
     if config.weight_rounding == "gptq":
-        gptq = sum(w.source is not None for w in candidates[widths[0]].values())
+        gptq = sum(w.rounding == "gptq" for w in candidates[widths[0]].values())
         run.log(f"weight rounding: GPTQ on {gptq} of {len(candidates[widths[0]])} weights (the others round to "
                 "nearest: no layer inputs for their kind, or GPTQ did not lower their output error)")
     for bits in set(fixed_bits.values()):

@@ -75,23 +75,6 @@ def test_rows_that_do_not_match_the_weight_give_nothing() -> None:
     assert gptq_weight(w, 0, weight_scales(w, 0, 4, "mse"), x[:, None, :5], -8, 7) is None
 
 
-def test_learned_rounding_starts_at_the_gptq_codes() -> None:
-    """EPTQ's rounding variables start from GPTQ's pre-rounding values: hard-rounded before any step, the
-    quantizer gives the GPTQ codes, not the float weight's nearest ones."""
-    import torch
-
-    from eptq_onnx.init.weights import WeightQuant
-    from eptq_onnx.twin.fake_quant import WeightFakeQuant
-
-    w, x = _layer(1)
-    scale = weight_scales(w, 0, 4, "mse")
-    found = gptq_weight(w, 0, scale, x[:, None, :], -8, 7)
-    assert found is not None and np.any(found.codes != quantize(w, scale[:, None], 0, -8, 7))
-    fq = WeightFakeQuant(WeightQuant("w", 0, 4, scale, found.codes, found.source))
-    fq.start_rounding(torch.from_numpy(w), fixed_scale=True)
-    np.testing.assert_array_equal(fq.export(torch.from_numpy(w)).codes, found.codes)
-
-
 def test_a_w4_run_writes_gptq_codes_that_beat_nearest(calib_for) -> None:
     """The pipeline's default rounding: the written 4-bit MLP is closer to the float model than the
     round-to-nearest one at the same steps."""

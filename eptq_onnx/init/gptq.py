@@ -6,10 +6,11 @@ the inverse of the layer's input second moment H = X^T X / n: what the layer out
 moves less than with round-to-nearest, most at 4 bits and below. The steps (the MSE-chosen per-channel
 scales) are kept; only the integer codes change.
 
-This is the warm start of the network-wise EPTQ phase (a documented deviation from the paper, which
-starts from the float weights): besides the codes it returns each weight's value just before it was
-rounded (``source``), whose nearest grid point is its code; EPTQ's rounding variables start from
-those values, so that with no step the model is the GPTQ one and every step refines it.
+These codes are what ``--iters 0`` writes and what a discarded EPTQ result falls back to. EPTQ itself
+starts from the float weights, as the paper does (AdaRound's h(V) = frac(w / s)): started next to the
+GPTQ codes instead, a 3-minute run on a real text-line classifier ended at 20.5 dB output SQNR where
+the cold start reached 26.6 dB. ``source``, each value just before it was rounded (its code is its
+nearest grid point), is kept for tests and diagnostics.
 
 The rows are the float model's layer inputs (``calib.layer_inputs``), a few hundred to a few thousand
 per layer; H is damped by 1% of its mean diagonal. A layer keeps its GPTQ codes only when they give a

@@ -24,8 +24,7 @@ class WeightQuant:
     bits: int
     scale: np.ndarray  # float32 [channels]
     codes: np.ndarray  # integers in the signed ``bits`` range, the weight's shape
-    # GPTQ's pre-rounding values (init/gptq.py), the weight's shape: what EPTQ's rounding starts from
-    source: Optional[np.ndarray] = None
+    rounding: str = "nearest"  # how the codes were chosen at these steps: "nearest" or "gptq" (init/gptq.py)
 
     def dequantized(self) -> np.ndarray:
         return dequantize(self.codes, self.scale, 0, self.axis)
@@ -87,7 +86,7 @@ def init_weights(
             qmin, qmax = int_range(wq.bits, signed=True)
             found = gptq_weight(w, wq.axis, wq.scale, rows[point.weight], qmin, qmax)
             if found is not None:
-                wq = WeightQuant(wq.name, wq.axis, wq.bits, wq.scale, found.codes, found.source)
+                wq = WeightQuant(wq.name, wq.axis, wq.bits, wq.scale, found.codes, "gptq")
         result[point.weight] = wq
     return result
 
@@ -131,11 +130,9 @@ def fit_int32_biases(
         w = tensor_array(initializers[name]).astype(np.float32, copy=False)
         qmin, qmax = int_range(wq.bits, signed=True)
         codes = quantize(w, broadcast_scale(scale, w, wq.axis), 0, qmin, qmax).astype(np.int8)
-        source = None
-        if wq.source is not None:  # the channels whose step stays keep their GPTQ codes
-            keep = broadcast_scale(low, w, wq.axis) == 0
-            codes = np.where(keep, wq.codes, codes)
-            source = np.where(keep, wq.source, w).astype(np.float32)
-        result[name] = WeightQuant(name=name, axis=wq.axis, bits=wq.bits, scale=scale, codes=codes, source=source)
+        keep = broadcast_scale(low, w, wq.axis) == 0  # the channels whose step stays keep their codes (GPTQ's)
+        codes = np.where(keep, wq.codes, codes).astype(np.int8)
+        result[name] = WeightQuant(name=name, axis=wq.axis, bits=wq.bits, scale=scale, codes=codes,
+                                   rounding=wq.rounding)
         raised[name] = int(low.sum())
     return result, raised

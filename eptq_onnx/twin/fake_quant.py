@@ -89,9 +89,6 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
 TIE_MARGIN = 1e-3  # how far from 0.5 an initial h(V) sits where its hard rounding had to be set
 
 
-WARM_MARGIN = 0.1  # of a step: how far from its GPTQ code a warm-started soft weight begins
-
-
 def initial_rounding(scaled: Tensor, floor: Tensor) -> Tensor:
     """V with h(V) the fractional part of ``scaled`` (w / s), whose hard rounding (h >= 0.5 rounds up)
     is round half to even, as QuantizeLinear rounds: at a tie, or where h(V) lands on the other
@@ -117,8 +114,6 @@ class WeightFakeQuant(nn.Module):
         self.qmin, self.qmax = -(1 << (wq.bits - 1)), (1 << (wq.bits - 1)) - 1
         self.register_buffer("codes", torch.from_numpy(wq.codes.astype(np.float32)))
         self.register_buffer("base_scale", torch.from_numpy(wq.scale.astype(np.float32)))
-        # GPTQ's pre-rounding values (init/gptq.py): where learned rounding starts instead of the float weight
-        self.source = None if wq.source is None else torch.from_numpy(wq.source.astype(np.float32))
         # learned as a per-channel multiplier of the initial step (relative updates)
         self.factor = nn.Parameter(torch.ones_like(self.base_scale), requires_grad=False)
         self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
@@ -142,21 +137,11 @@ class WeightFakeQuant(nn.Module):
         """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s.
 
         ``fixed_scale`` (the weight and its step stay constant while V is learned) precomputes
-        clip(floor(w / s)) and where rounding up stays inside the integer range; then, where the codes
-        come from GPTQ, the floor is that of GPTQ's pre-rounding values and h(V) starts WARM_MARGIN from
-        GPTQ's decision (the soft weights sit within 0.1 step of the GPTQ codes, which they hard-round
-        to; GPTQ's pre-rounding values themselves, the error-compensated weights, are a poor model when
-        no column is rounded). A learned step re-reads w at every step, so it starts from the float weight.
+        clip(floor(w / s)) and where rounding up stays inside the integer range.
         """
-        warm = fixed_scale and self.source is not None and self.source.shape == w.shape
-        if warm:
-            w = self.source.to(w)  # type: ignore[union-attr]
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
-        if warm:  # h(V) WARM_MARGIN from the GPTQ decision: the soft model starts next to the GPTQ one
-            up = (self.codes - floor).clamp(0, 1) > 0.5
-            scaled = floor + torch.where(up, 1.0 - WARM_MARGIN, WARM_MARGIN).to(floor)
         self.rounding = nn.Parameter(initial_rounding(scaled, floor))
         self.mode = "soft"
         self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
