@@ -27,8 +27,8 @@ from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError, UsageError
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
-from eptq_onnx.mixed.sensitivity import DistanceProbe, sqnr_db, twin_points, worst
-from eptq_onnx.plan.exclusions import node_id, removed_points
+from eptq_onnx.mixed.sensitivity import DistanceProbe, excluded_quantizers, sqnr_db, twin_points, worst
+from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.points import FLOAT_TYPES, describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.twin.build import Twin, build_twin, to_tensors
@@ -146,13 +146,11 @@ def measure(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQu
     for name, modules in points.items():
         own = {id(m) for m in modules}
         alone = probe.sqnr_db(disabled=[m for m in everything if id(m) not in own])
-        node = info[name][4]
-        if node is not None and node not in freed:
-            freed[node] = [m for p in removed_points(model, plan, [node], config.quantize_outputs)
-                           for m in points.get(p, [])]
-        floated = probe.sqnr_db(disabled=freed[node] if node is not None else modules)
-        bar.update(2)
         kind, node, op_type, tensor, exclude = info[name]
+        if exclude is not None and exclude not in freed:
+            freed[exclude] = excluded_quantizers(model, plan, points, exclude, config.quantize_outputs)[1]
+        floated = probe.sqnr_db(disabled=freed[exclude] if exclude is not None else modules)
+        bar.update(2)
         gain = worst(floated) - worst(full)
         bits = weights[name].bits if kind == "weight" else _act_bits(acts, plan, name)
         costs.append(PointCost(name, kind, node, op_type, tensor, bits, exclude, worst(alone), worst(floated), gain,

@@ -28,8 +28,8 @@ from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
-from eptq_onnx.mixed.sensitivity import DistanceProbe, twin_points, worst
-from eptq_onnx.plan.exclusions import exclude_nodes, removed_points
+from eptq_onnx.mixed.sensitivity import DistanceProbe, excluded_quantizers, twin_points, worst
+from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.points import describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.plan.targets import get_target
@@ -51,7 +51,7 @@ class FloatedNode:
 
     node: str
     op_type: str
-    points: List[str]  # the quantization points it took away (weights, activation roots) that nodes before it left
+    points: List[str]  # the quantization points it took away (weights, activation roots), less those of nodes before it
     sqnr_db: float
     gain_db: float  # over the step before
 
@@ -90,15 +90,15 @@ def _candidates(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[
                 quantize_outputs: bool) -> Dict[str, Tuple[str, List[str], List[torch.nn.Module]]]:
     """node -> (op type, the points excluding it takes away, their fake quantizers): the units the target
     may leave float. Excluding a node takes its own points and those before it that then reach no
-    quantized layer (``removed_points``), so leaving an activation float also frees the Conv output
+    quantized layer (``excluded_quantizers``), so leaving an activation float also frees the Conv output
     point in front of it, as the written model will."""
     by_node: Dict[str, Tuple[str, List[str], List[torch.nn.Module]]] = {}
     for _kind, node, op_type, _tensor, exclude in describe_points(model, plan).values():
         if exclude is None or node in by_node:  # a model input has no node to exclude
             continue
-        removed = [p for p in removed_points(model, plan, [node], quantize_outputs) if p in points]
+        removed, modules = excluded_quantizers(model, plan, points, node, quantize_outputs)
         if removed:
-            by_node[node] = (op_type, removed, [m for p in removed for m in points[p]])
+            by_node[node] = (op_type, removed, modules)
     return by_node
 
 
@@ -168,12 +168,15 @@ def walk_order(candidates: Dict[str, tuple], score: Dict[str, float], start_db: 
     before the MatMul reading it, which would free the same point and its weight too)."""
     ranked = sorted(score, key=lambda n: -score[n])
     points = {n: frozenset(candidates[n][1]) for n in ranked}
-    order: List[str] = []
+    order: Dict[str, None] = {}  # insertion-ordered set
     for node in ranked:
         need = start_db + SUBSET_SHARE * (score[node] - start_db)
-        smaller = [a for a in ranked if a not in order and a != node and points[a] < points[node] and score[a] >= need]
-        order += [*smaller[:1], *([] if node in order else [node])]
-    return list(dict.fromkeys(order))
+        smaller = next((a for a in ranked if a not in order and a != node and points[a] < points[node]
+                        and score[a] >= need), None)
+        if smaller is not None:
+            order[smaller] = None
+        order.setdefault(node, None)
+    return list(order)
 
 
 def _held_out_sqnr(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,

@@ -34,6 +34,7 @@ from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError
 from eptq_onnx.eptq.stage import compute_lfh, loss_tensors, mean_one
 from eptq_onnx.eptq.hessian import LFHResult
+from eptq_onnx.plan.exclusions import removed_points
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.init.quantizers import ActParams
@@ -240,6 +241,14 @@ def twin_points(twin: Twin, plan: QuantPlan) -> Dict[str, List[torch.nn.Module]]
         if g.id in twin.act_quant:
             points[g.roots[0]] = [twin.act_quant[g.id]]
     return points
+
+
+def excluded_quantizers(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[torch.nn.Module]], node: str,
+                        quantize_outputs: bool) -> Tuple[List[str], List[torch.nn.Module]]:
+    """The points of ``points`` (``twin_points``) that ``--exclude node`` takes away (``removed_points``:
+    its own and those that then reach no quantized layer), and their fake quantizers."""
+    removed = [p for p in removed_points(model, plan, [node], quantize_outputs) if p in points]
+    return removed, [m for p in removed for m in points[p]]
 
 
 @dataclass
