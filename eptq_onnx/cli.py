@@ -116,7 +116,7 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          weight_rounding: str, percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
+                          weight_rounding: str, act16_below: float, percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
                           quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
@@ -136,6 +136,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         calib_method=calib_method,
         weight_init=weight_init,
         weight_rounding=weight_rounding,
+        act16_below=act16_below,
         percentile=percentile,
         target=target,
         exclude=tuple(exclude),
@@ -205,6 +206,12 @@ QUANTIZATION_OPTIONS = _options(
                  "(kept per layer only where it lowers the layer's output error on calibration inputs; needs "
                  "--weight-init output-mse), or round-to-nearest. EPTQ starts from the float weights (paper) and falls back to "
                  "these codes when its result is worse."),
+    click.option("--act16-below", type=click.FloatRange(min=0), default=25.0, show_default=True, metavar="DB",
+                 help="With 8-bit activations: a point whose 8-bit grid leaves a layer that reads it below DB dB "
+                 "output SQNR (measured on sampled layer inputs; channels too far apart for one grid, e.g. a "
+                 "HardSwish before a depthwise Conv) takes 16 bits, with the point its activation reads, where the "
+                 "target reads 16-bit activations (ort-cpu, qnn, generic; the model is raised to opset 21). Its "
+                 "readers then run as float ops on onnxruntime's CPU. The report lists each one. 0: never."),
     click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile."),
     click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
                  help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
@@ -320,7 +327,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, weight_rounding: str, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
+         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
          overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
@@ -351,7 +358,8 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         config = QuantConfig(
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
-                weight_init=weight_init, weight_rounding=weight_rounding, percentile=percentile, target=target, exclude=exclude,
+                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below, percentile=percentile,
+                target=target, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]

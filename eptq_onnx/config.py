@@ -145,6 +145,9 @@ class QuantConfig:
     calib_method: CalibMethod = "mse"
     weight_init: WeightInit = "output-mse"
     weight_rounding: WeightRounding = "gptq"  # codes at the init's steps: GPTQ on the layer inputs, or nearest
+    # 8-bit activation points whose grid leaves a reading layer's output below this SQNR (dB) take 16 bits
+    # where the target reads them (calib/wide_acts.py); 0: never
+    act16_below: float = 25.0
     percentile: float = 99.99
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False
@@ -190,6 +193,8 @@ class QuantConfig:
             raise UsageError(f"--hessian-trace {self.optimize.hessian_trace!r}: choose channel or element")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
+        if not 0.0 <= self.act16_below < 200.0:
+            raise UsageError(f"--act16-below {self.act16_below}: give a layer-output SQNR in dB (e.g. 25), or 0 for never")
         if self.min_sqnr is not None and not -100.0 < self.min_sqnr < 200.0:
             raise UsageError(f"--min-sqnr {self.min_sqnr}: give the output SQNR target in dB, e.g. 30")
         if self.strict and self.min_sqnr is None:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
+import numpy as np
 import onnx
 
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
@@ -17,6 +18,7 @@ from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.layer_inputs import collect_layer_inputs
 from eptq_onnx.calib.memory import CalibSource, open_calibration
 from eptq_onnx.calib.specs import input_specs
+from eptq_onnx.calib.wide_acts import WIDE_BITS, choose_wide_points, wide_params, widened_ids
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
 from eptq_onnx.eptq.stage import TwinUnavailable, run_eptq
@@ -24,23 +26,24 @@ from eptq_onnx.errors import ModelError, TargetNotReached, UsageError, Validatio
 from eptq_onnx.export.latency import report_latency
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, float16_io, validate
-from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
+from eptq_onnx.export.writer import ACT_TYPES, WriteSummary, required_opset, write_qdq
 from eptq_onnx.fidelity.stage import hold_out, meet_target_stage
 from eptq_onnx.graph.float16 import has_float16
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
-from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
+from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, raise_opset, upgrade_opset
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.graph.tensor_store import TensorStore
 from eptq_onnx.init.bias_correction import correct_biases
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.mixed.sensitivity import SearchInputs
+from eptq_onnx.ops.registry import ORT_WEIGHT_ONLY_REQUANTIZED
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.overrides import float_names, max_act_bits, resolve_for_run
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
-from eptq_onnx.plan.range_rules import refine_plan
+from eptq_onnx.plan.range_rules import GroupStats, refine_plan
 from eptq_onnx.plan.targets import get_target
 from eptq_onnx.plan.weight_only import float_weight_only_layers
 from eptq_onnx.plots import write_plots
@@ -211,9 +214,11 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         record_plan(run.report, plan)
         overrides = resolve_for_run(run, float_model, plan)
     with run.stage("weight init"):
-        candidates = _init_weights(run, float_model, plan, calib_set, overrides.weight_bits)
+        rows = _layer_rows(run, float_model, plan, calib_set)
+        candidates = _init_weights(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
-        acts, _ = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts)
+        acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts)
+        float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts))
         candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 
@@ -274,12 +279,67 @@ def _calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto
     return calib_set
 
 
-def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet,
-                  fixed_bits: Dict[str, int]) -> Dict[int, Dict[str, WeightQuant]]:
+def _layer_rows(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet) -> Dict[str, np.ndarray]:
+    """Sampled input rows of every weighted layer (calib/layer_inputs.py), where weight init or the
+    16-bit activation check reads them."""
+    config = run.config
+    if config.weight_init == "output-mse" or (config.act16_below > 0 and config.act_bits == 8):
+        return collect_layer_inputs(model, plan, calib)
+    return {}
+
+
+def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, acts: Dict[int, ActParams],
+                       stats: Dict[int, GroupStats], rows: Dict[str, np.ndarray], user_set: frozenset) -> onnx.ModelProto:
+    """16 bits for the 8-bit points whose grid loses a reading layer (calib/wide_acts.py), written into
+    ``acts``; returns the model, raised to the opset of 16-bit QuantizeLinear when they need it."""
+    config, report = run.config, run.report
+    if config.act16_below <= 0 or config.act_bits != 8 or not rows:
+        return model
+    requantizing = ORT_WEIGHT_ONLY_REQUANTIZED if run.target.onnxruntime else frozenset()
+    points, left = choose_wide_points(model, plan, acts, stats, rows, config.act16_below, user_set, requantizing)
+    if left:
+        shown = ", ".join(f"{p.tensor} ({p.layer}, {p.db_8:.1f} dB)" for p in left[:3]) + (" ..." if len(left) > 3 else "")
+        report.warn(f"{len(left)} activation point(s) leave a MatMul's output below {config.act16_below:g} dB on one "
+                    f"8-bit grid but stay at 8 bits: onnxruntime's CPU would requantize a wider input to int8 on the "
+                    f"fly (MatMulNBits): {shown}; --exclude the MatMul, or --min-sqnr, to keep it float")
+    if not points:
+        return model
+    worst = min(points, key=lambda p: p.db_8)
+    found = (f"{len(points)} activation point(s) leave a layer's output below {config.act16_below:g} dB SQNR on one "
+             f"8-bit grid (worst: {worst.tensor} read by {worst.layer}, {worst.db_8:.1f} dB; 16 bits: {worst.db_16:.1f} dB)")
+    if (WIDE_BITS, config.act_symmetric) not in run.target.act_types:
+        report.warn(f"{found}; --target {run.target.name} reads no 16-bit activations, so they stay at 8 bits "
+                    "(--exclude their nodes, or --min-sqnr, to keep them float)")
+        return model
+    needed = ACT_TYPES[(WIDE_BITS, config.act_symmetric)][2]
+    raised = default_opset(model) < needed
+    if raised:
+        if run.store.used:
+            report.warn(f"{found}; they stay at 8 bits: a large model is not raised to opset {needed} after preparation")
+            return model
+        try:
+            model = raise_opset(model, needed)
+        except ModelError as exc:
+            report.warn(f"{found}; they stay at 8 bits: {exc}")
+            return model
+        report.opset = default_opset(model)
+    for group_id in widened_ids(plan, points):
+        acts[group_id] = wide_params(stats[group_id], acts[group_id].signed)
+    report.wide_activations = [asdict(p) for p in points]
+    widened = len(widened_ids(plan, points))
+    report.warn(f"WIDE: {found}: {widened} point(s) take 16-bit activations"
+                + (f" (opset raised to {needed})" if raised else "")
+                + ("; onnxruntime's CPU runs their readers as float ops" if run.target.onnxruntime else "")
+                + " (--act16-below 0: never)")
+    return model
+
+
+def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, fixed_bits: Dict[str, int],
+                  inputs: Dict[str, np.ndarray]) -> Dict[int, Dict[str, WeightQuant]]:
     """MSE-initialized weight quantizers at every width the run may choose (one unless mixed precision);
     a weight in ``fixed_bits`` (--overrides) has its own width in every candidate."""
     config = run.config
-    inputs = collect_layer_inputs(model, plan, calib) if config.weight_init == "output-mse" else {}
+    inputs = inputs if config.weight_init == "output-mse" else {}
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
 
     def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:

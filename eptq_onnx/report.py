@@ -51,6 +51,8 @@ class Report:
     # decomposed normalizations quantized as their fused op ({kind, input, output, nodes})
     norm_blocks: List[Dict[str, Any]] = field(default_factory=list)
     singular_float: List[str] = field(default_factory=list)  # activations kept float before a singular op
+    # 8-bit points widened to 16 bits (calib/wide_acts.WidePoint: tensor, layer, db_8, db_16, fused)
+    wide_activations: List[Dict[str, Any]] = field(default_factory=list)
     excluded: List[Dict[str, str]] = field(default_factory=list)  # nodes kept float by --exclude: node, op_type, pattern
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)

@@ -74,8 +74,8 @@ def test_activation_coding_override_and_the_targets_types(mlp) -> None:
     result = quantize(model, calib, init_only(weight_bits=8, overrides={"relu1": {"quant_type": "QInt8"}}), progress=False)
     zp = next(t for t in result.model.graph.initializer if t.name == "h1_zero_point")
     assert zp.data_type == onnx.TensorProto.INT8 and numpy_helper.to_array(zp) == 0
-    with pytest.raises(UsageError, match="--target ort-cpu does not read"):
-        quantize(model, calib, init_only(weight_bits=8, overrides={"h1": {"bits": 16}}), progress=False)
+    with pytest.raises(UsageError, match="--target trt does not read"):
+        quantize(model, calib, init_only(weight_bits=8, target="trt", overrides={"h1": {"bits": 16}}), progress=False)
     wide = quantize(model, calib, init_only(weight_bits=8, target="generic", overrides={"h1": {"bits": 16}}),
                     progress=False)
     zp = next(t for t in wide.model.graph.initializer if t.name == "h1_zero_point")

@@ -93,6 +93,20 @@ def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     return converted
 
 
+def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """A prepared model converted to ``opset`` with its shapes inferred again, every tensor it had still
+    there under its name (a ModelError otherwise: the stages after it refer to them by name)."""
+    if model_io.default_opset(model) >= opset:
+        return model
+    raised = _infer_shapes(upgrade_opset(model, opset))
+    before = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
+    after = {o for n in raised.graph.node for o in n.output} | {t.name for t in raised.graph.initializer}
+    lost = sorted(before - after)
+    if lost:
+        raise ModelError(f"the opset {opset} converter renamed or removed {len(lost)} tensor(s), e.g. {lost[0]!r}")
+    return raised
+
+
 def _drop_initializer_inputs(graph: onnx.GraphProto) -> None:
     """Initializers listed as graph inputs (old exporters) become plain constants."""
     initializers = {init.name for init in graph.initializer}

@@ -13,7 +13,7 @@ from eptq_onnx.ops.registry import BINARY_MATH
 FUSIBLE_ROLES = frozenset(("activation", "elementwise"))
 
 
-def _elementwise_root(
+def elementwise_root(
     index: GraphIndex, tensor: str, roles: Dict[str, str], memo: Dict[str, Tuple[str, FrozenSet[str]]]
 ) -> Tuple[str, FrozenSet[str]]:
     """Follow a tensor back through elementwise math on a single activation to its source.
@@ -28,7 +28,7 @@ def _elementwise_root(
     role = roles.get(node.output[0]) if node is not None else None
     if node is not None and (role in ("activation", "elementwise") or (role == "join" and node.op_type in BINARY_MATH)):
         acts = index.act_inputs(node)
-        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        traced = [elementwise_root(index, a, roles, memo) for a in acts]
         roots = {root for root, _ in traced}
         if len(roots) == 1:
             inside = frozenset().union(*(passed for _, passed in traced)) | {tensor}
@@ -48,7 +48,7 @@ def composites(index: GraphIndex, roles: Dict[str, str]) -> Tuple[Dict[str, str]
         acts = index.act_inputs(node)
         if len(acts) < 2 or node.op_type not in BINARY_MATH:
             continue
-        traced = [_elementwise_root(index, a, roles, memo) for a in acts]
+        traced = [elementwise_root(index, a, roles, memo) for a in acts]
         roots = {root for root, _ in traced}
         if len(roots) == 1:
             exits[node.output[0]] = (roots.pop(), frozenset().union(*(passed for _, passed in traced)))

@@ -68,9 +68,11 @@ TARGETS: Dict[str, Target] = {
     t.name: t
     for t in (
         Target("ort-cpu", "onnxruntime CPU: uint8 activations (int8 with --act-symmetric; both fuse), int8 "
-               "per-channel weights fused into QLinear ops; INT4 weights as storage (DequantizeLinear -> float op); "
+               "per-channel weights fused into QLinear ops; 16-bit activations and INT4 weights run as "
+               "DequantizeLinear -> float op; "
                "2-bit codes in INT4 (onnxruntime's QDQ fusions refuse INT2 with default session options)",
-               act_types=((8, False), (8, True)), weight_bits=(8, 4), fusible=ORT_FUSED_ACTIVATIONS,
+               act_types=((8, False), (8, True), (16, False), (16, True)), weight_bits=(8, 4),
+               fusible=ORT_FUSED_ACTIVATIONS,
                u8s8_weight_bits=U8S8_SAFE_WEIGHT_BITS, onnxruntime=True),
         Target("trt", "TensorRT: symmetric int8 activations and weights (zero point 0, no uint8); "
                "INT4 weights only on MatMul/Gemm (weight-only GEMMs), other layers INT8",
