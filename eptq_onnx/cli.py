@@ -206,7 +206,7 @@ QUANTIZATION_OPTIONS = _options(
                  "(kept per layer only where it lowers the layer's output error on calibration inputs; needs "
                  "--weight-init output-mse), or round-to-nearest. EPTQ starts from the float weights (paper) and falls back to "
                  "these codes when its result is worse."),
-    click.option("--act16-below", type=click.FloatRange(min=0), default=25.0, show_default=True, metavar="DB",
+    click.option("--act16-below", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="DB",
                  help="With 8-bit activations: a point whose 8-bit grid leaves a layer that reads it below DB dB "
                  "output SQNR (measured on sampled layer inputs; channels too far apart for one grid, e.g. a "
                  "HardSwish before a depthwise Conv) takes 16 bits, with the point its activation reads, where the "

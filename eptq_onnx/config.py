@@ -147,7 +147,7 @@ class QuantConfig:
     weight_rounding: WeightRounding = "gptq"  # codes at the init's steps: GPTQ on the layer inputs, or nearest
     # 8-bit activation points whose grid leaves a reading layer's output below this SQNR (dB) take 16 bits
     # where the target reads them (calib/wide_acts.py); 0: never
-    act16_below: float = 25.0
+    act16_below: float = 30.0
     percentile: float = 99.99
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False
