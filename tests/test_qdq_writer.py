@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from eptq_onnx import quantize
+from eptq_onnx.config import OptimizeOptions, QuantConfig
 from eptq_onnx.graph.model_io import ir_version_for
 from eptq_onnx.export.writer import required_opset, write_qdq
 from eptq_onnx.plan.qpoints import build_plan
@@ -145,3 +148,29 @@ def test_activation_pairs_sit_on_every_group_tensor() -> None:
     for g in plan.groups:
         for t in g.tensors:
             assert t not in readers  # every reader takes the DequantizeLinear output
+
+
+def test_new_constants_never_take_a_name_the_model_has() -> None:
+    """A model with a tensor h and its own initializer h_scale (a Mul's constant): the writer's scale of h
+    gets another name, so the written model passes onnx.checker and computes the float model's output."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.full((16,), 0.5, np.float32), "h_scale"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (16, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="fc1"), helper.make_node("Relu", ["m"], ["h"], name="relu"),
+             helper.make_node("Mul", ["h", "h_scale"], ["hs"], name="scale"),
+             helper.make_node("MatMul", ["hs", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "named", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    feeds = [{"x": rng.normal(0, 1, (4, 8)).astype(np.float32)} for _ in range(8)]
+    result = quantize(model, feeds, QuantConfig(weight_bits=8, optimize=OptimizeOptions(iters=0)), progress=False)
+    onnx.checker.check_model(result.model, full_check=True)
+    names = [t.name for t in result.model.graph.initializer]
+    assert len(names) == len(set(names)) and "h_scale" in names
+    q = next(n for n in result.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "h")
+    assert q.input[1] != "h_scale"
+    x = feeds[0]["x"]
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(run(result.model) - run(model)).max() < 0.1 * np.abs(run(model)).max()

@@ -76,6 +76,9 @@ class _Builder:
         self.model = model
         self.initializers: List[TensorProto] = []
         self.names = {n.name for n in model.graph.node}
+        # every tensor name the model has: a new constant never takes one (a user's "h_scale" next to "h")
+        self.tensors = ({t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+                        | {o for n in model.graph.node for o in n.output})
         self.store = store_of(model)  # new large constants of a store-backed model go there
 
     def node_name(self, base: str) -> str:
@@ -87,6 +90,12 @@ class _Builder:
         return name
 
     def constant(self, name: str, array: np.ndarray) -> str:
+        """A new initializer named ``name`` (with a numeric suffix if the model has that name); returns its name."""
+        base, i = name, 1
+        while name in self.tensors:
+            i += 1
+            name = f"{base}_{i}"
+        self.tensors.add(name)
         self.initializers.append(numpy_helper.from_array(array, name))
         if self.store is not None:
             self.store.keep(self.initializers[-1])
@@ -129,11 +138,11 @@ def write_qdq(
         storage = STORAGE[target.storage_bits(wq.bits, op_of[name], weight_storage)]
         summary.storage[name] = onnx.helper.tensor_dtype_to_string(storage.onnx_type).replace("TensorProto.", "")
         scale = _per_tensor(wq.scale, name) if name in per_tensor else wq.scale.astype(np.float32)
-        b.constant(f"{name}_quantized", wq.codes.astype(storage.numpy_type))
-        b.constant(f"{name}_scale", scale)
-        b.constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=storage.numpy_type))
+        codes = b.constant(f"{name}_quantized", wq.codes.astype(storage.numpy_type))
+        steps = b.constant(f"{name}_scale", scale)
+        zero = b.constant(f"{name}_zero_point", np.zeros(scale.shape, dtype=storage.numpy_type))
         axis = None if name in per_tensor else wq.axis
-        weight_nodes[name] = b.dequantize(name, f"{name}_quantized", f"{name}_scale", f"{name}_zero_point", axis)
+        weight_nodes[name] = b.dequantize(name, codes, steps, zero, axis)
 
     bias_nodes, bias_inputs = (
         _bias_nodes(b, model, plan, weights, acts, summary, per_tensor) if quantize_bias else ({}, {})
@@ -281,11 +290,10 @@ def _bias_nodes(b, model, plan, weights, acts, summary, per_tensor=frozenset()):
             summary.clipped_biases.append(bq.bias)
         key = f"{bq.bias}__{bq.node}"
         scale = _per_tensor(bq.scale, bq.bias) if bq.tensor_wide else bq.scale
-        b.constant(f"{key}_quantized", bq.codes)
-        b.constant(f"{key}_scale", scale)
-        b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
-        bias_nodes[key] = b.dequantize(key, f"{key}_quantized", f"{key}_scale", f"{key}_zero_point",
-                                       None if bq.tensor_wide else 0)
+        codes = b.constant(f"{key}_quantized", bq.codes)
+        steps = b.constant(f"{key}_scale", scale)
+        zero = b.constant(f"{key}_zero_point", np.zeros(scale.shape, dtype=np.int32))
+        bias_nodes[key] = b.dequantize(key, codes, steps, zero, None if bq.tensor_wide else 0)
         index = list(nodes_by_name[bq.node].input).index(bq.bias)
         bias_inputs[(bq.node, index)] = key
     return bias_nodes, bias_inputs
