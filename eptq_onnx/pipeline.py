@@ -323,11 +323,11 @@ def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
             report.warn(f"{found}; they stay at 8 bits: {exc}")
             return model
         report.opset = default_opset(model)
-    for group_id in widened_ids(plan, points):
+    widened = widened_ids(plan, points)
+    for group_id in widened:
         acts[group_id] = wide_params(stats[group_id], acts[group_id].signed)
     report.wide_activations = [asdict(p) for p in points]
-    widened = len(widened_ids(plan, points))
-    report.warn(f"WIDE: {found}: {widened} point(s) take 16-bit activations"
+    report.warn(f"WIDE: {found}: {len(widened)} point(s) take 16-bit activations"
                 + (f" (opset raised to {needed})" if raised else "")
                 + ("; onnxruntime's CPU runs their readers as float ops" if run.target.onnxruntime else "")
                 + " (--act16-below 0: never)")

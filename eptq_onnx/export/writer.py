@@ -71,6 +71,16 @@ class WriteSummary:
     storage: Dict[str, str] = field(default_factory=dict)  # weight -> storage type name
 
 
+def _unique(base: str, taken: set) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... when taken; the name returned is added to ``taken``."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 class _Builder:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -82,20 +92,11 @@ class _Builder:
         self.store = store_of(model)  # new large constants of a store-backed model go there
 
     def node_name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.names:
-            i += 1
-            name = f"{base}_{i}"
-        self.names.add(name)
-        return name
+        return _unique(base, self.names)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """A new initializer named ``name`` (with a numeric suffix if the model has that name); returns its name."""
-        base, i = name, 1
-        while name in self.tensors:
-            i += 1
-            name = f"{base}_{i}"
-        self.tensors.add(name)
+        name = _unique(name, self.tensors)
         self.initializers.append(numpy_helper.from_array(array, name))
         if self.store is not None:
             self.store.keep(self.initializers[-1])
