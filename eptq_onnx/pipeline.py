@@ -15,10 +15,10 @@ import onnx
 
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
 from eptq_onnx.calib.data import CalibrationSet
-from eptq_onnx.calib.layer_inputs import collect_layer_inputs
+from eptq_onnx.calib.layer_inputs import LayerRowSampler
 from eptq_onnx.calib.memory import CalibSource, open_calibration
 from eptq_onnx.calib.specs import input_specs
-from eptq_onnx.calib.wide_acts import WIDE_BITS, choose_wide_points, wide_params, widened_ids
+from eptq_onnx.calib.wide_acts import WIDE_BITS, WideningCheck, choose_wide_points, wide_params, widened_ids
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
 from eptq_onnx.eptq.stage import TwinUnavailable, run_eptq
@@ -206,7 +206,8 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         if run.config.min_sqnr is not None:
             calib_set = hold_out(run, calib_set)
     with run.stage("activation ranges"):
-        ranges = range_statistics(float_model, plan, calib_set, run.progress)
+        sampler = _row_sampler(run, float_model, plan)
+        ranges = range_statistics(float_model, plan, calib_set, run.progress, sampler)
         plan, range_notes = refine_plan(float_model, plan, ranges.root_stats)
         for note in range_notes:
             run.report.warn(note)
@@ -214,11 +215,13 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         record_plan(run.report, plan)
         overrides = resolve_for_run(run, float_model, plan)
     with run.stage("weight init"):
-        rows = _layer_rows(run, float_model, plan, calib_set)
+        rows = sampler.rows() if sampler is not None else {}
         candidates = _init_weights(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
         acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts)
-        float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts))
+        float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
+                                         WideningCheck(candidates[max(candidates)], calib_set,
+                                                       run.config.quantize_outputs, run.config.quantize_bias))
         candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 
@@ -279,19 +282,21 @@ def _calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto
     return calib_set
 
 
-def _layer_rows(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet) -> Dict[str, np.ndarray]:
-    """Sampled input rows of every weighted layer (calib/layer_inputs.py), where weight init or the
-    16-bit activation check reads them."""
+def _row_sampler(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> Optional[LayerRowSampler]:
+    """The sampler of every weighted layer's input rows (calib/layer_inputs.py) that the range pass feeds,
+    where weight init or the 16-bit activation check reads them."""
     config = run.config
     if config.weight_init == "output-mse" or (config.act16_below > 0 and config.act_bits == 8):
-        return collect_layer_inputs(model, plan, calib)
-    return {}
+        return LayerRowSampler(model, plan)
+    return None
 
 
 def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, acts: Dict[int, ActParams],
-                       stats: Dict[int, GroupStats], rows: Dict[str, np.ndarray], user_set: frozenset) -> onnx.ModelProto:
+                       stats: Dict[int, GroupStats], rows: Dict[str, np.ndarray], user_set: frozenset,
+                       check: WideningCheck) -> onnx.ModelProto:
     """16 bits for the 8-bit points whose grid loses a reading layer (calib/wide_acts.py), written into
-    ``acts``; returns the model, raised to the opset of 16-bit QuantizeLinear when they need it."""
+    ``acts`` when they raise the output SQNR of the model on ``check``'s samples; returns the model,
+    raised to the opset of 16-bit QuantizeLinear when they need it."""
     config, report = run.config, run.report
     if config.act16_below <= 0 or config.act_bits != 8 or not rows:
         return model
@@ -313,6 +318,7 @@ def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
         return model
     needed = ACT_TYPES[(WIDE_BITS, config.act_symmetric)][2]
     raised = default_opset(model) < needed
+    unraised = model
     if raised:
         if run.store.used:
             report.warn(f"{found}; they stay at 8 bits: a large model is not raised to opset {needed} after preparation")
@@ -322,11 +328,19 @@ def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
         except ModelError as exc:
             report.warn(f"{found}; they stay at 8 bits: {exc}")
             return model
-        report.opset = default_opset(model)
     widened = widened_ids(plan, points)
+    wide = dict(acts)
     for group_id in widened:
-        acts[group_id] = wide_params(stats[group_id], acts[group_id].signed)
+        wide[group_id] = wide_params(stats[group_id], acts[group_id].signed)
+    db_8, db_16 = check.output_sqnr(model, plan, acts, wide)
+    if db_16 <= db_8:
+        report.warn(f"{found}, but 16 bits there lower the model's output SQNR on {check.samples} calibration "
+                    f"sample(s) ({db_16:.1f} vs {db_8:.1f} dB on one 8-bit grid): they stay at 8 bits")
+        return unraised
+    acts.update(wide)
+    report.opset = default_opset(model)
     report.wide_activations = [asdict(p) for p in points]
+    report.wide_output_sqnr_db = {"8-bit": round(db_8, 2), "16-bit": round(db_16, 2), "samples": check.samples}
     report.warn(f"WIDE: {found}: {len(widened)} point(s) take 16-bit activations"
                 + (f" (opset raised to {needed})" if raised else "")
                 + ("; onnxruntime's CPU runs their readers as float ops" if run.target.onnxruntime else "")

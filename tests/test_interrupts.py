@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST_EPTQ = ["--hessian-samples", "2", "--hessian-draws", "2", "--opt-batch-size", "4"]
 # module, function: the entry of each long stage (as the pipeline or run_eptq looks it up)
 STAGES = {
-    "weight init": (pipeline, "collect_layer_inputs"),
+    "weight init": (pipeline, "init_weights"),
     "calibration": (pipeline, "calibrate_activations"),
     "LFH": (eptq, "compute_lfh"),
     "optimization": (eptq, "optimize"),

@@ -205,6 +205,23 @@ def test_opset_9_refused() -> None:
         normalize_model(model)
 
 
+def _wrong_rank_output_model() -> onnx.ModelProto:
+    """MatMul then Reshape to rank 3, the graph output declared rank 2 (an exporter's stale shape)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Reshape", ["m", "s"], ["y"])]
+    consts = [_const("w", RNG.standard_normal((8, 8)).astype(np.float32)), _const("s", np.array([0, 2, -1], np.int64))]
+    return _model(nodes, [_float_info("x", ["n", 8])], [_float_info("y", [1, "seq"])], consts)
+
+
+def test_output_declared_with_the_wrong_rank_takes_the_inferred_shape() -> None:
+    model = _wrong_rank_output_model()
+    with pytest.raises(onnx.shape_inference.InferenceError, match="differ in rank"):
+        onnx.checker.check_model(model, full_check=True)
+    result = normalize_model(model)
+    assert _dims(result.graph.output[0]) == ["n", 2, 4]
+    _assert_same_outputs(model, result, {"x": RNG.standard_normal((3, 8)).astype(np.float32)})
+    assert _dims(upgrade_opset(result, 21).graph.output[0]) == ["n", 2, 4]
+
+
 def test_checker_failure_is_a_model_error() -> None:
     model = _model(
         [helper.make_node("Add", ["x", "missing"], ["y"])], [_float_info("x", [2])], [_float_info("y", [2])]

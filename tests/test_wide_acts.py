@@ -11,7 +11,7 @@ from eptq_onnx import quantize
 from eptq_onnx.calib.layer_inputs import collect_layer_inputs
 from eptq_onnx.calib.memory import open_calibration
 from eptq_onnx.calib.specs import input_specs
-from eptq_onnx.calib.wide_acts import layer_output_sqnr
+from eptq_onnx.calib.wide_acts import WideningCheck, layer_output_sqnr
 from eptq_onnx.config import CalibOptions, QuantConfig
 from eptq_onnx.errors import UsageError
 from eptq_onnx.init.quantizers import params_for_range, sqnr_db
@@ -94,6 +94,20 @@ def test_a_point_whose_8bit_grid_loses_its_layer_takes_16_bits_with_the_point_in
             if n.op_type == "QuantizeLinear"} == {TensorProto.UINT8}
     gained = _output_sqnr(model, wide.model, test) - _output_sqnr(model, narrow.model, test)
     assert gained > 10.0, gained
+    check = wide.report.wide_output_sqnr_db
+    assert check["samples"] == 16 and check["16-bit"] > check["8-bit"] + 10.0, check
+
+
+def test_a_widening_that_lowers_the_output_sqnr_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers judged alone can mislead (errors that cancelled at the outputs): the output check decides."""
+    model = zoo_analysis.spread_stem_cnn()
+    monkeypatch.setattr(WideningCheck, "output_sqnr", lambda self, *args: (20.0, 19.5))
+    result = quantize(model, _feeds(model, 24), init_only(weight_bits=8, act16_below=30.0), progress=False)
+    assert not result.report.wide_activations and result.report.opset < 21
+    assert any("lower the model's output SQNR" in w and "(19.5 vs 20.0 dB" in w for w in result.report.warnings)
+    inits = {t.name: t for t in result.model.graph.initializer}
+    assert {inits[n.input[2]].data_type for n in result.model.graph.node
+            if n.op_type == "QuantizeLinear"} == {TensorProto.UINT8}
 
 
 def test_a_target_without_16bit_activations_keeps_8_bits_and_says_so() -> None:

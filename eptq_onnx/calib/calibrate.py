@@ -14,6 +14,7 @@ import onnx
 from tqdm import tqdm
 
 from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.layer_inputs import LayerRowSampler
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.plan.overrides import ActOverride
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -39,17 +40,28 @@ class RangePass:
     batch_size: int = 1
 
 
-def range_statistics(model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, progress: bool = True) -> RangePass:
-    """Pass 1 over the calibration data: the statistics the range rules (range_rules.refine_plan) read."""
+def range_statistics(model: onnx.ModelProto, plan: QuantPlan, calib: CalibrationSet, progress: bool = True,
+                     rows: Optional[LayerRowSampler] = None) -> RangePass:
+    """Pass 1 over the calibration data: the statistics the range rules (range_rules.refine_plan) read;
+    with ``rows``, the same pass also taps the weighted layers' inputs and feeds their row sampler
+    (calib/layer_inputs.py) while it wants samples."""
     names = [root for g in plan.groups for root in g.roots]
-    if not names:
+    extra = [n for n in dict.fromkeys(rows.names) if n not in set(names)] if rows is not None else []
+    if not names and not extra:
         return RangePass({})
     root_stats = {name: GroupStats() for name in names}
-    session = make_session(with_outputs(model, names))
+    session = make_session(with_outputs(model, names + extra))
     batch_size = tapped_batch_size(session, calib, calib.batch_size)
-    for outputs in _passes(session, calib, names, "calibration: ranges", progress, batch_size):
-        for name, value in outputs.items():
-            root_stats[name].add(np.asarray(value))
+    batches = tqdm(calib.batches(batch_size), desc="calibration: ranges", total=calib.num_batches(batch_size),
+                   disable=not progress, unit="batch", leave=False)
+    for feeds in batches:
+        sampling = rows is not None and rows.wanted
+        outputs = run(session, feeds, names + extra if sampling else names)
+        for name in names:
+            root_stats[name].add(np.asarray(outputs[name]))
+        if sampling:
+            rows.offer(outputs, calib.samples_in(feeds))  # type: ignore[union-attr]
+        del outputs
     return RangePass(root_stats, session, batch_size)
 
 

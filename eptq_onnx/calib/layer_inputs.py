@@ -118,6 +118,54 @@ def _layer_rows(point: WeightPoint, node: onnx.NodeProto, x: np.ndarray, weight_
     return len(a), lambda idx: a[idx]
 
 
+class LayerRowSampler:
+    """Streams the input rows of every supported weighted layer of ``plan`` into a reservoir each (at most
+    ``rows`` per layer, over the first ``samples`` calibration samples): a pass over the calibration data
+    that runs the model with ``names`` tapped (the range pass, calib/calibrate.py) offers each batch."""
+
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, samples: int = DEFAULT_SAMPLES,
+                 rows: int = DEFAULT_ROWS, seed: int = 0) -> None:
+        self._nodes = {(n.name or n.output[0]): n for n in model.graph.node}
+        self._shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+        self._points: Dict[str, WeightPoint] = {}
+        for p in plan.weights:
+            if p.input and p.weight not in self._points:
+                self._points[p.weight] = p
+        self.names = sorted({p.input for p in self._points.values()})
+        self.samples = samples
+        self.seen = 0
+        rng = np.random.default_rng(seed)
+        self._reservoirs: Dict[str, Optional[RowReservoir]] = {w: RowReservoir(rows, rng) for w in self._points}
+
+    @property
+    def wanted(self) -> bool:
+        """Whether the next batch is still among the first ``samples``."""
+        return bool(self.names) and self.seen < self.samples
+
+    def offer(self, values: Dict[str, np.ndarray], batch_samples: int) -> None:
+        """One batch of the tapped tensors (``names``), ``batch_samples`` samples; only the first
+        ``samples`` samples of the stream are used."""
+        keep = min(batch_samples, self.samples - self.seen)
+        if keep <= 0:
+            return
+        self.seen += keep
+        for weight, p in self._points.items():
+            reservoir = self._reservoirs[weight]
+            if reservoir is None:
+                continue
+            x = values[p.input]
+            offered = _layer_rows(p, self._nodes[p.node], x[:keep] if keep < batch_samples else x,
+                                  self._shapes[weight])
+            if offered is None:
+                self._reservoirs[weight] = None
+                continue
+            reservoir.offer(*offered)
+
+    def rows(self) -> Dict[str, np.ndarray]:
+        """The sampled rows [n, groups, K] per weight name (layers of unsupported kinds left out)."""
+        return {w: r.rows for w, r in self._reservoirs.items() if r is not None and r.rows is not None and len(r.rows)}
+
+
 def collect_layer_inputs(
     model: onnx.ModelProto,
     plan: QuantPlan,
@@ -127,29 +175,12 @@ def collect_layer_inputs(
     seed: int = 0,
 ) -> Dict[str, np.ndarray]:
     """A uniform random sample of at most ``rows`` input rows of every supported weighted layer, over the
-    first ``samples`` calibration samples, keyed by weight name."""
-    nodes = {(n.name or n.output[0]): n for n in model.graph.node}
-    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
-    points = {}
-    for p in plan.weights:
-        if p.input and p.weight not in points:
-            points[p.weight] = p
-    if not points:
+    first ``samples`` calibration samples, keyed by weight name (a pass of its own; the pipeline's
+    range pass feeds a ``LayerRowSampler`` instead)."""
+    sampler = LayerRowSampler(model, plan, samples, rows, seed)
+    if not sampler.names:
         return {}
-    names = sorted({p.input for p in points.values()})
-    session = make_session(with_outputs(model, names))
-    rng = np.random.default_rng(seed)
-    reservoirs: Dict[str, Optional[RowReservoir]] = {w: RowReservoir(rows, rng) for w in points}
+    session = make_session(with_outputs(model, sampler.names))
     for feeds in calib.batches(tapped_batch_size(session, calib, calib.batch_size), limit=samples):
-        values = run(session, feeds, names)
-        for weight, p in points.items():
-            reservoir = reservoirs[weight]
-            if reservoir is None:
-                continue
-            offered = _layer_rows(p, nodes[p.node], values[p.input], shapes[weight])
-            if offered is None:
-                reservoirs[weight] = None
-                continue
-            reservoir.offer(*offered)
-        del values
-    return {w: r.rows for w, r in reservoirs.items() if r is not None and r.rows is not None and len(r.rows)}
+        sampler.offer(run(session, feeds, sampler.names), calib.samples_in(feeds))
+    return sampler.rows()

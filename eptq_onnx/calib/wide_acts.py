@@ -15,6 +15,10 @@ HardSwish or SiLU, where onnxruntime's placement puts a point for its fused kern
 hold the same channels. Only groups the user did not set (``--overrides``) are considered, and not
 those read by an op that the runtime requantizes to 8 bits on the fly whatever the point's grid
 (``requantizing``: a MatMul on onnxruntime's CPU becomes MatMulNBits; plan/weight_only.py).
+
+Each layer is judged alone, and the errors of a network can partly cancel: the widening is kept only
+when it raises the SQNR of the model's outputs against the float model (the fake-quant references of
+both grids on a few calibration samples, ``WideningCheck``).
 """
 from __future__ import annotations
 
@@ -24,15 +28,20 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import onnx
 
+from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.graph.index import GraphIndex
+from eptq_onnx.graph.runtime import float_outputs_of, output_sqnr_db
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.init.quantizers import ActParams, fake_quant, params_for_range, sqnr_db
+from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.plan.composites import elementwise_root
 from eptq_onnx.plan.qpoints import QuantPlan, node_roles
 from eptq_onnx.plan.range_rules import GroupStats
 
 WIDE_BITS = 16
 MIN_GAIN_DB = 6.0  # 16 bits must lift the layer's output SQNR at least this much (else the loss is not the grid's)
+CHECK_SAMPLES = 16  # calibration samples on which a widening is checked at the model's outputs
 
 
 @dataclass
@@ -120,3 +129,26 @@ def widened_ids(plan: QuantPlan, points: List[WidePoint]) -> List[int]:
     """The group ids that ``points`` widen."""
     root_group = {r: g.id for g in plan.groups for r in g.roots}
     return [root_group[t] for p in points for t in (p.tensor, *p.fused)]
+
+
+@dataclass
+class WideningCheck:
+    """The weights and calibration samples on which a widening is checked at the model's outputs."""
+
+    weights: Dict[str, WeightQuant]
+    calib: CalibrationSet
+    quantize_outputs: bool = False
+    quantize_bias: bool = True
+    limit: int = CHECK_SAMPLES
+    samples: int = 0  # set by output_sqnr
+
+    def output_sqnr(self, model: onnx.ModelProto, plan: QuantPlan, acts: Mapping[int, ActParams],
+                    wide: Mapping[int, ActParams]) -> Tuple[float, float]:
+        """Output SQNR (dB) against the float ``model`` of its fake-quant references with ``acts`` and with ``wide``."""
+        batches = list(self.calib.batches(limit=self.limit))
+        self.samples = sum(self.calib.samples_in(b) for b in batches)
+        reference = float_outputs_of(model, batches)
+        db_8, db_16 = (output_sqnr_db(reference, float_outputs_of(
+            fake_quant_model(model, plan, self.weights, dict(grids), self.quantize_outputs, self.quantize_bias), batches))
+            for grids in (acts, wide))
+        return db_8, db_16

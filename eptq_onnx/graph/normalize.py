@@ -3,7 +3,8 @@
 Topologically sorted (any valid order is accepted), checked, float16 computed in float32
 (float16.py), opset >= 13, constants folded (Constant nodes become initializers, static shape
 subgraphs fold away), Identity nodes removed, sorted again, shapes inferred.
-Graph input and output names, their order and their dynamic dimensions are kept.
+Graph input and output names, their order and their dynamic dimensions are kept (a declared output
+shape of the wrong rank, which onnxruntime runs with a warning, takes the inferred shape).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     toposort_graph(copy.graph)  # onnxruntime runs any node order; the checker and every stage need this one
+    _repair_output_shapes(copy)
     _check(copy)
     if has_float16(copy):
         to_float32(copy)
@@ -54,6 +56,25 @@ def constant_only_nodes(model: onnx.ModelProto) -> list[str]:
             known.update(node.output)
             found.append(node.name or node.output[0])
     return found
+
+
+def _repair_output_shapes(model: onnx.ModelProto) -> None:
+    """Declared graph-output shapes whose rank contradicts what the graph computes take the inferred
+    shape: onnxruntime only warns about them, the checker's strict inference refuses the model."""
+    with model_io.large_tensors_detached(model):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+    for output in probe.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del probe.graph.value_info[:]
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe, data_prop=True).graph.output
+    except Exception:  # noqa: BLE001 - inference is best effort; the checker reports real problems
+        return
+    for declared, found in zip(model.graph.output, inferred):
+        have, got = declared.type.tensor_type, found.type.tensor_type
+        if have.HasField("shape") and got.HasField("shape") and len(have.shape.dim) != len(got.shape.dim):
+            have.shape.CopyFrom(got.shape)
 
 
 def _check(model: onnx.ModelProto) -> None:

@@ -1,7 +1,8 @@
 """onnxruntime sessions for the float and quantized models, including models over 2 GB."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -95,3 +96,24 @@ def tapped_batch_size(session: ort.InferenceSession, calib: CalibrationSet, requ
     (``tapped_bytes_per_sample``); ``copies``: how many such sets of outputs are alive at once. At least 1."""
     per_sample = copies * tapped_bytes_per_sample(session, calib)
     return max(1, min(requested, int(TAPPED_BATCH_BYTES // max(per_sample, 1))))
+
+
+def float_outputs_of(model: onnx.ModelProto, batches: Sequence[Dict[str, np.ndarray]]) -> List[List[np.ndarray]]:
+    """The floating-point outputs of ``model`` (onnxruntime, optimized) on every batch."""
+    session = make_session(model)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    floating = [i for i, o in enumerate(model.graph.output) if o.type.tensor_type.elem_type in floats]
+    return [[out[i] for i in floating] for out in (session.run(None, feeds) for feeds in batches)]
+
+
+def output_sqnr_db(reference: List[List[np.ndarray]], approx: List[List[np.ndarray]]) -> float:
+    """SQNR of all outputs together (``float_outputs_of`` lists): signal and noise summed over outputs and batches."""
+    signal = noise = 0.0
+    for ref_batch, approx_batch in zip(reference, approx):
+        for r, a in zip(ref_batch, approx_batch):
+            r64 = np.asarray(r, dtype=np.float64)
+            signal += float(np.sum(r64 * r64))
+            noise += float(np.sum((r64 - np.asarray(a, dtype=np.float64)) ** 2))
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-300) / noise)

@@ -15,11 +15,9 @@ the report says what was corrected and what it bought.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
-import numpy as np
 import onnx
 import torch
 from torch import Tensor
@@ -27,7 +25,7 @@ from torch import Tensor
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.errors import ModelError
 from eptq_onnx.export.reference import fake_quant_model
-from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.graph.runtime import float_outputs_of, output_sqnr_db
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -121,27 +119,6 @@ class _Corrector:
             handle.remove()
 
 
-def _outputs(model: onnx.ModelProto, batches: Sequence[Dict[str, np.ndarray]]) -> List[List[np.ndarray]]:
-    """The float outputs of ``model`` (onnxruntime) on every batch."""
-    session = make_session(model)
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
-    floating = [i for i, o in enumerate(model.graph.output) if o.type.tensor_type.elem_type in floats]
-    return [[out[i] for i in floating] for out in (session.run(None, feeds) for feeds in batches)]
-
-
-def output_sqnr_db(reference: List[List[np.ndarray]], approx: List[List[np.ndarray]]) -> float:
-    """SQNR of all outputs together: signal and noise summed over outputs and batches."""
-    signal = noise = 0.0
-    for ref_batch, approx_batch in zip(reference, approx):
-        for r, a in zip(ref_batch, approx_batch):
-            r64 = np.asarray(r, dtype=np.float64)
-            signal += float(np.sum(r64 * r64))
-            noise += float(np.sum((r64 - np.asarray(a, dtype=np.float64)) ** 2))
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(max(signal, 1e-300) / noise)
-
-
 def correct_biases(
     model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
     calib: CalibrationSet, quantize_outputs: bool = False, quantize_bias: bool = True,
@@ -178,10 +155,10 @@ def correct_biases(
     outcome.samples = corrector.samples_seen
     corrected = model_with_biases(model, student_biases(twin))
     # the decision is onnxruntime's, on the fake-quant references of both (what the written model computes)
-    reference = _outputs(model, check)
-    outcome.sqnr_before_db = output_sqnr_db(reference, _outputs(
+    reference = float_outputs_of(model, check)
+    outcome.sqnr_before_db = output_sqnr_db(reference, float_outputs_of(
         fake_quant_model(model, plan, weights, acts, quantize_outputs, quantize_bias), check))
-    outcome.sqnr_after_db = output_sqnr_db(reference, _outputs(
+    outcome.sqnr_after_db = output_sqnr_db(reference, float_outputs_of(
         fake_quant_model(corrected, plan, weights, acts, quantize_outputs, quantize_bias), check))
     outcome.kept = outcome.sqnr_after_db > outcome.sqnr_before_db
     return (corrected if outcome.kept else model), outcome

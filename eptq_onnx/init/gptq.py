@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 
 from eptq_onnx.init.quantizers import quantize
 
 DAMP = 0.01  # of the mean diagonal of H, added to it (GPTQ's default)
+FLOAT64_MAX_K = 2048  # inputs per group up to which H is factored in float64
 BLOCK = 128  # columns coded per block before the error is pushed to the rest (lazy batch updates)
 
 
@@ -41,7 +43,7 @@ class GptqCodes:
 def _second_moment(rows: np.ndarray) -> np.ndarray:
     """[groups, K, K] input second moments of rows [n, groups, K], damped, dead inputs given a unit diagonal."""
     x = rows.astype(np.float64).transpose(1, 0, 2)  # [groups, n, K]
-    h = np.einsum("gnk,gnl->gkl", x, x) / max(1, x.shape[1])
+    h = np.matmul(x.transpose(0, 2, 1), x) / max(1, x.shape[1])
     diag = np.einsum("gkk->gk", h)
     dead = diag <= 0
     idx = np.arange(h.shape[1])
@@ -49,15 +51,35 @@ def _second_moment(rows: np.ndarray) -> np.ndarray:
     return h
 
 
+def _inverse_factor(h: np.ndarray, order: np.ndarray) -> Optional[np.ndarray]:
+    """The upper triangular U with H_o^-1 = U^T U, where H_o is h [groups, K, K] with its rows and columns
+    in ``order`` (None when H is not positive definite). With P the order reversal and L L^T = P H_o P:
+    U = P L^-1 P, one Cholesky factorization and one triangular solve. Above FLOAT64_MAX_K inputs the
+    factorization runs in float32, as GPTQ's own implementation does (half the time and memory of
+    float64 on matrices of 256 MB and more)."""
+    k = h.shape[1]
+    backwards = order[:, ::-1]
+    reversed_h = torch.from_numpy(h[np.arange(len(h))[:, None, None], backwards[:, :, None], backwards[:, None, :]])
+    lower, info = torch.linalg.cholesky_ex(reversed_h.to(torch.float64 if k <= FLOAT64_MAX_K else torch.float32))
+    del reversed_h
+    if bool((info != 0).any()):
+        return None
+    inverse = torch.linalg.solve_triangular(lower, torch.eye(k, dtype=lower.dtype).expand_as(lower), upper=False)
+    return inverse.numpy()[:, ::-1, ::-1]
+
+
 def gptq_grouped(w: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, qmax: int
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+                 ) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """GPTQ of w [groups, C, K] (C output channels per group, steps ``scale`` [groups, C]) on rows
-    [n, groups, K]: (codes, pre-rounding values), both [groups, C, K]."""
+    [n, groups, K]: (codes, pre-rounding values), both [groups, C, K]; None when the damped second
+    moment is not positive definite (non-finite rows)."""
     groups, channels, k = w.shape
     h = _second_moment(rows)
     order = np.argsort(-np.einsum("gkk->gk", h), axis=1, kind="stable")  # largest input energy first
-    h = np.take_along_axis(np.take_along_axis(h, order[:, :, None], 1), order[:, None, :], 2)
-    u = np.linalg.cholesky(np.linalg.inv(h)).transpose(0, 2, 1)  # upper factor of H^-1 = U^T U
+    u = _inverse_factor(h, order)
+    del h
+    if u is None:
+        return None
     work = np.take_along_axis(w.astype(np.float64), order[:, None, :], 2)
     s = scale.astype(np.float64)[:, :, None]
     codes = np.zeros_like(work)
@@ -74,7 +96,7 @@ def gptq_grouped(w: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, 
             err = (col - q * s) / u[:, None, b0 + i:b0 + i + 1, b0 + i]
             block[:, :, i:] -= err * u[:, None, b0 + i, b0 + i:b1]
             errors[:, :, i:i + 1] = err
-        work[:, :, b1:] -= np.einsum("gci,gij->gcj", errors, u[:, b0:b1, b1:])
+        work[:, :, b1:] -= np.matmul(errors, u[:, b0:b1, b1:])
     inverse = np.argsort(order, axis=1)
     back = lambda a: np.take_along_axis(a, inverse[:, None, :], 2)  # noqa: E731
     return back(codes), back(source)
@@ -83,7 +105,7 @@ def gptq_grouped(w: np.ndarray, scale: np.ndarray, rows: np.ndarray, qmin: int, 
 def _output_error(w: np.ndarray, approx: np.ndarray, rows: np.ndarray) -> float:
     """sum over the rows of ||(w - approx) x||^2, w [groups, C, K], rows [n, groups, K]."""
     diff = (w - approx).astype(np.float64)
-    out = np.einsum("gck,ngk->ngc", diff, rows.astype(np.float64))
+    out = np.matmul(rows.astype(np.float64).transpose(1, 0, 2), diff.transpose(0, 2, 1))  # [groups, n, C]
     return float((out * out).sum())
 
 
@@ -99,7 +121,10 @@ def gptq_weight(w: np.ndarray, axis: int, scale: np.ndarray, rows: np.ndarray, q
         return None
     flat = moved.reshape(groups, channels // groups, k).astype(np.float32)
     steps = scale.astype(np.float32).reshape(groups, channels // groups)
-    codes, source = gptq_grouped(flat, steps, rows, qmin, qmax)
+    found = gptq_grouped(flat, steps, rows, qmin, qmax)
+    if found is None:
+        return None
+    codes, source = found
     nearest = quantize(flat, steps[:, :, None], 0, qmin, qmax) * steps[:, :, None]
     rtn = _output_error(flat, nearest, rows)
     ours = _output_error(flat, codes * steps[:, :, None], rows)

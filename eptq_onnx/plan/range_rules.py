@@ -41,8 +41,14 @@ class GroupStats:
     count: int = 0
 
     def add(self, x: np.ndarray) -> None:
-        finite = np.isfinite(x)
         self.count += x.size
+        if not x.size:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if -MASK_FILL_ABS < lo and hi < MASK_FILL_ABS:  # all finite, no fill value: the common case, two reductions
+            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+            return
+        finite = np.isfinite(x)
         if not finite.all():
             self.nonfinite += int(x.size - finite.sum())
             x = x[finite]
