@@ -287,6 +287,9 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @click.option("--hessian-trace", type=click.Choice(["channel", "element"]), default="channel", show_default=True,
               help="LFH of errors equal across each channel's positions (pixels, tokens), as rounded weights make "
               "them, or independent per element (the paper's trace).")
+@click.option("--rounding-start", type=click.Choice(["init", "float"]), default="init", show_default=True,
+              help="Where EPTQ's rounding starts: next to the initialized (GPTQ) codes, so that short runs refine "
+              "them, or from the float weights' fractional parts (the paper).")
 @click.option("--opt-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batch size of the optimization (lowered, and said so, where a step would not fit --max-memory).")
 @click.option("--max-memory", "max_memory_gb", type=click.FloatRange(min=0.01), default=None, metavar="GB",
@@ -333,7 +336,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
          pixel_scale: float, layout: str, bgr: bool, iters: Optional[int], time_budget: float, weighting: str,
-         hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, opt_batch_size: int, max_memory_gb: Optional[float],
+         hessian_samples: int, hessian_draws: int, hessian_distribution: str, hessian_trace: str, rounding_start: str, opt_batch_size: int, max_memory_gb: Optional[float],
          learn_act_scales: bool, learn_weight_scales: bool, device: str, seed: int, checkpoint_dir: Optional[Path], mixed_precision: bool,
          bit_options: str, weight_memory: Optional[str], avg_weight_bits: Optional[float], sensitivity_metric: str,
          sensitivity_samples: int, pairwise: bool, ilp_time_limit: float, bit_search: str, plots_dir: Optional[Path], validation_samples: int,
@@ -387,6 +390,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
                 hessian_draws=hessian_draws,
                 hessian_distribution=hessian_distribution,  # type: ignore[arg-type]
                 hessian_trace=hessian_trace,  # type: ignore[arg-type]
+                rounding_start=rounding_start,  # type: ignore[arg-type]
                 batch_size=opt_batch_size,
                 max_memory_gb=max_memory_gb,
                 learn_act_scales=learn_act_scales,

@@ -14,6 +14,7 @@ WeightRounding = Literal["gptq", "nearest"]
 Weighting = Literal["lfh", "uniform"]
 HessianDistribution = Literal["gaussian", "rademacher"]
 HessianTrace = Literal["channel", "element"]
+RoundingStart = Literal["init", "float"]
 WeightStorage = Literal["native", "int8"]
 Layout = Literal["nchw", "nhwc"]
 SensitivityMetric = Literal["lfh", "output"]
@@ -60,7 +61,9 @@ class OptimizeOptions:
     the paper) or ``uniform`` (Table 1 ablation). ``hessian_trace``: ``channel`` sums the Hutchinson
     gradient over each tensor's position axes before squaring (errors equal across a channel's
     positions, as rounded weights make them; our deviation, docs/design.md) or ``element`` (the paper's
-    trace: independent errors).
+    trace: independent errors). ``rounding_start``: ``init`` starts every rounding variable next to the
+    initialized codes (GPTQ's, or the nearest), our deviation (docs/design.md), or ``float`` from the
+    fractional part of w / s (the paper).
     """
 
     iters: Optional[int] = None  # None: as many as fit time_budget_min, at most max_iters
@@ -85,6 +88,7 @@ class OptimizeOptions:
     # model below the MSE init; RAdam moves V by ~lr per step, so settling takes ~100 steps (docs/design.md)
     settle_steps: int = 100
     anneal_end: float = 0.8
+    rounding_start: RoundingStart = "init"  # deviation from the paper ("float"): docs/design.md
     learn_weight_scales: bool = False  # learned step multipliers hurt in short runs (docs/design.md)
     learn_act_scales: bool = False
     learn_biases: bool = True
@@ -189,6 +193,8 @@ class QuantConfig:
                              f"({self.optimize.anneal_end}) <= 1 and settle_steps ({self.optimize.settle_steps}) >= 0")
         if self.optimize.hessian_samples < 1 or self.optimize.hessian_draws < 1:
             raise UsageError("--hessian-samples and --hessian-draws must be at least 1")
+        if self.optimize.rounding_start not in ("init", "float"):
+            raise UsageError(f"--rounding-start {self.optimize.rounding_start!r}: choose init or float")
         if self.optimize.hessian_trace not in ("channel", "element"):
             raise UsageError(f"--hessian-trace {self.optimize.hessian_trace!r}: choose channel or element")
         if self.calib.num_samples is not None and self.calib.num_samples < 1:

@@ -1,6 +1,7 @@
 """EPTQ optimization: AdaRound pieces, write-back equivalence with onnxruntime, CLI outputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ from eptq_onnx.eptq.schedule import beta_at
 from eptq_onnx.graph.runtime import make_session
 from eptq_onnx.twin.build import build_twin, to_tensors
 from eptq_onnx.eptq.kernels import rectified_sigmoid
-from eptq_onnx.twin.fake_quant import WeightFakeQuant, inverse_rectified_sigmoid
+from eptq_onnx.twin.fake_quant import CODES_START_H, WeightFakeQuant, inverse_rectified_sigmoid
 from eptq_onnx.eptq.banks import RoundingBank
 from eptq_onnx.init.weights import quantize_weight
 from models import zoo
@@ -43,6 +44,38 @@ def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -
     assert torch.equal(hard_codes, torch.round(hard_codes)) and hard_codes.min() >= -8 and hard_codes.max() <= 7
     exported = wfq.export(wt)
     np.testing.assert_array_equal(exported.codes.astype(np.float32), hard_codes.numpy())
+
+
+@pytest.mark.parametrize("fixed_scale", [True, False])
+def test_rounding_started_from_codes_rounds_to_them(fixed_scale: bool) -> None:
+    """--rounding-start init: h(V) sits CODES_START_H from each stored code's decision, so the hard
+    rounding is the stored code wherever that code is floor(w / s) or one above (clipped to the
+    integer range), and the nearer of the two elsewhere; the float start rounds to nearest instead."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.1, (8, 40)).astype(np.float32)
+    wq = quantize_weight("w", w, 0, 4, "minmax")
+    s = wq.scale.reshape(-1, 1)
+    floor = np.clip(np.floor(w / s), -8, 7)
+    codes = wq.codes.astype(np.float32)
+    flip = rng.random(w.shape) < 0.3  # decisions that round-to-nearest would not take, as GPTQ's
+    codes = np.where(flip, np.clip(floor + (codes == floor), -8, 7), codes)
+    codes[0, :3] = np.clip(floor[0, :3] + 2, -8, 7)  # two steps above the floor
+    codes[1, :3] = np.clip(floor[1, :3] - 1, -8, 7)  # one below
+    wfq = WeightFakeQuant(dataclasses.replace(wq, codes=codes.astype(np.int8)))
+    wt = torch.from_numpy(w)
+    wfq.start_rounding(wt, fixed_scale=fixed_scale, from_codes=True)
+    h = rectified_sigmoid(wfq.rounding.detach()).numpy()
+    np.testing.assert_allclose(np.minimum(h, 1 - h), CODES_START_H, atol=1e-5)
+    with torch.no_grad():
+        hard = wfq.rounded(wt, hard=True).numpy()
+    expected = np.clip(floor + (codes > floor), -8, 7)
+    np.testing.assert_array_equal(hard, expected)
+    near = (codes >= floor) & (codes <= floor + 1)
+    np.testing.assert_array_equal(hard[near], codes[near])
+    assert not np.array_equal(hard, np.clip(np.round(w / s), -8, 7))
+    wfq.start_rounding(wt, fixed_scale=fixed_scale)
+    with torch.no_grad():
+        np.testing.assert_array_equal(wfq.rounded(wt, hard=True).numpy(), np.clip(np.round(w / s), -8, 7))
 
 
 def _learned_rounding_quantizers(seed: int, shapes, bits: int, fixed_scale: bool = True):  # type: ignore[no-untyped-def]
@@ -267,10 +300,12 @@ def test_output_regression_names_the_drop_and_ignores_gains() -> None:
 
 
 def test_a_worse_optimization_is_discarded_loudly(calib_for) -> None:
-    """With lambda so large that rounding is forced at once, the result is discarded for the init."""
+    """With lambda so large that rounding is forced at once (from the float weights, away from the
+    init's GPTQ codes), the result is discarded for the init."""
     model = zoo.residual_cnn()
     calib = calib_for(model, 16)
-    options = OptimizeOptions(iters=6, weighting="uniform", batch_size=8, reg_lambda=1e9, lr_rounding=1.0, warmup=0.0)
+    options = OptimizeOptions(iters=6, weighting="uniform", batch_size=8, reg_lambda=1e9, lr_rounding=1.0, warmup=0.0,
+                              rounding_start="float")
     result = quantize(model, calib, QuantConfig(weight_bits=3, optimize=options), progress=False)
     init = quantize(model, calib, QuantConfig(weight_bits=3, optimize=OptimizeOptions(iters=0)), progress=False)
     kept = result.report.optimization["kept_init"]

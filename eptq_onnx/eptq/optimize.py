@@ -90,7 +90,7 @@ def optimize(
     kernels = status.detail
     twin.teacher.to(device).eval()
     twin.student.to(device).eval()
-    start_rounding(twin, fixed_scale=not options.learn_weight_scales)
+    start_rounding(twin, fixed_scale=not options.learn_weight_scales, from_codes=options.rounding_start == "init")
     bank = RoundingBank(list(twin.weight_quant.values()))
     twin.student.add_module(BANK, bank)  # so that checkpoints hold V
     # the biases of the quantized layers (a layer kept float by --exclude is left as it is)

@@ -124,8 +124,9 @@ def _parameter_groups(twin: Twin, options: OptimizeOptions, bank: RoundingBank,
         others.append({"params": learned_biases, "lr": options.lr_bias})
     return [{"params": [bank.v], "lr": options.lr_rounding}], others
 
-def start_rounding(twin: Twin, fixed_scale: bool) -> None:
-    """Switch every weight quantizer of the student to learned (soft) rounding."""
+def start_rounding(twin: Twin, fixed_scale: bool, from_codes: bool = False) -> None:
+    """Switch every weight quantizer of the student to learned (soft) rounding, started from the
+    float weights or (``from_codes``) next to the initialized codes."""
     weights = {m.weight_name: m.weight for m in twin.student.modules() if isinstance(m, WeightedOp)}
     for name, wfq in twin.weight_quant.items():
-        wfq.start_rounding(weights[name], fixed_scale=fixed_scale)
+        wfq.start_rounding(weights[name], fixed_scale=fixed_scale, from_codes=from_codes)

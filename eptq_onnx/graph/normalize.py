@@ -2,7 +2,8 @@
 
 Topologically sorted (any valid order is accepted), checked, float16 computed in float32
 (float16.py), opset >= 13, constants folded (Constant nodes become initializers, static shape
-subgraphs fold away), Identity nodes removed, sorted again, shapes inferred.
+subgraphs fold away), Identity nodes removed, sorted again, shapes inferred, SAME_* auto_pad written as
+explicit pads where the input shape is static (explicit_pads.py).
 Graph input and output names, their order and their dynamic dimensions are kept (a declared output
 shape of the wrong rank, which onnxruntime runs with a warning, takes the inferred shape).
 """
@@ -15,6 +16,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 
 from eptq_onnx.graph import model_io
 from eptq_onnx.errors import ModelError
+from eptq_onnx.graph.explicit_pads import make_pads_explicit
 from eptq_onnx.graph.float16 import has_float16, to_float32
 from eptq_onnx.graph.tensor_store import store_of
 from eptq_onnx.graph.toposort import toposort_graph
@@ -41,7 +43,9 @@ def normalize_model(model: onnx.ModelProto) -> onnx.ModelProto:
     _drop_initializer_inputs(model.graph)
     model = _infer_shapes(model)
     model = _simplify(model)
-    return _infer_shapes(model)
+    model = _infer_shapes(model)
+    make_pads_explicit(model.graph)
+    return model
 
 
 def constant_only_nodes(model: onnx.ModelProto) -> list[str]:

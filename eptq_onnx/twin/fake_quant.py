@@ -87,6 +87,17 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
 
 
 TIE_MARGIN = 1e-3  # how far from 0.5 an initial h(V) sits where its hard rounding had to be set
+# h(V) of a rounding started from the initialized codes: this close to the code chosen (0.05 or 0.95),
+# so that the network-wise phase refines the init's decisions (docs/design.md, "Rounding start")
+CODES_START_H = 0.05
+
+
+def rounding_from_codes(codes: Tensor, floor: Tensor) -> Tensor:
+    """V with h(V) CODES_START_H from the initialized ``codes``: 1 - CODES_START_H where they round
+    ``floor`` (already clipped to the integer range) up, CODES_START_H where not. A code more than one
+    step from the floor (GPTQ can move one that far) takes the nearer of floor and floor + 1."""
+    h = torch.where(codes > floor, 1.0 - CODES_START_H, CODES_START_H).to(codes.dtype)
+    return inverse_rectified_sigmoid(h)
 
 
 def initial_rounding(scaled: Tensor, floor: Tensor) -> Tensor:
@@ -133,8 +144,9 @@ class WeightFakeQuant(nn.Module):
     def channel_scale(self) -> Tensor:
         return self.scale.reshape(_channel_shape(self.codes.dim(), self.axis))
 
-    def start_rounding(self, w: Tensor, fixed_scale: bool = False) -> None:
-        """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s.
+    def start_rounding(self, w: Tensor, fixed_scale: bool = False, from_codes: bool = False) -> None:
+        """Switch to learned rounding, with V set so that h(V) is the fractional part of w / s (the
+        paper), or with ``from_codes`` next to the stored codes' decisions (``rounding_from_codes``).
 
         ``fixed_scale`` (the weight and its step stay constant while V is learned) precomputes
         clip(floor(w / s)) and where rounding up stays inside the integer range.
@@ -142,7 +154,11 @@ class WeightFakeQuant(nn.Module):
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
-        self.rounding = nn.Parameter(initial_rounding(scaled, floor))
+        if from_codes:
+            start = rounding_from_codes(self.codes.to(floor.device), torch.clamp(floor, self.qmin, self.qmax))
+        else:
+            start = initial_rounding(scaled, floor)
+        self.rounding = nn.Parameter(start)
         self.mode = "soft"
         self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
         if fixed_scale:
