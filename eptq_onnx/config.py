@@ -93,7 +93,7 @@ class OptimizeOptions:
     learn_act_scales: bool = False
     learn_biases: bool = True
     # discard the optimized state when its outputs score below the initialized model's on the
-    # check samples (short runs can end there), with a FALLBACK warning
+    # check samples (calibration files held out of the optimization; short runs can end there), with a FALLBACK warning
     discard_if_worse: bool = True
     checkpoint_dir: Optional[str] = None  # save / resume the optimization here (--checkpoint)
     checkpoint_every_s: float = 300.0

@@ -260,6 +260,8 @@ def record_eptq(report: Report, outcome: EptqOutcome) -> None:
         "sqnr_before_db": outcome.sqnr_before,
         "sqnr_after_db": outcome.sqnr_after,
         "kept_init": outcome.kept_init,
+        "check_samples": outcome.check_samples,
+        "check_held_out": outcome.check_held_out,
     }
     undecided = sum(opt.undecided.values())
     if undecided > UNDECIDED_WARN * max(1, opt.rounding_variables):

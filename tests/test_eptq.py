@@ -299,6 +299,30 @@ def test_output_regression_names_the_drop_and_ignores_gains() -> None:
     assert output_regression(before, {"logits": 0.0}, []) is None
 
 
+def test_the_optimized_state_is_checked_on_held_out_files(calib_for, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keep-or-discard check measures calibration files the optimization never saw (the last quarter,
+    at most 16); one file cannot spare any, and then the check says so."""
+    import eptq_onnx.eptq.stage as stage
+
+    trained: list = []
+    real = stage.optimize
+
+    def counting(twin, batches, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches = list(batches)
+        trained.append(sum(next(iter(b.values())).shape[0] for b in batches))
+        return real(twin, iter(batches), *args, **kwargs)
+
+    monkeypatch.setattr(stage, "optimize", counting)
+    model = zoo.mlp()
+    options = OptimizeOptions(iters=2, batch_size=4, hessian_samples=2, hessian_draws=2)
+    result = quantize(model, calib_for(model, 20), QuantConfig(optimize=options), progress=False)
+    opt = result.report.optimization
+    assert (opt["check_samples"], opt["check_held_out"], trained) == (5, True, [15])
+    one = calib_for(model, 1, name="one")
+    result = quantize(model, one, QuantConfig(optimize=options), progress=False)
+    assert (result.report.optimization["check_samples"], result.report.optimization["check_held_out"]) == (1, False)
+
+
 def test_a_worse_optimization_is_discarded_loudly(calib_for) -> None:
     """With lambda so large that rounding is forced at once (from the float weights, away from the
     init's GPTQ codes), the result is discarded for the init."""

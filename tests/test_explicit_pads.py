@@ -42,11 +42,20 @@ def test_normalized_model_has_explicit_pads_and_the_same_outputs(mode: str) -> N
     np.testing.assert_allclose(_run(normalized, x), _run(model, x), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_spatial_dims_keep_auto_pad() -> None:
+def test_dynamic_dims_are_rewritten_only_at_stride_one() -> None:
+    """A dynamic dim fixes SAME padding only at stride 1 ((k - 1) * dilation whatever the size): the
+    strided Conv and MaxPool keep auto_pad, the stride-1 AveragePool after them takes explicit pads, and
+    onnxruntime computes the same at two heights."""
     model = _same_model("SAME_UPPER")
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "h"
-    assert make_pads_explicit(onnx.shape_inference.infer_shapes(model).graph) == 0
-    assert all(any(a.name == "auto_pad" for a in n.attribute) for n in model.graph.node)
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "oh"
+    inferred = onnx.shape_inference.infer_shapes(model)
+    assert make_pads_explicit(inferred.graph) == 1
+    kept = {n.name for n in inferred.graph.node if any(a.name == "auto_pad" for a in n.attribute)}
+    assert kept == {"conv", "pool"}
+    for height in (13, 10):
+        x = np.random.default_rng(height).normal(size=(1, 3, height, 17)).astype(np.float32)
+        np.testing.assert_allclose(_run(inferred, x), _run(model, x), rtol=1e-5, atol=1e-5)
 
 
 def test_same_pads_formula() -> None:
@@ -56,3 +65,4 @@ def test_same_pads_formula() -> None:
     assert same_pads([6], [4], [1], [1], upper=True) == [1, 2]
     assert same_pads([6], [4], [1], [1], upper=False) == [2, 1]
     assert same_pads([6], [3], [1], [2], upper=True) == [2, 2]  # dilated kernel spans 5
+    assert same_pads([None, 9], [2, 3], [1, 1], [1, 1], upper=True) == [0, 1, 1, 1]  # dynamic at stride 1

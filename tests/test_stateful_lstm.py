@@ -87,7 +87,9 @@ def test_short_eptq_run_takes_one_whole_feed_per_step(lstm: tuple[Path, Path, li
     out, data = _cli_report(path, calib, tmp_path, "--iters", "5", "--hessian-samples", "2", "--validation-samples", "4")
     optimization = data["optimization"]
     assert optimization["iters"] == 5
-    assert "each step takes one whole feed of the 8" in optimization["why"]
+    # 8 feeds, the last 2 held out for the keep-or-discard check
+    assert "each step takes one whole feed of the 6" in optimization["why"]
+    assert (optimization["check_samples"], optimization["check_held_out"]) == (2, True)
     assert out.exists()
 
 

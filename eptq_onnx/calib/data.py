@@ -180,6 +180,14 @@ def _batch_dim(specs: Sequence[InputSpec]) -> _BatchDim | None:
     return _BatchDim(size, uniform=None not in sizes)
 
 
+MAX_HELD_OUT = 16  # calibration samples held out to check a stage's result on samples it did not see
+
+
+def held_out_count(samples: int) -> int:
+    """How many of ``samples`` calibration samples a check holds out: a quarter, at most ``MAX_HELD_OUT``."""
+    return min(MAX_HELD_OUT, max(1, samples // 4))
+
+
 class CalibrationSet:
     """The calibration samples of a folder, checked against the model inputs and read batch by batch.
 

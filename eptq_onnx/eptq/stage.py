@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import torch
 
-from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.data import CalibrationSet, held_out_count
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.errors import ModelError
 from eptq_onnx.eptq.hessian import LFHResult, label_free_hessian
@@ -52,6 +52,8 @@ class EptqOutcome:
     sqnr_before: Dict[str, float]
     sqnr_after: Dict[str, float]
     kept_init: Optional[str] = None  # why the optimized state was discarded for the initialized one
+    check_samples: int = 0  # how many samples the before / after SQNR were measured on
+    check_held_out: bool = False  # whether they were held out of the optimization
 
 
 def loss_tensors(model: onnx.ModelProto, plan: QuantPlan, learn_act_scales: bool = False) -> List[str]:
@@ -162,21 +164,35 @@ def run_eptq(
         loss_weights = mean_one(hessian.normalized)
     else:
         loss_weights = dict.fromkeys(names, 1.0)
-    check = list(calib.batches(limit=max(1, config.validation_samples)))
+    train, check_set = _check_split(calib)
+    check = list(check_set.batches(limit=max(1, config.validation_samples)))
+    held_out = check_set is not calib
+    log(f"EPTQ: optimized on {len(train)} calibration samples, checked on {len(check_set)} "
+        + ("held out" if held_out else "of the same (too few files to hold any out)"))
     twin.student.to(options.device)
     twin.teacher.to(options.device)
     before = tensor_sqnr(twin, check, names, options.device)
     # streamed: the optimization's stacked tensors are the only copy of the calibration set in memory
-    result = optimize(twin, calib.batches(), loss_weights, options, progress=progress, log=log, started_at=started_at,
-                      stack=calib.stackable)
+    result = optimize(twin, train.batches(), loss_weights, options, progress=progress, log=log, started_at=started_at,
+                      stack=train.stackable)
     after = tensor_sqnr(twin, check, names, options.device)
     twin.student.to("cpu")
     outputs = [o.name for o in model.graph.output if o.name in before]
     worse = output_regression(before, after, outputs)
+    checked = dict(check_samples=len(check_set), check_held_out=held_out)
     if worse is not None and options.discard_if_worse:
-        return EptqOutcome(model, weights, acts, hessian, fb_seconds, result, loss_weights, before, after, kept_init=worse)
+        return EptqOutcome(model, weights, acts, hessian, fb_seconds, result, loss_weights, before, after, kept_init=worse,
+                           **checked)
     new_model, new_weights, new_acts = _write_back(twin, model, acts)
-    return EptqOutcome(new_model, new_weights, new_acts, hessian, fb_seconds, result, loss_weights, before, after)
+    return EptqOutcome(new_model, new_weights, new_acts, hessian, fb_seconds, result, loss_weights, before, after, **checked)
+
+
+def _check_split(calib: CalibrationSet) -> Tuple[CalibrationSet, CalibrationSet]:
+    """(samples to optimize on, samples to check the result on): the last files held out (a quarter, at
+    most MAX_HELD_OUT samples), so that a result fitted to its training samples is not kept for its fit
+    to them; the whole set twice when it cannot spare any."""
+    parts = calib.split(held_out_count(len(calib)))
+    return parts if parts is not None else (calib, calib)
 
 
 def output_regression(before: Dict[str, float], after: Dict[str, float], outputs: List[str]) -> Optional[str]:

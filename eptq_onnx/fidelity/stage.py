@@ -6,11 +6,11 @@ from typing import Dict, Tuple
 
 import onnx
 
-from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.data import CalibrationSet, held_out_count
 from eptq_onnx.context import RunContext
 from eptq_onnx.eptq.schedule import budget_deadline
 from eptq_onnx.errors import ModelError
-from eptq_onnx.fidelity.target import held_out_count, meet_target
+from eptq_onnx.fidelity.target import meet_target
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.plan.qpoints import QuantPlan

@@ -24,7 +24,7 @@ import torch
 from onnx import numpy_helper
 from tqdm import tqdm
 
-from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.data import MAX_HELD_OUT, CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
@@ -39,7 +39,6 @@ from eptq_onnx.twin.weighted import WeightedOp
 
 MIN_GAIN_DB = 0.05  # a candidate that buys less on the held-out samples stays quantized
 RANK_SAMPLES = 16  # calibration samples the candidates are ranked on
-MAX_HELD_OUT = 16  # calibration samples held out to check the target
 MIN_RANK_SAMPLES = 2  # ... and the fewest the ranking is cut to when RANK_SAMPLES would not fit its time
 SUBSET_SHARE = 0.9  # of a candidate's gain that one freeing fewer of its points must buy to be tried first
 RANK_SHARE = 0.5  # of the time left when the target starts, for ranking: the rest is for trying candidates
@@ -79,11 +78,6 @@ class FidelityOutcome:
         state = "reached" if self.reached else "NOT reached"
         return (f"fidelity target {self.target_db:.1f} dB {state}: held-out output SQNR {self.start_db:.1f} -> "
                 f"{self.final_db:.1f} dB on {self.held_out_samples} samples{left}")
-
-
-def held_out_count(samples: int) -> int:
-    """How many calibration samples the target holds out: a quarter, at most ``MAX_HELD_OUT``."""
-    return min(MAX_HELD_OUT, max(1, samples // 4))
 
 
 def _candidates(model: onnx.ModelProto, plan: QuantPlan, points: Dict[str, List[torch.nn.Module]],

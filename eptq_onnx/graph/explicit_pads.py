@@ -1,10 +1,12 @@
-"""auto_pad SAME_UPPER / SAME_LOWER written as explicit pads where the spatial input dims are static.
+"""auto_pad SAME_UPPER / SAME_LOWER written as explicit pads where the padding does not depend on the input.
 
 TensorFlow exporters write ``auto_pad="SAME_UPPER"`` on convolutions and pools; onnxruntime runs it,
 but torch (and so the differentiable twin) has no such padding mode. With static spatial dims the
 padding ONNX means is fixed: output ``ceil(in / stride)``, total padding
 ``max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in)``, the odd pixel at the end (SAME_UPPER)
-or at the beginning (SAME_LOWER). Nodes whose input shape is not known keep their attribute.
+or at the beginning (SAME_LOWER). Along a dim of stride 1 that is ``(k - 1) * dilation`` whatever the
+size, so a dynamic dim is fine there; a node with a dynamic dim of another stride, or an input of
+unknown rank, keeps its attribute.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ SAME_PADDED_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 
 
 def make_pads_explicit(graph: onnx.GraphProto) -> int:
-    """Rewrite every SAME_* auto_pad of ``graph`` whose input shape is static; returns how many."""
+    """Rewrite every SAME_* auto_pad of ``graph`` whose padding is fixed by its input shape; returns how many."""
     shapes = _static_shapes(graph)
     rewritten = 0
     for node in graph.node:
@@ -34,6 +36,8 @@ def make_pads_explicit(graph: onnx.GraphProto) -> int:
             continue
         strides = _ints(attrs, "strides", [1] * len(spatial))
         dilations = _ints(attrs, "dilations", [1] * len(spatial))
+        if any(size is None and stride != 1 for size, stride in zip(spatial, strides)):
+            continue
         pads = same_pads(spatial, kernel, strides, dilations, upper=mode == "SAME_UPPER")
         keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
         del node.attribute[:]
@@ -43,13 +47,17 @@ def make_pads_explicit(graph: onnx.GraphProto) -> int:
 
 
 def same_pads(
-    spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], upper: bool
+    spatial: Sequence[Optional[int]], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], upper: bool
 ) -> list[int]:
-    """ONNX ``pads`` (all begins, then all ends) equal to SAME_UPPER (``upper``) or SAME_LOWER."""
+    """ONNX ``pads`` (all begins, then all ends) equal to SAME_UPPER (``upper``) or SAME_LOWER; a size
+    may be None (dynamic) where the stride is 1."""
     begins, ends = [], []
     for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
-        out = math.ceil(size / stride)
-        total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+        if size is None:
+            assert stride == 1, "a dynamic dim needs stride 1"
+            total = (k - 1) * dilation
+        else:
+            total = max(0, (math.ceil(size / stride) - 1) * stride + (k - 1) * dilation + 1 - size)
         small, large = total // 2, total - total // 2
         begins.append(small if upper else large)
         ends.append(large if upper else small)
@@ -65,10 +73,11 @@ def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[Optional[int]]]:
     return shapes
 
 
-def _spatial_dims(shape: Optional[list[Optional[int]]]) -> Optional[list[int]]:
-    if shape is None or len(shape) < 3 or any(d is None or d <= 0 for d in shape[2:]):
+def _spatial_dims(shape: Optional[list[Optional[int]]]) -> Optional[list[Optional[int]]]:
+    """The spatial sizes (None where dynamic), or None when the rank is unknown."""
+    if shape is None or len(shape) < 3:
         return None
-    return [int(d) for d in shape[2:]]
+    return [int(d) if d is not None and d > 0 else None for d in shape[2:]]
 
 
 def _kernel(node: onnx.NodeProto, attrs: dict, shapes: dict) -> Optional[list[int]]:
