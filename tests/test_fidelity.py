@@ -11,11 +11,10 @@ import onnxruntime as ort
 from click.testing import CliRunner
 
 from eptq_onnx import quantize
-from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.data import CalibrationSet, held_out_count
 from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.cli import main
 from eptq_onnx.config import CalibOptions
-from eptq_onnx.calib.data import held_out_count
 from models import zoo_analysis
 from tests.helpers import init_only
 

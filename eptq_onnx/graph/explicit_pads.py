@@ -21,7 +21,7 @@ SAME_PADDED_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 
 def make_pads_explicit(graph: onnx.GraphProto) -> int:
     """Rewrite every SAME_* auto_pad of ``graph`` whose padding is fixed by its input shape; returns how many."""
-    shapes = _static_shapes(graph)
+    shapes = _known_shapes(graph)
     rewritten = 0
     for node in graph.node:
         if node.op_type not in SAME_PADDED_OPS or node.domain not in ("", "ai.onnx"):
@@ -64,7 +64,8 @@ def same_pads(
     return begins + ends
 
 
-def _static_shapes(graph: onnx.GraphProto) -> dict[str, list[Optional[int]]]:
+def _known_shapes(graph: onnx.GraphProto) -> dict[str, list[Optional[int]]]:
+    """Tensor name -> dims (None where dynamic), for every tensor of known rank."""
     shapes: dict[str, list[Optional[int]]] = {init.name: list(init.dims) for init in graph.initializer}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor = info.type.tensor_type

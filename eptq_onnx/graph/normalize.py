@@ -3,7 +3,7 @@
 Topologically sorted (any valid order is accepted), checked, float16 computed in float32
 (float16.py), opset >= 13, constants folded (Constant nodes become initializers, static shape
 subgraphs fold away), Identity nodes removed, sorted again, shapes inferred, SAME_* auto_pad written as
-explicit pads where the input shape is static (explicit_pads.py).
+explicit pads where the input shape fixes them (explicit_pads.py).
 Graph input and output names, their order and their dynamic dimensions are kept (a declared output
 shape of the wrong rank, which onnxruntime runs with a warning, takes the inferred shape).
 """
