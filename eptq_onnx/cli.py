@@ -116,8 +116,8 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          weight_rounding: str, act16_below: float, percentile: float, target: str, exclude: Tuple[str, ...], overrides_file: Optional[Path],
-                          quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
+                          weight_rounding: str, act16_below: float, percentile: float, target: str, reduce_range: Optional[bool],
+                          exclude: Tuple[str, ...], overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
     """The QuantConfig fields that QUANTIZATION_OPTIONS set (UsageError for a malformed value)."""
@@ -139,6 +139,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         act16_below=act16_below,
         percentile=percentile,
         target=target,
+        reduce_range=reduce_range,
         exclude=tuple(exclude),
         overrides=read_overrides(overrides_file) if overrides_file is not None else (),
         quantize_outputs=quantize_outputs,
@@ -218,6 +219,12 @@ QUANTIZATION_OPTIONS = _options(
                  help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
                  "trt (symmetric int8, INT4 only on MatMul/Gemm), qnn (uint8/uint16 activations, per-tensor "
                  "MatMul/Gemm weights) or generic (everything ONNX allows, native INT2 included)."),
+    click.option("--reduce-range/--no-reduce-range", "reduce_range", default=None,
+                 help="ort-cpu: 8-bit Conv/MatMul/Gemm weights (with uint8 activations) in the 7-bit range, "
+                 "onnxruntime's remedy for its integer kernels' int16 saturation on x86 CPUs without VNNI "
+                 "(full 8-bit codes lose most of a model's accuracy there). Default: only when onnxruntime on "
+                 "this machine saturates (a probe at start; the report says which). Set it when the model "
+                 "will run on such a CPU and this machine has VNNI."),
     click.option("--exclude", "exclude", multiple=True, metavar="PATTERN",
                  help="Keep these nodes float (repeatable): a node name or output tensor name as the model spells it; "
                  "else a regular expression that must match a whole node or tensor name (re.fullmatch); or op:TYPE for "
@@ -331,7 +338,8 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, percentile: float, weight_storage: str, target: str, exclude: Tuple[str, ...],
+         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, percentile: float, weight_storage: str, target: str, reduce_range: Optional[bool],
+         exclude: Tuple[str, ...],
          overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
          num_calib: Optional[int], batch_size: int, image_size: Optional[str], mean: Optional[str], std: Optional[str],
@@ -363,7 +371,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
                 weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below, percentile=percentile,
-                target=target, exclude=exclude,
+                target=target, reduce_range=reduce_range, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),
             weight_storage=weight_storage,  # type: ignore[arg-type]

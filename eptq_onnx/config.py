@@ -163,6 +163,9 @@ class QuantConfig:
     optimize: OptimizeOptions = field(default_factory=OptimizeOptions)
     mixed: Optional[MixedPrecisionOptions] = None  # None: every weight at weight_bits
     target: str = DEFAULT_TARGET  # deployment profile (targets.py): ort-cpu, trt, qnn, generic
+    # the target's 7-bit range for 8-bit U8S8 weights (targets.with_reduce_range); None: where
+    # onnxruntime on this machine needs it (plan/u8s8_probe.py)
+    reduce_range: Optional[bool] = None
     # nodes kept float (plan/exclusions.py): node or output tensor names, regexes over them, op:TYPE
     exclude: Tuple[str, ...] = ()
     # per-tensor or per-node settings of the user (plan/overrides.py, --overrides FILE)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.graph.tensor_store import TensorStore
-from eptq_onnx.plan.targets import Target, get_target
+from eptq_onnx.plan.targets import Target, get_target, with_reduce_range
 from eptq_onnx.report import Report
 
 
@@ -40,7 +40,7 @@ class RunContext:
 
     @property
     def target(self) -> Target:
-        return get_target(self.config.target)
+        return with_reduce_range(get_target(self.config.target), self.config.reduce_range)
 
     @property
     def log(self) -> Callable[[str], None]:

@@ -361,6 +361,8 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, fixe
                             config.weight_rounding)
 
     candidates = {b: init(plan, b) for b in widths}
+    if 8 in widths or 8 in fixed_bits.values():
+        _note_u8s8_range(run)
     if config.weight_rounding == "gptq":
         gptq = sum(w.rounding == "gptq" for w in candidates[widths[0]].values())
         run.log(f"weight rounding: GPTQ on {gptq} of {len(candidates[widths[0]])} weights (the others round to "
@@ -370,6 +372,21 @@ def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, fixe
         for weights in candidates.values():
             weights.update(own)
     return candidates
+
+
+def _note_u8s8_range(run: RunContext) -> None:
+    """Say (log and report) whether 8-bit weights of U8S8 kernels took the target's 7-bit range, and why."""
+    rule = get_target(run.config.target).u8s8_weight_bits
+    if rule is None or run.config.act_symmetric:
+        return
+    reduced = run.target.u8s8_weight_bits is not None
+    asked = run.config.reduce_range
+    why = ("--reduce-range" if asked else "--no-reduce-range") if asked is not None else (
+        "onnxruntime's CPU kernels on this machine saturate U8S8 int16 pair sums (x86 without VNNI)" if reduced
+        else "onnxruntime's CPU kernels on this machine compute U8S8 products exactly")
+    run.report.u8s8_range = {"reduce_range": reduced, "weight_bits": rule if reduced else 8, "why": why}
+    run.log(f"8-bit Conv/MatMul/Gemm weights: {'7-bit range' if reduced else 'full int8 range'} ({why})"
+            + ("" if reduced else "; for x86 CPUs without VNNI, quantize with --reduce-range"))
 
 
 def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],

@@ -68,6 +68,8 @@ class Report:
     mixed_precision: Dict[str, Any] = field(default_factory=dict)
     latency: Dict[str, Any] = field(default_factory=dict)
     fidelity: Dict[str, Any] = field(default_factory=dict)  # fidelity/target.FidelityOutcome (--min-sqnr)
+    # ort-cpu's 8-bit U8S8 weights: reduce_range (7-bit codes or full int8), weight_bits, why (plan/u8s8_probe.py)
+    u8s8_range: Dict[str, Any] = field(default_factory=dict)
     overrides: List[Dict[str, Any]] = field(default_factory=list)  # --overrides: each entry and what it set
 
     def warn(self, message: str) -> None:

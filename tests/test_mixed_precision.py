@@ -249,7 +249,8 @@ def test_eptq_optimizes_at_the_chosen_bits(cnn_files) -> None:
     chosen = {layer["weight"]: layer["bits"] for layer in result.report.mixed_precision["layers"]}
     assert result.report.optimization["iters"] == 6
     for name, wq in result.state.weights.items():
-        assert wq.bits == (7 if chosen[name] == 8 else chosen[name])  # 8: ort-cpu's U8S8 7-bit range (targets.integer_kernel_bits)
+        u8s8 = result.report.u8s8_range.get("weight_bits", 8)  # ort-cpu's U8S8 range of 8-bit weights (targets.with_reduce_range)
+        assert wq.bits == (u8s8 if chosen[name] == 8 else chosen[name])
         assert wq.codes.min() >= -(1 << (wq.bits - 1)) and wq.codes.max() <= (1 << (wq.bits - 1)) - 1
 
 

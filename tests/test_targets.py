@@ -131,11 +131,70 @@ def test_cli_target(tmp_path, calib_for) -> None:
 
 def test_ort_cpu_8bit_gemm_weights_take_the_u8s8_safe_range() -> None:
     """2 x 255 x 127 overflows int16 (vpmaddubsw); 2 x 255 x 63 does not."""
-    from eptq_onnx.plan.targets import U8S8_SAFE_WEIGHT_BITS, integer_kernel_bits
+    from eptq_onnx.plan.targets import U8S8_SAFE_WEIGHT_BITS, integer_kernel_bits, with_reduce_range
 
-    ort_cpu, generic = get_target("ort-cpu"), get_target("generic")
+    ort_cpu, generic = with_reduce_range(get_target("ort-cpu"), True), get_target("generic")
     assert 2 * 255 * ((1 << (U8S8_SAFE_WEIGHT_BITS - 1)) - 1) < 2**15 <= 2 * 255 * 127
     assert [integer_kernel_bits(ort_cpu, 8, op, False) for op in ("Conv", "MatMul", "Gemm")] == [7, 7, 7]
     assert integer_kernel_bits(ort_cpu, 8, "Conv", True) == 8  # int8 activations: S8S8 kernels
     assert integer_kernel_bits(ort_cpu, 4, "Conv", False) == 4  # 4-bit weights run as DequantizeLinear -> float op
     assert integer_kernel_bits(generic, 8, "MatMul", False) == 8
+    assert integer_kernel_bits(with_reduce_range(get_target("ort-cpu"), False), 8, "Conv", False) == 8
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_default_range_follows_the_probe(saturates: bool, monkeypatch) -> None:
+    from eptq_onnx.plan import u8s8_probe
+    from eptq_onnx.plan.targets import with_reduce_range
+
+    monkeypatch.setattr(u8s8_probe, "u8s8_saturates", lambda: saturates)
+    assert (with_reduce_range(get_target("ort-cpu"), None).u8s8_weight_bits is not None) == saturates
+    assert with_reduce_range(get_target("generic"), None) == get_target("generic")  # no U8S8 rule to keep
+
+
+def test_u8s8_probe_runs_the_fused_integer_kernels_and_detects_saturation(tmp_path) -> None:
+    """Each probe fuses into a QLinear op (the kernels a written model runs); computed in float it
+    codes exactly to OUT_CODE, and int16-saturated pair sums would code more than one step off."""
+    import onnxruntime as ort
+
+    from eptq_onnx.plan.u8s8_probe import OUT_CODE, W_CODE, X_CODE, _probes, u8s8_saturates
+
+    for i, (model, shape) in enumerate(_probes()):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"probe{i}.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        assert {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node} & {"QLinearConv", "QLinearMatMul"}
+        plain = ort.SessionOptions()
+        plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        y = ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.full(shape, float(X_CODE), np.float32)})[0]
+        scale = float(onnx.numpy_helper.to_array(model.graph.initializer[-1]))
+        np.testing.assert_allclose(y / scale, OUT_CODE, atol=0.5)
+        taps = int(round(scale * OUT_CODE / (X_CODE * W_CODE)))
+        saturated = taps // 2 * min(2 * X_CODE * W_CODE, 2**15 - 1)  # vpmaddubsw: each pair sum clamped to int16
+        assert abs(saturated / scale - OUT_CODE) > 1
+    assert isinstance(u8s8_saturates(), bool)
+
+
+def test_cli_reduce_range_sets_the_weight_range(tmp_path, calib_for) -> None:
+    """--reduce-range stores 8-bit Conv codes in [-64, 63]; --no-reduce-range in the full int8 range; the
+    report says which and why."""
+    import json
+
+    model = zoo.ZOO["mobilenet_v3"]()
+    src, calib = tmp_path / "m.onnx", calib_for(model, 4)
+    onnx.save(model, src)
+    ranges = {}
+    for flag in ("--reduce-range", "--no-reduce-range"):
+        out, report = tmp_path / f"{flag}.onnx", tmp_path / f"{flag}.json"
+        args = [str(src), str(out), "--calib", str(calib), "--iters", "0", "-q", "--weight-bits", "8", "--no-latency",
+                "--report", str(report), flag]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        codes = np.concatenate([onnx.numpy_helper.to_array(t).astype(np.int32).ravel() for t in onnx.load(out).graph.initializer
+                                if t.name.endswith("_quantized") and t.data_type == onnx.TensorProto.INT8])
+        ranges[flag] = ((codes.min(), codes.max()), json.loads(report.read_text())["u8s8_range"])
+    assert -64 <= ranges["--reduce-range"][0][0] and ranges["--reduce-range"][0][1] <= 63
+    assert max(-ranges["--no-reduce-range"][0][0], ranges["--no-reduce-range"][0][1]) > 64
+    assert ranges["--reduce-range"][1] == {"reduce_range": True, "weight_bits": 7, "why": "--reduce-range"}
+    assert ranges["--no-reduce-range"][1]["weight_bits"] == 8

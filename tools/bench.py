@@ -64,6 +64,7 @@ import eptq_onnx  # noqa: E402
 from eptq_onnx import CalibOptions, QuantConfig, quantize  # noqa: E402
 from eptq_onnx.eptq import kernels as training_kernels  # noqa: E402
 from eptq_onnx.config import OptimizeOptions  # noqa: E402
+from eptq_onnx.plan.u8s8_probe import u8s8_saturates  # noqa: E402
 from eptq_onnx.calib.data import CalibrationSet  # noqa: E402
 from eptq_onnx.calib.specs import input_specs  # noqa: E402
 from eptq_onnx.init.quantizers import sqnr_db  # noqa: E402
@@ -239,9 +240,9 @@ class OrtStatic:
                 activation_type=QuantType.QUInt8,
                 weight_type=ORT_WEIGHT_TYPES[bits],
                 calibrate_method=self.calibrate_method,
-                # 7-bit 8-bit weights, onnxruntime's own remedy for its U8S8 kernels on CPUs without
-                # VNNI (int16 saturation), as our ort-cpu target does (targets.integer_kernel_bits)
-                reduce_range=bits == 8,
+                # 7-bit 8-bit weights (onnxruntime's remedy for its U8S8 kernels' int16 saturation on
+                # x86 without VNNI) where this machine needs them, as our ort-cpu default decides
+                reduce_range=bits == 8 and u8s8_saturates(),
             )
         prepared.unlink()
         return None

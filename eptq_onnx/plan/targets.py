@@ -8,7 +8,7 @@ per-channel is not allowed, ``qdq_writer`` picks storage types and scale shapes 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
@@ -61,7 +61,9 @@ class Target:
 # MatMulIntegerToFloat: MLAS U8S8 GEMM) multiply with vpmaddubsw on AVX2/AVX-512 CPUs without VNNI,
 # which adds pairs of products into int16 with saturation: 2 x 255 x 127 overflows, 2 x 255 x 63 does
 # not. onnxruntime's own quantizer avoids it with reduce_range (7-bit weights); every Conv takes it,
-# those of one input channel (weight [C, 1, k, k]) included, which saturate too.
+# those of one input channel (weight [C, 1, k, k]) included, which saturate too. With VNNI, on ARM
+# and elsewhere the kernels are exact and the range costs 6 dB of weight SQNR for nothing: a run
+# keeps it where onnxruntime on its machine saturates, or as --reduce-range says (with_reduce_range).
 U8S8_GEMM_OPS = frozenset(("Conv", "MatMul", "Gemm"))
 U8S8_SAFE_WEIGHT_BITS = 7
 TARGETS: Dict[str, Target] = {
@@ -98,6 +100,18 @@ def integer_kernel_bits(target: Target, bits: int, op_type: str, act_signed: boo
     if target.u8s8_weight_bits is not None and bits == 8 and not act_signed and op_type in U8S8_GEMM_OPS:
         return target.u8s8_weight_bits
     return bits
+
+
+def with_reduce_range(target: Target, reduce_range: Optional[bool]) -> Target:
+    """``target`` with its U8S8 weight range (``u8s8_weight_bits``) kept (True) or lifted (False);
+    None keeps it where onnxruntime's CPU kernels on this machine saturate (plan/u8s8_probe.py)."""
+    if target.u8s8_weight_bits is None:
+        return target
+    if reduce_range is None:
+        from eptq_onnx.plan.u8s8_probe import u8s8_saturates
+
+        reduce_range = u8s8_saturates()
+    return target if reduce_range else replace(target, u8s8_weight_bits=None)
 
 
 def get_target(name: str) -> Target:

@@ -20,6 +20,8 @@ import onnx.version_converter
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
 from onnxruntime.quantization import quant_pre_process, quantize_static
 
+from eptq_onnx.plan.u8s8_probe import u8s8_saturates
+
 
 def load_feed(path: Path, input_names: List[str]) -> Dict[str, np.ndarray]:
     """One calibration file as a feed: an .npy for the single input, an .npz keyed by input name."""
@@ -84,7 +86,9 @@ def main() -> None:
             quantize_static(str(prepared), str(out), FolderReader(calib, names), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod[method],
-                            reduce_range=True)  # 7-bit weights: its remedy for U8S8 int16 saturation without VNNI
+                            # 7-bit weights (its remedy for U8S8 int16 saturation on x86 without VNNI) where
+                            # this machine needs them, as our ort-cpu default decides (plan/u8s8_probe.py)
+                            reduce_range=u8s8_saturates())
 
 
 if __name__ == "__main__":
