@@ -131,6 +131,14 @@ def test_verdicts_and_report() -> None:
     assert "error: boom / pipe" in text and "resemblyzer: not fetched" in text
     js = runner.to_json(results, meta, {})
     assert js["models"]["ppocrv5_det"]["results"][0]["rc"] == 5
+    for rows in results.values():
+        for r in rows:
+            r.commit = "abc"
+    assert "another commit" not in runner.render(results, meta, {})
+    results["ppocrv5_det"][1].commit = "old1"
+    text = runner.render(results, meta, {})
+    assert "**Rows run at another commit** (kept by `--rerun`): old1: ppocrv5_det w8a8_target" in text
+    assert "| -x | old1 | - |" in text and "| -x | abc | - |" in text
 
 
 def test_feeds_roundtrip(tmp_path: Path) -> None:
