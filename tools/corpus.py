@@ -100,20 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     meta = runner.run_meta(argv, opts)
     previous = (runner.load_previous(args.out.with_name("corpus.json"))
                 if args.resume or args.retry_killed or args.rerun else {})
+    earlier = dict(previous)  # every earlier row: a model this run has not reached yet keeps them all
     if args.rerun:
         chosen = {e.name for e in entries}
         previous = {k: r for k, r in previous.items() if not (k[0] in chosen and k[1] in settings)}
     if args.retry_killed:
         previous = {k: r for k, r in previous.items() if not r.error.startswith(runner.KILLED)}
     # models of an earlier run that this one does not touch keep their rows (--resume with --models)
-    names = [e.name for e in corpus.ENTRIES if e in entries or any(m == e.name for m, _ in previous)]
+    names = [e.name for e in corpus.ENTRIES if e in entries or any(m == e.name for m, _ in earlier)]
 
-    def write(partial: dict) -> None:  # models not run yet keep their previous rows (an interrupted --resume loses none)
+    def write(partial: dict) -> None:  # models not run yet keep their previous rows (an interrupted run loses none)
         kept = {}
         for n in names:  # this run's rows, then the earlier rows of settings this run does not touch
             rows = list(partial.get(n, []))
             done = {r.setting for r in rows} | (set(settings) if n in partial else set())
-            rows += [r for (m, s), r in previous.items() if m == n and s not in done]
+            rows += [r for (m, s), r in (previous if n in partial else earlier).items() if m == n and s not in done]
             kept[n] = sorted(rows, key=lambda r: runner.SETTINGS.index(r.setting))
         runner.write_docs({n: rows for n, rows in kept.items() if rows}, meta, missing, args.out)
 
