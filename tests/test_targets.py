@@ -159,21 +159,19 @@ def test_u8s8_probe_runs_the_fused_integer_kernels_and_detects_saturation(tmp_pa
 
     from eptq_onnx.plan.u8s8_probe import OUT_CODE, W_CODE, X_CODE, _probes, u8s8_saturates
 
-    for i, (model, shape) in enumerate(_probes()):
+    for i, probe in enumerate(_probes()):
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(tmp_path / f"probe{i}.onnx")
         options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(probe.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         assert {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node} & {"QLinearConv", "QLinearMatMul"}
         plain = ort.SessionOptions()
         plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        y = ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(
-            None, {"x": np.full(shape, float(X_CODE), np.float32)})[0]
-        scale = float(onnx.numpy_helper.to_array(model.graph.initializer[-1]))
-        np.testing.assert_allclose(y / scale, OUT_CODE, atol=0.5)
-        taps = int(round(scale * OUT_CODE / (X_CODE * W_CODE)))
-        saturated = taps // 2 * min(2 * X_CODE * W_CODE, 2**15 - 1)  # vpmaddubsw: each pair sum clamped to int16
-        assert abs(saturated / scale - OUT_CODE) > 1
+        y = ort.InferenceSession(probe.model.SerializeToString(), plain, providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.full(probe.shape, float(X_CODE), np.float32)})[0]
+        np.testing.assert_allclose(y / probe.y_scale, OUT_CODE, atol=0.5)
+        saturated = probe.taps // 2 * min(2 * X_CODE * W_CODE, 2**15 - 1)  # vpmaddubsw: each pair sum clamped to int16
+        assert abs(saturated / probe.y_scale - OUT_CODE) > 1
     assert isinstance(u8s8_saturates(), bool)
 
 

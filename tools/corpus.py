@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = runner.RunOptions(cache, settings, args.time_budget, args.run_timeout, args.rss_limit_mb, runs,
                              shlex.split(args.extra))
     meta = runner.run_meta(argv, opts)
+    opts.commit = meta["commit"]  # every row of this run records the commit it started at
     previous = (runner.load_previous(args.out.with_name("corpus.json"))
                 if args.resume or args.retry_killed or args.rerun else {})
     earlier = dict(previous)  # every earlier row: a model this run has not reached yet keeps them all

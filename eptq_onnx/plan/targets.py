@@ -17,6 +17,7 @@ import onnx
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.ops.registry import LOW_BIT_LINEAR
 from eptq_onnx.ops.registry import ORT_FUSED_ACTIVATIONS
+from eptq_onnx.plan import u8s8_probe
 
 ActType = Tuple[int, bool]  # (bits, signed)
 ACT_TYPE_NAMES = {(8, False): "uint8", (8, True): "int8", (16, False): "uint16", (16, True): "int16"}
@@ -108,9 +109,7 @@ def with_reduce_range(target: Target, reduce_range: Optional[bool]) -> Target:
     if target.u8s8_weight_bits is None:
         return target
     if reduce_range is None:
-        from eptq_onnx.plan.u8s8_probe import u8s8_saturates
-
-        reduce_range = u8s8_saturates()
+        reduce_range = u8s8_probe.u8s8_saturates()
     return target if reduce_range else replace(target, u8s8_weight_bits=None)
 
 

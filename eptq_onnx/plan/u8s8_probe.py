@@ -10,7 +10,7 @@ QDQ fusions pick the same kernels as a written model's) and checks that the resu
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, NamedTuple
 
 import numpy as np
 import onnx
@@ -20,16 +20,24 @@ X_CODE, W_CODE = 255, 127  # the largest uint8 input and int8 weight codes: ever
 OUT_CODE = 200  # the exact result's output code (a saturated one lands near half of it)
 
 
-def _qdq_model(op: str, x_shape: List[int], w: np.ndarray, attrs: dict) -> onnx.ModelProto:
+class Probe(NamedTuple):
+    model: onnx.ModelProto
+    shape: List[int]  # of its input x (fed all X_CODE)
+    y_scale: float  # the output's step: the exact result is OUT_CODE steps
+    taps: int  # products summed per output (each X_CODE x W_CODE)
+
+
+def _qdq_probe(op: str, x_shape: List[int], w: np.ndarray, attrs: dict) -> Probe:
     """x -> Q/DQ (uint8, scale 1) -> op with DQ(int8 weights, scale 1) -> Q/DQ -> y, scaled so that the
     exact result codes to OUT_CODE."""
-    exact = float(X_CODE * W_CODE * int(np.prod(w.shape[1:]) if op == "Conv" else w.shape[0]))
+    taps = int(np.prod(w.shape[1:]) if op == "Conv" else w.shape[0])
+    y_scale = float(np.float32(X_CODE * W_CODE * taps / OUT_CODE))
     inits = [
         numpy_helper.from_array(w.astype(np.int8), "w_q"),
         numpy_helper.from_array(np.array(1.0, np.float32), "one"),
         numpy_helper.from_array(np.array(0, np.uint8), "zp_u8"),
         numpy_helper.from_array(np.array(0, np.int8), "zp_s8"),
-        numpy_helper.from_array(np.array(exact / OUT_CODE, np.float32), "y_scale"),
+        numpy_helper.from_array(np.array(y_scale, np.float32), "y_scale"),
     ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "one", "zp_u8"], ["x_q"]),
@@ -41,15 +49,16 @@ def _qdq_model(op: str, x_shape: List[int], w: np.ndarray, attrs: dict) -> onnx.
     ]
     graph = helper.make_graph(nodes, f"u8s8_probe_{op}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    return Probe(model, x_shape, y_scale, taps)
 
 
-def _probes() -> List[tuple]:
-    """(model, input shape): a Conv over 8 channels, a depthwise Conv and a MatMul, all of all-max codes."""
+def _probes() -> List[Probe]:
+    """A Conv over 8 channels, a depthwise Conv and a MatMul, all of all-max codes."""
     return [
-        (_qdq_model("Conv", [1, 8, 3, 3], np.full((16, 8, 3, 3), W_CODE), {}), [1, 8, 3, 3]),
-        (_qdq_model("Conv", [1, 16, 3, 3], np.full((16, 1, 3, 3), W_CODE), {"group": 16}), [1, 16, 3, 3]),
-        (_qdq_model("MatMul", [4, 64], np.full((64, 16), W_CODE), {}), [4, 64]),
+        _qdq_probe("Conv", [1, 8, 3, 3], np.full((16, 8, 3, 3), W_CODE), {}),
+        _qdq_probe("Conv", [1, 16, 3, 3], np.full((16, 1, 3, 3), W_CODE), {"group": 16}),
+        _qdq_probe("MatMul", [4, 64], np.full((64, 16), W_CODE), {}),
     ]
 
 
@@ -61,10 +70,9 @@ def u8s8_saturates() -> bool:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    for model, shape in _probes():
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        y = sess.run(None, {"x": np.full(shape, float(X_CODE), np.float32)})[0]
-        scale = float(numpy_helper.to_array(model.graph.initializer[-1]))
-        if not np.all(np.abs(y / scale - OUT_CODE) <= 1):
+    for probe in _probes():
+        sess = ort.InferenceSession(probe.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": np.full(probe.shape, float(X_CODE), np.float32)})[0]
+        if not np.all(np.abs(y / probe.y_scale - OUT_CODE) <= 1):
             return True
     return False

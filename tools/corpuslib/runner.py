@@ -325,7 +325,7 @@ def run_setting(entry: Entry, ctx: Ctx, setting: str, test: List[Feed], ref: Out
     out.unlink(missing_ok=True)
     args = quantize_command(setting, ctx, opts.cache / "data" / entry.name / "calib", out, opts.time_budget,
                             opts.extra)
-    res = Result(entry.name, setting, command="python -m " + shlex.join(args), commit=git_commit())
+    res = Result(entry.name, setting, command="python -m " + shlex.join(args), commit=opts.commit or git_commit())
     log(f"{entry.name} {setting}: quantizing")
     res.rc, res.wall_s, res.peak_rss_mb, stderr = run_child(args, work, opts.run_timeout, opts.rss_limit_mb)
     if res.rc != 0 or not out.exists():
@@ -353,6 +353,7 @@ class RunOptions:
     rss_limit_mb: float = 12000.0
     runs: Optional[Path] = None  # where the quantized models go (default: cache/runs)
     extra: Sequence[str] = ()  # more options of ours, for every one of our settings (experiments)
+    commit: str = ""  # what the rows record (the run's git_commit, from run_meta); empty: asked per row
 
 
 def run(entries: Sequence[Entry], opts: RunOptions, done: Optional[Callable[[Dict[str, List[Result]]], None]] = None,
