@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
+from eptq_onnx.calib.transfer import point_transfers
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.layer_inputs import LayerRowSampler
 from eptq_onnx.calib.memory import CalibSource, open_calibration
@@ -41,7 +42,7 @@ from eptq_onnx.mixed.sensitivity import SearchInputs
 from eptq_onnx.ops.registry import ORT_WEIGHT_ONLY_REQUANTIZED
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
-from eptq_onnx.plan.overrides import float_names, max_act_bits, resolve_for_run
+from eptq_onnx.plan.overrides import float_names, fused_layers, max_act_bits, resolve_for_run
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
 from eptq_onnx.plan.range_rules import GroupStats, refine_plan
 from eptq_onnx.plan.targets import get_target
@@ -195,7 +196,8 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
     with run.stage("normalize"):
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
-        plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible)
+        plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible,
+                          fused_layers(run, float_model))
         floated = float_names(run.config.overrides, float_model)
         plan = exclude_nodes(float_model, plan, run.config.exclude + floated, run.config.quantize_outputs)
         if not plan.weights and not plan.groups:
@@ -218,7 +220,8 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         rows = sampler.rows() if sampler is not None else {}
         candidates = _init_weights(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
-        acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts)
+        acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts,
+                                            point_transfers(float_model, plan))
         float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
                                          WideningCheck(candidates[max(candidates)], calib_set,
                                                        run.config.quantize_outputs, run.config.quantize_bias))

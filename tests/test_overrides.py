@@ -14,7 +14,7 @@ from eptq_onnx import quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions, QuantConfig
 from eptq_onnx.errors import UsageError
-from eptq_onnx.plan.overrides import parse_overrides
+from eptq_onnx.plan.overrides import layer_weight_bits, parse_overrides
 from models import zoo_analysis
 from tests.helpers import init_only
 
@@ -56,6 +56,16 @@ def test_weight_bits_override_sets_that_weight_alone(mlp) -> None:
     assert np.abs(codes["w1_quantized"]).max() > 7  # 8-bit codes (7-bit range on ort-cpu: at most 63)
     assert codes["w2_quantized"].min() >= -8 and codes["w2_quantized"].max() <= 7
     assert {"name": "w1", "applied_to": "weight", "bits": 8} in result.report.overrides
+
+
+def test_layer_weight_bits_reads_weight_and_node_overrides() -> None:
+    """The width a layer's placement is decided for (ort-cpu fuses 8-bit layers only): its weight's or
+    its node's override, not an activation's."""
+    overrides = parse_overrides({"w": {"bits": 8}, "conv2": {"bits": 3}, "x": {"bits": 16, "symmetric": True}})
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv1")
+    assert layer_weight_bits(overrides, {"w", "v"}, conv, 4) == 8
+    assert layer_weight_bits(overrides, {"w", "v"}, onnx.helper.make_node("Conv", ["x", "v"], ["z"], name="conv2"), 4) == 3
+    assert layer_weight_bits(overrides, {"w", "v"}, onnx.helper.make_node("Conv", ["x", "v"], ["u"], name="conv3"), 4) == 4
 
 
 def test_fixed_scale_and_range_are_written_and_never_learned(mlp) -> None:

@@ -69,6 +69,30 @@ def test_ort_cpu_layout_fuses_every_conv(name: str, calib_for) -> None:
         assert generic.report.validation["fused_op_types"].get("QLinearConv", 0) < convs
 
 
+def _activation_points(model: onnx.ModelProto) -> set:
+    inits = {t.name for t in model.graph.initializer}
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+
+def test_ort_cpu_places_points_for_fusion_only_where_a_layer_fuses(calib_for) -> None:
+    """ort-cpu's point on a Conv output in front of a HardSwish buys a QLinearConv only with int8 weights:
+    INT4 weights run as DequantizeLinear then the float Conv, so at W4 the points sit where the paper puts
+    them (as under generic), and with 4-bit codes in int8 containers every Conv fuses again."""
+    model = zoo.ZOO["mobilenet_v3"]()
+    calib = calib_for(model, 4)
+
+    def run(target: str, bits: int, storage: str = "native") -> onnx.ModelProto:
+        config = init_only(weight_bits=bits, target=target, weight_storage=storage, validation_samples=8)
+        return quantize(model, calib, config, progress=False)
+
+    ort4, generic4, ort8 = run("ort-cpu", 4), run("generic", 4), run("ort-cpu", 8)
+    assert _activation_points(ort4.model) == _activation_points(generic4.model)
+    assert _activation_points(ort8.model) > _activation_points(ort4.model)  # + the Conv outputs before HardSwish
+    in_int8 = run("ort-cpu", 4, "int8")
+    convs = _ops_with_weights(model, "Conv")
+    assert in_int8.report.validation["fused_op_types"].get("QLinearConv", 0) == convs - _last_layers(model)
+
+
 def test_each_rule_catches_its_violation(calib_for) -> None:
     """A generic model (uint8, INT4 Conv weights, per-channel MatMul) breaks trt's and qnn's rules."""
     _, w4 = _quantized("mobilevit", "generic", 4, calib_for)

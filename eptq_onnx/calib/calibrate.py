@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.layer_inputs import LayerRowSampler
+from eptq_onnx.calib.transfer import Transfer
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.plan.overrides import ActOverride
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -67,15 +68,16 @@ def range_statistics(model: onnx.ModelProto, plan: QuantPlan, calib: Calibration
 
 def calibrate_activations(
     plan: QuantPlan, ranges: RangePass, calib: CalibrationSet, config: QuantConfig, progress: bool = True,
-    overrides: Optional[Mapping[int, ActOverride]] = None,
+    overrides: Optional[Mapping[int, ActOverride]] = None, transfers: Optional[Mapping[int, Transfer]] = None,
 ) -> tuple[Dict[int, ActParams], Dict[int, GroupStats]]:
     """Quantization parameters of every activation group of ``plan`` (refined by the range rules from
     ``ranges``), by ``config.calib_method``: from the min/max, or from pass 2's histograms; a group in
-    ``overrides`` (plan/overrides.py) takes its coding from there, and its parameters when they are fixed.
-    Returns the parameters and the statistics per group."""
+    ``overrides`` (plan/overrides.py) takes its coding from there, and its parameters when they are fixed;
+    an ``mse`` range of a group in ``transfers`` minimizes the error of what the activation that reads it
+    computes (calib/transfer.py). Returns the parameters and the statistics per group."""
     if not plan.groups:
         return {}, {}
-    overrides = overrides or {}
+    overrides, transfers = overrides or {}, transfers or {}
     stats = group_stats(plan.groups, ranges.root_stats)
     fixed = {i: _fixed_params(o) for i, o in overrides.items() if o.source.fixed}
     coded = {g.id: _coded(config, overrides.get(g.id)) for g in plan.groups}
@@ -93,7 +95,7 @@ def calibrate_activations(
         for name, value in outputs.items():
             hists[roots[name].id].add(value)
     for group_id, hist in hists.items():
-        params[group_id] = _params_from_histogram(hist, coded[group_id])
+        params[group_id] = _params_from_histogram(hist, coded[group_id], transfers.get(group_id))
     return params, stats
 
 
@@ -118,10 +120,10 @@ def _histogram(stats: GroupStats) -> Histogram:
     return Histogram(stats.lo, stats.hi)
 
 
-def _params_from_histogram(hist: Histogram, config: QuantConfig) -> ActParams:
+def _params_from_histogram(hist: Histogram, config: QuantConfig, transfer: Optional[Transfer]) -> ActParams:
     if hist.total() == 0:
         return params_for_range(0.0, 0.0, config.act_bits, config.act_symmetric)
     if config.calib_method == "percentile":
         return params_percentile(hist, config.act_bits, config.act_symmetric, config.percentile)
-    return params_mse(hist, config.act_bits, config.act_symmetric)
+    return params_mse(hist, config.act_bits, config.act_symmetric, transfer)
 

@@ -236,30 +236,44 @@ class Histogram:
         return float(self.counts.sum() + self.zeros)
 
 
-def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scales: np.ndarray,
+                     transfer: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
     """Expected squared error of quantizing the histogram for each candidate range.
 
     Values outside [low, high] cost their distance to the bound squared; values inside cost the
-    rounding noise scale^2 / 12; exact zeros cost nothing (zero is always representable).
+    rounding noise scale^2 / 12; exact zeros cost nothing (zero is always representable). With a
+    ``transfer`` f (the activation that alone reads the point, calib/transfer.py) the errors are
+    those of f's output: a clipped value costs (f(x) - f(bound))^2, rounding noise f'(x)^2 scale^2 / 12.
     """
     c, h = hist.centers, hist.counts
+    if transfer is None:
+        fc, gain, f_lows, f_highs = c, h, lows, highs
+    else:
+        fc = transfer(c)
+        gain = h * np.gradient(fc, c) ** 2
+        f_lows, f_highs = np.interp(lows, c, fc), np.interp(highs, c, fc)
     cum_h = np.concatenate([[0.0], np.cumsum(h)])
-    cum_hc = np.concatenate([[0.0], np.cumsum(h * c)])
-    cum_hc2 = np.concatenate([[0.0], np.cumsum(h * c * c)])
+    cum_hf = np.concatenate([[0.0], np.cumsum(h * fc)])
+    cum_hf2 = np.concatenate([[0.0], np.cumsum(h * fc * fc)])
+    cum_gain = np.concatenate([[0.0], np.cumsum(gain)])
     i_lo = np.searchsorted(c, lows, side="left")  # bins [0, i_lo) lie below low
     i_hi = np.searchsorted(c, highs, side="right")  # bins [i_hi, n) lie above high
-    below = cum_hc2[i_lo] - 2 * lows * cum_hc[i_lo] + lows**2 * cum_h[i_lo]
+    below = cum_hf2[i_lo] - 2 * f_lows * cum_hf[i_lo] + f_lows**2 * cum_h[i_lo]
     n = len(c)
-    above = (cum_hc2[n] - cum_hc2[i_hi]) - 2 * highs * (cum_hc[n] - cum_hc[i_hi]) + highs**2 * (cum_h[n] - cum_h[i_hi])
-    inside = (cum_h[i_hi] - cum_h[i_lo]) * scales**2 / 12.0
+    above = ((cum_hf2[n] - cum_hf2[i_hi]) - 2 * f_highs * (cum_hf[n] - cum_hf[i_hi])
+             + f_highs**2 * (cum_h[n] - cum_h[i_hi]))
+    inside = (cum_gain[i_hi] - cum_gain[i_lo]) * scales**2 / 12.0
     return below + above + inside
 
 
-def params_mse(hist: Histogram, bits: int, symmetric: bool) -> ActParams:
-    """The range minimizing the expected quantization error of the histogram (the first of equal errors).
+def params_mse(hist: Histogram, bits: int, symmetric: bool,
+               transfer: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> ActParams:
+    """The range minimizing the expected quantization error of the histogram (the first of equal errors),
+    or of what ``transfer`` makes of it (see ``_clipping_errors``).
 
     Candidates: fractions of the range's largest magnitude (symmetric), or every pair of fractions of
-    its low and of its high end (asymmetric), evaluated all at once.
+    its low and of its high end (asymmetric), evaluated all at once; with a transfer, a low end of 0 too
+    (a Relu-like activation reads nothing below it).
     """
     lo, hi = float(hist.edges[0]), float(hist.edges[-1])
     fractions = np.linspace(0.05, 1.0, 96)
@@ -268,10 +282,12 @@ def params_mse(hist: Histogram, bits: int, symmetric: bool) -> ActParams:
         lows, highs = -fractions * amax, fractions * amax
     else:
         ends = fractions * lo if lo < 0 else np.zeros(1)
+        if transfer is not None and lo < 0:
+            ends = np.concatenate([ends, [0.0]])
         lows, highs = np.repeat(ends, len(fractions)), np.tile(fractions * hi, len(ends))
     scales, zero_points = range_params(lows, highs, bits, symmetric)
     qmin, qmax = int_range(bits, signed=symmetric)
-    errors = _clipping_errors(hist, (qmin - zero_points) * scales, (qmax - zero_points) * scales, scales)
+    errors = _clipping_errors(hist, (qmin - zero_points) * scales, (qmax - zero_points) * scales, scales, transfer)
     best = int(np.argmin(errors))
     return params_for_range(lows[best], highs[best], bits, symmetric)
 

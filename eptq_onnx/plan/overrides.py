@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 import onnx
 
@@ -164,6 +164,32 @@ def float_names(overrides: Sequence[Override], model: onnx.ModelProto) -> Tuple[
     return tuple(names)
 
 
+def layer_weight_bits(overrides: Sequence[Override], initializers: Set[str], node: onnx.NodeProto,
+                      default: int) -> int:
+    """The weight width the overrides give ``node`` (by its name or its weight's), else ``default``."""
+    names = {node_id(node), *(i for i in node.input if i in initializers)}
+    return next((o.bits for o in overrides if o.name in names and _weight_bits_only(o)), default)  # type: ignore[misc]
+
+
+def fused_layers(run: "RunContext", model: onnx.ModelProto) -> Optional[Callable[[onnx.NodeProto], bool]]:
+    """Which weighted nodes the run's target fuses with their output point (build_plan's ``fused_layer``),
+    by their weights' width; None (every one) under mixed precision, which decides the widths later."""
+    if run.target.fusible is None or run.config.mixed is not None:
+        return None
+    config, initializers = run.config, {t.name for t in model.graph.initializer}
+
+    def fused(node: onnx.NodeProto) -> bool:
+        bits = layer_weight_bits(config.overrides, initializers, node, config.weight_bits)
+        return run.target.fuses_layer(bits, node.op_type, config.weight_storage)
+
+    return fused
+
+
+def _weight_bits_only(o: Override) -> bool:
+    """An override that sets a weight's width (bits and nothing of an activation's coding)."""
+    return not o.float and o.bits is not None and o.symmetric is None and o.scale is None and o.rmin is None
+
+
 def max_act_bits(overrides: Sequence[Override], default: int) -> int:
     """The widest activation coding the overrides ask for (the opset must hold it)."""
     return max([default, *(o.bits for o in overrides if o.bits in (16,))])
@@ -181,9 +207,8 @@ def resolve(model: onnx.ModelProto, plan: QuantPlan, overrides: Sequence[Overrid
     for o in overrides:
         if o.float:
             continue
-        act_keys = o.symmetric is not None or o.scale is not None or o.rmin is not None
         weight = o.name if o.name in weights else weight_of_node.get(o.name)
-        if weight is not None and o.bits is not None and not act_keys:
+        if weight is not None and _weight_bits_only(o):
             if o.bits not in WEIGHT_BITS:
                 raise UsageError(f"--overrides: weight {weight!r} bits {o.bits}: give 2..8")
             resolved.weight_bits[weight] = o.bits

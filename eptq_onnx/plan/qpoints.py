@@ -21,7 +21,7 @@ The result is a ``QuantPlan``; tensors that share one set of parameters form an 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import onnx
 
@@ -106,12 +106,16 @@ def node_roles(index: GraphIndex) -> Tuple[Dict[str, str], Dict[str, WeightRule]
 
 
 def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
-               fusible: Optional[FrozenSet[str]] = None) -> QuantPlan:
+               fusible: Optional[FrozenSet[str]] = None,
+               fused_layer: Optional[Callable[[onnx.NodeProto], bool]] = None) -> QuantPlan:
     """Find the weight and activation quantization points of a normalized float model.
 
     ``fusible``: the only op types the point after a Conv/ConvTranspose/Gemm/MatMul may move
     past (a target whose runtime fuses such an op into an integer kernel only when its output
     point follows it or one of these directly); other points move as in the paper.
+    ``fused_layer``: which weighted nodes the runtime fuses at all (None: every one); the point
+    after one it does not fuse (e.g. 4-bit weights that onnxruntime's CPU runs as
+    DequantizeLinear then the float op) moves as in the paper, there is no kernel to keep.
     """
     index = GraphIndex(model.graph)
     roles, rules = node_roles(index)
@@ -152,7 +156,8 @@ def build_plan(model: onnx.ModelProto, quantize_outputs: bool = False,
             add_point(out, f"{block_of[out].kind} (decomposed) output")
         elif role in OUTPUT_ROLES or out in exits or node.op_type in LOG_DOMAIN:
             if index.is_activation(out) and out not in absorbed:
-                add_point(out, f"{node.op_type} output", restricted=role in ("weighted", "act_matmul"))
+                fused = role == "act_matmul" or (role == "weighted" and (fused_layer is None or fused_layer(node)))
+                add_point(out, f"{node.op_type} output", restricted=fused)
         if (node.name or out) in block_nodes:
             continue  # a recognized normalization's ops are accounted for by its block
         if not is_known(node) and any(index.is_activation(o) or index.untyped(o) for o in node.output):

@@ -54,6 +54,12 @@ class Target:
             return 8
         return min(b for b in self.weight_bits if b >= bits)
 
+    def fuses_layer(self, bits: int, op_type: str, weight_storage: str = "native") -> bool:
+        """Whether a layer of ``bits``-bit weights runs as an integer kernel that takes in its output point
+        (a ``fusible`` target only: onnxruntime's QLinearConv, QLinearMatMul and QGemm read int8 weights;
+        INT4 weights run as DequantizeLinear then the float op, or MatMulNBits)."""
+        return self.fusible is not None and self.storage_bits(bits, op_type, weight_storage) == 8
+
     def default_act_type(self, bits: int) -> Optional[ActType]:
         return next((t for t in self.act_types if t[0] == bits), None)
 
