@@ -254,6 +254,7 @@ def record_eptq(report: Report, outcome: EptqOutcome) -> None:
         "iters": opt.iters,
         "seconds": round(opt.seconds, 3),
         "step_seconds": round(opt.step_seconds, 5),
+        "batch_size": opt.batch_size,
         "why": opt.why,
         "kernels": opt.kernels,
         "undecided_rounding": opt.undecided,

@@ -54,3 +54,13 @@ def test_seed_acceptance_compares_the_weightings_seed_by_seed() -> None:
     assert "SQNR +1.00 / -0.50 / -0.50 dB" in line and "top-1 +0.0 / +0.0 / +1.0 points" in line
     runs["lfh"][0] = (0, score(24.9, 0.97))
     assert not bench.seed_acceptance("m", 4, runs)[0][0]
+
+
+def test_step_cost_at_the_batch_the_loop_ran(tmp_path: Path) -> None:
+    """measure_cost_once (tools/corpus_steps.py's measure): the step time of a short uniform-weight run and
+    the bare model timed at the loop's own batch, no LFH and no Python-kernel run when not asked."""
+    cost = bench.measure_cost_once(bench.BENCHMARKS["mlp"], tmp_path, calib_samples=8, steps=3, weighting="uniform",
+                                   python_kernels=False)
+    assert cost.error is None, cost.error
+    assert cost.batch == 8 and cost.step_s and cost.bare_s and cost.lfh_s is None and cost.python_step_s is None
+    assert "| mlp | 8 |" in "\n".join(bench.cost_tables([cost], ("step",)))

@@ -275,7 +275,7 @@ def test_optimized_model_written_back_matches_the_student(weighting: str, calib_
     config = QuantConfig(weight_bits=4, optimize=options)
     result = quantize(model, calib_for(model, 16), config, progress=False)
     report = result.report
-    assert report.optimization["iters"] == 12
+    assert report.optimization["iters"] == 12 and report.optimization["batch_size"] == 8
     assert (report.hessian != {}) == (weighting == "lfh")
     state = result.state
     twin = build_twin(state.float_model, state.plan, state.weights, state.acts)

@@ -706,14 +706,15 @@ def _min(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return b if a is None else a if b is None else min(a, b)
 
 
-def measure_cost(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAULT_CALIB_SAMPLES, repeats: int = COST_REPEATS) -> Cost:
+def measure_cost(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAULT_CALIB_SAMPLES, repeats: int = COST_REPEATS,
+                 steps: int = COST_STEPS, weighting: str = "lfh", python_kernels: bool = True) -> Cost:
     """measure_cost_once ``repeats`` times; every time is the minimum over the repeats (the report's
     forward+backward and step times are one-shot measurements, easily inflated by other processes)."""
-    best = measure_cost_once(benchmark, workdir, calib_samples)
+    best = measure_cost_once(benchmark, workdir, calib_samples, steps, weighting, python_kernels)
     for _ in range(repeats - 1):
         if best.error is not None:
             break
-        cost = measure_cost_once(benchmark, workdir, calib_samples)
+        cost = measure_cost_once(benchmark, workdir, calib_samples, steps, weighting, python_kernels)
         if cost.error is not None:
             return cost
         for name in ("lfh_s", "fb_s", "step_s", "bare_s", "python_step_s"):
@@ -721,14 +722,16 @@ def measure_cost(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAU
     return best
 
 
-def measure_cost_once(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAULT_CALIB_SAMPLES) -> Cost:
-    """Quantize with LFH weights and COST_STEPS EPTQ steps; read the LFH cost and the mean step time
-    (the optimization loop's time over its steps, optimizer update included) from the report, and
-    time the bare model at the optimization batch."""
+def measure_cost_once(benchmark: Benchmark, workdir: Path, calib_samples: int = DEFAULT_CALIB_SAMPLES,
+                      steps: int = COST_STEPS, weighting: str = "lfh", python_kernels: bool = True) -> Cost:
+    """Quantize with ``weighting`` loss weights and ``steps`` EPTQ steps; read the LFH cost (with
+    ``lfh``) and the mean step time (the optimization loop's time over its steps, optimizer update
+    included) from the report, and time the bare model at the batch the loop ran with; with
+    ``python_kernels`` the same steps again without the fused C++ kernels."""
     cost = Cost(benchmark.name)
     try:
         float_path, calib, _ = benchmark.prepare(workdir, calib_samples)
-        options = OptimizeOptions(iters=COST_STEPS, weighting="lfh", discard_if_worse=False)
+        options = OptimizeOptions(iters=steps, weighting=weighting, discard_if_worse=False)
         config = QuantConfig(weight_bits=COST_WEIGHT_BITS, calib=CalibOptions(num_samples=calib_samples), optimize=options)
         result = quantize(float_path, calib, config, progress=False)
         hessian, optimization = result.report.hessian or {}, result.report.optimization or {}
@@ -736,14 +739,15 @@ def measure_cost_once(benchmark: Benchmark, workdir: Path, calib_samples: int = 
         cost.fb_s = hessian.get("forward_backward_seconds")
         cost.step_s = _mean_step(optimization)
         cost.kernels = optimization.get("kernels", "")
-        with training_kernels.python_kernels():  # the same steps without the fused kernels (uniform weights: no LFH to wait for)
-            plain = replace(options, weighting="uniform")
-            again = quantize(float_path, calib, replace(config, optimize=plain), progress=False).report.optimization or {}
-        cost.python_step_s = _mean_step(again)
+        if python_kernels:
+            with training_kernels.python_kernels():  # the same steps without the fused kernels (uniform weights: no LFH to wait for)
+                plain = replace(options, weighting="uniform")
+                again = quantize(float_path, calib, replace(config, optimize=plain), progress=False).report.optimization or {}
+            cost.python_step_s = _mean_step(again)
         assert result.state is not None
         model = result.state.float_model
         calib_set = CalibrationSet(calib, input_specs(model), CalibOptions(num_samples=calib_samples))
-        feeds = next(calib_set.batches(batch_size=options.batch_size))
+        feeds = next(calib_set.batches(batch_size=optimization.get("batch_size") or options.batch_size))
         cost.batch = len(next(iter(feeds.values())))
         cost.bare_s = _bare_step_seconds(model, feeds)
     except Exception as exc:  # noqa: BLE001 - a failure becomes a table row
@@ -841,7 +845,7 @@ def _eptq_table(result: ModelResult) -> List[str]:
     return lines
 
 
-def _cost_tables(costs: Sequence[Cost], sections: Sequence[str]) -> List[str]:
+def cost_tables(costs: Sequence[Cost], sections: Sequence[str]) -> List[str]:
     lines: List[str] = []
     if "lfh" in sections:
         lines += [
@@ -1125,7 +1129,7 @@ def render(
         lines += ["", TERMS_READING.format(bits=TERMS_BITS, calib=calib_samples).rstrip()]
         for name, result in terms.items():
             lines += ["", f"### {name}", "", *terms_markdown(result)]
-    lines += _cost_tables(costs, sections)
+    lines += cost_tables(costs, sections)
     if "zoo" in sections:
         lines += ["", "## eptq_onnx (no optimization) vs onnxruntime quantize_static, W8A8 and W4A8"]
         for result in results:

@@ -56,6 +56,7 @@ class OptimizeResult:
     kernels_failed: bool = False  # the fused kernels could not be built: a fallback to report
     undecided: Dict[str, int] = field(default_factory=dict)  # per weight: rounding variables still between 0 and 1 at the end
     rounding_variables: int = 0
+    batch_size: int = 0  # samples per step (the fitted batch: --opt-batch-size or fewer)
     curve: List[Tuple[int, float, float]] = field(default_factory=list)  # (step, reconstruction, regularizer)
 
 
@@ -149,7 +150,7 @@ def optimize(
         p.requires_grad_(False)
     return OptimizeResult(iters=loop.iters, seconds=loop.seconds, step_seconds=loop.step_seconds, why=loop.why,
                           teacher=teacher, kernels=kernels, kernels_failed=status.failed, curve=list(loop.curve),
-                          undecided=undecided, rounding_variables=bank.v.numel())
+                          undecided=undecided, rounding_variables=bank.v.numel(), batch_size=loop.batch_size)
 
 
 def _run_loop(objective: Objective, optimizer: EptqOptimizer, batches: Batches, loop: LoopState,
