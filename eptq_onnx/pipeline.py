@@ -220,8 +220,9 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         rows = sampler.rows() if sampler is not None else {}
         candidates = _init_weights(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
+        transfers = point_transfers(float_model, plan) if run.config.calib_method == "mse" else {}  # mse reads them
         acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts,
-                                            point_transfers(float_model, plan))
+                                            transfers)
         float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
                                          WideningCheck(candidates[max(candidates)], calib_set,
                                                        run.config.quantize_outputs, run.config.quantize_bias))

@@ -1,10 +1,11 @@
 """EPTQ step cost on real models: the step / bare-model step ratio on corpus models.
 
-For each model: a W4A8 ``quantize`` run with LFH weights and ``bench.COST_STEPS`` EPTQ steps (the
-report's mean step time), the same with the Python training kernels, and the bare float model at the
-optimization batch (teacher forward without grad + forward and backward), each the minimum over
-``--repeats`` runs (bench.measure_cost). Also the Label-Free Hessian's cost per forward+backward.
-The corpus cache must be built (``tools/corpus.py fetch``). Run it with the machine to itself.
+For each model: a W4A8 ``quantize`` run with uniform loss weights and ``STEPS`` EPTQ steps (the
+report's mean step time and the batch the loop ran with), and the bare float model at that batch
+(teacher forward without grad + forward and backward), each the minimum over ``--repeats`` runs
+(bench.measure_cost). The LFH and the Python-kernel runs of tools/bench.py's cost section are left
+out (minutes per run on a 512x512 detector). The corpus cache must be built (``tools/corpus.py
+fetch``). Run it with the machine to itself.
 
 Usage: ``.venv/bin/python tools/corpus_steps.py [--models a,b] [--out docs/BENCHMARKS_STEPS.md]``
 """

@@ -16,17 +16,16 @@ computes.
 from __future__ import annotations
 
 import heapq
-from typing import Callable, Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 import numpy as np
 import onnx
 
 from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.init.quantizers import Transfer
 from eptq_onnx.ops.registry import BINARY_MATH, op_info
 from eptq_onnx.plan.qpoints import QuantPlan
-
-Transfer = Callable[[np.ndarray], np.ndarray]  # float64 values -> what the chain computes of them
 
 _CHAIN_ROLES = ("activation", "elementwise")
 MAX_CHAIN_NODES = 8  # longer chains are not an activation's spelling

@@ -16,6 +16,7 @@ from eptq_onnx.ops.arithmetic import dequantize, int_range, quantize_codes
 
 COARSE_GRID = np.linspace(0.05, 1.0, 96)  # fractions of the max |w| tried per channel, step 0.01
 FINE_STEPS = np.linspace(-0.01, 0.01, 21)  # then around the best, step 0.001
+Transfer = Callable[[np.ndarray], np.ndarray]  # the activation that alone reads a point: values -> its output
 SCALE_BLOCK_BYTES = 8 << 20  # larger weights get their steps searched block by block
 SEARCH_BLOCK_BYTES = 64 << 20  # temporaries of the candidates a step search evaluates at once
 
@@ -237,7 +238,7 @@ class Histogram:
 
 
 def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scales: np.ndarray,
-                     transfer: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+                     transfer: Optional[Transfer] = None) -> np.ndarray:
     """Expected squared error of quantizing the histogram for each candidate range.
 
     Values outside [low, high] cost their distance to the bound squared; values inside cost the
@@ -267,7 +268,7 @@ def _clipping_errors(hist: Histogram, lows: np.ndarray, highs: np.ndarray, scale
 
 
 def params_mse(hist: Histogram, bits: int, symmetric: bool,
-               transfer: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> ActParams:
+               transfer: Optional[Transfer] = None) -> ActParams:
     """The range minimizing the expected quantization error of the histogram (the first of equal errors),
     or of what ``transfer`` makes of it (see ``_clipping_errors``).
 
