@@ -4,47 +4,43 @@ calibration -> mixed precision -> EPTQ -> QDQ write -> validate -> latency -> sa
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-import numpy as np
 import onnx
 
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
-from eptq_onnx.calib.transfer import point_transfers
 from eptq_onnx.calib.data import CalibrationSet
-from eptq_onnx.calib.layer_inputs import LayerRowSampler
-from eptq_onnx.calib.memory import CalibSource, open_calibration
-from eptq_onnx.calib.specs import input_specs
-from eptq_onnx.calib.wide_acts import WIDE_BITS, WideningCheck, choose_wide_points, wide_params, widened_ids
+from eptq_onnx.calib.memory import CalibSource
+from eptq_onnx.calib.stage import calibration_set, row_sampler, widen_activations
+from eptq_onnx.calib.transfer import point_transfers
+from eptq_onnx.calib.wide_acts import WideningCheck
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
 from eptq_onnx.eptq.stage import TwinUnavailable, run_eptq
-from eptq_onnx.errors import ModelError, TargetNotReached, UsageError, ValidationError, error_entry
+from eptq_onnx.errors import ModelError, TargetNotReached, ValidationError, error_entry
 from eptq_onnx.export.latency import report_latency
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, float16_io, validate
-from eptq_onnx.export.writer import ACT_TYPES, WriteSummary, required_opset, write_qdq
+from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
 from eptq_onnx.fidelity.stage import hold_out, meet_target_stage
 from eptq_onnx.graph.float16 import has_float16
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
-from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, raise_opset, upgrade_opset
-from eptq_onnx.graph.runtime import make_session
+from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.tensor_store import TensorStore
-from eptq_onnx.init.bias_correction import correct_biases
 from eptq_onnx.init.quantizers import ActParams
-from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
+from eptq_onnx.init.stage import bias_corrected_model, fit_bias_steps, init_weight_candidates
+from eptq_onnx.init.weights import WeightQuant
+from eptq_onnx.io_checks import check_onnxruntime_loads, check_output_path, check_report_path
 from eptq_onnx.mixed.sensitivity import SearchInputs
-from eptq_onnx.ops.registry import ORT_WEIGHT_ONLY_REQUANTIZED
 from eptq_onnx.mixed.stage import choose_bits
 from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.overrides import float_names, fused_layers, max_act_bits, resolve_for_run
 from eptq_onnx.plan.qpoints import QuantPlan, build_plan
-from eptq_onnx.plan.range_rules import GroupStats, refine_plan
+from eptq_onnx.plan.range_rules import refine_plan
 from eptq_onnx.plan.targets import get_target
 from eptq_onnx.plan.weight_only import float_weight_only_layers
 from eptq_onnx.plots import write_plots
@@ -76,41 +72,6 @@ class QuantizeResult:
 
 
 InitialState = Tuple[onnx.ModelProto, QuantPlan, CalibrationSet, Dict[int, Dict[str, WeightQuant]], Dict[int, ActParams]]
-
-
-def check_output_path(input_path: Optional[Path], output: Path, force: bool) -> None:
-    """Refuse to overwrite the input or an existing file (without force), or to write nowhere."""
-    if input_path is not None and output.resolve() == input_path.resolve():
-        raise UsageError(f"output {output} is the input model: choose another output path")
-    if output.is_dir():
-        raise UsageError(f"output {output} is a directory: give a file path such as {output / 'model_qdq.onnx'}")
-    if output.exists() and not force:
-        raise UsageError(f"output {output} exists: pass --force to overwrite it")
-    parent = output.parent if str(output.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder {parent} does not exist: create it first")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder {parent} is not writable: choose another output path")
-
-
-def check_onnxruntime_loads(model: onnx.ModelProto) -> None:
-    """Calibration runs the float model in onnxruntime: refuse a model it cannot load, in one line."""
-    try:
-        make_session(model, optimize=False)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph/... types
-        first = " ".join(str(exc).split())[:300]
-        raise ModelError(
-            f"onnxruntime cannot load the model ({first}): ops of custom domains need their onnxruntime library"
-        ) from exc
-
-
-def check_report_path(report_path: Path) -> None:
-    """Refuse a report path that cannot be written, before any work (the model is written first)."""
-    parent = report_path.parent if str(report_path.parent) else Path(".")
-    if report_path.is_dir():
-        raise UsageError(f"report {report_path} is a directory: give a file path such as {report_path / 'report.json'}")
-    if not parent.is_dir():
-        raise UsageError(f"report folder {parent} does not exist: create it first")
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
@@ -204,11 +165,11 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
             raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
         record_plan(run.report, plan)
     with run.stage("calibration data"):
-        calib_set = _calibration_set(run, calib, float_model)
+        calib_set = calibration_set(run, calib, float_model)
         if run.config.min_sqnr is not None:
             calib_set = hold_out(run, calib_set)
     with run.stage("activation ranges"):
-        sampler = _row_sampler(run, float_model, plan)
+        sampler = row_sampler(run, float_model, plan)
         ranges = range_statistics(float_model, plan, calib_set, run.progress, sampler)
         plan, range_notes = refine_plan(float_model, plan, ranges.root_stats)
         for note in range_notes:
@@ -218,15 +179,15 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         overrides = resolve_for_run(run, float_model, plan)
     with run.stage("weight init"):
         rows = sampler.rows() if sampler is not None else {}
-        candidates = _init_weights(run, float_model, plan, overrides.weight_bits, rows)
+        candidates = init_weight_candidates(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
         transfers = point_transfers(float_model, plan) if run.config.calib_method == "mse" else {}  # mse reads them
         acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts,
                                             transfers)
-        float_model = _widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
-                                         WideningCheck(candidates[max(candidates)], calib_set,
-                                                       run.config.quantize_outputs, run.config.quantize_bias))
-        candidates = {b: _fit_int32_biases(run, float_model, plan, w, acts) for b, w in candidates.items()}
+        float_model = widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
+                                        WideningCheck(candidates[max(candidates)], calib_set,
+                                                      run.config.quantize_outputs, run.config.quantize_bias))
+        candidates = {b: fit_bias_steps(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 
 
@@ -277,157 +238,13 @@ def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:
     return float_model
 
 
-def _calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto) -> CalibrationSet:
-    """The calibration samples, checked against the model's inputs."""
-    calib_set = open_calibration(calib, input_specs(model), run.config.calib)
-    run.report.calibration_samples = len(calib_set)
-    if calib_set.whole_feeds:
-        run.report.warn(f"calibration data: {calib_set.describe()}")
-    return calib_set
-
-
-def _row_sampler(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> Optional[LayerRowSampler]:
-    """The sampler of every weighted layer's input rows (calib/layer_inputs.py) that the range pass feeds,
-    where weight init or the 16-bit activation check reads them."""
-    config = run.config
-    if config.weight_init == "output-mse" or (config.act16_below > 0 and config.act_bits == 8):
-        return LayerRowSampler(model, plan)
-    return None
-
-
-def _widen_activations(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, acts: Dict[int, ActParams],
-                       stats: Dict[int, GroupStats], rows: Dict[str, np.ndarray], user_set: frozenset,
-                       check: WideningCheck) -> onnx.ModelProto:
-    """16 bits for the 8-bit points whose grid loses a reading layer (calib/wide_acts.py), written into
-    ``acts`` when they raise the output SQNR of the model on ``check``'s samples; returns the model,
-    raised to the opset of 16-bit QuantizeLinear when they need it."""
-    config, report = run.config, run.report
-    if config.act16_below <= 0 or config.act_bits != 8 or not rows:
-        return model
-    requantizing = ORT_WEIGHT_ONLY_REQUANTIZED if run.target.onnxruntime else frozenset()
-    points, left = choose_wide_points(model, plan, acts, stats, rows, config.act16_below, user_set, requantizing)
-    if left:
-        shown = ", ".join(f"{p.tensor} ({p.layer}, {p.db_8:.1f} dB)" for p in left[:3]) + (" ..." if len(left) > 3 else "")
-        report.warn(f"{len(left)} activation point(s) leave a MatMul's output below {config.act16_below:g} dB on one "
-                    f"8-bit grid but stay at 8 bits: onnxruntime's CPU would requantize a wider input to int8 on the "
-                    f"fly (MatMulNBits): {shown}; --exclude the MatMul, or --min-sqnr, to keep it float")
-    if not points:
-        return model
-    worst = min(points, key=lambda p: p.db_8)
-    found = (f"{len(points)} activation point(s) leave a layer's output below {config.act16_below:g} dB SQNR on one "
-             f"8-bit grid (worst: {worst.tensor} read by {worst.layer}, {worst.db_8:.1f} dB; 16 bits: {worst.db_16:.1f} dB)")
-    if (WIDE_BITS, config.act_symmetric) not in run.target.act_types:
-        report.warn(f"{found}; --target {run.target.name} reads no 16-bit activations, so they stay at 8 bits "
-                    "(--exclude their nodes, or --min-sqnr, to keep them float)")
-        return model
-    needed = ACT_TYPES[(WIDE_BITS, config.act_symmetric)][2]
-    raised = default_opset(model) < needed
-    unraised = model
-    if raised:
-        if run.store.used:
-            report.warn(f"{found}; they stay at 8 bits: a large model is not raised to opset {needed} after preparation")
-            return model
-        try:
-            model = raise_opset(model, needed)
-        except ModelError as exc:
-            report.warn(f"{found}; they stay at 8 bits: {exc}")
-            return model
-    widened = widened_ids(plan, points)
-    wide = dict(acts)
-    for group_id in widened:
-        wide[group_id] = wide_params(stats[group_id], acts[group_id].signed)
-    db_8, db_16 = check.output_sqnr(model, plan, acts, wide)
-    if db_16 <= db_8:
-        report.warn(f"{found}, but 16 bits there lower the model's output SQNR on {check.samples} calibration "
-                    f"sample(s) ({db_16:.1f} vs {db_8:.1f} dB on one 8-bit grid): they stay at 8 bits")
-        return unraised
-    acts.update(wide)
-    report.opset = default_opset(model)
-    report.wide_activations = [asdict(p) for p in points]
-    report.wide_output_sqnr_db = {"8-bit": round(db_8, 2), "16-bit": round(db_16, 2), "samples": check.samples}
-    report.warn(f"WIDE: {found}: {len(widened)} point(s) take 16-bit activations"
-                + (f" (opset raised to {needed})" if raised else "")
-                + ("; onnxruntime's CPU runs their readers as float ops" if run.target.onnxruntime else "")
-                + " (--act16-below 0: never)")
-    return model
-
-
-def _init_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, fixed_bits: Dict[str, int],
-                  inputs: Dict[str, np.ndarray]) -> Dict[int, Dict[str, WeightQuant]]:
-    """MSE-initialized weight quantizers at every width the run may choose (one unless mixed precision);
-    a weight in ``fixed_bits`` (--overrides) has its own width in every candidate."""
-    config = run.config
-    inputs = inputs if config.weight_init == "output-mse" else {}
-    widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
-
-    def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:
-        return init_weights(model, points, bits, config.weight_init, inputs, run.target, config.act_symmetric,
-                            config.weight_rounding)
-
-    candidates = {b: init(plan, b) for b in widths}
-    if 8 in widths or 8 in fixed_bits.values():
-        _note_u8s8_range(run)
-    if config.weight_rounding == "gptq":
-        gptq = sum(w.rounding == "gptq" for w in candidates[widths[0]].values())
-        run.log(f"weight rounding: GPTQ on {gptq} of {len(candidates[widths[0]])} weights (the others round to "
-                "nearest: no layer inputs for their kind, or GPTQ did not lower their output error)")
-    for bits in set(fixed_bits.values()):
-        own = init(replace(plan, weights=[p for p in plan.weights if fixed_bits.get(p.weight) == bits]), bits)
-        for weights in candidates.values():
-            weights.update(own)
-    return candidates
-
-
-def _note_u8s8_range(run: RunContext) -> None:
-    """Say (log and report) whether 8-bit weights of U8S8 kernels took the target's 7-bit range, and why."""
-    rule = get_target(run.config.target).u8s8_weight_bits
-    if rule is None or run.config.act_symmetric:
-        return
-    reduced = run.target.u8s8_weight_bits is not None
-    asked = run.config.reduce_range
-    why = ("--reduce-range" if asked else "--no-reduce-range") if asked is not None else (
-        "onnxruntime's CPU kernels on this machine saturate U8S8 int16 pair sums (x86 without VNNI)" if reduced
-        else "onnxruntime's CPU kernels on this machine compute U8S8 products exactly")
-    run.report.u8s8_range = {"reduce_range": reduced, "weight_bits": rule if reduced else 8, "why": why}
-    run.log(f"8-bit Conv/MatMul/Gemm weights: {'7-bit range' if reduced else 'full int8 range'} ({why})"
-            + ("" if reduced else "; for x86 CPUs without VNNI, quantize with --reduce-range"))
-
-
-def _fit_int32_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
-                      acts: Dict[int, ActParams]) -> Dict[str, WeightQuant]:
-    """``weights`` with steps raised where a layer's int32 bias would not fit (init/weights.fit_int32_biases)."""
-    if not run.config.quantize_bias:
-        return weights
-    act_scales = {t: acts[g.id].scale for g in plan.groups for t in g.tensors}
-    fitted, raised = fit_int32_biases(model, plan, weights, act_scales)
-    if raised:
-        total = sum(raised.values())
-        run.report.warn(f"{total} weight channel(s) of {len(raised)} layer(s) have near-zero weights: their steps were "
-                        f"raised so that the int32 biases fit (a bias code of at most 2**24)")
-    return fitted
-
-
-def _correct_biases(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
-                    acts: Dict[int, ActParams], calib: CalibrationSet) -> onnx.ModelProto:
-    """The float model with bias-corrected biases (init/bias_correction.py) where that helps."""
-    config = run.config
-    if not config.bias_correction:
-        return model
-    with run.stage("bias correction"):
-        corrected, outcome = correct_biases(model, plan, weights, acts, calib, config.quantize_outputs,
-                                            config.quantize_bias)
-    run.report.bias_correction = asdict(outcome)
-    run.log(outcome.summary())
-    return corrected
-
-
 def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
               acts: Dict[int, ActParams], calib: CalibrationSet, lfh: Optional[tuple]):
     """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the model with
     bias-corrected biases (EPTQ learns its own) and the quantizers as they are, with the reason in the report."""
     optimize = run.config.optimize
     if optimize.iters == 0:
-        return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
+        return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
     if not plan.weights and not optimize.learn_act_scales:
         run.report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
                         "the model has no weights to optimize (and --learn-act-scales is off)")
@@ -438,10 +255,10 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
                                started_at=run.started_at, lfh=lfh)
         except TwinUnavailable as exc:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
-            return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
+            return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
         record_eptq(run.report, outcome)
     if outcome.kept_init:  # the initialized model, as an --iters 0 run writes it
-        return _correct_biases(run, model, plan, weights, acts, calib), weights, acts
+        return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
     return outcome.float_model, outcome.weights, outcome.acts
 
 

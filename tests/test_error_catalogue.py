@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from eptq_onnx import pipeline
+from eptq_onnx import io_checks, pipeline
 
 from eptq_onnx.graph import model_io
 from eptq_onnx.cli import main
@@ -197,7 +197,7 @@ def _output_unwritable(c: Case) -> list:
     folder.chmod(0o500)
     real_access = os.access
     if os.geteuid() == 0:  # root writes anywhere: simulate the permission check's answer
-        c.monkeypatch.setattr(pipeline.os, "access", lambda p, mode, *a, **k: False if Path(p) == folder else real_access(p, mode, *a, **k))
+        c.monkeypatch.setattr(io_checks.os, "access", lambda p, mode, *a, **k: False if Path(p) == folder else real_access(p, mode, *a, **k))
     return c.args()
 
 

@@ -17,14 +17,15 @@ from click.testing import CliRunner
 from eptq_onnx import pipeline
 
 from eptq_onnx.eptq import stage as eptq
+from eptq_onnx.init import stage as init_stage
 from eptq_onnx.cli import main
 from models import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_EPTQ = ["--hessian-samples", "2", "--hessian-draws", "2", "--opt-batch-size", "4"]
-# module, function: the entry of each long stage (as the pipeline or run_eptq looks it up)
+# module, function: the entry of each long stage (as the module that calls it looks it up)
 STAGES = {
-    "weight init": (pipeline, "init_weights"),
+    "weight init": (init_stage, "init_weights"),
     "calibration": (pipeline, "calibrate_activations"),
     "LFH": (eptq, "compute_lfh"),
     "optimization": (eptq, "optimize"),

@@ -15,7 +15,8 @@ from eptq_onnx.calib.memory import CalibSource
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.context import RunContext
 from eptq_onnx.graph.model_io import load_model
-from eptq_onnx.pipeline import check_report_path, initial_state
+from eptq_onnx.io_checks import check_report_path
+from eptq_onnx.pipeline import initial_state
 from eptq_onnx.report import Report
 
 DEFAULT_SAMPLES = 32  # as --sensitivity-samples
