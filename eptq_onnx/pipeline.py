@@ -240,25 +240,27 @@ def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:
 
 def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
               acts: Dict[int, ActParams], calib: CalibrationSet, lfh: Optional[tuple]):
-    """EPTQ where it runs: the optimized float model (learned biases) and quantizers, else the model with
-    bias-corrected biases (EPTQ learns its own) and the quantizers as they are, with the reason in the report."""
+    """The model with bias-corrected biases and the quantizers as they are (what ``--iters 0`` writes);
+    where EPTQ runs, it starts from them and its result replaces them unless it is worse on the check
+    samples: then the reason is in the report."""
     optimize = run.config.optimize
+    start = bias_corrected_model(run, model, plan, weights, acts, calib)
     if optimize.iters == 0:
-        return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
+        return start, weights, acts
     if not plan.weights and not optimize.learn_act_scales:
         run.report.warn("FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: "
                         "the model has no weights to optimize (and --learn-act-scales is off)")
-        return model, weights, acts
+        return start, weights, acts
     with run.stage("eptq"):
         try:
             outcome = run_eptq(model, plan, weights, acts, calib, run.config, run.progress, log=run.log,
-                               started_at=run.started_at, lfh=lfh)
+                               started_at=run.started_at, lfh=lfh, start=start)
         except TwinUnavailable as exc:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
-            return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
+            return start, weights, acts
         record_eptq(run.report, outcome)
     if outcome.kept_init:  # the initialized model, as an --iters 0 run writes it
-        return bias_corrected_model(run, model, plan, weights, acts, calib), weights, acts
+        return start, weights, acts
     return outcome.float_model, outcome.weights, outcome.acts
 
 

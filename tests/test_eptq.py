@@ -7,6 +7,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -14,10 +15,16 @@ from click.testing import CliRunner
 from eptq_onnx import QuantConfig, quantize
 from eptq_onnx.cli import main
 from eptq_onnx.config import OptimizeOptions
-from eptq_onnx.eptq.stage import output_regression
+from eptq_onnx.calib.data import held_out_count
+from eptq_onnx.context import RunContext
+from eptq_onnx.eptq.stage import output_regression, run_eptq
+from eptq_onnx.export.reference import fake_quant_model
+from eptq_onnx.graph.runtime import float_outputs_of, output_sqnr_db
+from eptq_onnx.pipeline import initial_state
+from eptq_onnx.report import Report
 from eptq_onnx.eptq.schedule import beta_at
 from eptq_onnx.graph.runtime import make_session
-from eptq_onnx.twin.build import build_twin, to_tensors
+from eptq_onnx.twin.build import build_twin, model_with_biases, to_tensors
 from eptq_onnx.eptq.kernels import rectified_sigmoid
 from eptq_onnx.twin.fake_quant import CODES_START_H, WeightFakeQuant, inverse_rectified_sigmoid
 from eptq_onnx.eptq.banks import RoundingBank
@@ -48,9 +55,10 @@ def test_rectified_sigmoid_round_trip_and_soft_start_equals_the_float_weight() -
 
 @pytest.mark.parametrize("fixed_scale", [True, False])
 def test_rounding_started_from_codes_rounds_to_them(fixed_scale: bool) -> None:
-    """--rounding-start init: h(V) sits CODES_START_H from each stored code's decision, so the hard
-    rounding is the stored code wherever that code is floor(w / s) or one above (clipped to the
-    integer range), and the nearer of the two elsewhere; the float start rounds to nearest instead."""
+    """--rounding-start init: h(V) sits CODES_START_H from each stored code, so the hard rounding is
+    the stored code everywhere, also where GPTQ moved it more than a step from w / s; the other
+    choice (h(V) flipped) is one step towards w / s, inside the integer range. The float start
+    rounds to nearest instead."""
     rng = np.random.default_rng(3)
     w = rng.normal(0, 0.1, (8, 40)).astype(np.float32)
     wq = quantize_weight("w", w, 0, 4, "minmax")
@@ -67,12 +75,16 @@ def test_rounding_started_from_codes_rounds_to_them(fixed_scale: bool) -> None:
     h = rectified_sigmoid(wfq.rounding.detach()).numpy()
     np.testing.assert_allclose(np.minimum(h, 1 - h), CODES_START_H, atol=1e-5)
     with torch.no_grad():
-        hard = wfq.rounded(wt, hard=True).numpy()
-    expected = np.clip(floor + (codes > floor), -8, 7)
-    np.testing.assert_array_equal(hard, expected)
-    near = (codes >= floor) & (codes <= floor + 1)
-    np.testing.assert_array_equal(hard[near], codes[near])
-    assert not np.array_equal(hard, np.clip(np.round(w / s), -8, 7))
+        np.testing.assert_array_equal(wfq.rounded(wt, hard=True).numpy(), codes)
+        wfq.rounding.neg_()  # h(-V) = 1 - h(V): every other choice
+        other = wfq.rounded(wt, hard=True).numpy()
+    scaled = w / s
+    side = np.where(codes > scaled, -1, 1)  # a code on w / s exactly may move up
+    towards = np.clip(codes + side, -8, 7)
+    np.testing.assert_array_equal(other, towards)
+    moved = other != codes
+    assert moved.mean() > 0.9 and np.all(np.sign(other - codes)[moved] == side[moved])
+    assert not np.array_equal(codes, np.clip(np.round(w / s), -8, 7))
     wfq.start_rounding(wt, fixed_scale=fixed_scale)
     with torch.no_grad():
         np.testing.assert_array_equal(wfq.rounded(wt, hard=True).numpy(), np.clip(np.round(w / s), -8, 7))
@@ -661,3 +673,29 @@ def test_a_loop_that_slows_down_halfway_still_ends_near_its_deadline(monkeypatch
                   deadline, messages.append)
     assert loop.step == loop.iters and abs(clock.now - deadline) <= 0.05 * 10.0, (clock.now, loop.iters)
     assert len(messages) >= 1 and "re-planned at step" in loop.why
+
+
+def test_eptq_starts_from_the_given_biases_with_the_float_model_as_teacher(calib_for) -> None:
+    """run_eptq(start=...): the student starts from ``start``'s biases (bias correction's, as --iters 0
+    writes them), so the check's "before" is onnxruntime's SQNR of start's fake-quant model against
+    the float model, while the teacher stays the float model (the LFH does not see start's biases)."""
+    model = zoo.mlp()
+    config = QuantConfig(weight_bits=4, optimize=dataclasses.replace(OptimizeOptions(), iters=1, hessian_samples=2,
+                                                                       hessian_draws=2, batch_size=4))
+    run = RunContext(config, Report(input="mlp", output=None, config={}), progress=False)
+    float_model, plan, calib, candidates, acts = initial_state(run, model, calib_for(model, 16))
+    weights = candidates[4]
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in float_model.graph.initializer}
+    biases = {p.bias: initializers[p.bias] for p in plan.weights if p.bias}
+    assert biases
+    start = model_with_biases(float_model, {m: b + 0.3 * (np.abs(b).max() + 0.1) for m, b in biases.items()})
+    quiet = dict(progress=False, log=lambda message: None)
+    plain = run_eptq(float_model, plan, weights, acts, calib, config, **quiet)
+    started = run_eptq(float_model, plan, weights, acts, calib, config, start=start, **quiet)
+    output = float_model.graph.output[0].name
+    check = list(calib.split(held_out_count(len(calib)))[1].batches(limit=config.validation_samples))
+    reference = float_outputs_of(float_model, check)
+    expected = output_sqnr_db(reference, float_outputs_of(fake_quant_model(start, plan, weights, acts), check))
+    assert started.sqnr_before[output] == pytest.approx(expected, abs=0.05)
+    assert abs(started.sqnr_before[output] - plain.sqnr_before[output]) > 1.0
+    assert started.hessian.traces == pytest.approx(plain.hessian.traces)

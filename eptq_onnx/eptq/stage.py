@@ -142,18 +142,22 @@ def run_eptq(
     log: Callable[[str], None] = print,
     started_at: Optional[float] = None,
     lfh: Optional[Tuple[LFHResult, float]] = None,
+    start: Optional[onnx.ModelProto] = None,
 ) -> EptqOutcome:
     """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7).
 
     ``started_at``: ``time.perf_counter()`` at the start of the run, from which the time budget counts.
     ``lfh``: ``compute_lfh``'s result for this float model and configuration, computed earlier (by the
     mixed-precision search); used instead of a second computation when its tensors are this run's.
+    ``start``: ``model`` with the biases the student starts from (bias correction's, as ``--iters 0``
+    writes them); the teacher keeps ``model``'s, and the check's "before" is the student as it starts.
     """
     options = config.optimize
     names = loss_tensors(model, plan, options.learn_act_scales)
     try:
         twin = build_twin(
-            model, plan, weights, acts, quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias, taps=names
+            start if start is not None else model, plan, weights, acts, quantize_outputs=config.quantize_outputs,
+            quantize_bias=config.quantize_bias, taps=names, teacher_model=model if start is not None else None,
         )
     except ModelError as exc:
         raise TwinUnavailable(str(exc)) from exc

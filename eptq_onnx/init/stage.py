@@ -84,4 +84,3 @@ def bias_corrected_model(run: RunContext, model: onnx.ModelProto, plan: QuantPla
     run.report.bias_correction = asdict(outcome)
     run.log(outcome.summary())
     return corrected
-

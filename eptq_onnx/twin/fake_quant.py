@@ -92,11 +92,18 @@ TIE_MARGIN = 1e-3  # how far from 0.5 an initial h(V) sits where its hard roundi
 CODES_START_H = 0.05
 
 
-def rounding_from_codes(codes: Tensor, floor: Tensor) -> Tensor:
-    """V with h(V) CODES_START_H from the initialized ``codes``: 1 - CODES_START_H where they round
-    ``floor`` (already clipped to the integer range) up, CODES_START_H where not. A code more than one
-    step from the floor (GPTQ can move one that far) takes the nearer of floor and floor + 1."""
-    h = torch.where(codes > floor, 1.0 - CODES_START_H, CODES_START_H).to(codes.dtype)
+def code_base(codes: Tensor, scaled: Tensor) -> Tensor:
+    """The lower code of the two a rounding started from ``codes`` chooses between: the code below
+    it where it lies above ``scaled`` (w / s), else the code itself, so that the other choice is one
+    step towards the float weight. Within floor(w / s) and floor(w / s) + 1 (round to nearest) this
+    is floor(w / s); a code that GPTQ moved further keeps its value, and may move one step back."""
+    return codes - (codes > scaled).to(codes.dtype)
+
+
+def rounding_from_codes(codes: Tensor, base: Tensor) -> Tensor:
+    """V with h(V) CODES_START_H from the initialized ``codes``: 1 - CODES_START_H where they lie
+    above ``base`` (``code_base``, clipped to the integer range), CODES_START_H where not."""
+    h = torch.where(codes > base, 1.0 - CODES_START_H, CODES_START_H).to(codes.dtype)
     return inverse_rectified_sigmoid(h)
 
 
@@ -130,7 +137,7 @@ class WeightFakeQuant(nn.Module):
         self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
         # with a fixed step (start_rounding): clip(floor(w / s)) and where rounding up stays in
         # range, both also premultiplied by s, so a soft step is one addcmul
-        for name in ("floor_base", "room", "floor_scaled", "room_scaled"):
+        for name in ("floor_base", "room", "floor_scaled", "room_scaled", "base_offset"):
             self.register_buffer(name, None)
         self.h: Optional[Tensor] = None  # h(V) of the current step, set by RoundingBank.refresh while training
         self.soft: Optional[Tensor] = None  # the soft weight of the current step, set by RoundingBank.refresh
@@ -154,16 +161,19 @@ class WeightFakeQuant(nn.Module):
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
+        base = code_base(self.codes.to(floor.device), scaled) if from_codes else floor
+        clipped = torch.clamp(base, self.qmin, self.qmax)
         if from_codes:
-            start = rounding_from_codes(self.codes.to(floor.device), torch.clamp(floor, self.qmin, self.qmax))
+            start = rounding_from_codes(self.codes.to(floor.device), clipped)
         else:
             start = initial_rounding(scaled, floor)
         self.rounding = nn.Parameter(start)
         self.mode = "soft"
         self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
+        self.base_offset = base - floor  # 0 but where a code sits more than a step from floor(w / s)
         if fixed_scale:
-            self.floor_base = torch.clamp(floor, self.qmin, self.qmax)
-            self.room = ((floor >= self.qmin) & (floor < self.qmax)).to(floor.dtype)
+            self.floor_base = clipped
+            self.room = ((base >= self.qmin) & (base < self.qmax)).to(floor.dtype)
             self.floor_scaled, self.room_scaled = self.floor_base * s, self.room * s
 
     def _h(self) -> Tensor:
@@ -171,14 +181,15 @@ class WeightFakeQuant(nn.Module):
         return self.h if self.h is not None else rectified_sigmoid(self.rounding)
 
     def rounded(self, w: Tensor, hard: bool) -> Tensor:
-        """Integer codes (as floats) from floor(w / s) + h(V), clipped to the integer range."""
+        """Integer codes (as floats): the lower code (floor(w / s), or ``code_base``'s where a rounding
+        started from codes) + h(V), clipped to the integer range."""
         h = self._h()
         up = (h >= 0.5).to(h.dtype) if hard else h
         if self.floor_base is not None and self.room is not None:
-            # == clip(floor + up, qmin, qmax): up <= 1, and room is 0 where floor < qmin or >= qmax
+            # == clip(base + up, qmin, qmax): up <= 1, and room is 0 where base < qmin or >= qmax
             return self.floor_base + up * self.room
         s = self.channel_scale()
-        return torch.clamp(torch.floor(w / s.detach()) + up, self.qmin, self.qmax)
+        return torch.clamp(torch.floor(w / s.detach()) + self.base_offset + up, self.qmin, self.qmax)
 
     def regularizer(self, beta: float) -> Tensor:
         """sum(1 - |2 h(V) - 1|^beta): pushes every h(V) to 0 or 1."""
