@@ -18,7 +18,8 @@ from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.config import CalibOptions
 from eptq_onnx.errors import CalibrationError
 from models import zoo
-from tests.helpers import init_only, write_calib
+from tests.helpers import init_only
+from models.calib_files import write_calib
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from eptq_onnx.cli import main
 from eptq_onnx.config_file import defaults_from_file
 from models.zoo_control import named_cnn
-from tests.helpers import write_calib
+from models.calib_files import write_calib
 
 
 def _file(tmp_path: Path, data, name: str = "run.json") -> Path:

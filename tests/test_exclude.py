@@ -27,7 +27,7 @@ ALL_LINEAR = (*NAMED_CNN_CONVS, "head")
 
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, Path]:
-    from tests.helpers import write_calib
+    from models.calib_files import write_calib
 
     model = named_cnn()
     return model, write_calib(model, tmp_path_factory.mktemp("calib"), 16)

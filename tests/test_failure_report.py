@@ -17,7 +17,8 @@ from eptq_onnx.cli import main
 from eptq_onnx.export.divergence import diagnose_optimization
 from eptq_onnx.export.validate import MIN_AGREEMENT_DB, validate
 from models import zoo
-from tests.helpers import init_only, write_calib
+from tests.helpers import init_only
+from models.calib_files import write_calib
 from tests.test_error_catalogue import calib_folder, corrupt_first_activation_scale, mlp
 
 

@@ -12,8 +12,8 @@ import onnxruntime as ort
 from hypothesis import HealthCheck, given, settings
 
 from models import random_graphs, zoo
-from tests.fuzz_check import quantize_and_check
-from tests.fuzz_check import settings as quant_settings
+from models.fuzz_check import quantize_and_check
+from models.fuzz_check import settings as quant_settings
 
 EXAMPLES = 25
 

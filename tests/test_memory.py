@@ -19,7 +19,7 @@ from tests.helpers import init_only
 
 @pytest.fixture(scope="module")
 def objective_and_batches(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tests.helpers import write_calib
+    from models.calib_files import write_calib
 
     model = zoo.residual_cnn()
     calib = write_calib(model, tmp_path_factory.mktemp("calib"), 24)

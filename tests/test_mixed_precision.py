@@ -34,7 +34,7 @@ from eptq_onnx.mixed.sensitivity import SearchInputs, measure_sensitivity, neigh
 from eptq_onnx.export.validate import INT2_FUSION_OFF
 from eptq_onnx.init.weights import init_weights
 from models import zoo
-from tests.helpers import write_calib
+from models.calib_files import write_calib
 
 OPTIONS = (2, 4, 8)
 

@@ -20,7 +20,8 @@ from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.report import Report, statistics_line
 from eptq_onnx.graph.runtime import make_session
 from models import zoo, zoo_norms
-from tests.helpers import assert_student_matches_onnxruntime, init_only, write_calib
+from tests.helpers import assert_student_matches_onnxruntime, init_only
+from models.calib_files import write_calib
 
 EPS = 1e-5
 MIN_SQNR_DB = 30.0  # W8A8 --iters 0 output SQNR vs the float model, every zoo norm model

@@ -29,7 +29,7 @@ def _quantized_inputs(model: onnx.ModelProto) -> set:
 
 @pytest.fixture(scope="module")
 def mlp(tmp_path_factory: pytest.TempPathFactory) -> tuple[onnx.ModelProto, Path]:
-    from tests.helpers import write_calib
+    from models.calib_files import write_calib
 
     model = zoo_analysis.tiny_mlp()
     return model, write_calib(model, tmp_path_factory.mktemp("calib"), 16)

@@ -16,7 +16,8 @@ from eptq_onnx import quantize
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import INT2_FUSION_OFF
 from models import zoo
-from tests.helpers import init_only, write_calib
+from tests.helpers import init_only
+from models.calib_files import write_calib
 
 MIN_REFERENCE_DB = 30.0  # QDQ model under onnxruntime's defaults vs its fake-quant reference
 

@@ -24,7 +24,7 @@ from tests.helpers import init_only
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory: pytest.TempPathFactory):
     """The residual CNN quantized W4A8 (no optimization), its calibration set and fake-quant reference."""
-    from tests.helpers import write_calib
+    from models.calib_files import write_calib
 
     model = zoo.residual_cnn()
     calib_dir = write_calib(model, tmp_path_factory.mktemp("calib"), 8)

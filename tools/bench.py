@@ -71,13 +71,13 @@ from eptq_onnx.init.quantizers import sqnr_db  # noqa: E402
 from eptq_onnx.twin.convert import to_torch  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo import evaluate as demo_eval  # noqa: E402
-from tests.helpers import write_calib  # noqa: E402
+from models.calib_files import write_calib# noqa: E402
 from tools.loss_terms import TermsResult, loss_terms, terms_markdown  # noqa: E402
 
 DEFAULT_CALIB_SAMPLES = 64
 DEFAULT_BITS = (8, 4)
 EVAL_SAMPLES = 256  # held-out random inputs per zoo model
-EVAL_SEED = 7_777_777  # calibration files use seeds 0..N-1 (tests.helpers.write_calib)
+EVAL_SEED = 7_777_777  # calibration files use seeds 0..N-1 (models.calib_files.write_calib)
 LATENCY_RUNS = 100
 LATENCY_WARMUP = 10
 ORT_W4_OPSET = 21  # first ONNX opset whose QuantizeLinear/DequantizeLinear accept INT4

@@ -1,4 +1,4 @@
-"""Long fuzzing run: random graphs x random settings through eptq_onnx.quantize (see tests/fuzz_check.py).
+"""Long fuzzing run: random graphs x random settings through eptq_onnx.quantize (see models/fuzz_check.py).
 
     python tools/fuzz.py --examples 300 [--seed 1]
 
@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 from hypothesis import HealthCheck, given, seed, settings  # noqa: E402
 
 from models import random_graphs  # noqa: E402
-from tests.fuzz_check import quantize_and_check  # noqa: E402
-from tests.fuzz_check import settings as quant_settings  # noqa: E402
+from models.fuzz_check import quantize_and_check  # noqa: E402
+from models.fuzz_check import settings as quant_settings  # noqa: E402
 
 
 def main() -> int:

@@ -20,7 +20,7 @@ from eptq_onnx.errors import EptqError, ValidationError
 from eptq_onnx.twin.build import build_twin, to_tensors
 from eptq_onnx.export.validate import INT2_FUSION_OFF
 from models import random_graphs, zoo
-from tests.helpers import write_calib
+from models.calib_files import write_calib
 
 # Network-wide, torch and onnxruntime differ only by rounding-tie flips (see tests/test_twin.py).
 TWIN_RELATIVE_TOLERANCE = 2e-2
