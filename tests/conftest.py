@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.calib_files import write_calib# noqa: E402
+from models.calib_files import write_calib  # noqa: E402
 
 # A shell without job control starts a background job with SIGINT ignored, and Python then keeps
 # it ignored: the interrupt tests' SIGINT would do nothing. Their children (which inherit an

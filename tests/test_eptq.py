@@ -680,8 +680,8 @@ def test_eptq_starts_from_the_given_biases_with_the_float_model_as_teacher(calib
     writes them), so the check's "before" is onnxruntime's SQNR of start's fake-quant model against
     the float model, while the teacher stays the float model (the LFH does not see start's biases)."""
     model = zoo.mlp()
-    config = QuantConfig(weight_bits=4, optimize=dataclasses.replace(OptimizeOptions(), iters=1, hessian_samples=2,
-                                                                       hessian_draws=2, batch_size=4))
+    config = QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=1, hessian_samples=2, hessian_draws=2,
+                                                                 batch_size=4))
     run = RunContext(config, Report(input="mlp", output=None, config={}), progress=False)
     float_model, plan, calib, candidates, acts = initial_state(run, model, calib_for(model, 16))
     weights = candidates[4]

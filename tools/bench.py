@@ -71,7 +71,7 @@ from eptq_onnx.init.quantizers import sqnr_db  # noqa: E402
 from eptq_onnx.twin.convert import to_torch  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo import evaluate as demo_eval  # noqa: E402
-from models.calib_files import write_calib# noqa: E402
+from models.calib_files import write_calib  # noqa: E402
 from tools.loss_terms import TermsResult, loss_terms, terms_markdown  # noqa: E402
 
 DEFAULT_CALIB_SAMPLES = 64

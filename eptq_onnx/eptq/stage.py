@@ -157,7 +157,7 @@ def run_eptq(
     try:
         twin = build_twin(
             start if start is not None else model, plan, weights, acts, quantize_outputs=config.quantize_outputs,
-            quantize_bias=config.quantize_bias, taps=names, teacher_model=model if start is not None else None,
+            quantize_bias=config.quantize_bias, taps=names, teacher_model=model,
         )
     except ModelError as exc:
         raise TwinUnavailable(str(exc)) from exc

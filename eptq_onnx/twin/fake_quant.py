@@ -135,8 +135,9 @@ class WeightFakeQuant(nn.Module):
         # learned as a per-channel multiplier of the initial step (relative updates)
         self.factor = nn.Parameter(torch.ones_like(self.base_scale), requires_grad=False)
         self.rounding: Optional[nn.Parameter] = None  # V of AdaRound
-        # with a fixed step (start_rounding): clip(floor(w / s)) and where rounding up stays in
-        # range, both also premultiplied by s, so a soft step is one addcmul
+        # with a fixed step (start_rounding): the lower code and where rounding up stays in range,
+        # both also premultiplied by s, so a soft step is one addcmul; with a learned step, the lower
+        # code's distance from floor(w / s)
         for name in ("floor_base", "room", "floor_scaled", "room_scaled", "base_offset"):
             self.register_buffer(name, None)
         self.h: Optional[Tensor] = None  # h(V) of the current step, set by RoundingBank.refresh while training
@@ -161,20 +162,19 @@ class WeightFakeQuant(nn.Module):
         s = self.channel_scale().detach()
         scaled = (w.detach() / s).to(self.codes.dtype)
         floor = torch.floor(scaled)
-        base = code_base(self.codes.to(floor.device), scaled) if from_codes else floor
+        codes = self.codes.to(floor.device)
+        base = code_base(codes, scaled) if from_codes else floor
         clipped = torch.clamp(base, self.qmin, self.qmax)
-        if from_codes:
-            start = rounding_from_codes(self.codes.to(floor.device), clipped)
-        else:
-            start = initial_rounding(scaled, floor)
+        start = rounding_from_codes(codes, clipped) if from_codes else initial_rounding(scaled, floor)
         self.rounding = nn.Parameter(start)
         self.mode = "soft"
-        self.floor_base = self.room = self.floor_scaled = self.room_scaled = None
-        self.base_offset = base - floor  # 0 but where a code sits more than a step from floor(w / s)
+        self.floor_base = self.room = self.floor_scaled = self.room_scaled = self.base_offset = None
         if fixed_scale:
             self.floor_base = clipped
             self.room = ((base >= self.qmin) & (base < self.qmax)).to(floor.dtype)
             self.floor_scaled, self.room_scaled = self.floor_base * s, self.room * s
+        else:  # the step moves, so floor(w / s) is recomputed: the base is kept as its distance from it
+            self.base_offset = base - floor  # 0 but where a code sits more than a step from floor(w / s)
 
     def _h(self) -> Tensor:
         assert self.rounding is not None
