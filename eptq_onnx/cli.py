@@ -116,8 +116,8 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          weight_rounding: str, act16_below: float, percentile: float, target: str, reduce_range: Optional[bool],
-                          exclude: Tuple[str, ...], overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
+                          weight_rounding: str, act16_below: float, float_weights_below: float, percentile: float, target: str,
+                          reduce_range: Optional[bool], exclude: Tuple[str, ...], overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
     """The QuantConfig fields that QUANTIZATION_OPTIONS set (UsageError for a malformed value)."""
@@ -137,6 +137,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         weight_init=weight_init,
         weight_rounding=weight_rounding,
         act16_below=act16_below,
+        float_weights_below=float_weights_below,
         percentile=percentile,
         target=target,
         reduce_range=reduce_range,
@@ -214,6 +215,12 @@ QUANTIZATION_OPTIONS = _options(
                  "target reads 16-bit activations (ort-cpu, qnn, generic; the model is raised to opset 21). Its "
                  "readers then run as float ops on onnxruntime's CPU. Kept only when it raises the model's output SQNR on "
                  "16 calibration samples. The report lists each one. 0: never."),
+    click.option("--float-weights-below", type=click.FloatRange(min=0), default=36.0, show_default=True, metavar="DB",
+                 help="With 8-bit weights: a weight whose 8-bit codes leave a layer that reads it below DB dB output "
+                 "SQNR (measured on sampled layer inputs, for every layer that reads it; a fixed filter such as a "
+                 "constant-Q transform's lowpass, whose tiny taps 8 bits lose) stays float, with every layer that reads "
+                 "it. Kept only when it raises the model's output SQNR on 16 calibration samples. The report lists "
+                 "each one. 0: never."),
     click.option("--percentile", type=float, default=99.99, show_default=True, help="Percentile for --calib-method percentile."),
     click.option("--target", type=click.Choice(list(TARGETS)), default=DEFAULT_TARGET, show_default=True,
                  help="Deployment profile: ort-cpu (uint8 activations, layouts onnxruntime fuses into QLinear ops), "
@@ -338,7 +345,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, percentile: float, weight_storage: str, target: str, reduce_range: Optional[bool],
+         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, float_weights_below: float, percentile: float, weight_storage: str, target: str, reduce_range: Optional[bool],
          exclude: Tuple[str, ...],
          overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
@@ -370,7 +377,8 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         config = QuantConfig(
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
-                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below, percentile=percentile,
+                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below,
+                float_weights_below=float_weights_below, percentile=percentile,
                 target=target, reduce_range=reduce_range, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,
                 image_size=image_size, mean=mean, std=std, pixel_scale=pixel_scale, layout=layout, bgr=bgr),

@@ -152,6 +152,9 @@ class QuantConfig:
     # 8-bit activation points whose grid leaves a reading layer's output below this SQNR (dB) take 16 bits
     # where the target reads them (calib/wide_acts.py); 0: never
     act16_below: float = 30.0
+    # 8-bit weights whose codes leave a reading layer's output below this SQNR (dB) stay float, with their
+    # readers (init/float_weights.py); 0: never
+    float_weights_below: float = 36.0
     percentile: float = 99.99
     weight_storage: WeightStorage = "native"
     quantize_outputs: bool = False
@@ -204,6 +207,9 @@ class QuantConfig:
             raise UsageError(f"--num-calib {self.calib.num_samples} must be at least 1")
         if not 0.0 <= self.act16_below < 200.0:
             raise UsageError(f"--act16-below {self.act16_below}: give a layer-output SQNR in dB (e.g. 25), or 0 for never")
+        if not 0.0 <= self.float_weights_below < 200.0:
+            raise UsageError(f"--float-weights-below {self.float_weights_below}: give a layer-output SQNR in dB "
+                             "(e.g. 25), or 0 for never")
         if self.min_sqnr is not None and not -100.0 < self.min_sqnr < 200.0:
             raise UsageError(f"--min-sqnr {self.min_sqnr}: give the output SQNR target in dB, e.g. 30")
         if self.strict and self.min_sqnr is None:

@@ -32,7 +32,7 @@ from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, 
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.tensor_store import TensorStore
 from eptq_onnx.init.quantizers import ActParams
-from eptq_onnx.init.stage import bias_corrected_model, fit_bias_steps, init_weight_candidates
+from eptq_onnx.init.stage import bias_corrected_model, fit_bias_steps, float_weak_weights, init_weight_candidates
 from eptq_onnx.init.weights import WeightQuant
 from eptq_onnx.io_checks import check_onnxruntime_loads, check_output_path, check_report_path
 from eptq_onnx.mixed.sensitivity import SearchInputs
@@ -179,14 +179,18 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         overrides = resolve_for_run(run, float_model, plan)
     with run.stage("weight init"):
         rows = sampler.rows() if sampler is not None else {}
+        reader_rows = sampler.reader_rows() if sampler is not None else {}
         candidates = init_weight_candidates(run, float_model, plan, overrides.weight_bits, rows)
     with run.stage("activation calibration"):
         transfers = point_transfers(float_model, plan) if run.config.calib_method == "mse" else {}  # mse reads them
         acts, stats = calibrate_activations(plan, ranges, calib_set, run.config, run.progress, overrides.acts,
                                             transfers)
-        float_model = widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts),
-                                        WideningCheck(candidates[max(candidates)], calib_set,
-                                                      run.config.quantize_outputs, run.config.quantize_bias))
+        check = WideningCheck(candidates[max(candidates)], calib_set, run.config.quantize_outputs,
+                              run.config.quantize_bias)
+        float_model = widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts), check)
+        plan, candidates, acts = float_weak_weights(run, float_model, plan, candidates, acts, reader_rows,
+                                                    frozenset(overrides.weight_bits), check)
+        record_plan(run.report, plan)
         candidates = {b: fit_bias_steps(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
 

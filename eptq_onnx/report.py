@@ -54,6 +54,8 @@ class Report:
     # 8-bit points widened to 16 bits (calib/wide_acts.WidePoint: tensor, layer, db_8, db_16, fused)
     wide_activations: List[Dict[str, Any]] = field(default_factory=list)
     wide_output_sqnr_db: Dict[str, Any] = field(default_factory=dict)  # the check that kept them: 8-bit vs 16-bit
+    float_weights: List[Dict[str, Any]] = field(default_factory=list)  # 8-bit weights that lose a layer, left float
+    float_weights_output_sqnr_db: Dict[str, Any] = field(default_factory=dict)  # the check that kept them float
     excluded: List[Dict[str, str]] = field(default_factory=list)  # nodes kept float by --exclude: node, op_type, pattern
     warnings: List[str] = field(default_factory=list)
     validation: Dict[str, Any] = field(default_factory=dict)

@@ -128,14 +128,21 @@ class LayerRowSampler:
         self._nodes = {(n.name or n.output[0]): n for n in model.graph.node}
         self._shapes = {t.name: list(t.dims) for t in model.graph.initializer}
         self._points: Dict[str, WeightPoint] = {}
+        self._others: Dict[str, WeightPoint] = {}  # by node: the other layers that read a shared weight
         for p in plan.weights:
             if p.input and p.weight not in self._points:
                 self._points[p.weight] = p
-        self.names = sorted({p.input for p in self._points.values()})
+            elif p.input:
+                self._others[p.node] = p
+        self.names = sorted({p.input for p in (*self._points.values(), *self._others.values())})
         self.samples = samples
         self.seen = 0
         rng = np.random.default_rng(seed)
         self._reservoirs: Dict[str, Optional[RowReservoir]] = {w: RowReservoir(rows, rng) for w in self._points}
+        # a generator of their own, so that the first readers' samples do not depend on the others
+        others_rng = np.random.default_rng(seed + 1)
+        self._other_reservoirs: Dict[str, Optional[RowReservoir]] = {
+            n: RowReservoir(rows, others_rng) for n in self._others}
 
     @property
     def wanted(self) -> bool:
@@ -149,21 +156,44 @@ class LayerRowSampler:
         if keep <= 0:
             return
         self.seen += keep
-        for weight, p in self._points.items():
-            reservoir = self._reservoirs[weight]
-            if reservoir is None:
-                continue
-            x = values[p.input]
-            offered = _layer_rows(p, self._nodes[p.node], x[:keep] if keep < batch_samples else x,
-                                  self._shapes[weight])
-            if offered is None:
-                self._reservoirs[weight] = None
-                continue
-            reservoir.offer(*offered)
+        for reservoirs, points in ((self._reservoirs, self._points), (self._other_reservoirs, self._others)):
+            for key, p in points.items():
+                reservoir = reservoirs[key]
+                if reservoir is None:
+                    continue
+                x = values[p.input]
+                offered = _layer_rows(p, self._nodes[p.node], x[:keep] if keep < batch_samples else x,
+                                      self._shapes[p.weight])
+                if offered is None:
+                    reservoirs[key] = None
+                    continue
+                reservoir.offer(*offered)
 
     def rows(self) -> Dict[str, np.ndarray]:
-        """The sampled rows [n, groups, K] per weight name (layers of unsupported kinds left out)."""
-        return {w: r.rows for w, r in self._reservoirs.items() if r is not None and r.rows is not None and len(r.rows)}
+        """The sampled rows [n, groups, K] per weight name, of the weight's first reader (layers of
+        unsupported kinds left out)."""
+        return _filled(self._reservoirs)
+
+    def reader_rows(self) -> Dict[str, np.ndarray]:
+        """The sampled rows per node: of every reader of a weight, shared weights' other readers included."""
+        first = {p.node: r for w, p in self._points.items() if (r := self._reservoirs[w]) is not None}
+        return _filled({**first, **self._other_reservoirs})
+
+
+def _filled(reservoirs: Dict[str, Optional[RowReservoir]]) -> Dict[str, np.ndarray]:
+    """The rows of the reservoirs that hold any."""
+    return {k: r.rows for k, r in reservoirs.items() if r is not None and r.rows is not None and len(r.rows)}
+
+
+def layer_product(rows: np.ndarray, weight: np.ndarray, axis: int) -> Optional[np.ndarray]:
+    """A layer's output [n, groups, out/groups] on its input rows [n, groups, K] with ``weight`` (its output
+    channels on ``axis``); None when the weight's layout does not match the rows."""
+    groups, k = rows.shape[1], rows.shape[2]
+    moved = np.moveaxis(weight, axis, 0)
+    if moved.size != moved.shape[0] * k or moved.shape[0] % groups:
+        return None
+    w = moved.reshape(groups, moved.shape[0] // groups, k).astype(np.float32)
+    return np.einsum("ngk,gok->ngo", rows, w)
 
 
 def collect_layer_inputs(

@@ -35,9 +35,10 @@ def calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto)
 
 def row_sampler(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> Optional[LayerRowSampler]:
     """The sampler of every weighted layer's input rows (calib/layer_inputs.py) that the range pass feeds,
-    where weight init or the 16-bit activation check reads them."""
+    where weight init, the 16-bit activation check or the float-weight check reads them."""
     config = run.config
-    if config.weight_init == "output-mse" or (config.act16_below > 0 and config.act_bits == 8):
+    if config.weight_init == "output-mse" or (config.act16_below > 0 and config.act_bits == 8) \
+            or config.float_weights_below > 0:
         return LayerRowSampler(model, plan)
     return None
 

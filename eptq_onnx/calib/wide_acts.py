@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 
 from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.layer_inputs import layer_product
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.graph.index import GraphIndex
 from eptq_onnx.graph.runtime import float_outputs_of, output_sqnr_db
@@ -58,14 +59,12 @@ class WidePoint:
 def layer_output_sqnr(rows: np.ndarray, weight: np.ndarray, axis: int, params: ActParams) -> Optional[float]:
     """SQNR (dB) of a layer's output on its input rows [n, groups, K] when only the rows are rounded by
     ``params``; ``weight`` has its output channels on ``axis`` (None when its layout does not match the rows)."""
-    groups, k = rows.shape[1], rows.shape[2]
-    moved = np.moveaxis(weight, axis, 0)
-    if moved.size != moved.shape[0] * k or moved.shape[0] % groups:
+    exact = layer_product(rows, weight, axis)
+    if exact is None:
         return None
-    w = moved.reshape(groups, moved.shape[0] // groups, k).astype(np.float32)
     qmin, qmax = params.qrange
     rounded = fake_quant(rows, np.float32(params.scale), params.zero_point, qmin, qmax).astype(np.float32)
-    return sqnr_db(np.einsum("ngk,gok->ngo", rows, w), np.einsum("ngk,gok->ngo", rounded, w))
+    return sqnr_db(exact, layer_product(rounded, weight, axis))
 
 
 def wide_params(stats: GroupStats, signed: bool) -> ActParams:
@@ -145,10 +144,15 @@ class WideningCheck:
     def output_sqnr(self, model: onnx.ModelProto, plan: QuantPlan, acts: Mapping[int, ActParams],
                     wide: Mapping[int, ActParams]) -> Tuple[float, float]:
         """Output SQNR (dB) against the float ``model`` of its fake-quant references with ``acts`` and with ``wide``."""
+        db_8, db_16 = self.states_sqnr(model, [(plan, self.weights, acts), (plan, self.weights, wide)])
+        return db_8, db_16
+
+    def states_sqnr(self, model: onnx.ModelProto,
+                    states: List[Tuple[QuantPlan, Mapping[str, WeightQuant], Mapping[int, ActParams]]]) -> List[float]:
+        """Output SQNR (dB) against the float ``model`` of the fake-quant reference of each (plan, weights, acts)."""
         batches = list(self.calib.batches(limit=self.limit))
         self.samples = sum(self.calib.samples_in(b) for b in batches)
         reference = float_outputs_of(model, batches)
-        db_8, db_16 = (output_sqnr_db(reference, float_outputs_of(
-            fake_quant_model(model, plan, self.weights, dict(grids), self.quantize_outputs, self.quantize_bias), batches))
-            for grids in (acts, wide))
-        return db_8, db_16
+        return [output_sqnr_db(reference, float_outputs_of(fake_quant_model(
+            model, plan, dict(weights), dict(acts), self.quantize_outputs, self.quantize_bias), batches))
+            for plan, weights, acts in states]

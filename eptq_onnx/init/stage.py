@@ -1,16 +1,20 @@
-"""The weight stages' run-level steps: MSE-initialized weights at every width the run may choose, int32
-bias fitting, and bias correction, with what the log and report say about them."""
+"""The weight stages' run-level steps: MSE-initialized weights at every width the run may choose, the
+8-bit weights left float (init/float_weights.py), int32 bias fitting, and bias correction, with what the
+log and report say about them."""
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import onnx
 
 from eptq_onnx.calib.data import CalibrationSet
+from eptq_onnx.calib.wide_acts import WideningCheck
 from eptq_onnx.context import RunContext
+from eptq_onnx.fidelity.target import without_nodes
 from eptq_onnx.init.bias_correction import correct_biases
+from eptq_onnx.init.float_weights import FLOAT_WEIGHT_BITS, choose_float_weights
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -56,6 +60,44 @@ def _note_u8s8_range(run: RunContext) -> None:
     run.report.u8s8_range = {"reduce_range": reduced, "weight_bits": rule if reduced else 8, "why": why}
     run.log(f"8-bit Conv/MatMul/Gemm weights: {'7-bit range' if reduced else 'full int8 range'} ({why})"
             + ("" if reduced else "; for x86 CPUs without VNNI, quantize with --reduce-range"))
+
+
+def float_weak_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
+                       candidates: Dict[int, Dict[str, WeightQuant]], acts: Dict[int, ActParams],
+                       rows: Dict[str, np.ndarray], user_set: frozenset, check: WideningCheck
+                       ) -> Tuple[QuantPlan, Dict[int, Dict[str, WeightQuant]], Dict[int, ActParams]]:
+    """The state with the 8-bit weights that lose a reading layer (init/float_weights.py) left float, with
+    every layer that reads them, when that raises the model's output SQNR on ``check``'s samples;
+    ``rows``: sampled layer inputs per node; ``user_set``: weights whose width --overrides sets."""
+    config, report = run.config, run.report
+    eight = candidates.get(FLOAT_WEIGHT_BITS)
+    if config.float_weights_below <= 0 or eight is None or not rows:
+        return plan, candidates, acts
+    chosen = choose_float_weights(model, plan, eight, rows, config.float_weights_below, user_set)
+    if not chosen:
+        return plan, candidates, acts
+    worst = chosen[0]
+    nodes = list(dict.fromkeys(n for f in chosen for n in f.nodes))
+    found = (f"{len(chosen)} weight(s) leave a layer's output below {config.float_weights_below:g} dB SQNR at 8 bits "
+             f"(worst: {worst.weight} read by {worst.layer}, {worst.db_8:.1f} dB; a fixed filter's taps, say)")
+    new_plan, _, new_acts = without_nodes(model, plan, eight, acts, nodes, config)
+    kept = {p.weight for p in new_plan.weights}
+    new_candidates = {b: {n: w for n, w in ws.items() if n in kept} for b, ws in candidates.items()}
+    before, after = check.states_sqnr(model, [(plan, check.weights, acts),
+                                              (new_plan, {n: w for n, w in check.weights.items() if n in kept},
+                                               new_acts)])
+    if after <= before:
+        report.warn(f"{found}, but keeping them float does not raise the model's output SQNR on {check.samples} "
+                    f"calibration sample(s) ({after:.1f} vs {before:.1f} dB): they stay quantized")
+        return plan, candidates, acts
+    report.float_weights = [asdict(f) for f in chosen]
+    report.float_weights_output_sqnr_db = {"quantized": round(before, 2), "float": round(after, 2),
+                                           "samples": check.samples}
+    report.warn(f"FLOAT: {found}: they and the {len(nodes)} layer(s) that read them stay float (output SQNR "
+                f"{before:.1f} -> {after:.1f} dB on {check.samples} calibration samples; --float-weights-below 0: "
+                "never)")
+    check.weights = {n: w for n, w in check.weights.items() if n in kept}
+    return new_plan, new_candidates, new_acts
 
 
 def fit_bias_steps(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
