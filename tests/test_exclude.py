@@ -174,3 +174,46 @@ def test_a_matmul_whose_input_stays_float_stays_float_whole_on_ort_cpu(calib_for
             got = ort.InferenceSession(result.model.SerializeToString(),
                                        providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
             assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - got) ** 2)) > 25.0
+
+
+def _shared_weight_cnn() -> onnx.ModelProto:
+    """x[1,4,8,8] -> Conv a (weight w) -> Relu -> Conv b (the same w) -> y: one initializer, two readers."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 4, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a_out"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a_out"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="b", pads=[1, 1, 1, 1])]
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4, 8, 8])
+    model = helper.make_model(helper.make_graph(nodes, "shared", [value("x")], [value("y")], inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_an_excluded_reader_of_a_shared_weight_reads_it_float_while_the_other_stays_quantized(calib_for) -> None:
+    """--exclude b, where a and b read one initializer: the writer, the fake-quant reference and the torch twin
+    all leave b on the float weight and a on its 8-bit codes (the written model passes validation against
+    the reference), and the student computes what onnxruntime computes on the written model."""
+    from eptq_onnx.export.reference import fake_quant_model, fake_quant_name
+    from eptq_onnx.twin.weighted import WeightedOp
+    from tests.helpers import assert_student_matches_onnxruntime
+
+    model = _shared_weight_cnn()
+    result = quantize(model, calib_for(model, 16), init_only(weight_bits=8, exclude=("b",), measure_latency=False),
+                      progress=False)
+    state = result.state
+    nodes = {n.name: n for n in result.model.graph.node}
+    assert nodes["b"].input[1] == "w" and nodes["a"].input[1] != "w"
+    dq = next(n for n in result.model.graph.node if n.output[0] == nodes["a"].input[1])
+    assert dq.op_type == "DequantizeLinear"
+    stored = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(stored["w"], numpy_helper.to_array(model.graph.initializer[0]))
+    reference = fake_quant_model(state.float_model, state.plan, state.weights, state.acts)
+    readers = {n.name: n.input[1] for n in reference.graph.node if n.name in ("a", "b")}
+    assert readers == {"a": fake_quant_name("w"), "b": "w"}
+    twin = build_twin(state.float_model, state.plan, state.weights, state.acts)
+    ops = {m.node: m for m in twin.student.modules() if isinstance(m, WeightedOp)}
+    assert ops["a"].weight_quant is not None and ops["b"].weight_quant is None
+    assert_student_matches_onnxruntime(model, result)

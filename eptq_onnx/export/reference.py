@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from eptq_onnx.export.writer import quantize_biases, rewire
+from eptq_onnx.export.writer import quantize_biases, rewire, weight_readers
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.graph.tensor_store import store_of
@@ -36,6 +36,14 @@ def _elem_np_types(graph: onnx.GraphProto) -> Dict[str, np.dtype]:
     return types
 
 
+def _float_read(graph: onnx.GraphProto, plan: QuantPlan, weights: Dict[str, WeightQuant]) -> set:
+    """The quantized weights that a node outside the plan's readers (one kept float) also reads: their
+    dequantized values go into initializers of their own, the float ones stay for that node."""
+    readers = weight_readers(plan)
+    return {inp for node in graph.node for inp in node.input
+            if inp in weights and ((node.name or node.output[0]), inp) not in readers}
+
+
 def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
                      quantize_outputs: bool = False, quantize_bias: bool = True) -> onnx.ModelProto:
     """The float ``model`` with dequantized weights and fake-quantized activations (see module doc).
@@ -47,13 +55,24 @@ def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str,
     out.CopyFrom(model)
     graph = out.graph
     store = store_of(out)
-    for tensor in graph.initializer:
+    shared = _float_read(graph, plan, weights)
+    for tensor in list(graph.initializer):
         if tensor.name in weights:
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            dequantized = numpy_helper.from_array(weights[tensor.name].dequantized().astype(dtype), tensor.name)
+            name = fake_quant_name(tensor.name) if tensor.name in shared else tensor.name
+            dequantized = numpy_helper.from_array(weights[tensor.name].dequantized().astype(dtype), name)
             if store is not None:  # one dequantized weight in memory at a time
                 store.keep(dequantized)
-            tensor.CopyFrom(dequantized)
+            if tensor.name in shared:
+                graph.initializer.append(dequantized)
+            else:
+                tensor.CopyFrom(dequantized)
+    if shared:
+        readers = weight_readers(plan)
+        for node in graph.node:
+            for i, inp in enumerate(node.input):
+                if inp in shared and ((node.name or node.output[0]), inp) in readers:
+                    node.input[i] = fake_quant_name(inp)
     if quantize_bias:
         _dequantized_biases(out, plan, weights, acts)
     types = _elem_np_types(graph)

@@ -9,7 +9,7 @@ the DequantizeLinear output. Every other node, and every tensor name, is kept.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -46,6 +46,12 @@ ACT_TYPES = {
     (16, False): (TensorProto.UINT16, np.uint16, 21),
     (16, True): (TensorProto.INT16, np.int16, 21),
 }
+
+
+def weight_readers(plan: QuantPlan) -> Set[Tuple[str, str]]:
+    """(node, weight) of every quantized weight's reader in ``plan``: another node reading the same
+    initializer (one the user keeps float) reads it float."""
+    return {(p.node, p.weight) for p in plan.weights}
 
 
 def storage_for(bits: int, weight_storage: str, allowed: Tuple[int, ...] = tuple(STORAGE)) -> StorageType:
@@ -173,10 +179,11 @@ def write_qdq(
             act_pairs[t] = [q, dq]
 
     before: Dict[str, List[onnx.NodeProto]] = {}
+    readers = weight_readers(plan)
     for node in graph.node:
         node_key = node.name or node.output[0]
         for i, inp in enumerate(node.input):
-            if inp in weight_nodes:
+            if inp in weight_nodes and (node_key, inp) in readers:  # a node kept float reads the float weight
                 node.input[i] = weight_nodes[inp].output[0]
             elif (node_key, i) in bias_inputs:
                 bias_node = bias_nodes[bias_inputs[(node_key, i)]]

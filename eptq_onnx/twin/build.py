@@ -127,13 +127,14 @@ def build_twin(
                 student_gm.add_submodule(module, OnGridFakeQuant(fq))
             insert_after(student_gm, nodes[tensor], module, keep_outputs=tensor in graph_outputs and not quantize_outputs)
     group_of = plan.group_of()
-    points = {p.weight: p for p in plan.weights}
+    points = {(p.node, p.weight): p for p in plan.weights}  # a node kept float reads a shared weight float
     for module in student_gm.modules():
-        if not isinstance(module, WeightedOp) or module.weight_name not in weights:
+        if not isinstance(module, WeightedOp) or (module.node, module.weight_name) not in points \
+                or module.weight_name not in weights:
             continue
         wfq = twin.weight_quant.setdefault(module.weight_name, WeightFakeQuant(weights[module.weight_name]))
         module.weight_quant = wfq
-        point = points[module.weight_name]
+        point = points[(module.node, module.weight_name)]
         group = group_of.get(point.input) if point.input else None
         if quantize_bias and module.bias is not None and module.bias_name == point.bias and group is not None:
             bfq = BiasFakeQuant(twin.act_quant[group.id], wfq)

@@ -46,6 +46,7 @@ def _weighted(node: OnnxNode, graph: OnnxGraph, weight_index: int, bias_index: O
         return ORIGINALS[node.operation_type](node, graph)
     names = node.input_values
     module = build(weight, names[weight_index], bias, names[bias_index] if has_bias else None)  # type: ignore[index]
+    module.node = node.proto.name or node.proto.output[0]
     rest = tuple(name for i, name in enumerate(names) if i not in (weight_index, bias_index))
     return OperationConverterResult(module, OnnxMapping(inputs=rest, outputs=node.output_values))
 

@@ -24,6 +24,7 @@ class WeightedOp(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone())
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias.detach().clone()))
         self.weight_name = weight_name
+        self.node = ""  # the ONNX node it converts (its name, else its first output), set by the converter
         self.bias_name = bias_name if bias is not None else None
         self.register_module("weight_quant", None)
         self.register_module("bias_quant", None)
