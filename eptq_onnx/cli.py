@@ -216,8 +216,8 @@ QUANTIZATION_OPTIONS = _options(
                  "readers then run as float ops on onnxruntime's CPU. Kept only when it raises the model's output SQNR on "
                  "16 calibration samples. The report lists each one. 0: never."),
     click.option("--float-weights-below", type=click.FloatRange(min=0), default=36.0, show_default=True, metavar="DB",
-                 help="With 8-bit weights: a weight whose 8-bit codes leave a layer that reads it below DB dB output "
-                 "SQNR (measured on sampled layer inputs, for every layer that reads it; a fixed filter such as a "
+                 help="A weight whose 8-bit codes (full int8 range, whatever --weight-bits) leave a layer that reads it "
+                 "below DB dB output SQNR (measured on sampled layer inputs, for every layer that reads it; a fixed filter such as a "
                  "constant-Q transform's lowpass, whose tiny taps 8 bits lose) stays float, with every layer that reads "
                  "it. Kept only when it raises the model's output SQNR on 16 calibration samples. The report lists "
                  "each one. 0: never."),

@@ -188,7 +188,7 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         check = WideningCheck(candidates[max(candidates)], calib_set, run.config.quantize_outputs,
                               run.config.quantize_bias)
         float_model = widen_activations(run, float_model, plan, acts, stats, rows, frozenset(overrides.acts), check)
-        plan, candidates, acts = float_weak_weights(run, float_model, plan, candidates, acts, reader_rows,
+        plan, candidates, acts = float_weak_weights(run, float_model, plan, candidates, acts, rows, reader_rows,
                                                     frozenset(overrides.weight_bits), check)
         record_plan(run.report, plan)
         candidates = {b: fit_bias_steps(run, float_model, plan, w, acts) for b, w in candidates.items()}

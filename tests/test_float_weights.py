@@ -96,13 +96,17 @@ def test_every_reader_of_a_shared_weight_gets_its_own_rows_and_its_sqnr_is_what_
     assert weight_output_sqnr(per_reader["smooth_lo"], w, quantized, 0) > 36.0
 
 
-def test_a_shared_filter_that_8_bits_lose_on_its_second_reader_stays_float_with_every_reader() -> None:
-    """W8A8: the lowpass loses smooth_hi's output (12.5 dB; smooth_lo, its first reader, keeps 40+), so the
-    filter and both its readers stay float while the learned head stays quantized; the written model is
-    far closer to the float model in onnxruntime than with --float-weights-below 0."""
+@pytest.mark.parametrize("weight_bits, reduce_range", [(8, None), (4, None), (8, True)])
+def test_a_shared_filter_that_8_bits_lose_on_its_second_reader_stays_float_with_every_reader(
+        weight_bits: int, reduce_range) -> None:
+    """The lowpass's 8-bit codes lose smooth_hi's output (12.5 dB; smooth_lo, its first reader, keeps 40+), so
+    the filter and both its readers stay float while the learned head stays quantized; the written model is
+    far closer to the float model in onnxruntime than with --float-weights-below 0. The same at W4 and with
+    the 7-bit U8S8 range: the check judges full-range 8-bit codes whatever the run's width."""
     length = 512
     model, feeds = _shared_filter_model(length), _feeds(32, length)
-    settings = dict(weight_bits=8, act_bits=8, optimize=OptimizeOptions(iters=0), measure_latency=False)
+    settings = dict(weight_bits=weight_bits, act_bits=8, reduce_range=reduce_range, optimize=OptimizeOptions(iters=0),
+                    measure_latency=False)
     floated = quantize(model, feeds, QuantConfig(**settings))
     quantized = quantize(model, feeds, QuantConfig(float_weights_below=0.0, **settings))
     [entry] = floated.report.float_weights

@@ -4,7 +4,7 @@ log and report say about them."""
 from __future__ import annotations
 
 from dataclasses import asdict, replace
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -18,7 +18,7 @@ from eptq_onnx.init.float_weights import FLOAT_WEIGHT_BITS, choose_float_weights
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant, fit_int32_biases, init_weights
 from eptq_onnx.plan.qpoints import QuantPlan
-from eptq_onnx.plan.targets import get_target
+from eptq_onnx.plan.targets import Target, get_target, with_reduce_range
 
 
 def init_weight_candidates(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, fixed_bits: Dict[str, int],
@@ -26,12 +26,10 @@ def init_weight_candidates(run: RunContext, model: onnx.ModelProto, plan: QuantP
     """MSE-initialized weight quantizers at every width the run may choose (one unless mixed precision);
     a weight in ``fixed_bits`` (--overrides) has its own width in every candidate."""
     config = run.config
-    inputs = inputs if config.weight_init == "output-mse" else {}
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
 
     def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:
-        return init_weights(model, points, bits, config.weight_init, inputs, run.target, config.act_symmetric,
-                            config.weight_rounding)
+        return _init_at(run, model, points, bits, inputs)
 
     candidates = {b: init(plan, b) for b in widths}
     if 8 in widths or 8 in fixed_bits.values():
@@ -45,6 +43,14 @@ def init_weight_candidates(run: RunContext, model: onnx.ModelProto, plan: QuantP
         for weights in candidates.values():
             weights.update(own)
     return candidates
+
+
+def _init_at(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, bits: int, inputs: Dict[str, np.ndarray],
+             target: Optional[Target] = None) -> Dict[str, WeightQuant]:
+    """The run's weight init of ``plan``'s weights at ``bits`` (``target``: the run's unless given)."""
+    config = run.config
+    return init_weights(model, plan, bits, config.weight_init, inputs if config.weight_init == "output-mse" else {},
+                        target or run.target, config.act_symmetric, config.weight_rounding)
 
 
 def _note_u8s8_range(run: RunContext) -> None:
@@ -64,15 +70,17 @@ def _note_u8s8_range(run: RunContext) -> None:
 
 def float_weak_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
                        candidates: Dict[int, Dict[str, WeightQuant]], acts: Dict[int, ActParams],
-                       rows: Dict[str, np.ndarray], user_set: frozenset, check: WideningCheck
+                       inputs: Dict[str, np.ndarray], rows: Dict[str, np.ndarray], user_set: frozenset,
+                       check: WideningCheck
                        ) -> Tuple[QuantPlan, Dict[int, Dict[str, WeightQuant]], Dict[int, ActParams]]:
-    """The state with the 8-bit weights that lose a reading layer (init/float_weights.py) left float, with
-    every layer that reads them, when that raises the model's output SQNR on ``check``'s samples;
-    ``rows``: sampled layer inputs per node; ``user_set``: weights whose width --overrides sets."""
+    """The state with the weights whose 8-bit codes lose a reading layer (init/float_weights.py) left float,
+    with every layer that reads them, when that raises the model's output SQNR on ``check``'s samples;
+    ``inputs``: sampled layer inputs per weight (weight init's); ``rows``: per node; ``user_set``: weights
+    whose width --overrides sets."""
     config, report = run.config, run.report
-    eight = candidates.get(FLOAT_WEIGHT_BITS)
-    if config.float_weights_below <= 0 or eight is None or not rows:
+    if config.float_weights_below <= 0 or not rows:
         return plan, candidates, acts
+    eight = _judged_codes(run, model, plan, candidates, inputs)
     chosen = choose_float_weights(model, plan, eight, rows, config.float_weights_below, user_set)
     if not chosen:
         return plan, candidates, acts
@@ -98,6 +106,17 @@ def float_weak_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
                 "never)")
     check.weights = {n: w for n, w in check.weights.items() if n in kept}
     return new_plan, new_candidates, new_acts
+
+
+def _judged_codes(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
+                  candidates: Dict[int, Dict[str, WeightQuant]], inputs: Dict[str, np.ndarray]) -> Dict[str, WeightQuant]:
+    """The 8-bit codes, at the full int8 range, that the float-weight check judges: the run's own where it has
+    them, else (a 4-bit run, or a 7-bit U8S8 range) the same init at 8 bits, so that the weights left float
+    do not depend on the width asked for or on the machine."""
+    eight = candidates.get(FLOAT_WEIGHT_BITS)
+    if eight is not None and all(w.bits == FLOAT_WEIGHT_BITS for w in eight.values()):
+        return eight
+    return _init_at(run, model, plan, FLOAT_WEIGHT_BITS, inputs, with_reduce_range(run.target, False))
 
 
 def fit_bias_steps(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
