@@ -176,7 +176,7 @@ class LayerRowSampler:
 
     def reader_rows(self) -> Dict[str, np.ndarray]:
         """The sampled rows per node: of every reader of a weight, shared weights' other readers included."""
-        first = {p.node: r for w, p in self._points.items() if (r := self._reservoirs[w]) is not None}
+        first = {p.node: self._reservoirs[w] for w, p in self._points.items()}
         return _filled({**first, **self._other_reservoirs})
 
 

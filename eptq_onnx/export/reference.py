@@ -8,13 +8,14 @@ the two diverge).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from eptq_onnx.export.writer import quantize_biases, rewire, weight_readers
+from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.graph.tensor_store import store_of
@@ -36,12 +37,10 @@ def _elem_np_types(graph: onnx.GraphProto) -> Dict[str, np.dtype]:
     return types
 
 
-def _float_read(graph: onnx.GraphProto, plan: QuantPlan, weights: Dict[str, WeightQuant]) -> set:
-    """The quantized weights that a node outside the plan's readers (one kept float) also reads: their
-    dequantized values go into initializers of their own, the float ones stay for that node."""
-    readers = weight_readers(plan)
-    return {inp for node in graph.node for inp in node.input
-            if inp in weights and ((node.name or node.output[0]), inp) not in readers}
+def _float_read(graph: onnx.GraphProto, readers: Set[Tuple[str, str]], weights: Dict[str, WeightQuant]) -> Set[str]:
+    """The quantized weights that a node outside ``readers`` (one kept float) also reads: their dequantized
+    values go into initializers of their own, the float ones stay for that node."""
+    return {inp for node in graph.node for inp in node.input if inp in weights and (node_id(node), inp) not in readers}
 
 
 def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
@@ -55,7 +54,8 @@ def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str,
     out.CopyFrom(model)
     graph = out.graph
     store = store_of(out)
-    shared = _float_read(graph, plan, weights)
+    readers = weight_readers(plan)
+    shared = _float_read(graph, readers, weights)
     for tensor in list(graph.initializer):
         if tensor.name in weights:
             dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
@@ -68,10 +68,9 @@ def fake_quant_model(model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str,
             else:
                 tensor.CopyFrom(dequantized)
     if shared:
-        readers = weight_readers(plan)
         for node in graph.node:
             for i, inp in enumerate(node.input):
-                if inp in shared and ((node.name or node.output[0]), inp) in readers:
+                if inp in shared and (node_id(node), inp) in readers:
                     node.input[i] = fake_quant_name(inp)
     if quantize_bias:
         _dequantized_biases(out, plan, weights, acts)

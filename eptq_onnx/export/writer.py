@@ -17,6 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_onnx.init.quantizers import ActParams
+from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.plan.targets import TARGETS, Target
 from eptq_onnx.graph.tensor_store import store_of, tensor_array
@@ -181,7 +182,7 @@ def write_qdq(
     before: Dict[str, List[onnx.NodeProto]] = {}
     readers = weight_readers(plan)
     for node in graph.node:
-        node_key = node.name or node.output[0]
+        node_key = node_id(node)
         for i, inp in enumerate(node.input):
             if inp in weight_nodes and (node_key, inp) in readers:  # a node kept float reads the float weight
                 node.input[i] = weight_nodes[inp].output[0]

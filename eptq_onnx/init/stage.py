@@ -88,12 +88,8 @@ def float_weak_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
     nodes = list(dict.fromkeys(n for f in chosen for n in f.nodes))
     found = (f"{len(chosen)} weight(s) leave a layer's output below {config.float_weights_below:g} dB SQNR at 8 bits "
              f"(worst: {worst.weight} read by {worst.layer}, {worst.db_8:.1f} dB; a fixed filter's taps, say)")
-    new_plan, _, new_acts = without_nodes(model, plan, eight, acts, nodes, config)
-    kept = {p.weight for p in new_plan.weights}
-    new_candidates = {b: {n: w for n, w in ws.items() if n in kept} for b, ws in candidates.items()}
-    before, after = check.states_sqnr(model, [(plan, check.weights, acts),
-                                              (new_plan, {n: w for n, w in check.weights.items() if n in kept},
-                                               new_acts)])
+    new_plan, new_weights, new_acts = without_nodes(model, plan, check.weights, acts, nodes, config)
+    before, after = check.states_sqnr(model, [(plan, check.weights, acts), (new_plan, new_weights, new_acts)])
     if after <= before:
         report.warn(f"{found}, but keeping them float does not raise the model's output SQNR on {check.samples} "
                     f"calibration sample(s) ({after:.1f} vs {before:.1f} dB): they stay quantized")
@@ -104,8 +100,9 @@ def float_weak_weights(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,
     report.warn(f"FLOAT: {found}: they and the {len(nodes)} layer(s) that read them stay float (output SQNR "
                 f"{before:.1f} -> {after:.1f} dB on {check.samples} calibration samples; --float-weights-below 0: "
                 "never)")
-    check.weights = {n: w for n, w in check.weights.items() if n in kept}
-    return new_plan, new_candidates, new_acts
+    check.weights = new_weights
+    kept = {p.weight for p in new_plan.weights}
+    return new_plan, {b: {n: w for n, w in ws.items() if n in kept} for b, ws in candidates.items()}, new_acts
 
 
 def _judged_codes(run: RunContext, model: onnx.ModelProto, plan: QuantPlan,

@@ -16,6 +16,7 @@ from eptq_onnx.twin.recurrent import RecurrentOp
 from eptq_onnx.twin.resize import ResizeOp
 from eptq_onnx.twin.weighted import ConvOp, GatherOp, GemmOp, MatMulOp, WeightedOp
 from eptq_onnx.twin.convert import ORIGINALS, TYPES_19_TO_25, converts
+from eptq_onnx.plan.exclusions import node_id
 
 
 # ---------------------------------------------------------------- weighted ops
@@ -46,7 +47,7 @@ def _weighted(node: OnnxNode, graph: OnnxGraph, weight_index: int, bias_index: O
         return ORIGINALS[node.operation_type](node, graph)
     names = node.input_values
     module = build(weight, names[weight_index], bias, names[bias_index] if has_bias else None)  # type: ignore[index]
-    module.node = node.proto.name or node.proto.output[0]
+    module.node = node_id(node.proto)
     rest = tuple(name for i, name in enumerate(names) if i not in (weight_index, bias_index))
     return OperationConverterResult(module, OnnxMapping(inputs=rest, outputs=node.output_values))
 
