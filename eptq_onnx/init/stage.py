@@ -27,11 +27,7 @@ def init_weight_candidates(run: RunContext, model: onnx.ModelProto, plan: QuantP
     a weight in ``fixed_bits`` (--overrides) has its own width in every candidate."""
     config = run.config
     widths = config.mixed.bit_options if config.mixed is not None else (config.weight_bits,)
-
-    def init(points: QuantPlan, bits: int) -> Dict[str, WeightQuant]:
-        return _init_at(run, model, points, bits, inputs)
-
-    candidates = {b: init(plan, b) for b in widths}
+    candidates = {b: _init_at(run, model, plan, b, inputs) for b in widths}
     if 8 in widths or 8 in fixed_bits.values():
         _note_u8s8_range(run)
     if config.weight_rounding == "gptq":
@@ -39,7 +35,8 @@ def init_weight_candidates(run: RunContext, model: onnx.ModelProto, plan: QuantP
         run.log(f"weight rounding: GPTQ on {gptq} of {len(candidates[widths[0]])} weights (the others round to "
                 "nearest: no layer inputs for their kind, or GPTQ did not lower their output error)")
     for bits in set(fixed_bits.values()):
-        own = init(replace(plan, weights=[p for p in plan.weights if fixed_bits.get(p.weight) == bits]), bits)
+        own = _init_at(run, model, replace(plan, weights=[p for p in plan.weights if fixed_bits.get(p.weight) == bits]),
+                       bits, inputs)
         for weights in candidates.values():
             weights.update(own)
     return candidates
