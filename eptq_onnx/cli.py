@@ -307,7 +307,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @click.option("--opt-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
               help="Batch size of the optimization (lowered, and said so, where a step would not fit --max-memory).")
 @click.option("--max-memory", "max_memory_gb", type=click.FloatRange(min=0.01), default=None, metavar="GB",
-              help="Memory one optimization step may hold for its backward pass, measured on the model (default on CPU: a "
+              help="Memory one optimization step (forward and backward) may take at its peak, measured on the model (default on CPU: a "
               "quarter of the memory available when the optimization starts, at most 4 GB; on CUDA half the free GPU "
               "memory); the batch is lowered to fit.")
 @click.option("--learn-act-scales", is_flag=True, help="Also learn activation step sizes (default: fixed after calibration).")

@@ -1,17 +1,21 @@
-"""The memory one optimization step holds, and the batch size that keeps it within a budget.
+"""The memory one optimization step takes, and the batch size that keeps it within a budget.
 
-A training step keeps, for its backward pass, the tensors autograd saved in the forward pass: on a
-detector at 512x512 that is hundreds of MiB a sample, so the default batch of 32 alone would take
-more than a 16 GB machine has. The bytes are measured, not estimated: one forward pass at batch 1
-and one at batch 2 under ``torch.autograd.graph.saved_tensors_hooks`` (distinct storages counted
-once) give the fixed part (weights, soft rounding) and the part per sample; the batch is the
-largest, up to the one asked, whose step fits the budget (``--max-memory``, else a quarter of the
-memory available when the optimization starts, at most 4 GiB, on CPU, where it is the machine's
-memory that everything else shares; half the free GPU memory on CUDA). Measured on a 512x512 text
-detector: 399 MiB a sample, and the process peaks near 1.5x the saved bytes plus what it held before.
+A training step keeps, for its backward pass, the tensors autograd saved in the forward pass, and the
+backward pass adds its gradients: on a detector at 512x512 that is hundreds of MiB a sample, so the
+default batch of 32 alone would take more than a 16 GB machine has. The memory is measured, not
+estimated: one whole step (forward and backward) at batch 1 and one at batch 2, each with the process's
+peak resident memory reset before it (Linux's /proc/self/clear_refs; the allocator's peak on CUDA), and
+the distinct storages autograd saves counted as a lower bound where the peak cannot be read. That gives
+the fixed part (weights, soft rounding) and the part per sample; the batch is the largest, up to the one
+asked, whose step fits the budget (``--max-memory``, else a quarter of the memory available when the
+optimization starts, at most 4 GiB, on CPU, where it is the machine's memory that everything else
+shares; half the free GPU memory on CUDA). The teacher cache (eptq/batches.py, at most 2 GiB) comes on
+top. Measured on an 800x608 layout detector: 1.0 GiB saved and 1.2 GiB at the peak a sample, and the
+process peaks at 8.4 GB at batch 3 with its 2 GiB cache.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -44,8 +48,59 @@ def available_bytes(device: str) -> int:
         return 0
 
 
-def saved_bytes(objective: "Objective", batches: "Batches", size: int, beta: float) -> int:
-    """Bytes of the distinct storages autograd saves for the backward pass of one step at batch ``size``."""
+def _rss_bytes(field: str) -> Optional[int]:
+    """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: the peak since the last reset)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak(device: str) -> Optional[int]:
+    """Start measuring a peak: on CUDA the allocator's, on Linux the process's peak resident memory
+    (freed heap pages first given back, so that the step's growth shows). The memory held now, or None
+    where the peak cannot be measured."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+        return int(torch.cuda.memory_allocated(torch.device(device)))
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")  # resets VmHWM to the resident size now
+    except OSError:
+        return None
+    return _rss_bytes("VmRSS")
+
+
+def _peak_since(device: str, before: Optional[int]) -> int:
+    """How far the memory rose above ``before`` (``_reset_peak``'s value) since; 0 when unmeasured."""
+    if before is None:
+        return 0
+    if device.startswith("cuda") and torch.cuda.is_available():
+        peak: Optional[int] = int(torch.cuda.max_memory_allocated(torch.device(device)))
+    else:
+        peak = _rss_bytes("VmHWM")
+    return max(0, (peak or 0) - before)
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """What one training step (forward and backward) at some batch size takes."""
+
+    saved: int  # bytes of the distinct storages autograd saves for the backward pass
+    peak: int  # how far the process's memory (the allocator's on CUDA) rose during the step; 0 when unmeasured
+
+
+def step_bytes(objective: "Objective", batches: "Batches", size: int, beta: float, device: str) -> StepBytes:
+    """One training step at batch ``size`` (its gradients dropped after): the bytes it saved for backward
+    and the memory it took at its peak."""
     storages = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -53,10 +108,17 @@ def saved_bytes(objective: "Objective", batches: "Batches", size: int, beta: flo
         storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
         return tensor
 
+    before = _reset_peak(device)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         recon, reg = objective.losses(batches.sample(size), beta)
-    del recon, reg
-    return sum(storages.values())
+    loss = recon + reg
+    if loss.requires_grad:
+        loss.backward()
+    del recon, reg, loss
+    peak = _peak_since(device, before)
+    for parameter in objective.twin.student.parameters():
+        parameter.grad = None
+    return StepBytes(sum(storages.values()), peak)
 
 
 @dataclass(frozen=True)
@@ -64,7 +126,7 @@ class BatchFit:
     """The batch size a step's memory allows, and how it was decided."""
 
     batch_size: int
-    per_sample: int  # bytes saved for the backward pass per sample
+    per_sample: int  # bytes a step takes at its peak per sample
     fixed: int  # ... and whatever the batch size
     budget: int
     note: str  # for the log and the report: empty when the asked batch fits
@@ -77,11 +139,13 @@ def fit_batch(objective: "Objective", batches: "Batches", asked: int, beta: floa
     if batches.stacked is None or batches.count < 3 or asked <= 1:
         return None
     state = batches.rng.bit_generator.state  # the probes leave the minibatch draws as they were
-    one = saved_bytes(objective, batches, 1, beta)
-    two = saved_bytes(objective, batches, 2, beta)
+    one = step_bytes(objective, batches, 1, beta, device)
+    two = step_bytes(objective, batches, 2, beta, device)
     batches.rng.bit_generator.state = state
-    per_sample = max(1, two - one)
-    fixed = max(0, one - per_sample)
+    # the measured peak where there is one (it is above the saved bytes: the backward pass's gradients
+    # and the forward pass's temporaries); the saved bytes bound it from below
+    per_sample = max(1, two.saved - one.saved, two.peak - one.peak)
+    fixed = max(0, max(one.saved, one.peak) - per_sample)
     source = "--max-memory"
     if max_memory_gb is not None:
         budget = int(max_memory_gb * 2**30)
@@ -98,7 +162,7 @@ def fit_batch(objective: "Objective", batches: "Batches", asked: int, beta: floa
     note = ""
     if size < min(asked, batches.count):
         note = (f"batch {size} instead of {asked} (--opt-batch-size): a step holds {per_sample / 2**20:.0f} MiB a sample "
-                f"(+{fixed / 2**20:.0f} MiB) for its backward pass, and {budget / 2**30:.1f} GiB may go to it ({source})")
+                f"(+{fixed / 2**20:.0f} MiB) at its peak, and {budget / 2**30:.1f} GiB may go to it ({source})")
         if fixed + per_sample > budget:
             note += "; even batch 1 exceeds that"
     return BatchFit(size, per_sample, fixed, budget, note)
