@@ -111,6 +111,8 @@ def _print_target(fidelity: Dict[str, Any], console: Console) -> None:
     console.print(f"fidelity target {fidelity['target_db']:g} dB {state}: held-out output SQNR "
                   f"{fidelity['start_db']:.1f} -> {fidelity['final_db']:.1f} dB ({fidelity['held_out_samples']} "
                   f"samples, {fidelity['tried']} of {fidelity['candidates']} candidate nodes tried)")
+    if fidelity.get("written_db") is not None:
+        console.print(f"  the written model in onnxruntime: {fidelity['written_db']:.1f} dB on the held-out samples")
     for node in fidelity["floated"]:
         console.print(f"  left float: {node['node']} ({node['op_type']}): +{node['gain_db']:.2f} dB "
                       f"-> {node['sqnr_db']:.1f} dB")

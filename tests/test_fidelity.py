@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from click.testing import CliRunner
+from onnx import numpy_helper
 
 from eptq_onnx import quantize
 from eptq_onnx.calib.data import CalibrationSet, held_out_count
 from eptq_onnx.calib.specs import input_specs
 from eptq_onnx.cli import main
 from eptq_onnx.config import CalibOptions
+from eptq_onnx.fidelity.stage import check_written
+from eptq_onnx.plan.targets import get_target
 from models import zoo_analysis
 from tests.helpers import init_only
 
@@ -57,6 +61,30 @@ def test_the_culprit_is_the_one_node_left_float_and_onnxruntime_agrees(calib_for
     x = np.stack([np.load(f)["x"] for f in held])
     measured = _sqnr(_run(model, x), _run(result.model, x))
     assert measured > 25.0 and abs(measured - fidelity["final_db"]) < 1.0
+    assert abs(measured - fidelity["written_db"]) < 0.01  # the check on the written model is onnxruntime's figure
+
+
+def test_a_target_the_twin_reached_but_the_written_model_misses_is_not_reached(calib_for) -> None:
+    """check_written: the held-out SQNR of the model a user runs decides; a written model that computes
+    something else than the twin estimated (here its last weight's scales doubled) fails the target."""
+    model = zoo_analysis.outlier_channel_mlp()
+    folder = calib_for(model, 32)
+    result = quantize(model, folder, init_only(weight_bits=8, min_sqnr=25.0, act16_below=0.0), progress=False)
+    assert result.report.fidelity["reached"]
+    broken = onnx.ModelProto()
+    broken.CopyFrom(result.model)
+    dq = [n for n in broken.graph.node if n.op_type == "DequantizeLinear"]
+    scales = {i.name: i for i in broken.graph.initializer}
+    last_weight = [n for n in dq if n.input[0] in scales and scales[n.input[0]].data_type == onnx.TensorProto.INT8][-1]
+    scale = scales[last_weight.input[1]]
+    scale.CopyFrom(numpy_helper.from_array(2 * numpy_helper.to_array(scale), scale.name))
+    report = result.report
+    held_out = CalibrationSet(folder, input_specs(model), CalibOptions()).split(held_out_count(32))[1]
+    run = SimpleNamespace(report=report, held_out=held_out, target=get_target("ort-cpu"), log=lambda line: None)
+    check_written(run, model, broken)  # type: ignore[arg-type]
+    assert report.fidelity["written_db"] < 25.0 and not report.fidelity["reached"]
+    assert "the written model in onnxruntime gives" in report.fidelity["note"]
+    assert any("FIDELITY: --min-sqnr 25 dB not reached" in w for w in report.warnings)
 
 
 def test_a_target_already_met_leaves_the_model_as_a_run_without_the_held_out_files(calib_for) -> None:

@@ -69,6 +69,7 @@ class FidelityOutcome:
     tried: int = 0
     seconds: float = 0.0
     note: str = ""  # why the walk stopped short of the target (empty when it was reached)
+    written_db: Optional[float] = None  # the written model's held-out SQNR in onnxruntime (fidelity/stage.check_written)
 
     def summary(self) -> str:
         """One line for the log and the summary."""
