@@ -98,9 +98,10 @@ def tapped_batch_size(session: ort.InferenceSession, calib: CalibrationSet, requ
     return max(1, min(requested, int(TAPPED_BATCH_BYTES // max(per_sample, 1))))
 
 
-def float_outputs_of(model: onnx.ModelProto, batches: Sequence[Dict[str, np.ndarray]]) -> List[List[np.ndarray]]:
-    """The floating-point outputs of ``model`` (onnxruntime, optimized) on every batch."""
-    session = make_session(model)
+def float_outputs_of(model: onnx.ModelProto, batches: Sequence[Dict[str, np.ndarray]],
+                     config: Optional[Dict[str, str]] = None) -> List[List[np.ndarray]]:
+    """The floating-point outputs of ``model`` (onnxruntime, optimized, with session ``config``) on every batch."""
+    session = make_session(model, config=config)
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
     floating = [i for i, o in enumerate(model.graph.output) if o.type.tensor_type.elem_type in floats]
     return [[out[i] for i in floating] for out in (session.run(None, feeds) for feeds in batches)]
