@@ -15,6 +15,7 @@ from rich.table import Table
 
 from eptq_onnx.eptq.hessian import LFHResult
 from eptq_onnx.eptq.stage import HESSIAN_SHARE, PROBED, EptqOutcome
+from eptq_onnx.fidelity.target import SIGNIFICANCE
 from eptq_onnx.graph.model_io import write_bytes_atomic
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.init.quantizers import ActParams, sqnr_db
@@ -113,9 +114,12 @@ def _print_target(fidelity: Dict[str, Any], console: Console) -> None:
                   f"samples, {fidelity['tried']} of {fidelity['candidates']} candidate nodes tried)")
     if fidelity.get("written_db") is not None:
         console.print(f"  the written model in onnxruntime: {fidelity['written_db']:.1f} dB on the held-out samples")
+    if fidelity.get("within_noise"):
+        console.print(f"  {fidelity['within_noise']} candidate(s) stayed quantized: their gain was within the "
+                      "held-out samples' noise")
     for node in fidelity["floated"]:
         console.print(f"  left float: {node['node']} ({node['op_type']}): +{node['gain_db']:.2f} dB "
-                      f"-> {node['sqnr_db']:.1f} dB")
+                      f"(at least +{node['gain_low_db']:.2f} on {1 - SIGNIFICANCE:.0%} of resamples) -> {node['sqnr_db']:.1f} dB")
 
 
 def _print_lfh(hessian: Dict[str, Any], console: Console, shown: int = 5) -> None:

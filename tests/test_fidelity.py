@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -177,3 +178,42 @@ def test_what_the_walk_estimates_is_what_the_written_model_gets(calib_for) -> No
     assert abs(fidelity["floated"][-1]["sqnr_db"] - fidelity["final_db"]) < 0.05, fidelity
     quantized_inputs = {n.input[0] for n in result.model.graph.node if n.op_type == "QuantizeLinear"}
     assert not {"c1", "h1"} & quantized_inputs
+
+
+def _noise(feed_signal: dict):  # type: ignore[no-untyped-def]
+    from eptq_onnx.fidelity.target import HeldOutNoise
+
+    samples = len(next(iter(feed_signal.values())))
+    return HeldOutNoise(SimpleNamespace(feeds=[None] * samples, feed_signal=feed_signal))
+
+
+def test_the_noise_bound_is_the_quantile_of_a_paired_bootstrap_of_the_worst_output() -> None:
+    """Against a plain loop over the same resamples: the worst of two outputs' SQNR (signal and error
+    summed over the resampled samples) after minus before, its 5% quantile."""
+    from eptq_onnx.fidelity.target import SIGNIFICANCE
+
+    rng = np.random.default_rng(3)
+    signal = {"a": rng.uniform(1, 2, 10), "b": rng.uniform(1, 2, 10)}
+    before = {"a": rng.uniform(0.01, 0.1, 10), "b": rng.uniform(0.01, 0.1, 10)}
+    after = {"a": before["a"] * rng.uniform(0.3, 1.2, 10), "b": before["b"] * rng.uniform(0.3, 1.2, 10)}
+    noise = _noise(signal)
+    gains = []
+    for rows in noise.index:
+        db = {k: min(10 * np.log10(sum(signal[n][r] for r in rows) / sum(e[n][r] for r in rows)) for n in "ab")
+              for k, e in (("before", before), ("after", after))}
+        gains.append(db["after"] - db["before"])
+    assert noise.gain_bound(before, after) == pytest.approx(float(np.quantile(gains, SIGNIFICANCE)), abs=1e-9)
+
+
+def test_a_gain_on_every_sample_holds_and_one_the_samples_happened_to_favour_does_not() -> None:
+    """Halving every sample's error is +3.01 dB on every resample; a gain that comes from one sample
+    whose large error fell, while the other eleven got worse, is positive on the twelve together but
+    not beyond their noise."""
+    signal = {"y": np.ones(12)}
+    before = {"y": np.full(12, 0.01)}
+    noise = _noise(signal)
+    assert noise.gain_bound(before, {"y": before["y"] / 2}) == pytest.approx(10 * np.log10(2), abs=1e-9)
+    lucky_before = {"y": np.array([0.5] + [0.01] * 11)}
+    lucky_after = {"y": np.array([0.05] + [0.02] * 11)}
+    total = 10 * np.log10(lucky_before["y"].sum() / lucky_after["y"].sum())
+    assert total > 3.0 and noise.gain_bound(lucky_before, lucky_after) < 0

@@ -7,28 +7,34 @@ weight, int32 bias and output point; the producer of an activation point), ranke
 ``eptq-onnx-analyze`` ranks points: by the output SQNR with that node's fake quantizers off in the
 otherwise quantized torch twin, measured on calibration samples. In rank order each candidate is
 tried on the held-out samples with every node taken so far, and kept only when it raises the
-held-out SQNR by at least ``MIN_GAIN_DB``; the walk stops at the target, when the candidates run out,
-or at the deadline. The nodes kept are then excluded from the plan as ``--exclude`` would exclude
+held-out SQNR by at least ``MIN_GAIN_DB`` and the gain holds beyond the samples' noise: on a deep
+network the rounding noise of two nearby states is independent, so one state's SQNR on a dozen
+samples can sit a dB or two above another's by chance, and the walk would keep what the samples
+happened to favour (``gain_bound``: the gain must stay positive on ``1 - SIGNIFICANCE`` of the
+bootstrap resamples of the held-out samples). The walk stops at the target, when the candidates run
+out, or at the deadline. The nodes kept are then excluded from the plan as ``--exclude`` would exclude
 them (``plan.exclusions``), and the state written is measured once more on the held-out samples:
 that figure, not the estimate, is what the report gives.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 from tqdm import tqdm
 
-from eptq_onnx.calib.data import MAX_HELD_OUT, CalibrationSet
+from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.config import QuantConfig
 from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.init.weights import WeightQuant
-from eptq_onnx.mixed.sensitivity import DistanceProbe, excluded_quantizers, twin_points, worst
+from eptq_onnx.mixed.sensitivity import DistanceProbe, excluded_quantizers, sqnr_db, twin_points, worst
 from eptq_onnx.plan.exclusions import exclude_nodes
 from eptq_onnx.plan.points import describe_points, float_outputs
 from eptq_onnx.plan.qpoints import QuantPlan
@@ -42,6 +48,8 @@ RANK_SAMPLES = 16  # calibration samples the candidates are ranked on
 MIN_RANK_SAMPLES = 2  # ... and the fewest the ranking is cut to when RANK_SAMPLES would not fit its time
 SUBSET_SHARE = 0.9  # of a candidate's gain that one freeing fewer of its points must buy to be tried first
 RANK_SHARE = 0.5  # of the time left when the target starts, for ranking: the rest is for trying candidates
+SIGNIFICANCE = 0.05  # share of the bootstrap resamples of the held-out samples on which a kept gain may vanish
+RESAMPLES = 2000  # bootstrap resamples of the held-out samples (seeded: a run is repeatable)
 
 
 @dataclass
@@ -53,6 +61,7 @@ class FloatedNode:
     points: List[str]  # the quantization points it took away (weights, activation roots), less those of nodes before it
     sqnr_db: float
     gain_db: float  # over the step before
+    gain_low_db: float  # the gain's SIGNIFICANCE quantile over bootstrap resamples of the held-out samples
 
 
 @dataclass
@@ -67,6 +76,7 @@ class FidelityOutcome:
     floated: List[FloatedNode] = field(default_factory=list)
     candidates: int = 0
     tried: int = 0
+    within_noise: int = 0  # candidates that raised the estimate, but by less than the held-out samples' noise
     seconds: float = 0.0
     note: str = ""  # why the walk stopped short of the target (empty when it was reached)
     written_db: Optional[float] = None  # the written model's held-out SQNR in onnxruntime (fidelity/stage.check_written)
@@ -174,17 +184,43 @@ def walk_order(candidates: Dict[str, tuple], score: Dict[str, float], start_db: 
     return list(order)
 
 
-def _held_out_sqnr(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
-                   weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
-                   feeds: Sequence[Dict[str, torch.Tensor]], config: QuantConfig,
-                   outputs: List[str]) -> Tuple[DistanceProbe, float]:
-    """A probe of the student of ``model`` against the float model, and its worst output SQNR on ``feeds``."""
+def _held_out_probe(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
+                    weights: Dict[str, WeightQuant], acts: Dict[int, ActParams],
+                    feeds: Sequence[Dict[str, torch.Tensor]], config: QuantConfig, outputs: List[str]) -> DistanceProbe:
+    """A probe of the student of ``model`` against the float model on ``feeds``."""
     twin = build_twin(model, plan, weights, acts, quantize_outputs=config.quantize_outputs,
                       quantize_bias=config.quantize_bias, taps=outputs, teacher_model=float_model)
     twin.teacher.to(config.optimize.device)
     twin.student.to(config.optimize.device)
-    probe = DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
-    return probe, worst(probe.sqnr_db())
+    return DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
+
+
+def worst_db(probe: DistanceProbe, errors: Dict[str, np.ndarray]) -> float:
+    """The worst output SQNR of the probe's feeds together, from their errors (``DistanceProbe.feed_errors``)."""
+    return worst({n: sqnr_db(probe.signal[n], float(e.sum())) for n, e in errors.items()})
+
+
+class HeldOutNoise:
+    """How far a gain between two states on the held-out samples is more than which samples were held
+    out: the worst output SQNR recomputed on bootstrap resamples of the samples (drawn once, seeded, the
+    same for every comparison: a paired test)."""
+
+    def __init__(self, probe: DistanceProbe, resamples: int = RESAMPLES, seed: int = 0) -> None:
+        samples = len(probe.feeds)
+        self.index = np.random.default_rng(seed).integers(0, samples, size=(resamples, samples))
+        self.signal = {n: v[self.index].sum(axis=1) for n, v in probe.feed_signal.items()}
+
+    def resampled_db(self, errors: Dict[str, np.ndarray]) -> np.ndarray:
+        """The worst output SQNR of each resample."""
+        tiny = np.finfo(np.float64).tiny  # a resample without error: a finite, very high SQNR
+        per_output = [10.0 * np.log10(np.maximum(self.signal[n], tiny) / np.maximum(e[self.index].sum(axis=1), tiny))
+                      for n, e in errors.items()]
+        return np.min(per_output, axis=0)
+
+    def gain_bound(self, before: Dict[str, np.ndarray], after: Dict[str, np.ndarray]) -> float:
+        """The SIGNIFICANCE quantile of the gain from ``before`` to ``after`` over the resamples (each a
+        dict of output -> error of each held-out sample): positive when the gain holds beyond the noise."""
+        return float(np.quantile(self.resampled_db(after) - self.resampled_db(before), SIGNIFICANCE))
 
 
 def float_biases(model: onnx.ModelProto, float_model: onnx.ModelProto, plan: QuantPlan,
@@ -231,8 +267,10 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     start_time = time.perf_counter()
     device = config.optimize.device
     outputs = float_outputs(model)
-    checks = [to_tensors(f, device) for f in held_out.batches(batch_size=MAX_HELD_OUT)]
-    probe, start_db = _held_out_sqnr(float_model, model, plan, weights, acts, checks, config, outputs)
+    checks = [to_tensors(f, device) for f in held_out.batches(batch_size=1)]  # one by one: HeldOutNoise resamples them
+    probe = _held_out_probe(float_model, model, plan, weights, acts, checks, config, outputs)
+    current_errors = probe.feed_errors()
+    start_db = worst_db(probe, current_errors)
     outcome = FidelityOutcome(target_db, len(held_out), start_db, start_db, start_db >= target_db)
     if outcome.reached:
         outcome.seconds = time.perf_counter() - start_time
@@ -245,6 +283,7 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     score = _rank(candidates, calib, probe.twin, outputs, biases, device, rank_deadline, bar)
     if len(score) < len(candidates):
         outcome.note = f"the time budget ran out while the candidates were ranked ({len(score)} of {len(candidates)})"
+    noise = HeldOutNoise(probe)
     taken: List[str] = []
     disabled: List[torch.nn.Module] = []
     current = start_db
@@ -256,27 +295,34 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
             break
         op_type, points, modules = candidates[node]
         held = biases.put([node])
-        db = worst(probe.sqnr_db(disabled=[*disabled, *modules]))
+        errors = probe.feed_errors(disabled=[*disabled, *modules])
+        db = worst_db(probe, errors)
         outcome.tried += 1
         bar.update()
-        if db < current + MIN_GAIN_DB:
+        low = noise.gain_bound(current_errors, errors) if db >= current + MIN_GAIN_DB else -math.inf
+        if low <= 0:
+            outcome.within_noise += db >= current + MIN_GAIN_DB
             biases.restore(held)
         else:
             taken.append(node)
             disabled.extend(modules)
             freed = {p for f in outcome.floated for p in f.points}
-            outcome.floated.append(FloatedNode(node, op_type, [p for p in points if p not in freed], db, db - current))
-            current = db
+            outcome.floated.append(FloatedNode(node, op_type, [p for p in points if p not in freed], db, db - current,
+                                               low))
+            current, current_errors = db, errors
     bar.close()
     new_plan, new_weights, new_acts = without_nodes(model, plan, weights, acts, taken, config)
     kept = {p.node for p in new_plan.weights}
     new_model = float_biases(model, float_model, plan, [p.node for p in plan.weights if p.node not in kept])
     if taken:
-        _, outcome.final_db = _held_out_sqnr(float_model, new_model, new_plan, new_weights, new_acts, checks, config,
-                                             outputs)
+        outcome.final_db = worst(_held_out_probe(float_model, new_model, new_plan, new_weights, new_acts, checks,
+                                                 config, outputs).sqnr_db())
     outcome.reached = outcome.final_db >= target_db
     if not outcome.reached and not outcome.note:
         outcome.note = (f"every one of the {len(score)} candidate nodes was tried" if outcome.tried == len(score)
                         else "the estimate reached the target but the excluded model did not")
+    if not outcome.reached and outcome.within_noise:
+        outcome.note += (f"; {outcome.within_noise} candidate(s) raised the estimate by less than the noise of the "
+                         f"{len(held_out)} held-out samples and stayed quantized (more calibration files hold out more)")
     outcome.seconds = time.perf_counter() - start_time
     return new_model, new_plan, new_weights, new_acts, outcome

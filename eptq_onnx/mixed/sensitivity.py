@@ -160,8 +160,9 @@ class DistanceProbe:
                 self.modules[m.weight_name].append(m)
         with torch.no_grad():
             self.targets = [twin.teacher.run(f, self.names)[1] for f in self.feeds]
-        # signal energy of every compared tensor over the subset (the numerator of its SQNR)
-        self.signal = {n: sum(float(t[n].double().pow(2).sum()) for t in self.targets) for n in self.names}
+        # signal energy of every compared tensor in each feed, and over the subset (the numerator of its SQNR)
+        self.feed_signal = {n: np.array([float(t[n].double().pow(2).sum()) for t in self.targets]) for n in self.names}
+        self.signal = {n: float(v.sum()) for n, v in self.feed_signal.items()}
         self.evaluations = 0
         self.seconds = 0.0
 
@@ -176,6 +177,11 @@ class DistanceProbe:
                disabled: Iterable[torch.nn.Module] = ()) -> Dict[str, float]:
         """Sum of squared errors of every compared tensor over the subset, with the given weights'
         quantizers swapped and the fake quantizers in ``disabled`` switched off (restored after)."""
+        return {n: float(e.sum()) for n, e in self.feed_errors(swaps, disabled).items()}
+
+    def feed_errors(self, swaps: Mapping[str, WeightFakeQuant] | None = None,
+                    disabled: Iterable[torch.nn.Module] = ()) -> Dict[str, np.ndarray]:
+        """As :meth:`errors`, but the sum of squared errors of each feed apart (an array per tensor)."""
         start = time.perf_counter()
         swaps = swaps or {}
         off = [m for m in disabled if getattr(m, "enabled", False)]
@@ -183,13 +189,13 @@ class DistanceProbe:
             self._swap(name, fq)
         for m in off:
             m.enabled = False
-        sse = dict.fromkeys(self.names, 0.0)
+        sse = {n: np.zeros(len(self.feeds)) for n in self.names}
         try:
             with torch.no_grad():
-                for feeds, target in zip(self.feeds, self.targets):
+                for i, (feeds, target) in enumerate(zip(self.feeds, self.targets)):
                     _, student = self.twin.student.run(feeds, self.names)
                     for n in self.names:
-                        sse[n] += float((target[n].double() - student[n].double()).pow(2).sum())
+                        sse[n][i] = float((target[n].double() - student[n].double()).pow(2).sum())
         finally:
             for name in swaps:
                 self._swap(name, self.twin.weight_quant[name])
