@@ -276,8 +276,9 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @click.option("--min-sqnr", type=float, default=None, metavar="DB",
               help="Fidelity target: when the output SQNR against the float model on held-out calibration samples "
                    "(a quarter, at most 16, that no stage sees) is below DB, leave float the fewest, most damaging "
-                   "nodes (ranked as eptq-onnx-analyze ranks them, each step verified) until it is reached, and check "
-                   "the written model in onnxruntime on the same samples at the end; the report lists each node with "
+                   "nodes (ranked as eptq-onnx-analyze ranks them, each kept only for a gain beyond the held-out "
+                   "samples' noise) until it is reached, and check the written model in onnxruntime on the same "
+                   "samples at the end (nodes it does not confirm stay quantized); the report lists each node with "
                    "the dB it bought.")
 @click.option("--strict", is_flag=True, help="With --min-sqnr: a target not reached is an error (exit 6, no model "
               "written) instead of a warning.")

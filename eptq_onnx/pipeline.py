@@ -25,7 +25,7 @@ from eptq_onnx.export.latency import report_latency
 from eptq_onnx.export.reference import fake_quant_model
 from eptq_onnx.export.validate import Validation, float16_io, validate
 from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
-from eptq_onnx.fidelity.stage import check_written, hold_out, meet_target_stage
+from eptq_onnx.fidelity.stage import hold_out, meet_target_stage
 from eptq_onnx.graph.float16 import has_float16
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
@@ -210,15 +210,13 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     quantized_model, weights, acts = _optimize(run, float_model, plan, weights, acts, calib_set, lfh)
     if run.config.min_sqnr is not None:
         with run.stage("fidelity target"):
-            quantized_model, plan, weights, acts = meet_target_stage(run, float_model, quantized_model, plan, weights,
-                                                                             acts, calib_set)
+            quantized_model, plan, weights, acts = meet_target_stage(
+                run, float_model, quantized_model, plan, weights, acts, calib_set,
+                write=lambda *state: _qdq(run, *state)[0])
     with run.stage("write"):
         qdq, summary = _write(run, quantized_model, plan, weights, acts)
     with run.stage("validate"):
         validation = _validate(run, float_model, quantized_model, qdq, plan, weights, acts, calib_set, summary)
-    if run.config.min_sqnr is not None:
-        with run.stage("fidelity check"):
-            check_written(run, float_model, qdq)
     if run.config.measure_latency:
         with run.stage("latency"):
             report_latency(run, float_model, qdq, calib_set, weights, validation)
@@ -280,15 +278,22 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
 def _write(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
            acts: Dict[int, ActParams]) -> tuple[onnx.ModelProto, WriteSummary]:
     """The QDQ model, with the biases the writer left float or saturated in the report."""
+    qdq, summary = _qdq(run, model, plan, weights, acts)
+    for bias in summary.float_biases:
+        run.report.warn(f"bias {bias} stays float: its layer's input is not quantized")
+    for bias in summary.clipped_biases:
+        run.report.warn(f"bias {bias} saturated to the int32 range")
+    return qdq, summary
+
+
+def _qdq(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
+         acts: Dict[int, ActParams]) -> tuple[onnx.ModelProto, WriteSummary]:
+    """The QDQ model of a state, as the run writes it."""
     config = run.config
     qdq, summary = write_qdq(model, plan, weights, acts, weight_storage=config.weight_storage,
                              quantize_outputs=config.quantize_outputs, quantize_bias=config.quantize_bias,
                              target=run.target)
     qdq.ir_version = ir_version_for(default_opset(qdq))
-    for bias in summary.float_biases:
-        run.report.warn(f"bias {bias} stays float: its layer's input is not quantized")
-    for bias in summary.clipped_biases:
-        run.report.warn(f"bias {bias} saturated to the int32 range")
     return qdq, summary
 
 

@@ -117,6 +117,10 @@ def _print_target(fidelity: Dict[str, Any], console: Console) -> None:
     if fidelity.get("within_noise"):
         console.print(f"  {fidelity['within_noise']} candidate(s) stayed quantized: their gain was within the "
                       "held-out samples' noise")
+    if fidelity.get("reverted"):
+        names = ", ".join(node["node"] for node in fidelity["reverted"])
+        console.print(f"  [bold yellow]reverted[/bold yellow]: the walk's {len(fidelity['reverted'])} node(s) ({names}) "
+                      "did not raise the written model's SQNR beyond the noise and stay quantized")
     for node in fidelity["floated"]:
         console.print(f"  left float: {node['node']} ({node['op_type']}): +{node['gain_db']:.2f} dB "
                       f"(at least +{node['gain_low_db']:.2f} on {1 - SIGNIFICANCE:.0%} of resamples) -> {node['sqnr_db']:.1f} dB")

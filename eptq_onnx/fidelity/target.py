@@ -79,7 +79,8 @@ class FidelityOutcome:
     within_noise: int = 0  # candidates that raised the estimate, but by less than the held-out samples' noise
     seconds: float = 0.0
     note: str = ""  # why the walk stopped short of the target (empty when it was reached)
-    written_db: Optional[float] = None  # the written model's held-out SQNR in onnxruntime (fidelity/stage.check_written)
+    written_db: Optional[float] = None  # the written model's held-out SQNR in onnxruntime (fidelity/stage.verify_written)
+    reverted: List[FloatedNode] = field(default_factory=list)  # what the walk left float and the written model undid
 
     def summary(self) -> str:
         """One line for the log and the summary."""
@@ -195,20 +196,21 @@ def _held_out_probe(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: 
     return DistanceProbe(twin, outputs, dict.fromkeys(outputs, 1.0), feeds)
 
 
-def worst_db(probe: DistanceProbe, errors: Dict[str, np.ndarray]) -> float:
-    """The worst output SQNR of the probe's feeds together, from their errors (``DistanceProbe.feed_errors``)."""
-    return worst({n: sqnr_db(probe.signal[n], float(e.sum())) for n, e in errors.items()})
-
-
 class HeldOutNoise:
     """How far a gain between two states on the held-out samples is more than which samples were held
     out: the worst output SQNR recomputed on bootstrap resamples of the samples (drawn once, seeded, the
     same for every comparison: a paired test)."""
 
-    def __init__(self, probe: DistanceProbe, resamples: int = RESAMPLES, seed: int = 0) -> None:
-        samples = len(probe.feeds)
+    def __init__(self, signal: Dict[str, np.ndarray], resamples: int = RESAMPLES, seed: int = 0) -> None:
+        """``signal``: output -> signal energy of each held-out sample (``DistanceProbe.feed_signal``)."""
+        samples = len(next(iter(signal.values()), []))
+        self.total = {n: float(v.sum()) for n, v in signal.items()}
         self.index = np.random.default_rng(seed).integers(0, samples, size=(resamples, samples))
-        self.signal = {n: v[self.index].sum(axis=1) for n, v in probe.feed_signal.items()}
+        self.signal = {n: v[self.index].sum(axis=1) for n, v in signal.items()}
+
+    def total_db(self, errors: Dict[str, np.ndarray]) -> float:
+        """The worst output SQNR of all the samples together (``errors``: output -> error of each sample)."""
+        return worst({n: sqnr_db(self.total[n], float(e.sum())) for n, e in errors.items()})
 
     def resampled_db(self, errors: Dict[str, np.ndarray]) -> np.ndarray:
         """The worst output SQNR of each resample."""
@@ -269,8 +271,9 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     outputs = float_outputs(model)
     checks = [to_tensors(f, device) for f in held_out.batches(batch_size=1)]  # one by one: HeldOutNoise resamples them
     probe = _held_out_probe(float_model, model, plan, weights, acts, checks, config, outputs)
+    noise = HeldOutNoise(probe.feed_signal)
     current_errors = probe.feed_errors()
-    start_db = worst_db(probe, current_errors)
+    start_db = noise.total_db(current_errors)
     outcome = FidelityOutcome(target_db, len(held_out), start_db, start_db, start_db >= target_db)
     if outcome.reached:
         outcome.seconds = time.perf_counter() - start_time
@@ -283,7 +286,6 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
     score = _rank(candidates, calib, probe.twin, outputs, biases, device, rank_deadline, bar)
     if len(score) < len(candidates):
         outcome.note = f"the time budget ran out while the candidates were ranked ({len(score)} of {len(candidates)})"
-    noise = HeldOutNoise(probe)
     taken: List[str] = []
     disabled: List[torch.nn.Module] = []
     current = start_db
@@ -296,7 +298,7 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
         op_type, points, modules = candidates[node]
         held = biases.put([node])
         errors = probe.feed_errors(disabled=[*disabled, *modules])
-        db = worst_db(probe, errors)
+        db = noise.total_db(errors)
         outcome.tried += 1
         bar.update()
         low = noise.gain_bound(current_errors, errors) if db >= current + MIN_GAIN_DB else -math.inf
