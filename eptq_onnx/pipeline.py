@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import onnx
 
@@ -223,16 +223,10 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     fidelity = run.report.fidelity
     if run.config.strict and fidelity and not fidelity["reached"]:
         raise TargetNotReached(f"--min-sqnr {fidelity['target_db']:g} dB not reached (held-out output SQNR "
-                               f"{_held_out_db(fidelity):.1f} dB, {len(fidelity['floated'])} node(s) left float: "
+                               f"{fidelity['written_db']:.1f} dB, {len(fidelity['floated'])} node(s) left float: "
                                f"{fidelity['note']}); without --strict the model is written with a warning")
     state = QuantState(float_model=quantized_model, plan=plan, weights=weights, acts=acts, config=run.config)
     return QuantizeResult(model=qdq, report=run.report, state=state, store=run.store if run.store.used else None)
-
-
-def _held_out_db(fidelity: Dict[str, Any]) -> float:
-    """The held-out SQNR the target was judged on: the written model's in onnxruntime where it was measured."""
-    written = fidelity.get("written_db")
-    return fidelity["final_db"] if written is None else written
 
 
 def _normalize(run: RunContext, original: onnx.ModelProto) -> onnx.ModelProto:

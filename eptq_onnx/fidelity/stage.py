@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -62,13 +62,20 @@ def meet_target_stage(run: RunContext, float_model: onnx.ModelProto, model: onnx
     return state
 
 
+def _feed_energy(reference: List[List[np.ndarray]], got: Optional[List[List[np.ndarray]]] = None
+                 ) -> Dict[str, np.ndarray]:
+    """Output index -> energy of each held-out feed: of ``reference`` (the signal), or of its difference
+    from ``got`` (the error)."""
+    pairs = list(zip(reference, got if got is not None else [[0.0] * len(r) for r in reference]))
+    return {str(i): np.array([float(np.sum((np.float64(r[i]) - g[i]) ** 2)) for r, g in pairs])
+            for i in range(len(reference[0]) if reference else 0)}
+
+
 def _held_out_errors(run: RunContext, reference: List[List[np.ndarray]], qdq: onnx.ModelProto,
                      feeds: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
     """Output index -> squared error of each held-out feed of ``qdq`` in onnxruntime as it deploys it
     (graph optimizations on, the target's session options) against ``reference``."""
-    got = float_outputs_of(qdq, feeds, config=session_config(qdq, run.target))
-    return {str(i): np.array([float(np.sum((np.float64(r[i]) - g[i]) ** 2)) for r, g in zip(reference, got)])
-            for i in range(len(reference[0]) if reference else 0)}
+    return _feed_energy(reference, float_outputs_of(qdq, feeds, config=session_config(qdq, run.target)))
 
 
 def verify_written(run: RunContext, float_model: onnx.ModelProto, qdq: onnx.ModelProto,
@@ -84,9 +91,7 @@ def verify_written(run: RunContext, float_model: onnx.ModelProto, qdq: onnx.Mode
     fidelity = run.report.fidelity
     feeds = list(run.held_out.batches(batch_size=1))  # one by one: HeldOutNoise resamples them
     reference = float_outputs_of(float_model, feeds)
-    signal = {str(i): np.array([float(np.sum(np.float64(r[i]) ** 2)) for r in reference])
-              for i in range(len(reference[0]) if reference else 0)}
-    noise = HeldOutNoise(signal)
+    noise = HeldOutNoise(_feed_energy(reference))
     errors = _held_out_errors(run, reference, qdq, feeds)
     written_db = noise.total_db(errors)
     target_db, estimate = fidelity["target_db"], fidelity["final_db"]
@@ -101,8 +106,7 @@ def verify_written(run: RunContext, float_model: onnx.ModelProto, qdq: onnx.Mode
                                 f"{written_db:.1f} dB in onnxruntime against {base_db:.1f} dB without them, no gain "
                                 "beyond the held-out samples' noise: they stay quantized")
             written_db = base_db
-    if reverted:
-        fidelity.update(reverted=fidelity["floated"], floated=[], final_db=fidelity["start_db"])
+            fidelity.update(reverted=fidelity["floated"], floated=[], final_db=fidelity["start_db"])
     fidelity["written_db"] = written_db
     if written_db < target_db and not reverted and fidelity["reached"]:
         fidelity["note"] = (f"the twin's estimate ({estimate:.1f} dB) reached the target, but the written model "

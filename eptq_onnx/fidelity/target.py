@@ -301,9 +301,10 @@ def meet_target(float_model: onnx.ModelProto, model: onnx.ModelProto, plan: Quan
         db = noise.total_db(errors)
         outcome.tried += 1
         bar.update()
-        low = noise.gain_bound(current_errors, errors) if db >= current + MIN_GAIN_DB else -math.inf
+        raised = db >= current + MIN_GAIN_DB
+        low = noise.gain_bound(current_errors, errors) if raised else -math.inf
         if low <= 0:
-            outcome.within_noise += db >= current + MIN_GAIN_DB
+            outcome.within_noise += raised
             biases.restore(held)
         else:
             taken.append(node)
