@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnx
+from onnx import TensorProto, helper
 
 from eptq_onnx import quantize
-from eptq_onnx.export.latency import MAX_RUNS, MIN_RUNS, Latency, latency_note, measure_latency
+from eptq_onnx.export.latency import (MAX_RUNS, MIN_RUNS, Latency, WideReaders, latency_note, measure_latency,
+                                      sixteen_bit_linear_ops)
 from models import zoo
 from tests.helpers import init_only
 
@@ -46,3 +49,38 @@ def test_report_has_latency_and_no_latency_skips_it(tmp_path: Path, calib_for) -
     assert "latency" in measured.timings_s
     skipped = quantize(model, calib, init_only(weight_bits=8, measure_latency=False), progress=False).report
     assert skipped.latency == {} and "latency" not in skipped.timings_s
+
+
+def _qdq_chain(first_bits: int, last_bits: int) -> onnx.ModelProto:
+    """x -> Q/DQ(first_bits) -> Conv -> Q/DQ(8) -> Conv -> Q/DQ(last_bits) -> y, int8 weights."""
+    zp_type = {8: TensorProto.UINT8, 16: TensorProto.UINT16}
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+             helper.make_tensor("w_q", TensorProto.INT8, [2, 2, 1, 1], [1, 2, 3, 4]),
+             helper.make_tensor("w_s", TensorProto.FLOAT, [], [0.05]),
+             helper.make_tensor("w_z", TensorProto.INT8, [], [0])]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w"])]
+    for k, bits in enumerate((first_bits, 8, last_bits)):
+        inits.append(helper.make_tensor(f"z{k}", zp_type[bits], [], [0]))
+        src = "x" if k == 0 else f"c{k}"
+        nodes += [helper.make_node("QuantizeLinear", [src, "s", f"z{k}"], [f"q{k}"]),
+                  helper.make_node("DequantizeLinear", [f"q{k}", "s", f"z{k}"], ["y" if k == 2 else f"d{k}"])]
+        if k < 2:
+            nodes.append(helper.make_node("Conv", [f"d{k}", "w"], [f"c{k + 1}"]))
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_sixteen_bit_linear_ops_counts_the_convs_next_to_a_16_bit_point() -> None:
+    assert sixteen_bit_linear_ops(_qdq_chain(8, 8)) == 0
+    assert sixteen_bit_linear_ops(_qdq_chain(16, 8)) == 1  # the first Conv reads 16 bits
+    assert sixteen_bit_linear_ops(_qdq_chain(16, 16)) == 2  # and the second writes them
+    onnx.checker.check_model(_qdq_chain(16, 16))
+
+
+def test_latency_note_names_the_16_bit_points_and_their_trade() -> None:
+    note = latency_note(_latency(1.6), {"w": 8}, 40, 102, "ort-cpu", WideReaders(59, 9.09, 17.63))
+    assert note is not None and "40 of 102" in note
+    assert "59 of the rest read or write 16-bit activations" in note
+    assert "17.6 dB, against 9.1 dB" in note and "--act16-below 0" in note
+    assert "16-bit" not in (latency_note(_latency(1.6), {"w": 8}, 40, 102, "ort-cpu", WideReaders()) or "")

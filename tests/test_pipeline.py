@@ -130,3 +130,16 @@ def test_nothing_to_quantize_is_a_model_error(calib_for) -> None:
     model.ir_version = 8
     with pytest.raises(ModelError, match="no quantizable layer"):
         quantize(model, calib_for(model, 2), init_only(), progress=False)
+
+
+def test_histogram_threads_leave_the_activation_scales_unchanged(monkeypatch, calib_for) -> None:
+    from eptq_onnx.calib import calibrate
+
+    model = zoo.residual_cnn()
+    calib = calib_for(model, 8)
+    reports = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(calibrate, "HISTOGRAM_THREADS", threads)
+        tensors = quantize(model, calib, init_only(weight_bits=8, measure_latency=False), progress=False).report.tensors
+        reports[threads] = [(t.name, t.scale, t.zero_point) for t in tensors if t.kind == "activation"]
+    assert reports[1] and reports[1] == reports[4]

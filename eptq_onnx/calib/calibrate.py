@@ -2,10 +2,13 @@
 
 Pass 1 (``range_statistics``) records each group root's finite min and max, from which the range
 rules refine the plan; pass 2 (for ``mse`` and ``percentile``) fills a
-fixed-range histogram per group. Only the histograms are kept: never the activations.
+fixed-range histogram per group (a batch's histograms in parallel threads, each filled by one).
+Only the histograms are kept: never the activations.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -22,6 +25,9 @@ from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.init.quantizers import ActParams, Histogram, params_for_range, params_mse, params_percentile
 from eptq_onnx.plan.range_rules import GroupStats, group_stats
 from eptq_onnx.graph.runtime import make_session, run, tapped_batch_size, with_outputs
+
+
+HISTOGRAM_THREADS = max(1, min(4, os.cpu_count() or 1))  # histograms of one batch filled at once
 
 
 def _passes(session, calib: CalibrationSet, names: List[str], desc: str, progress: bool, batch_size: int):
@@ -91,9 +97,13 @@ def calibrate_activations(
                                                      c.act_symmetric))
         return params, stats
     hists = {g.id: _histogram(stats[g.id]) for g in plan.groups if g.id not in fixed}
-    for outputs in _passes(ranges.session, calib, names, "calibration: histograms", progress, ranges.batch_size):
-        for name, value in outputs.items():
-            hists[roots[name].id].add(value)
+    with ThreadPoolExecutor(HISTOGRAM_THREADS) as pool:
+        for outputs in _passes(ranges.session, calib, names, "calibration: histograms", progress, ranges.batch_size):
+            by_group: Dict[int, List[np.ndarray]] = {}
+            for name, value in outputs.items():
+                by_group.setdefault(roots[name].id, []).append(value)
+            # numpy's histogram releases the GIL; one task per histogram, so none is filled by two at once
+            list(pool.map(lambda item: [hists[item[0]].add(v) for v in item[1]], by_group.items()))
     for group_id, hist in hists.items():
         params[group_id] = _params_from_histogram(hist, coded[group_id], transfers.get(group_id))
     return params, stats

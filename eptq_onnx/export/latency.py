@@ -16,12 +16,14 @@ import onnxruntime as ort
 
 from eptq_onnx.export.validate import Validation, session_config
 from eptq_onnx.graph.runtime import inference_session
+from eptq_onnx.ops.registry import LINEAR_OPS
 
 if TYPE_CHECKING:
     from eptq_onnx.calib.data import CalibrationSet
     from eptq_onnx.context import RunContext
     from eptq_onnx.init.weights import WeightQuant
 
+SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 WARMUP_RUNS = 3
 MIN_RUNS = 5  # per model
 MAX_RUNS = 50
@@ -87,8 +89,43 @@ def measure_latency(float_model: onnx.ModelProto, quantized_model: onnx.ModelPro
                    float_runs_ms=[round(t, 4) for t in times[0]], quantized_runs_ms=[round(t, 4) for t in times[1]])
 
 
-def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, linear: int, target: str) -> Optional[str]:
-    """A warning when the quantized model runs slower than the float one, with what the target offers instead."""
+@dataclass
+class WideReaders:
+    """The Conv/MatMul/Gemm of a written model that read or write 16-bit activations, and the output SQNR
+    (dB) that the 16-bit points were kept for (report.wide_output_sqnr_db: 8-bit vs 16-bit)."""
+
+    ops: int = 0
+    db_8: Optional[float] = None
+    db_16: Optional[float] = None
+
+
+def sixteen_bit_linear_ops(qdq: onnx.ModelProto) -> int:
+    """How many Conv/MatMul/Gemm of a QDQ model read a 16-bit DequantizeLinear or feed a 16-bit
+    QuantizeLinear (onnxruntime's CPU has no 16-bit integer kernel for them: they run as float ops)."""
+    zero_points = {t.name: t.data_type for t in qdq.graph.initializer}
+    wide_q = {n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+              and zero_points.get(n.input[2]) in SIXTEEN_BIT}
+    wide_dq = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in wide_q}
+    wide_in = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in wide_q}
+    return sum(1 for n in qdq.graph.node if n.op_type in LINEAR_OPS
+               and (any(i in wide_dq for i in n.input) or any(o in wide_in for o in n.output)))
+
+
+def _wide_clause(wide: WideReaders) -> str:
+    """What the 16-bit points cost in time and buy in fidelity, and the option that trades them."""
+    if wide.ops == 0:
+        return ""
+    bought = (f" (output SQNR {wide.db_16:.1f} dB, against {wide.db_8:.1f} dB with 8-bit activations)"
+              if wide.db_8 is not None and wide.db_16 is not None else "")
+    return (f"; {wide.ops} of the rest read or write 16-bit activations, kept for fidelity{bought}, which "
+            "onnxruntime's CPU runs as float ops (no 16-bit integer kernel): --act16-below 0 keeps every "
+            "activation 8-bit, faster at that fidelity cost (report.wide_activations lists them)")
+
+
+def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, linear: int, target: str,
+                 wide: Optional[WideReaders] = None) -> Optional[str]:
+    """A warning when the quantized model runs slower than the float one, with its cause and what the
+    target offers instead."""
     if latency.ratio <= SLOWER_THAN_FLOAT:
         return None
     head = (f"LATENCY: the quantized model runs at {latency.ratio:.2f}x its float model's latency on onnxruntime CPU "
@@ -101,7 +138,8 @@ def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, line
                 "float op (no integer kernel), so they save memory, not time; --weight-bits 8 gives fused integer "
                 "kernels, or deploy to a runtime with low-bit kernels (--target qnn, trt)")
     return (f"{head}: {fused} of {linear} Conv/MatMul/Gemm run as fused integer kernels; the rest (and every "
-            "Q/DQ pair around a float op) add conversions; check report.validation.fused_op_types")
+            "Q/DQ pair around a float op) add conversions" + _wide_clause(wide or WideReaders())
+            + "; check report.validation.fused_op_types")
 
 
 def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: "CalibrationSet",
@@ -117,7 +155,9 @@ def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.Mo
         run.report.warn(f"latency not measured: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
         return
     run.report.latency = asdict(latency)
+    checked = run.report.wide_output_sqnr_db
+    wide = WideReaders(sixteen_bit_linear_ops(qdq), checked.get("8-bit"), checked.get("16-bit"))
     note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
-                        validation.linear_ops, run.config.target)
+                        validation.linear_ops, run.config.target, wide)
     if note:
         run.report.warn(note)
