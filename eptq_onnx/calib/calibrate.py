@@ -103,7 +103,7 @@ def calibrate_activations(
             for name, value in outputs.items():
                 by_group.setdefault(roots[name].id, []).append(value)
             # numpy's histogram releases the GIL; one task per histogram, so none is filled by two at once
-            list(pool.map(lambda item: [hists[item[0]].add(v) for v in item[1]], by_group.items()))
+            list(pool.map(_fill, [hists[g] for g in by_group], by_group.values()))
     for group_id, hist in hists.items():
         params[group_id] = _params_from_histogram(hist, coded[group_id], transfers.get(group_id))
     return params, stats
@@ -122,6 +122,11 @@ def _fixed_params(override: ActOverride) -> ActParams:
     if o.scale is not None:
         return ActParams(float(o.scale), int(o.zero_point), override.bits, override.signed, fixed=True)  # type: ignore[arg-type]
     return replace(params_for_range(float(o.rmin), float(o.rmax), override.bits, override.signed), fixed=True)  # type: ignore[arg-type]
+
+
+def _fill(hist: Histogram, values: List[np.ndarray]) -> None:
+    for value in values:
+        hist.add(value)
 
 
 def _histogram(stats: GroupStats) -> Histogram:

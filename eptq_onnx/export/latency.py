@@ -17,13 +17,13 @@ import onnxruntime as ort
 from eptq_onnx.export.validate import Validation, session_config
 from eptq_onnx.graph.runtime import inference_session
 from eptq_onnx.ops.registry import LINEAR_OPS
+from eptq_onnx.plan.targets import ACT_ELEM_TYPES
 
 if TYPE_CHECKING:
     from eptq_onnx.calib.data import CalibrationSet
     from eptq_onnx.context import RunContext
     from eptq_onnx.init.weights import WeightQuant
 
-SIXTEEN_BIT = (onnx.TensorProto.INT16, onnx.TensorProto.UINT16)
 WARMUP_RUNS = 3
 MIN_RUNS = 5  # per model
 MAX_RUNS = 50
@@ -103,12 +103,13 @@ def sixteen_bit_linear_ops(qdq: onnx.ModelProto) -> int:
     """How many Conv/MatMul/Gemm of a QDQ model read a 16-bit DequantizeLinear or feed a 16-bit
     QuantizeLinear (onnxruntime's CPU has no 16-bit integer kernel for them: they run as float ops)."""
     zero_points = {t.name: t.data_type for t in qdq.graph.initializer}
-    wide_q = {n.output[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
-              and zero_points.get(n.input[2]) in SIXTEEN_BIT}
-    wide_dq = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in wide_q}
-    wide_in = {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.output[0] in wide_q}
+    wide_q = [n for n in qdq.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+              and ACT_ELEM_TYPES.get(zero_points.get(n.input[2]), (0, False))[0] == 16]
+    written = {n.input[0] for n in wide_q}
+    codes = {n.output[0] for n in wide_q}
+    read = {n.output[0] for n in qdq.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in codes}
     return sum(1 for n in qdq.graph.node if n.op_type in LINEAR_OPS
-               and (any(i in wide_dq for i in n.input) or any(o in wide_in for o in n.output)))
+               and (any(i in read for i in n.input) or any(o in written for o in n.output)))
 
 
 def _wide_clause(wide: WideReaders) -> str:
