@@ -208,13 +208,14 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
             if lfh is not None:
                 warn_lfh(run.report, lfh[0])
     quantized_model, weights, acts = _optimize(run, float_model, plan, weights, acts, calib_set, lfh)
+    written = None  # the fidelity target writes the state it verifies: the write stage takes that model
     if run.config.min_sqnr is not None:
         with run.stage("fidelity target"):
-            quantized_model, plan, weights, acts = meet_target_stage(
+            (quantized_model, plan, weights, acts), written = meet_target_stage(
                 run, float_model, quantized_model, plan, weights, acts, calib_set,
-                write=lambda *state: _qdq(run, *state)[0])
+                write=lambda *state: _qdq(run, *state))
     with run.stage("write"):
-        qdq, summary = _write(run, quantized_model, plan, weights, acts)
+        qdq, summary = _write(run, quantized_model, plan, weights, acts, written)
     with run.stage("validate"):
         validation = _validate(run, float_model, quantized_model, qdq, plan, weights, acts, calib_set, summary)
     if run.config.measure_latency:
@@ -270,9 +271,11 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
 
 
 def _write(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights: Dict[str, WeightQuant],
-           acts: Dict[int, ActParams]) -> tuple[onnx.ModelProto, WriteSummary]:
-    """The QDQ model, with the biases the writer left float or saturated in the report."""
-    qdq, summary = _qdq(run, model, plan, weights, acts)
+           acts: Dict[int, ActParams], written: Optional[tuple[onnx.ModelProto, WriteSummary]] = None
+           ) -> tuple[onnx.ModelProto, WriteSummary]:
+    """The QDQ model (``written``, where a stage already wrote this state), with the biases the writer
+    left float or saturated in the report."""
+    qdq, summary = written or _qdq(run, model, plan, weights, acts)
     for bias in summary.float_biases:
         run.report.warn(f"bias {bias} stays float: its layer's input is not quantized")
     for bias in summary.clipped_biases:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -35,14 +35,16 @@ def hold_out(run: RunContext, calib_set: CalibrationSet) -> CalibrationSet:
 
 
 QuantState = Tuple[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]]
-Writer = Callable[[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]], onnx.ModelProto]
+Written = Tuple[onnx.ModelProto, Any]  # a state's QDQ model and what the writer says of it
+Writer = Callable[[onnx.ModelProto, QuantPlan, Dict[str, WeightQuant], Dict[int, ActParams]], Written]
 
 
 def meet_target_stage(run: RunContext, float_model: onnx.ModelProto, model: onnx.ModelProto, plan: QuantPlan,
                       weights: Dict[str, WeightQuant], acts: Dict[int, ActParams], calib: CalibrationSet,
-                      write: Writer) -> QuantState:
+                      write: Writer) -> Tuple[QuantState, Optional[Written]]:
     """The state with the nodes left float that --min-sqnr needs (fidelity/target.py), verified on the
-    written model (``verify_written``; ``write`` makes the QDQ model of a state), in the report."""
+    written model (``verify_written``; ``write`` makes the QDQ model of a state), in the report; with
+    ``write``'s result for that state, which the run saves (None where the target was not checked)."""
     config = run.config
     assert config.min_sqnr is not None and run.held_out is not None
     deadline = budget_deadline(run.started_at, config.optimize)
@@ -52,14 +54,21 @@ def meet_target_stage(run: RunContext, float_model: onnx.ModelProto, model: onnx
                                       config.min_sqnr, deadline, run.progress)
     except ModelError as exc:
         run.report.warn(f"FIDELITY: the --min-sqnr target was not checked, nothing was left float: {exc}")
-        return before
+        return before, None
     state: QuantState = tuple(after)  # type: ignore[assignment]
     run.report.fidelity = asdict(outcome)
     run.log(outcome.summary())
-    if verify_written(run, float_model, write(*state), lambda: write(*before)):
-        state = before
+    written = write(*state)
+    baseline: List[Written] = []  # written only when verify_written asks for it
+
+    def write_baseline() -> onnx.ModelProto:
+        baseline.append(write(*before))
+        return baseline[-1][0]
+
+    if verify_written(run, float_model, written[0], write_baseline):
+        state, written = before, baseline[-1]
     record_plan(run.report, state[1])
-    return state
+    return state, written
 
 
 def _feed_energy(reference: List[List[np.ndarray]], got: Optional[List[List[np.ndarray]]] = None
