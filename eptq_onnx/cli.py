@@ -116,8 +116,8 @@ def _no_budget(weight_memory: Optional[str], avg_weight_bits: Optional[float], p
 
 
 def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str, weight_init: str,
-                          weight_rounding: str, act16_below: float, float_weights_below: float, percentile: float, target: str,
-                          reduce_range: Optional[bool], exclude: Tuple[str, ...], overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
+                          weight_rounding: str, act16_below: float, equalize: bool, float_weights_below: float, percentile: float,
+                          target: str, reduce_range: Optional[bool], exclude: Tuple[str, ...], overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool, num_calib: Optional[int], batch_size: int, image_size: Optional[str],
                           mean: Optional[str], std: Optional[str], pixel_scale: float, layout: str,
                           bgr: bool) -> Dict[str, Any]:
     """The QuantConfig fields that QUANTIZATION_OPTIONS set (UsageError for a malformed value)."""
@@ -137,6 +137,7 @@ def quantization_settings(*, weight_bits: int, act_bits: str, act_symmetric: boo
         weight_init=weight_init,
         weight_rounding=weight_rounding,
         act16_below=act16_below,
+        equalize=equalize,
         float_weights_below=float_weights_below,
         percentile=percentile,
         target=target,
@@ -215,6 +216,12 @@ QUANTIZATION_OPTIONS = _options(
                  "target reads 16-bit activations (ort-cpu, qnn, generic; the model is raised to opset 21). Its "
                  "readers then run as float ops on onnxruntime's CPU. Kept only when it raises the model's output SQNR on "
                  "16 calibration samples. The report lists each one. 0: never."),
+    click.option("--equalize/--no-equalize", default=True, show_default=True,
+                 help="Rescale, per channel and exactly in float, the activation a depthwise Conv reads when its "
+                 "channels' ranges lie far apart (a HardSwish/ReLU/SiLU before a depthwise Conv, as in MobileNet and "
+                 "PP-LCNet): the activation writes each channel divided by its range's share of the widest, the "
+                 "depthwise filters take the factor back, and one 8-bit grid holds every channel. The point in front "
+                 "of a HardSwish/SiLU (onnxruntime's placement) then moves past it. The report lists each one."),
     click.option("--float-weights-below", type=click.FloatRange(min=0), default=36.0, show_default=True, metavar="DB",
                  help="A weight whose 8-bit codes (full int8 range, whatever --weight-bits) leave a layer that reads it "
                  "below DB dB output SQNR (measured on sampled layer inputs, for every layer that reads it; a fixed filter such as a "
@@ -347,7 +354,7 @@ DEBUG_OPTION = click.option("--debug", is_flag=True, help="Show the Python trace
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool,
-         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, float_weights_below: float, percentile: float, weight_storage: str, target: str, reduce_range: Optional[bool],
+         calib_method: str, weight_init: str, weight_rounding: str, act16_below: float, equalize: bool, float_weights_below: float, percentile: float, weight_storage: str, target: str, reduce_range: Optional[bool],
          exclude: Tuple[str, ...],
          overrides_file: Optional[Path], quantize_outputs: bool, float_bias: bool,
          bias_correction: bool, min_sqnr: Optional[float], strict: bool,
@@ -379,7 +386,7 @@ def main(input_model: Path, output_model: Path, calib_dir: Path, weight_bits: in
         config = QuantConfig(
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
-                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below,
+                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below, equalize=equalize,
                 float_weights_below=float_weights_below, percentile=percentile,
                 target=target, reduce_range=reduce_range, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,

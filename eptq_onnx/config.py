@@ -152,6 +152,9 @@ class QuantConfig:
     # 8-bit activation points whose grid leaves a reading layer's output below this SQNR (dB) take 16 bits
     # where the target reads them (calib/wide_acts.py); 0: never
     act16_below: float = 30.0
+    # depthwise Convs whose input channels span ranges far apart read them rescaled to one range, exact in
+    # float (graph/equalize.py)
+    equalize: bool = True
     # 8-bit weights whose codes leave a reading layer's output below this SQNR (dB) stay float, with their
     # readers (init/float_weights.py); 0: never
     float_weights_below: float = 36.0

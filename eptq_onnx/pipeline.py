@@ -1,5 +1,5 @@
 """The pipeline, one stage after another: load -> normalize -> fold -> quantization points ->
-calibration data -> activation ranges (and the range rules' plan) -> weight init -> activation
+calibration data -> depthwise input equalization (and the points again) -> activation ranges (and the range rules' plan) -> weight init -> activation
 calibration -> mixed precision -> EPTQ -> QDQ write -> validate -> latency -> save.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import onnx
 from eptq_onnx.calib.calibrate import calibrate_activations, range_statistics
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.memory import CalibSource
-from eptq_onnx.calib.stage import calibration_set, row_sampler, widen_activations
+from eptq_onnx.calib.stage import calibration_set, equalize_depthwise, row_sampler, widen_activations
 from eptq_onnx.calib.transfer import point_transfers
 from eptq_onnx.calib.wide_acts import WideningCheck
 from eptq_onnx.config import QuantConfig
@@ -157,17 +157,15 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
     with run.stage("normalize"):
         float_model = _normalize(run, original)
     with run.stage("quantization points"):
-        plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible,
-                          fused_layers(run, float_model))
-        floated = float_names(run.config.overrides, float_model)
-        plan = exclude_nodes(float_model, plan, run.config.exclude + floated, run.config.quantize_outputs)
-        if not plan.weights and not plan.groups:
-            raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
-        record_plan(run.report, plan)
+        plan = _plan(run, float_model)
     with run.stage("calibration data"):
         calib_set = calibration_set(run, calib, float_model)
         if run.config.min_sqnr is not None:
             calib_set = hold_out(run, calib_set)
+    with run.stage("equalization"):
+        float_model, unfused = equalize_depthwise(run, float_model, calib_set)
+        if run.report.equalized:
+            plan = _plan(run, float_model, unfused)
     with run.stage("activation ranges"):
         sampler = row_sampler(run, float_model, plan)
         ranges = range_statistics(float_model, plan, calib_set, run.progress, sampler)
@@ -193,6 +191,19 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         record_plan(run.report, plan)
         candidates = {b: fit_bias_steps(run, float_model, plan, w, acts) for b, w in candidates.items()}
     return float_model, plan, calib_set, candidates, acts
+
+
+def _plan(run: RunContext, float_model: onnx.ModelProto, unfused: frozenset = frozenset()) -> QuantPlan:
+    """The quantization points of ``float_model`` less the excluded nodes (ModelError when nothing is left);
+    ``unfused``: layers whose output point moves past their activation (equalization)."""
+    plan = build_plan(float_model, run.config.quantize_outputs, run.target.fusible,
+                      fused_layers(run, float_model, unfused))
+    floated = float_names(run.config.overrides, float_model)
+    plan = exclude_nodes(float_model, plan, run.config.exclude + floated, run.config.quantize_outputs)
+    if not plan.weights and not plan.groups:
+        raise ModelError("the model has no quantizable layer (no Conv/Gemm/MatMul/... and no float activations)")
+    record_plan(run.report, plan)
+    return plan
 
 
 def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) -> QuantizeResult:

@@ -47,6 +47,8 @@ class Report:
     opset: int = 0
     folded_batch_norms: List[str] = field(default_factory=list)
     folded_bias_adds: List[str] = field(default_factory=list)  # Adds of a per-channel constant, now layer biases
+    # depthwise Convs whose input was rescaled per channel (graph/equalize.py): conv, tensor, kind, min_scale
+    equalized: List[Dict[str, Any]] = field(default_factory=list)
     tensors: List[TensorEntry] = field(default_factory=list)
     float_ops: List[Dict[str, str]] = field(default_factory=list)
     # decomposed normalizations quantized as their fused op ({kind, input, output, nodes})
@@ -178,6 +180,8 @@ def statistics_line(report: Report) -> str:
     """e.g. "norm blocks kept float: 4 LayerNorm (decomposed), 1 RMSNorm (decomposed); 2 activations
     kept float before a singular op (Reciprocal, Sqrt, Log, a Div denominator)"; "" when there are none."""
     parts = []
+    if report.equalized:
+        parts.append(f"{len(report.equalized)} depthwise Conv input(s) equalized per channel")
     if report.norm_blocks:
         kinds = Counter(b["kind"] for b in report.norm_blocks)
         parts.append("norm blocks kept float: " + ", ".join(f"{n} {k} (decomposed)" for k, n in kinds.items()))

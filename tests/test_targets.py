@@ -17,9 +17,9 @@ from tests.helpers import assert_student_matches_onnxruntime, init_only
 FAST_MODELS = ("deit", "mobilenet_v3", "conv_lstm")  # the whole zoo: -m slow
 
 
-def _quantized(name: str, target: str, bits: int, calib_for) -> tuple[onnx.ModelProto, object]:
+def _quantized(name: str, target: str, bits: int, calib_for, equalize: bool = True) -> tuple[onnx.ModelProto, object]:
     model = zoo.ZOO[name]()
-    config = init_only(weight_bits=bits, target=target, validation_samples=8)
+    config = init_only(weight_bits=bits, target=target, validation_samples=8, equalize=equalize)
     return model, quantize(model, calib_for(model, 4, name=f"{target}{bits}"), config, progress=False)
 
 
@@ -60,8 +60,9 @@ def _last_layers(model: onnx.ModelProto) -> int:
 def test_ort_cpu_layout_fuses_every_conv(name: str, calib_for) -> None:
     """ort-cpu: every Conv becomes QLinearConv at W8A8 but the last layers (their outputs reach only model
     outputs, which stay float); the paper's layout (generic) fuses fewer where a non-linearity other than
-    Relu/Clip follows a Conv."""
-    model, result = _quantized(name, "ort-cpu", 8, calib_for)
+    Relu/Clip follows a Conv. (Without equalization, which moves the point in front of an equalized
+    HardSwish past it: test_equalize.py.)"""
+    model, result = _quantized(name, "ort-cpu", 8, calib_for, equalize=False)
     convs = _ops_with_weights(model, "Conv")
     assert result.report.validation["fused_op_types"].get("QLinearConv", 0) == convs - _last_layers(model)
     if name in ("mobilenet_v3", "efficientnet"):
@@ -82,7 +83,8 @@ def test_ort_cpu_places_points_for_fusion_only_where_a_layer_fuses(calib_for) ->
     calib = calib_for(model, 4)
 
     def run(target: str, bits: int, storage: str = "native") -> onnx.ModelProto:
-        config = init_only(weight_bits=bits, target=target, weight_storage=storage, validation_samples=8)
+        config = init_only(weight_bits=bits, target=target, weight_storage=storage, validation_samples=8,
+                           equalize=False)  # (equalized blocks move their points: test_equalize.py)
         return quantize(model, calib, config, progress=False)
 
     ort4, generic4, ort8 = run("ort-cpu", 4), run("generic", 4), run("ort-cpu", 8)

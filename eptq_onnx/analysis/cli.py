@@ -33,7 +33,7 @@ twin), 4 bad calibration data, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM
 @QUIET_OPTION
 @DEBUG_OPTION
 def main(input_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, act_symmetric: bool, calib_method: str,
-         weight_init: str, weight_rounding: str, act16_below: float, float_weights_below: float, percentile: float, target: str,
+         weight_init: str, weight_rounding: str, act16_below: float, equalize: bool, float_weights_below: float, percentile: float, target: str,
          reduce_range: Optional[bool],
          exclude: Tuple[str, ...], overrides_file: Optional[Path],
          quantize_outputs: bool,
@@ -59,7 +59,7 @@ def main(input_model: Path, calib_dir: Path, weight_bits: int, act_bits: str, ac
         config = QuantConfig(
             **quantization_settings(
                 weight_bits=weight_bits, act_bits=act_bits, act_symmetric=act_symmetric, calib_method=calib_method,
-                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below,
+                weight_init=weight_init, weight_rounding=weight_rounding, act16_below=act16_below, equalize=equalize,
                 float_weights_below=float_weights_below, percentile=percentile,
                 target=target, reduce_range=reduce_range, exclude=exclude,
                 overrides_file=overrides_file, quantize_outputs=quantize_outputs, float_bias=float_bias, num_calib=num_calib, batch_size=batch_size,

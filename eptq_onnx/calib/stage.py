@@ -3,11 +3,12 @@ activation points (calib/wide_acts.py) with what the report says about them."""
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional, Tuple
 
 import numpy as np
 import onnx
 
+from eptq_onnx.calib.channel_ranges import channel_ranges
 from eptq_onnx.calib.data import CalibrationSet
 from eptq_onnx.calib.layer_inputs import LayerRowSampler
 from eptq_onnx.calib.memory import CalibSource, open_calibration
@@ -16,6 +17,7 @@ from eptq_onnx.calib.wide_acts import WIDE_BITS, WideningCheck, choose_wide_poin
 from eptq_onnx.context import RunContext
 from eptq_onnx.errors import ModelError
 from eptq_onnx.export.writer import ACT_TYPES
+from eptq_onnx.graph.equalize import equalize, find_blocks
 from eptq_onnx.graph.model_io import default_opset
 from eptq_onnx.graph.normalize import raise_opset
 from eptq_onnx.init.quantizers import ActParams
@@ -31,6 +33,28 @@ def calibration_set(run: RunContext, calib: CalibSource, model: onnx.ModelProto)
     if calib_set.whole_feeds:
         run.report.warn(f"calibration data: {calib_set.describe()}")
     return calib_set
+
+
+EQUALIZE_SAMPLES = 16  # calibration samples whose per-channel ranges set the equalization factors
+
+
+def equalize_depthwise(run: RunContext, model: onnx.ModelProto, calib: CalibrationSet
+                       ) -> Tuple[onnx.ModelProto, FrozenSet[str]]:
+    """The model with the inputs of its depthwise Convs equalized per channel (graph/equalize.py) where their
+    ranges spread, and the layers whose output point then moves past their activation on a fusing target."""
+    if not run.config.equalize:
+        return model, frozenset()
+    blocks = find_blocks(model)
+    if not blocks:
+        return model, frozenset()
+    ranges = channel_ranges(model, [b.tensor for b in blocks], calib, EQUALIZE_SAMPLES, run.progress)
+    model, done = equalize(model, blocks, ranges)
+    if run.store.used:
+        model = run.store.held(model)
+    run.report.equalized = [{"conv": e.block.conv, "tensor": e.block.tensor, "kind": e.block.kind,
+                             "min_scale": round(e.min_scale, 5)} for e in done]
+    unfused = {e.block.layer for e in done if e.block.kind != "relu" and e.block.layer is not None}
+    return model, frozenset(unfused) if run.target.fusible is not None else frozenset()
 
 
 def row_sampler(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> Optional[LayerRowSampler]:

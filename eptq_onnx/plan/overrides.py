@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Mapping, Optional, Sequence, Set, Tuple
 
 import onnx
 
@@ -171,14 +171,20 @@ def layer_weight_bits(overrides: Sequence[Override], initializers: Set[str], nod
     return next((o.bits for o in overrides if o.name in names and _weight_bits_only(o)), default)  # type: ignore[misc]
 
 
-def fused_layers(run: "RunContext", model: onnx.ModelProto) -> Optional[Callable[[onnx.NodeProto], bool]]:
+def fused_layers(run: "RunContext", model: onnx.ModelProto, unfused: FrozenSet[str] = frozenset()
+                 ) -> Optional[Callable[[onnx.NodeProto], bool]]:
     """Which weighted nodes the run's target fuses with their output point (build_plan's ``fused_layer``),
-    by their weights' width; None (every one) under mixed precision, which decides the widths later."""
-    if run.target.fusible is None or run.config.mixed is not None:
+    by their weights' width, less the ``unfused`` node names (an equalized block's layer: its point moves
+    past its activation); None (every one) under mixed precision, which decides the widths later."""
+    if run.target.fusible is None or (run.config.mixed is not None and not unfused):
         return None
     config, initializers = run.config, {t.name for t in model.graph.initializer}
 
     def fused(node: onnx.NodeProto) -> bool:
+        if (node.name or node.output[0]) in unfused:
+            return False
+        if config.mixed is not None:
+            return True
         bits = layer_weight_bits(config.overrides, initializers, node, config.weight_bits)
         return run.target.fuses_layer(bits, node.op_type, config.weight_storage)
 
