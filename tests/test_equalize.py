@@ -127,3 +127,27 @@ def test_equalization_lifts_an_8bit_model_whose_depthwise_input_spreads() -> Non
     widened = sqnr_db(reference, run(equalize=False))
     assert equalized > plain + 10.0, (equalized, plain)
     assert equalized > widened - 1.5, (equalized, widened)
+
+
+def test_the_cli_equalizes_by_default_and_not_with_no_equalize(tmp_path) -> None:
+    """--no-equalize leaves the model as it is; the default lists the block in the JSON report."""
+    import json
+
+    from click.testing import CliRunner
+
+    from eptq_onnx.cli import main
+
+    model_path, calib = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(_block("HardSwish"), model_path)
+    calib.mkdir()
+    for i, feeds in enumerate(_feeds(8)):
+        np.save(calib / f"{i}.npy", feeds["x"])
+    listed = {}
+    for flag in ("--equalize", "--no-equalize"):
+        report = tmp_path / f"{flag}.json"
+        argv = [str(model_path), str(tmp_path / f"{flag}.onnx"), "--calib", str(calib), "--weight-bits", "8",
+                "--iters", "0", "--no-latency", "-q", "--report", str(report), flag]
+        done = CliRunner().invoke(main, argv)
+        assert done.exit_code == 0, done.output
+        listed[flag] = [e["conv"] for e in json.loads(report.read_text())["equalized"]]
+    assert listed == {"--equalize": ["dw"], "--no-equalize": []}
