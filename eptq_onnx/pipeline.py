@@ -1,6 +1,7 @@
 """The pipeline, one stage after another: load -> normalize -> fold -> quantization points ->
-calibration data -> depthwise input equalization (and the points again) -> activation ranges (and the range rules' plan) -> weight init -> activation
-calibration -> mixed precision -> EPTQ -> QDQ write -> validate -> latency -> save.
+calibration data -> depthwise input equalization (and the points again) -> activation ranges (and
+the range rules' plan) -> weight init -> activation calibration -> mixed precision -> EPTQ -> QDQ
+write -> validate -> latency -> save.
 """
 from __future__ import annotations
 
