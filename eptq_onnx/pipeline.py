@@ -164,9 +164,9 @@ def initial_state(run: RunContext, original: onnx.ModelProto, calib: CalibSource
         if run.config.min_sqnr is not None:
             calib_set = hold_out(run, calib_set)
     with run.stage("equalization"):
-        float_model, unfused = equalize_depthwise(run, float_model, calib_set)
-        if run.report.equalized:
-            plan = _plan(run, float_model, unfused)
+        equalized, unfused = equalize_depthwise(run, float_model, calib_set)
+        if equalized is not float_model:  # rescaled: the points of the new graph
+            float_model, plan = equalized, _plan(run, equalized, unfused)
     with run.stage("activation ranges"):
         sampler = row_sampler(run, float_model, plan)
         ranges = range_statistics(float_model, plan, calib_set, run.progress, sampler)

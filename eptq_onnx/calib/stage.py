@@ -41,7 +41,8 @@ EQUALIZE_SAMPLES = 16  # calibration samples whose per-channel ranges set the eq
 def equalize_depthwise(run: RunContext, model: onnx.ModelProto, calib: CalibrationSet
                        ) -> Tuple[onnx.ModelProto, FrozenSet[str]]:
     """The model with the inputs of its depthwise Convs equalized per channel (graph/equalize.py) where their
-    ranges spread, and the layers whose output point then moves past their activation on a fusing target."""
+    ranges spread (``model`` itself where none is), and the layers whose output point then moves past their
+    activation on a fusing target (overrides.fused_layers)."""
     if not run.config.equalize:
         return model, frozenset()
     blocks = find_blocks(model)
@@ -49,12 +50,11 @@ def equalize_depthwise(run: RunContext, model: onnx.ModelProto, calib: Calibrati
         return model, frozenset()
     ranges = channel_ranges(model, [b.tensor for b in blocks], calib, EQUALIZE_SAMPLES, run.progress)
     model, done = equalize(model, blocks, ranges)
-    if run.store.used:
+    if done and run.store.used:
         model = run.store.held(model)
     run.report.equalized = [{"conv": e.block.conv, "tensor": e.block.tensor, "kind": e.block.kind,
                              "min_scale": round(e.min_scale, 5)} for e in done]
-    unfused = {e.block.layer for e in done if e.block.kind != "relu" and e.block.layer is not None}
-    return model, frozenset(unfused) if run.target.fusible is not None else frozenset()
+    return model, frozenset(e.block.layer for e in done if e.block.kind != "relu" and e.block.layer is not None)
 
 
 def row_sampler(run: RunContext, model: onnx.ModelProto, plan: QuantPlan) -> Optional[LayerRowSampler]:

@@ -20,6 +20,7 @@ from eptq_onnx.init.quantizers import ActParams
 from eptq_onnx.plan.exclusions import node_id
 from eptq_onnx.plan.qpoints import QuantPlan
 from eptq_onnx.plan.targets import TARGETS, Target
+from eptq_onnx.graph.index import unique_name
 from eptq_onnx.graph.tensor_store import store_of, tensor_array
 from eptq_onnx.init.weights import WeightQuant
 
@@ -78,16 +79,6 @@ class WriteSummary:
     storage: Dict[str, str] = field(default_factory=dict)  # weight -> storage type name
 
 
-def _unique(base: str, taken: set) -> str:
-    """``base``, or ``base_2``, ``base_3``, ... when taken; the name returned is added to ``taken``."""
-    name, i = base, 1
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    taken.add(name)
-    return name
-
-
 class _Builder:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -99,11 +90,11 @@ class _Builder:
         self.store = store_of(model)  # new large constants of a store-backed model go there
 
     def node_name(self, base: str) -> str:
-        return _unique(base, self.names)
+        return unique_name(base, self.names)
 
     def constant(self, name: str, array: np.ndarray) -> str:
         """A new initializer named ``name`` (with a numeric suffix if the model has that name); returns its name."""
-        name = _unique(name, self.tensors)
+        name = unique_name(name, self.tensors)
         self.initializers.append(numpy_helper.from_array(array, name))
         if self.store is not None:
             self.store.keep(self.initializers[-1])

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from eptq_onnx.graph.index import GraphIndex
+from eptq_onnx.graph.index import GraphIndex, unique_name
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.graph.toposort import toposort_graph
 from eptq_onnx.ops.registry import int_attr
@@ -59,26 +59,29 @@ def _name(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
+def _constant_conv(index: GraphIndex, node: Optional[onnx.NodeProto]) -> bool:
+    """A Conv whose weight is a constant."""
+    return node is not None and node.op_type == "Conv" and len(node.input) >= 2 and node.input[1] in index.constants
+
+
 def _depthwise(index: GraphIndex, node: onnx.NodeProto) -> bool:
     """A Conv with a constant [C, 1, k...] weight and group C that reads an activation."""
-    if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in index.constants:
+    if not _constant_conv(index, node):
         return False
     dims = list(index.constants[node.input[1]].dims)
     return len(dims) >= 3 and dims[1] == 1 and int_attr(node, "group", 1) == dims[0] > 1 \
         and index.is_activation(node.input[0])
 
 
-def _sole_reader(index: GraphIndex, tensor: str) -> Optional[onnx.NodeProto]:
-    readers = index.consumers.get(tensor, [])
-    return readers[0] if len(readers) == 1 and tensor not in index.outputs else None
+def _read_by_one(index: GraphIndex, tensor: str) -> bool:
+    """Whether one node reads ``tensor`` and it is no model output."""
+    return len(index.consumers.get(tensor, [])) == 1 and tensor not in index.outputs
 
 
-def _weighted_before(index: GraphIndex, tensor: str) -> Optional[onnx.NodeProto]:
-    """The Conv with constant weights that writes ``tensor`` (None when another node does)."""
+def _layer_before(index: GraphIndex, tensor: str) -> Optional[str]:
+    """The name of the Conv with constant weights that writes ``tensor`` (None when another node does)."""
     node = index.producer.get(tensor)
-    if node is None or node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in index.constants:
-        return None
-    return node
+    return _name(node) if _constant_conv(index, node) else None  # type: ignore[arg-type]
 
 
 def _composite_exit(index: GraphIndex, act: onnx.NodeProto, exits: Dict[str, str]) -> Optional[str]:
@@ -89,7 +92,7 @@ def _composite_exit(index: GraphIndex, act: onnx.NodeProto, exits: Dict[str, str
         inner = index.act_inputs(act)[0]
         if act.op_type == "Div" and act.input[0] != inner:
             return None
-        if _sole_reader(index, inner) is None:
+        if not _read_by_one(index, inner):
             return None
         exit_name = inner
     node = index.producer.get(exit_name)
@@ -105,16 +108,16 @@ def find_blocks(model: onnx.ModelProto) -> List[Block]:
     exits, _ = composites(index, node_roles(index)[0])
     blocks: List[Block] = []
     for node in index.nodes:
-        if not _depthwise(index, node) or _sole_reader(index, node.input[0]) is None:
+        if not _depthwise(index, node) or not _read_by_one(index, node.input[0]):
             continue
         x = node.input[0]
         act = index.producer.get(x)
         if act is None:
             continue
         if act.op_type in HOMOGENEOUS:
-            layer = _weighted_before(index, act.input[0])
-            if layer is not None and _sole_reader(index, act.input[0]) is not None:
-                blocks.append(Block(_name(node), x, "relu", _name(layer)))
+            layer = _layer_before(index, act.input[0])
+            if layer is not None and _read_by_one(index, act.input[0]):
+                blocks.append(Block(_name(node), x, "relu", layer))
             continue
         if act.op_type == "HardSwish":
             exit_name, root = x, act.input[0]
@@ -123,9 +126,8 @@ def find_blocks(model: onnx.ModelProto) -> List[Block]:
             if exit_name is None:
                 continue
             root = exits[exit_name]
-        layer = _weighted_before(index, root)
         kind = "hardswish" if act.op_type == "HardSwish" else "composite"
-        blocks.append(Block(_name(node), x, kind, _name(layer) if layer is not None else None, exit_name))
+        blocks.append(Block(_name(node), x, kind, _layer_before(index, root), exit_name))
     return blocks
 
 
@@ -158,22 +160,14 @@ class _Rewriter:
         self.types = {vi.name: vi for vi in graph.value_info}
         self.replaced: set = set()  # initializers no longer read where they were
 
-    def fresh(self, base: str) -> str:
-        name, count = base, 0
-        while name in self.taken:
-            count += 1
-            name = f"{base}_{count}"
-        self.taken.add(name)
-        return name
-
     def constant(self, base: str, value: np.ndarray) -> str:
-        name = self.fresh(base)
+        name = unique_name(base, self.taken)
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
     def node(self, op: str, inputs: Sequence[str], like: str, base: str, **attrs) -> str:
         """A node whose single output has the type and shape of tensor ``like``."""
-        out = self.fresh(base)
+        out = unique_name(base, self.taken)
         self.graph.node.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
         if like in self.types:
             info = onnx.ValueInfoProto()
@@ -194,20 +188,25 @@ def _per_channel(scales: np.ndarray, rank: int) -> np.ndarray:
 def equalize(model: onnx.ModelProto, blocks: Sequence[Block], ranges: Dict[str, np.ndarray]
              ) -> Tuple[onnx.ModelProto, List[Equalized]]:
     """A copy of ``model`` with each block whose ``ranges`` (per-channel max|x| of ``Block.tensor``) call for
-    it rescaled as the module says; the blocks rescaled, in order."""
+    it rescaled as the module says, and the blocks rescaled, in order; ``model`` itself when none is."""
+    channels = {_name(n): n.input[1] for n in model.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+    weights = {t.name: t for t in model.graph.initializer}
+    chosen = []
+    for block in blocks:
+        scales = channel_scales(ranges[block.tensor]) if block.tensor in ranges else None
+        if scales is not None and scales.shape[0] == weights[channels[block.conv]].dims[0]:
+            chosen.append((block, scales))
+    if not chosen:
+        return model, []
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     index = GraphIndex(graph)
     nodes = {_name(n): n for n in graph.node}
     rewrite = _Rewriter(graph)
-    done: List[Equalized] = []
-    for block in blocks:
-        scales = channel_scales(ranges[block.tensor]) if block.tensor in ranges else None
+    for block, scales in chosen:
         conv = nodes[block.conv]
         weight = tensor_array(index.constants[conv.input[1]]).astype(np.float32)
-        if scales is None or scales.shape[0] != weight.shape[0]:
-            continue
         act = index.producer[block.tensor]
         rank = len(weight.shape)
         factor = _per_channel(1.0 / scales, rank).astype(np.float32)
@@ -225,11 +224,9 @@ def equalize(model: onnx.ModelProto, blocks: Sequence[Block], ranges: Dict[str, 
             _scale_exit(rewrite, index, index.producer[block.exit], factor, block.tensor)  # type: ignore[index]
         filters = scales.reshape((-1,) + (1,) * (rank - 1))
         rewrite.replace(conv, 1, weight * filters, f"{conv.input[1]}_equalized")
-        done.append(Equalized(block, float(scales.min())))
-    if done:
-        _drop_unread(graph, rewrite.replaced)
-        toposort_graph(graph)
-    return out, done
+    _drop_unread(graph, rewrite.replaced)
+    toposort_graph(graph)
+    return out, [Equalized(block, float(scales.min())) for block, scales in chosen]
 
 
 def _drop_unread(graph: onnx.GraphProto, names: set) -> None:

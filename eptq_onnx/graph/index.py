@@ -8,6 +8,16 @@ import onnx
 
 FLOAT_TYPES = frozenset((onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE))
 
+
+def unique_name(base: str, taken: set) -> str:
+    """``base``, or ``base_2``, ``base_3``, ... when taken; the name returned is added to ``taken``."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
 class GraphIndex:
     """Producers, consumers, constants and element types of a graph's tensors."""
 
