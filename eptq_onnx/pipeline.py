@@ -29,6 +29,7 @@ from eptq_onnx.export.writer import WriteSummary, required_opset, write_qdq
 from eptq_onnx.fidelity.stage import hold_out, meet_target_stage
 from eptq_onnx.graph.float16 import has_float16
 from eptq_onnx.graph.fold_bn import fold_batch_norms, fold_bias_adds
+from eptq_onnx.graph.fuse_activations import fuse_hardswish
 from eptq_onnx.graph.model_io import default_opset, ir_version_for, load_model, save_model, serialized_size
 from eptq_onnx.graph.normalize import constant_only_nodes, normalize_model, upgrade_opset
 from eptq_onnx.graph.tensor_store import TensorStore
@@ -76,7 +77,8 @@ InitialState = Tuple[onnx.ModelProto, QuantPlan, CalibrationSet, Dict[int, Dict[
 
 
 def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tuple[onnx.ModelProto, QuantConfig]:
-    """Normalize, raise the opset where the storage types need it, fold batch norms and bias Adds.
+    """Normalize, raise the opset where the storage types need it, write decomposed HardSwish as one op,
+    fold batch norms and bias Adds.
 
     When the opset upgrade for native INT4/INT2 weights fails, weights fall back to INT8
     containers (restricted to their bit range) and the report says so.
@@ -96,6 +98,7 @@ def _prepare(model: onnx.ModelProto, config: QuantConfig, report: Report) -> tup
             report.warn(f"FALLBACK: weights stored in INT8 containers, not native INT{min(bits)}: {exc}")
             config = fallback
     report.opset = default_opset(model)
+    report.fused_hardswish = fuse_hardswish(model, report.opset)
     model, folded = fold_batch_norms(model)
     report.folded_batch_norms = folded
     model, report.folded_bias_adds = fold_bias_adds(model)

@@ -47,6 +47,7 @@ class Report:
     opset: int = 0
     folded_batch_norms: List[str] = field(default_factory=list)
     folded_bias_adds: List[str] = field(default_factory=list)  # Adds of a per-channel constant, now layer biases
+    fused_hardswish: int = 0  # HardSwish spelled x * clip(x + 3, 0, 6) / 6, written as one op (graph/fuse_activations.py)
     # depthwise Convs whose input was rescaled per channel (graph/equalize.py): conv, tensor, kind, min_scale
     equalized: List[Dict[str, Any]] = field(default_factory=list)
     tensors: List[TensorEntry] = field(default_factory=list)
@@ -201,7 +202,8 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
         f"[bold]eptq-onnx[/bold] {report.input} -> {report.output or '(not written)'}: "
         f"{len(weights)} weights, {len(acts)} activation points, "
         f"{len(report.folded_batch_norms)} BatchNorms and {len(report.folded_bias_adds)} bias Adds folded, "
-        f"opset {report.opset}"
+        + (f"{report.fused_hardswish} decomposed HardSwish fused, " if report.fused_hardswish else "")
+        + f"opset {report.opset}"
     )
     _print_fidelity(v, console)
     worst = sorted((t for t in report.tensors if t.sqnr_db is not None), key=lambda t: t.sqnr_db)[:SHOWN_TENSORS]

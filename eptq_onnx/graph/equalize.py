@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from eptq_onnx.graph.index import GraphIndex, unique_name
+from eptq_onnx.graph.index import GraphIndex, drop_unread_initializers, unique_name
 from eptq_onnx.graph.tensor_store import tensor_array
 from eptq_onnx.graph.toposort import toposort_graph
 from eptq_onnx.ops.registry import int_attr
@@ -224,18 +224,9 @@ def equalize(model: onnx.ModelProto, blocks: Sequence[Block], ranges: Dict[str, 
             _scale_exit(rewrite, index, index.producer[block.exit], factor, block.tensor)  # type: ignore[index]
         filters = scales.reshape((-1,) + (1,) * (rank - 1))
         rewrite.replace(conv, 1, weight * filters, f"{conv.input[1]}_equalized")
-    _drop_unread(graph, rewrite.replaced)
+    drop_unread_initializers(graph, rewrite.replaced)
     toposort_graph(graph)
     return out, [Equalized(block, float(scales.min())) for block, scales in chosen]
-
-
-def _drop_unread(graph: onnx.GraphProto, names: set) -> None:
-    """Remove the initializers in ``names`` that no node reads any more."""
-    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name not in names or t.name in read]
-    if len(kept) < len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
 
 
 def _scale_outputs(rewrite: _Rewriter, index: GraphIndex, layer: onnx.NodeProto, factors: np.ndarray) -> None:

@@ -18,6 +18,15 @@ def unique_name(base: str, taken: set) -> str:
     taken.add(name)
     return name
 
+def drop_unread_initializers(graph: onnx.GraphProto, names: set) -> None:
+    """Remove the initializers in ``names`` that no node reads and no graph output names any more."""
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name not in names or t.name in read]
+    if len(kept) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+
+
 class GraphIndex:
     """Producers, consumers, constants and element types of a graph's tensors."""
 
