@@ -63,6 +63,31 @@ def test_clipped_round_uses_the_kernel_on_float32_cpu_and_python_otherwise() -> 
     assert type(y.grad_fn).__name__ == "ClippedRoundBackward" and y.dtype == torch.float64
 
 
+def test_clipped_round_keeps_a_nan_as_nan() -> None:
+    """A non-finite input stays visible (the checks after optimization look for NaN outputs): NaN in, NaN
+    out, and infinities saturate, in the fused kernel as in the Python reference."""
+    ext = _extension()
+    x = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.26])
+    for y in (ext.clipped_round(x, 0.1, -12.8, 12.7), ClippedRound.apply(x, 0.1, -12.8, 12.7)):
+        assert torch.isnan(y[0]) and not torch.isnan(y[1:]).any()
+        assert torch.allclose(y[1:], torch.tensor([12.7, -12.8, 0.3]))
+
+
+@pytest.mark.parametrize("zero_point", [0.0, 128.0])
+def test_an_activation_quantizer_without_gradients_computes_what_its_training_path_does(zero_point: float) -> None:
+    """ActFakeQuant under no_grad (bias correction, checks) takes the one-pass clipped round; its values are
+    those of QuantizeLinear -> DequantizeLinear as the gradient path computes them, ties and saturation too."""
+    from eptq_onnx.init.quantizers import ActParams
+    from eptq_onnx.twin.fake_quant import ActFakeQuant
+
+    quantizer = ActFakeQuant(ActParams(scale=0.05, zero_point=int(zero_point), bits=8, signed=False))
+    x = _grid_values(0.05, zero_point)
+    with torch.no_grad():
+        fast = quantizer(x)
+    slow = quantizer(x.clone().requires_grad_()).detach()
+    assert torch.equal(fast, slow)
+
+
 def _loss_inputs():  # type: ignore[no-untyped-def]
     """Students of several shapes and sizes (one over the one-pass size) and their targets: the
     teacher cache's column slices and whole tensors."""

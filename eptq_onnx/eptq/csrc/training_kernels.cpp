@@ -43,8 +43,8 @@ constexpr float MAGIC = 12582912.0f;  // 1.5 * 2^23
 void clipped_round_loop(const float* __restrict x, float* __restrict y, int64_t n, float lo, float hi, float step) {
   for (int64_t i = 0; i < n; ++i) {
     float v = x[i];
-    v = v > lo ? v : lo;
-    v = v < hi ? v : hi;
+    v = v < lo ? lo : v;  // a NaN stays NaN, as with at::clamp
+    v = v > hi ? hi : v;
     v = v / step;
     v = (v + MAGIC) - MAGIC;
     y[i] = v * step;
