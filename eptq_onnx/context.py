@@ -5,7 +5,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, FrozenSet, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -37,6 +37,9 @@ class RunContext:
     started_at: float = field(default_factory=time.perf_counter)
     store: TensorStore = field(default_factory=TensorStore)
     held_out: Optional[CalibrationSet] = None
+    # tensors that depthwise input equalization rescaled per channel (graph/equalize.Equalized.rescaled):
+    # EPTQ's loss does not tap them
+    rescaled: FrozenSet[str] = frozenset()
 
     @property
     def target(self) -> Target:

@@ -275,7 +275,7 @@ def _optimize(run: RunContext, model: onnx.ModelProto, plan: QuantPlan, weights:
     with run.stage("eptq"):
         try:
             outcome = run_eptq(model, plan, weights, acts, calib, run.config, run.progress, log=run.log,
-                               started_at=run.started_at, lfh=lfh, start=start)
+                               started_at=run.started_at, lfh=lfh, start=start, untapped=run.rescaled)
         except TwinUnavailable as exc:
             run.report.warn(f"FALLBACK: EPTQ optimization skipped, the output is the MSE-initialized model: {exc}")
             return start, weights, acts

@@ -11,7 +11,9 @@ from eptq_onnx import quantize
 from eptq_onnx.calib.channel_ranges import channel_ranges
 from eptq_onnx.calib.memory import open_calibration
 from eptq_onnx.calib.specs import input_specs
-from eptq_onnx.config import CalibOptions
+from dataclasses import replace
+
+from eptq_onnx.config import CalibOptions, OptimizeOptions, QuantConfig
 from eptq_onnx.graph.equalize import EQUALIZE_BELOW, MIN_SCALE, channel_scales, equalize, find_blocks
 from eptq_onnx.graph.runtime import with_outputs
 from eptq_onnx.init.quantizers import sqnr_db
@@ -77,6 +79,10 @@ def test_equalization_is_exact_in_float_and_gives_the_point_one_range(activation
     blocks, ranges, rewritten, done = _equalized(model, feeds)
     assert [(b.conv, b.tensor, b.kind) for b in blocks] == [("dw", "h", kind)]
     assert [e.block.conv for e in done] == ["dw"] and done[0].min_scale < EQUALIZE_BELOW
+    # the tensors now holding x_c / s_c: the layer output and its Relu; a composite's exit and what reads it
+    assert done[0].rescaled == {"relu": ("c", "h"), "hardswish": ("h",)}.get(kind, done[0].rescaled)
+    if activation == "decomposed_hardswish":
+        assert done[0].rescaled == ("m", "h")
     onnx.checker.check_model(rewritten)
     test = _feeds(8, seed=1)
     [before], [after] = _run(model, test), _run(rewritten, test)
@@ -127,6 +133,18 @@ def test_equalization_lifts_an_8bit_model_whose_depthwise_input_spreads() -> Non
     widened = sqnr_db(reference, run(equalize=False))
     assert equalized > plain + 10.0, (equalized, plain)
     assert equalized > widened - 1.5, (equalized, widened)
+
+
+@pytest.mark.parametrize("activation, rescaled", [("Relu", {"c", "h"}), ("HardSwish", {"h"})])
+def test_eptq_does_not_tap_the_tensors_equalization_rescaled(activation: str, rescaled: set) -> None:
+    """Their channel c holds x_c / s_c: a loss there weighs the narrow channels' errors 1 / s_c^2 more than in
+    the model as exported. EPTQ's loss taps the other points and the output; without equalization it taps them."""
+    model = _block(activation)
+    config = QuantConfig(weight_bits=4, optimize=OptimizeOptions(iters=4, batch_size=4), measure_latency=False)
+    tapped = quantize(model, _feeds(16), config, progress=False).report.optimization["loss_weights"]
+    assert not rescaled & set(tapped) and "y" in tapped, tapped
+    plain = quantize(model, _feeds(16), replace(config, equalize=False), progress=False).report.optimization["loss_weights"]
+    assert "h" in plain, plain
 
 
 def test_the_cli_equalizes_by_default_and_not_with_no_equalize(tmp_path) -> None:

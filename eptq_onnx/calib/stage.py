@@ -54,6 +54,7 @@ def equalize_depthwise(run: RunContext, model: onnx.ModelProto, calib: Calibrati
         model = run.store.held(model)
     run.report.equalized = [{"conv": e.block.conv, "tensor": e.block.tensor, "kind": e.block.kind,
                              "min_scale": round(e.min_scale, 5)} for e in done]
+    run.rescaled = frozenset(t for e in done for t in e.rescaled)
     return model, frozenset(e.block.layer for e in done if e.block.kind != "relu" and e.block.layer is not None)
 
 

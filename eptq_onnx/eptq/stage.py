@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import onnx
@@ -143,6 +143,7 @@ def run_eptq(
     started_at: Optional[float] = None,
     lfh: Optional[Tuple[LFHResult, float]] = None,
     start: Optional[onnx.ModelProto] = None,
+    untapped: FrozenSet[str] = frozenset(),
 ) -> EptqOutcome:
     """Optimize the quantization state of ``model`` with EPTQ (paper Algorithm 1, steps 5-7).
 
@@ -151,9 +152,12 @@ def run_eptq(
     mixed-precision search); used instead of a second computation when its tensors are this run's.
     ``start``: ``model`` with the biases the student starts from (bias correction's, as ``--iters 0``
     writes them); the teacher keeps ``model``'s, and the check's "before" is the student as it starts.
+    ``untapped``: tensors the loss does not compare (those depthwise equalization rescaled per channel: an
+    error of x_c / s_c there weighs 1 / s_c^2 more than in the model as exported, while the depthwise
+    filter that took s_c passes s_c of it on; the next point measures it as the model does).
     """
     options = config.optimize
-    names = loss_tensors(model, plan, options.learn_act_scales)
+    names = [n for n in loss_tensors(model, plan, options.learn_act_scales) if n not in untapped]
     try:
         twin = build_twin(
             start if start is not None else model, plan, weights, acts, quantize_outputs=config.quantize_outputs,

@@ -144,10 +144,13 @@ def channel_scales(ranges: np.ndarray) -> Optional[np.ndarray]:
 
 @dataclass(frozen=True)
 class Equalized:
-    """A block as rescaled: its narrowest channel's factor (the spread of ranges the point no longer holds)."""
+    """A block as rescaled: its narrowest channel's factor (the spread of ranges the point no longer holds),
+    and the model's tensors whose channel c now holds x_c / s_c (the layer output and activation of a
+    ``relu`` block, the composite's exit up to the depthwise input, the depthwise input)."""
 
     block: Block
     min_scale: float
+    rescaled: Tuple[str, ...] = ()
 
 
 class _Rewriter:
@@ -226,7 +229,16 @@ def equalize(model: onnx.ModelProto, blocks: Sequence[Block], ranges: Dict[str, 
         rewrite.replace(conv, 1, weight * filters, f"{conv.input[1]}_equalized")
     drop_unread_initializers(graph, rewrite.replaced)
     toposort_graph(graph)
-    return out, [Equalized(block, float(scales.min())) for block, scales in chosen]
+    return out, [Equalized(block, float(scales.min()), _rescaled(block, nodes)) for block, scales in chosen]
+
+
+def _rescaled(block: Block, nodes: Dict[str, onnx.NodeProto]) -> Tuple[str, ...]:
+    """The tensors of the graph as it was that carry the block's factor 1/s after the rewrite."""
+    if block.kind == "relu":
+        return (nodes[block.layer].output[0], block.tensor)  # type: ignore[index]
+    if block.kind == "composite" and block.exit is not None and block.exit != block.tensor:
+        return (block.exit, block.tensor)
+    return (block.tensor,)
 
 
 def _scale_outputs(rewrite: _Rewriter, index: GraphIndex, layer: onnx.NodeProto, factors: np.ndarray) -> None:
