@@ -221,7 +221,8 @@ def print_summary(report: Report, console: Optional[Console] = None) -> None:
     if report.latency:
         lat = report.latency
         console.print(f"onnxruntime CPU latency ({lat['threads']} thread(s), one sample, median of {lat['runs']}): "
-                      f"float {lat['float_ms']:.2f} ms, quantized {lat['quantized_ms']:.2f} ms ({lat['ratio']:.2f}x)")
+                      f"float {lat['float_ms']:.2f} ms (the model {lat.get('float_model', 'prepared')}), "
+                      f"quantized {lat['quantized_ms']:.2f} ms ({lat['ratio']:.2f}x)")
     if report.hessian:
         _print_lfh(report.hessian, console)
     if report.mixed_precision:

@@ -104,3 +104,20 @@ def test_the_pipeline_fuses_and_reports_them():
     q = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = _outputs(model, x)[0]
     assert 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - q) ** 2)) > 25  # W8A8 of the same function
+
+
+def test_latency_is_measured_against_the_model_as_read(monkeypatch):
+    """The written model replaces the user's model, not the prepared one (whose HardSwish is one op and may run
+    faster): the report's latency times the model as read, and says so."""
+    from eptq_onnx.export import latency as latency_module
+
+    timed = []
+    measure = latency_module.measure_latency
+    monkeypatch.setattr(latency_module, "measure_latency",
+                        lambda float_model, *args, **kw: timed.append(float_model) or measure(float_model, *args, **kw))
+    model = _spelled("div_after", 13)
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (1, 4, 5, 5)).astype(np.float32)} for i in range(8)]
+    config = init_only(weight_bits=8)
+    result = quantize(model, feeds, config, progress=False)
+    assert result.report.latency["float_model"] == "as read"
+    assert [n.op_type for n in timed[0].graph.node].count("Clip") == 1  # the decomposed HardSwish, as exported

@@ -143,10 +143,11 @@ def latency_note(latency: Latency, weight_bits: Dict[str, int], fused: int, line
             + "; check report.validation.fused_op_types")
 
 
-def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.ModelProto, calib: "CalibrationSet",
-                   weights: Dict[str, "WeightQuant"], validation: Validation) -> None:
+def report_latency(run: "RunContext", float_model: onnx.ModelProto, baseline: str, qdq: onnx.ModelProto,
+                   calib: "CalibrationSet", weights: Dict[str, "WeightQuant"], validation: Validation) -> None:
     """onnxruntime CPU latency of one calibration batch (one sample, unless the model fixes its batch dim)
-    through the float and the written model. A measurement that fails is a warning, never the run's end."""
+    through the float and the written model; ``baseline`` says which float model (report.latency's
+    ``float_model``: "as read" or "prepared"). A measurement that fails is a warning, never the run's end."""
     feeds = next(iter(calib.batches(1, limit=1)), None) or next(iter(calib.batches()), None)
     try:
         if feeds is None:
@@ -155,7 +156,7 @@ def report_latency(run: "RunContext", float_model: onnx.ModelProto, qdq: onnx.Mo
     except Exception as exc:  # noqa: BLE001 - informational: the validated model stands
         run.report.warn(f"latency not measured: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
         return
-    run.report.latency = asdict(latency)
+    run.report.latency = {**asdict(latency), "float_model": baseline}
     checked = run.report.wide_output_sqnr_db
     wide = WideReaders(sixteen_bit_linear_ops(qdq), checked.get("8-bit"), checked.get("16-bit"))
     note = latency_note(latency, {n: w.bits for n, w in weights.items()}, validation.fused_linear_ops,
