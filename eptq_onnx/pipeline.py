@@ -231,8 +231,8 @@ def _run_stages(run: RunContext, original: onnx.ModelProto, calib: CalibSource) 
     lfh = None  # the search's LFH of float_model, reused by the EPTQ stage
     if run.config.mixed is not None:
         with run.stage("mixed precision"):
-            weights, sensitivity = choose_bits(SearchInputs(float_model, plan, candidates, acts, calib_set, run.config),
-                                               run.report, run.progress, run.log)
+            search = SearchInputs(float_model, plan, candidates, acts, calib_set, run.config, run.rescaled)
+            weights, sensitivity = choose_bits(search, run.report, run.progress, run.log)
             lfh = sensitivity.hessian
             if lfh is not None:
                 warn_lfh(run.report, lfh[0])

@@ -147,6 +147,21 @@ def test_eptq_does_not_tap_the_tensors_equalization_rescaled(activation: str, re
     assert "h" in plain, plain
 
 
+def test_mixed_precision_probes_what_eptq_taps_and_eptq_reuses_its_lfh(monkeypatch) -> None:
+    """The bit-width search's LFH leaves out the same rescaled tensors, so EPTQ reuses it (no second LFH)."""
+    from eptq_onnx.config import MixedPrecisionOptions
+    from eptq_onnx.eptq import stage as eptq_stage
+
+    computed = []
+    compute = eptq_stage.compute_lfh
+    monkeypatch.setattr(eptq_stage, "compute_lfh", lambda *a, **kw: computed.append(1) or compute(*a, **kw))
+    config = QuantConfig(weight_bits=8, mixed=MixedPrecisionOptions(bit_options=(4, 8), avg_weight_bits=6.0, samples=8),
+                         optimize=OptimizeOptions(iters=4, batch_size=4), measure_latency=False)
+    report = quantize(_block("Relu"), _feeds(16), config, progress=False).report
+    assert "h" not in report.optimization["loss_weights"] and report.equalized
+    assert computed == [], "EPTQ computed the LFH again"
+
+
 def test_the_cli_equalizes_by_default_and_not_with_no_equalize(tmp_path) -> None:
     """--no-equalize leaves the model as it is; the default lists the block in the JSON report."""
     import json

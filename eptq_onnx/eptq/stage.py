@@ -56,19 +56,23 @@ class EptqOutcome:
     check_held_out: bool = False  # whether they were held out of the optimization
 
 
-def loss_tensors(model: onnx.ModelProto, plan: QuantPlan, learn_act_scales: bool = False) -> List[str]:
+def loss_tensors(model: onnx.ModelProto, plan: QuantPlan, learn_act_scales: bool = False,
+                 untapped: FrozenSet[str] = frozenset()) -> List[str]:
     """Tensors compared between teacher and student: every group root, then the float outputs, of those
     the optimization can change: computed from a quantized weight's layer (its rounding and bias are
     learned) or, with ``learn_act_scales``, from a quantized activation. The others (the model inputs, a
     float LSTM's state outputs, whatever only float layers compute) are equal in teacher and student
-    up to a constant, and would only take a share of the Hessian weights."""
+    up to a constant, and would only take a share of the Hessian weights.
+    ``untapped``: tensors left out (those depthwise equalization rescaled per channel: an error of
+    x_c / s_c there weighs 1 / s_c^2 more than in the model as exported, while the depthwise filter that
+    took s_c passes s_c of it on; the next point measures it as the model does)."""
     index = GraphIndex(model.graph)
     weighted = {p.node for p in plan.weights}
     learned = [o for n in model.graph.node if node_id(n) in weighted for o in n.output]
     if learn_act_scales:
         learned += [t for g in plan.groups for t in g.tensors]
     changed = index.downstream(learned) - set(index.inputs)
-    names = [g.roots[0] for g in plan.groups if g.roots[0] in changed]
+    names = [g.roots[0] for g in plan.groups if g.roots[0] in changed and g.roots[0] not in untapped]
     for out in model.graph.output:
         if out.type.tensor_type.elem_type in FLOAT_TYPES and out.name in changed and out.name not in names:
             names.append(out.name)
@@ -152,12 +156,10 @@ def run_eptq(
     mixed-precision search); used instead of a second computation when its tensors are this run's.
     ``start``: ``model`` with the biases the student starts from (bias correction's, as ``--iters 0``
     writes them); the teacher keeps ``model``'s, and the check's "before" is the student as it starts.
-    ``untapped``: tensors the loss does not compare (those depthwise equalization rescaled per channel: an
-    error of x_c / s_c there weighs 1 / s_c^2 more than in the model as exported, while the depthwise
-    filter that took s_c passes s_c of it on; the next point measures it as the model does).
+    ``untapped``: tensors the loss does not compare (``loss_tensors``).
     """
     options = config.optimize
-    names = [n for n in loss_tensors(model, plan, options.learn_act_scales) if n not in untapped]
+    names = loss_tensors(model, plan, options.learn_act_scales, untapped)
     try:
         twin = build_twin(
             start if start is not None else model, plan, weights, acts, quantize_outputs=config.quantize_outputs,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
@@ -261,7 +261,7 @@ def excluded_quantizers(model: onnx.ModelProto, plan: QuantPlan, points: Dict[st
 class SearchInputs:
     """What the bit-width search works on: the prepared float model, its plan, every weight
     MSE-initialized at every candidate width (``candidates[b]``), the activation parameters, the
-    calibration set and the run's configuration."""
+    calibration set, the run's configuration and the tensors the LFH does not probe (eptq.stage.loss_tensors)."""
 
     model: onnx.ModelProto
     plan: QuantPlan
@@ -269,6 +269,7 @@ class SearchInputs:
     acts: Dict[int, ActParams]
     calib: CalibrationSet
     config: QuantConfig
+    untapped: FrozenSet[str] = frozenset()
 
 
 def measure_sensitivity(
@@ -290,7 +291,7 @@ def measure_sensitivity(
     start = time.perf_counter()
     model, plan, candidates, calib, config = inputs.model, inputs.plan, inputs.candidates, inputs.calib, inputs.config
     widest = max(candidates)
-    probed = loss_tensors(model, plan, config.optimize.learn_act_scales)
+    probed = loss_tensors(model, plan, config.optimize.learn_act_scales, inputs.untapped)
     try:
         twin = build_twin(model, plan, candidates[widest], inputs.acts, quantize_outputs=config.quantize_outputs,
                           quantize_bias=config.quantize_bias, taps=probed)
