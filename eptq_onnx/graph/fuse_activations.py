@@ -4,8 +4,8 @@ paddle2onnx (PP-LCNet, PP-OCR, PicoDet) and older exporters write HardSwish as
 x * clip(x + 3, 0, 6) / 6: four elementwise nodes that onnxruntime runs as four passes over the
 tensor (and, in a QDQ model, between a DequantizeLinear and a QuantizeLinear). The same function is
 HardSwish(x) from opset 14, and x * HardSigmoid(x) (alpha 1/6, beta 1/2) at any opset, which
-onnxruntime runs in one or two passes: PicoDet's layout detector runs 1.6x faster in float. The
-exit tensor keeps its name; the values agree to float rounding.
+onnxruntime runs in one or two passes. The exit tensor keeps its name; the values agree to float
+rounding.
 
 Spellings matched (every intermediate read by the pattern alone and no graph output):
 ``(x * clip(x + 3, 0, 6)) / 6``, ``x * clip(x + 3, 0, 6) * (1/6)`` and ``x * (clip(x + 3, 0, 6) / 6)``,
@@ -37,8 +37,9 @@ def _is(value: Optional[float], expected: float) -> bool:
     return value is not None and abs(value - expected) <= _TOL * max(1.0, abs(expected))
 
 
-def _only_reader(index: GraphIndex, tensor: str, op_type: str) -> Optional[onnx.NodeProto]:
-    """The node writing ``tensor`` when it is an ``op_type`` and ``tensor`` has no other reader than the pattern."""
+def _producer_read_once(index: GraphIndex, tensor: str, op_type: str) -> Optional[onnx.NodeProto]:
+    """The node writing ``tensor`` when it is an ``op_type`` and ``tensor`` has one reader (the pattern's) and is
+    no graph output."""
     node = index.producer.get(tensor)
     if node is None or node.op_type != op_type or len(index.consumers.get(tensor, [])) != 1 \
             or tensor in index.outputs:
@@ -57,13 +58,13 @@ def _clip_bounds(index: GraphIndex, clip: onnx.NodeProto) -> Tuple[Optional[floa
 
 def _relu6_of_x_plus_3(index: GraphIndex, tensor: str) -> Optional[Tuple[str, List[onnx.NodeProto]]]:
     """(x, [Clip, Add]) when ``tensor`` is clip(x + 3, 0, 6), read by the pattern alone."""
-    clip = _only_reader(index, tensor, "Clip")
+    clip = _producer_read_once(index, tensor, "Clip")
     if clip is None:
         return None
     low, high = _clip_bounds(index, clip)
     if not (_is(low, 0.0) and _is(high, 6.0)):
         return None
-    add = _only_reader(index, clip.input[0], "Add")
+    add = _producer_read_once(index, clip.input[0], "Add")
     if add is None or len(add.input) != 2:
         return None
     for x, three in (add.input, add.input[::-1]):
@@ -86,10 +87,10 @@ def _times_x(index: GraphIndex, mul: onnx.NodeProto, gate_of: Callable) -> Optio
 def _gate_over_6(index: GraphIndex, tensor: str) -> Optional[Tuple[str, List[onnx.NodeProto]]]:
     """(x, nodes) when ``tensor`` is clip(x + 3, 0, 6) / 6 (or times 1/6)."""
     node = index.producer.get(tensor)
-    scaled = _divided_by_6(index, node) if _only_reader(index, tensor, node.op_type if node else "") else None
-    if scaled is None:
+    if node is None or _producer_read_once(index, tensor, node.op_type) is None:
         return None
-    found = _relu6_of_x_plus_3(index, scaled)
+    scaled = _divided_by_6(index, node)
+    found = _relu6_of_x_plus_3(index, scaled) if scaled is not None else None
     return (found[0], [node] + found[1]) if found is not None else None
 
 
@@ -110,7 +111,7 @@ def _match(index: GraphIndex, exit_node: onnx.NodeProto) -> Optional[Tuple[str, 
     """(x, the pattern's nodes other than ``exit_node``) when ``exit_node`` writes HardSwish(x)."""
     product = _divided_by_6(index, exit_node)
     if product is not None:  # (x * relu6(x + 3)) / 6
-        mul = _only_reader(index, product, "Mul")
+        mul = _producer_read_once(index, product, "Mul")
         found = _times_x(index, mul, _relu6_of_x_plus_3) if mul is not None else None
         if found is not None:
             return found[0], [mul] + found[1]
